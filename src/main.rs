@@ -1,1 +1,60 @@
-fn main() {}
+//! `parallax`: the one user-facing binary. Parses the command line, sets up
+//! logging, and calls the crate that does the work.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "parallax", version, about = "Interactive parallel computing for Jupyter")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the hub: an ipyparallel-compatible controller (like ipcontroller).
+    Hub(parallax_hub::HubArgs),
+}
+
+fn init_tracing(level: &str) -> Result<()> {
+    let default = parallax_hub::cli::log_filter(level).map_err(anyhow::Error::msg)?;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Hub(args) => {
+            init_tracing(&args.log_level)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signals = shutdown.clone();
+                tokio::spawn(async move {
+                    use tokio::signal::unix::{SignalKind, signal};
+                    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
+                    signals.cancel();
+                });
+                parallax_hub::driver::run(args, shutdown).await
+            })
+        }
+    }
+}

@@ -1,1 +1,19 @@
-//! hub
+//! The Parallax hub: an ipyparallel-compatible controller.
+//!
+//! * [`core`] — the whole controller as a state machine with no sockets and
+//!   no clock (registration, heartbeat, relays, schedulers, task records).
+//! * [`tasks`] — the load-balanced scheduler part of that state machine.
+//! * [`scheduler`] — pure choice functions and dependency rules.
+//! * [`records`] — the bounded in-memory task database (DictDB semantics).
+//! * [`driver`] — binds the zeromq sockets, writes the connection files and
+//!   feeds the core; [`cli`] — `parallax hub` options in ipcontroller's form.
+
+pub mod cli;
+pub mod core;
+pub mod driver;
+pub mod records;
+pub mod scheduler;
+mod tasks;
+
+pub use crate::cli::HubArgs;
+pub use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now, Transmit};

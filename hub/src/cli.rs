@@ -1,0 +1,154 @@
+//! `parallax hub` command-line options, in ipcontroller's `--name=value` form
+//! so that `ipyparallel.Cluster` and scripts written for `ipcontroller` can
+//! launch the hub in its place.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::scheduler::Scheme;
+
+#[derive(Debug, Clone, Args)]
+#[command(about = "Run the hub (an ipyparallel-compatible controller)")]
+pub struct HubArgs {
+    /// IPython profile name; the connection files go to its security dir.
+    #[arg(long, default_value = "default")]
+    pub profile: String,
+    /// Profile directory (overrides --profile; env IPP_PROFILE_DIR).
+    #[arg(long = "profile-dir")]
+    pub profile_dir: Option<PathBuf>,
+    /// IPython directory holding profiles (default $IPYTHONDIR or ~/.ipython).
+    #[arg(long = "ipython-dir")]
+    pub ipython_dir: Option<PathBuf>,
+    /// Cluster id: files are named ipcontroller-ID-{client,engine}.json (env IPP_CLUSTER_ID).
+    #[arg(long = "cluster-id")]
+    pub cluster_id: Option<String>,
+    /// IP address to listen on (all sockets).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ip: String,
+    /// Transport; only tcp is supported.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// Registration port (0 = any free port).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Ports to use for the channels, in ipcontroller's order (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    pub ports: Vec<u16>,
+    /// Heartbeat period in milliseconds.
+    #[arg(long, default_value_t = 3000)]
+    pub ping: u64,
+    /// Beats an engine may miss before it is unregistered.
+    #[arg(long = "max-heartbeat-misses", default_value_t = 10)]
+    pub max_heartbeat_misses: u32,
+    /// Load-balancing scheme: leastload, lru, plainrandom, twobin, weighted, pure.
+    #[arg(long, default_value = "leastload")]
+    pub scheme: Scheme,
+    /// Maximum outstanding load-balanced tasks per engine (0 = unlimited).
+    #[arg(long, default_value_t = 1)]
+    pub hwm: u32,
+    /// Log level: a name (DEBUG, INFO, WARN, ERROR, CRITICAL) or Python's numbers (10…50).
+    #[arg(long = "log-level", default_value = "INFO")]
+    pub log_level: String,
+    /// Hostname or IP that clients and engines use to reach this machine.
+    #[arg(long)]
+    pub location: Option<String>,
+    /// ssh server for clients, recorded in the client connection file.
+    #[arg(long, default_value = "")]
+    pub ssh: String,
+    /// ssh server for engines, recorded in the engine connection file.
+    #[arg(long, default_value = "")]
+    pub enginessh: String,
+    /// Use the in-memory task database (default).
+    #[arg(long)]
+    pub dictdb: bool,
+    /// Keep no task records (results cannot be fetched from the hub later).
+    #[arg(long)]
+    pub nodb: bool,
+    /// SQLite task database (not available yet: falls back to the in-memory one, with a warning).
+    #[arg(long)]
+    pub sqlitedb: bool,
+    /// MongoDB task database (not available: falls back to the in-memory one, with a warning).
+    #[arg(long)]
+    pub mongodb: bool,
+    /// Maximum number of task records kept in memory.
+    #[arg(long = "record-limit", default_value_t = 1024)]
+    pub record_limit: usize,
+    /// Reuse the ports and key of existing connection files, and keep them on exit.
+    #[arg(long)]
+    pub reuse: bool,
+    /// Accepted for ipcontroller compatibility (the hub is one process; no effect).
+    #[arg(long)]
+    pub usethreads: bool,
+    /// Accepted for ipcontroller compatibility; engine state restore is not supported.
+    #[arg(long)]
+    pub restore: bool,
+    /// Accepted for ipcontroller compatibility (logs go to stderr).
+    #[arg(long = "log-to-file", num_args = 0..=1, default_missing_value = "True")]
+    pub log_to_file: Option<String>,
+    /// Accepted for ipcontroller compatibility.
+    #[arg(long = "clean-logs", num_args = 0..=1, default_missing_value = "True")]
+    pub clean_logs: Option<String>,
+    /// Working directory to change to before starting.
+    #[arg(long = "work-dir")]
+    pub work_dir: Option<PathBuf>,
+    /// Seed for the random scheduling schemes (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+/// Map ipcontroller's log levels to a tracing filter directive.
+pub fn log_filter(level: &str) -> Result<&'static str, String> {
+    let l = level.trim().to_ascii_uppercase();
+    let f = match l.as_str() {
+        "0" | "TRACE" => "trace",
+        "10" | "DEBUG" => "debug",
+        "20" | "INFO" => "info",
+        "30" | "WARN" | "WARNING" => "warn",
+        "40" | "50" | "ERROR" | "CRITICAL" | "FATAL" => "error",
+        _ => {
+            return Err(format!(
+                "invalid --log-level {level:?}: use DEBUG, INFO, WARN, ERROR, CRITICAL or 10, 20, 30, 40, 50"
+            ));
+        }
+    };
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        a: HubArgs,
+    }
+
+    #[test]
+    fn accepts_ipcontroller_options() {
+        let t = T::try_parse_from([
+            "x",
+            "--profile-dir=/tmp/p",
+            "--cluster-id=abc",
+            "--ip=127.0.0.1",
+            "--ping=200",
+            "--scheme=twobin",
+            "--hwm=0",
+            "--log-level=10",
+            "--nodb",
+            "--usethreads",
+            "--ports=1000,1001",
+        ])
+        .unwrap();
+        assert_eq!(t.a.cluster_id.as_deref(), Some("abc"));
+        assert_eq!(t.a.ping, 200);
+        assert_eq!(t.a.scheme, Scheme::TwoBin);
+        assert_eq!(t.a.ports, vec![1000, 1001]);
+        assert!(t.a.nodb);
+        assert_eq!(log_filter(&t.a.log_level).unwrap(), "debug");
+        assert!(T::try_parse_from(["x", "--scheme=fast"]).is_err());
+        assert!(log_filter("loud").is_err());
+    }
+}

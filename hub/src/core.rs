@@ -1,0 +1,1335 @@
+//! The hub as a state machine: no sockets, no clock.
+//!
+//! Inputs are `handle_frames(channel, frames, now)` and `handle_timeout(now)`;
+//! outputs are polled with `poll_transmit`, `poll_timeout` and `poll_event`.
+//! The driver (`driver.rs`) owns the sockets and feeds this. Everything the
+//! controller does — registration, heartbeats, the MUX/control/iopub relays,
+//! the load-balanced and broadcast schedulers, the task database — happens
+//! here, so engine death, timeouts and retries are tested without sleeping.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use parallax_wire::content::{
+    DbRequest, ErrorContent, PurgeRequest, QueueRequest, RegistrationRequest, ResubmitRequest,
+    ResultRequest, UnregistrationRequest,
+};
+use parallax_wire::{Authenticator, Limits, Message, RawMessage, Session, Signer, format_date};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use serde_json::{Map, Value, json};
+use tracing::{debug, info, warn};
+
+use crate::records::{DbBackend, DbError, RecordStore, TaskRecord};
+use crate::scheduler::{Outcome, Scheme};
+use crate::tasks::TaskState;
+
+/// The sockets of the controller, named after their role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// ROUTER: registration and queries (engines and clients).
+    Query,
+    /// PUB: registration/unregistration/shutdown notifications for clients.
+    Notification,
+    /// PUB: heartbeat pings to engines.
+    HbPing,
+    /// ROUTER: heartbeat pongs from engines.
+    HbPong,
+    /// ROUTER pair of the direct (MUX) queue.
+    MuxClient,
+    MuxEngine,
+    /// ROUTER pair of the load-balanced task queue.
+    TaskClient,
+    TaskEngine,
+    /// ROUTER pair of the control queue.
+    ControlClient,
+    ControlEngine,
+    /// ROUTER pair of the broadcast scheduler.
+    BroadcastClient,
+    BroadcastEngine,
+    /// SUB (bound): engines' iopub.
+    IopubEngine,
+    /// PUB: iopub relayed to clients.
+    IopubClient,
+}
+
+impl Channel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Channel::Query => "registration",
+            Channel::Notification => "notification",
+            Channel::HbPing => "hb_ping",
+            Channel::HbPong => "hb_pong",
+            Channel::MuxClient => "mux(client)",
+            Channel::MuxEngine => "mux(engine)",
+            Channel::TaskClient => "task(client)",
+            Channel::TaskEngine => "task(engine)",
+            Channel::ControlClient => "control(client)",
+            Channel::ControlEngine => "control(engine)",
+            Channel::BroadcastClient => "broadcast(client)",
+            Channel::BroadcastEngine => "broadcast(engine)",
+            Channel::IopubEngine => "iopub(engine)",
+            Channel::IopubClient => "iopub(client)",
+        }
+    }
+}
+
+/// The current time, as both a monotonic instant (timers) and a wall-clock
+/// date (message headers and task records).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall: DateTime<Utc>,
+}
+
+impl Now {
+    pub fn later(self, d: Duration) -> Now {
+        Now {
+            mono: self.mono + d,
+            wall: self.wall + chrono::Duration::from_std(d).unwrap_or_default(),
+        }
+    }
+}
+
+/// Configuration of the core (the driver adds addresses and files).
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub key: Vec<u8>,
+    pub session_id: String,
+    pub pid: u32,
+    pub hb_period: Duration,
+    /// Beats an engine may miss before it is unregistered (ipyparallel's
+    /// `max_heartmonitor_misses`).
+    pub max_heartmonitor_misses: u32,
+    /// Time a registration may wait for the engine's first heartbeat.
+    pub registration_timeout: Duration,
+    /// Delay before tasks stranded on a dead engine are failed, so results
+    /// already in flight can still arrive.
+    pub stranded_delay: Duration,
+    /// Interval of extra pings while registrations are pending, so a new
+    /// engine is registered in milliseconds rather than on the next beat.
+    pub registration_ping: Duration,
+    pub scheme: Scheme,
+    /// Maximum outstanding tasks per engine (0 = unlimited).
+    pub hwm: u32,
+    pub db: DbBackend,
+    /// The engine connection info sent in `registration_reply`.
+    pub engine_info: Value,
+    pub limits: Limits,
+    /// Seed for the random schemes.
+    pub seed: u64,
+    /// How many finished task ids are remembered for dependencies.
+    pub dependency_history: usize,
+}
+
+impl CoreConfig {
+    pub fn new(key: Vec<u8>) -> Self {
+        CoreConfig {
+            key,
+            session_id: uuid::Uuid::new_v4().to_string(),
+            pid: std::process::id(),
+            hb_period: Duration::from_millis(3000),
+            max_heartmonitor_misses: 10,
+            registration_timeout: Duration::from_secs(30),
+            stranded_delay: Duration::from_secs(1),
+            registration_ping: Duration::from_millis(20),
+            scheme: Scheme::LeastLoad,
+            hwm: 1,
+            db: DbBackend::Dict(Default::default()),
+            engine_info: json!({}),
+            limits: Limits::default(),
+            seed: 0x5eed,
+            dependency_history: 32 * 1024,
+        }
+    }
+}
+
+/// A message to send on a socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transmit {
+    pub channel: Channel,
+    pub frames: Vec<Bytes>,
+}
+
+/// Something for the driver to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubEvent {
+    /// A client asked the hub to shut down; the replies are queued already.
+    Shutdown,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Timer {
+    Beat,
+    RegistrationPing,
+    StalledRegistration(String),
+    StrandedMux { id: i64, uuid: String, msg_ids: Vec<String> },
+    StrandedTasks(String),
+    TaskTimeout { msg_id: String, generation: u64 },
+}
+
+pub(crate) struct Engine {
+    pub id: i64,
+    pub uuid: String,
+    /// Outstanding direct (MUX) requests, oldest first.
+    pub queue: VecDeque<String>,
+    /// Outstanding load-balanced tasks.
+    pub tasks: VecDeque<String>,
+    pub completed_count: u64,
+    /// The most recent completions (bounded; `queue_status(verbose)`).
+    pub completed: VecDeque<String>,
+    pub last_pong: u64,
+    pub misses: u32,
+}
+
+const COMPLETED_KEPT: usize = 1024;
+
+struct Incoming {
+    id: i64,
+}
+
+/// Coalescing broadcast waiting for its replies.
+struct Coalesce {
+    client: Bytes,
+    targets: Vec<(String, i64)>,
+    buffers: HashMap<String, Vec<Bytes>>,
+    last: Option<(Bytes, Bytes, Map<String, Value>, Bytes)>,
+}
+
+/// Routing identity used for tasks the hub resubmits itself; replies to it
+/// are recorded, not relayed.
+pub(crate) const RESUBMIT_CLIENT: &[u8] = b"\x00parallax-hub-resubmit";
+
+pub struct Hub {
+    pub(crate) cfg: CoreConfig,
+    pub(crate) session: Session,
+    auth: Authenticator,
+    out: VecDeque<Transmit>,
+    events: VecDeque<HubEvent>,
+    timers: BinaryHeap<Reverse<(Instant, u64)>>,
+    timer_kinds: HashMap<u64, Timer>,
+    timer_seq: u64,
+    pub(crate) engines: BTreeMap<i64, Engine>,
+    pub(crate) by_uuid: HashMap<String, i64>,
+    incoming: HashMap<String, Incoming>,
+    id_counter: i64,
+    beat: u64,
+    reg_ping_armed: bool,
+    /// In-flight msg_ids of every queue.
+    pub(crate) pending: HashSet<String>,
+    /// Load-balanced tasks not yet given to an engine.
+    pub(crate) unassigned: HashSet<String>,
+    pub(crate) db: RecordStore,
+    pub(crate) tasks: TaskState,
+    pub(crate) rng: StdRng,
+    bcast: HashMap<String, Coalesce>,
+}
+
+pub(crate) fn peer(idents: &[Bytes]) -> String {
+    match idents.first() {
+        None => "<no identity>".into(),
+        Some(id) => match std::str::from_utf8(id) {
+            Ok(s) if s.chars().all(|c| !c.is_control()) => s.to_owned(),
+            _ => format!("0x{}", hex_encode(id)),
+        },
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn reply_type(request: &str) -> String {
+    match request.strip_suffix("_request") {
+        Some(base) => format!("{base}_reply"),
+        None => format!("{request}_reply"),
+    }
+}
+
+pub(crate) fn json_bytes(v: &impl serde::Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(v).expect("JSON values serialize"))
+}
+
+impl Hub {
+    pub fn new(cfg: CoreConfig, now: Now) -> Hub {
+        let signer = Signer::new(&cfg.key);
+        let session = Session::new(
+            signer.clone(),
+            cfg.session_id.clone(),
+            "parallax-hub".into(),
+            cfg.pid,
+        );
+        let db = RecordStore::new(cfg.db.clone());
+        let rng = StdRng::seed_from_u64(cfg.seed);
+        let tasks = TaskState::new(cfg.dependency_history);
+        let mut hub = Hub {
+            cfg,
+            session,
+            auth: Authenticator::new(signer),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+            timers: BinaryHeap::new(),
+            timer_kinds: HashMap::new(),
+            timer_seq: 0,
+            engines: BTreeMap::new(),
+            by_uuid: HashMap::new(),
+            incoming: HashMap::new(),
+            id_counter: 0,
+            beat: 0,
+            reg_ping_armed: false,
+            pending: HashSet::new(),
+            unassigned: HashSet::new(),
+            db,
+            tasks,
+            rng,
+            bcast: HashMap::new(),
+        };
+        let first = now.mono + hub.cfg.hb_period;
+        hub.schedule(first, Timer::Beat);
+        hub
+    }
+
+    // ----------------------------------------------------------------- outputs
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<HubEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.peek().map(|Reverse((t, _))| *t)
+    }
+
+    /// Engine ids currently registered.
+    pub fn engine_ids(&self) -> Vec<i64> {
+        self.engines.keys().copied().collect()
+    }
+
+    pub fn engine_uuid(&self, id: i64) -> Option<&str> {
+        self.engines.get(&id).map(|e| e.uuid.as_str())
+    }
+
+    pub fn record_count(&self) -> usize {
+        self.db.len()
+    }
+
+    pub(crate) fn schedule(&mut self, at: Instant, t: Timer) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse((at, self.timer_seq)));
+        self.timer_kinds.insert(self.timer_seq, t);
+    }
+
+    pub(crate) fn send(&mut self, channel: Channel, frames: Vec<Bytes>) {
+        self.out.push_back(Transmit { channel, frames });
+    }
+
+    /// Build, sign and queue a message from the hub's own session.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn send_msg(
+        &mut self,
+        channel: Channel,
+        idents: Vec<Bytes>,
+        msg_type: &str,
+        content: &Value,
+        parent: &Value,
+        metadata: &Value,
+        buffers: Vec<Bytes>,
+        now: Now,
+    ) -> String {
+        let header = self.session.header(msg_type, &format_date(now.wall));
+        let frames = self
+            .session
+            .serialize(idents, &header, parent, metadata, content, buffers);
+        self.send(channel, frames);
+        header.msg_id
+    }
+
+    fn reply_query(&mut self, ident: &Bytes, msg_type: &str, content: Value, parent: &Message, buffers: Vec<Bytes>, now: Now) {
+        let parent = serde_json::to_value(&parent.header).unwrap_or_else(|_| json!({}));
+        self.send_msg(
+            Channel::Query,
+            vec![ident.clone()],
+            msg_type,
+            &content,
+            &parent,
+            &json!({}),
+            buffers,
+            now,
+        );
+    }
+
+    fn hub_error(&mut self, ident: &Bytes, parent: &Message, err: ErrorContent, now: Now) {
+        warn!(peer = %peer(std::slice::from_ref(ident)), msg_type = %parent.header.msg_type, ename = %err.ename, evalue = %err.evalue, "query failed");
+        self.reply_query(ident, "hub_error", err.to_value(), parent, vec![], now);
+    }
+
+    fn notify(&mut self, msg_type: &str, content: Value, now: Now) {
+        self.send_msg(
+            Channel::Notification,
+            vec![],
+            msg_type,
+            &content,
+            &json!({}),
+            &json!({}),
+            vec![],
+            now,
+        );
+    }
+
+    // ------------------------------------------------------------------ inputs
+
+    /// A multipart message arrived on `channel`.
+    pub fn handle_frames(&mut self, channel: Channel, frames: Vec<Bytes>, now: Now) {
+        match channel {
+            Channel::HbPong => return self.handle_pong(frames, now),
+            Channel::Notification | Channel::HbPing | Channel::IopubClient => {
+                debug!(channel = channel.name(), "ignoring input on a publishing socket");
+                return;
+            }
+            _ => {}
+        }
+        let raw = match RawMessage::from_frames(frames, &self.cfg.limits) {
+            Ok(raw) => raw,
+            Err(e) => {
+                warn!(channel = channel.name(), reason = %e, "dropping malformed message");
+                return;
+            }
+        };
+        if let Err(e) = self.auth.check(&raw) {
+            warn!(channel = channel.name(), peer = %peer(&raw.idents), reason = %e, "dropping message that failed authentication");
+            return;
+        }
+        let msg = match Message::decode(&raw) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(channel = channel.name(), peer = %peer(&raw.idents), reason = %e, "dropping undecodable message");
+                return;
+            }
+        };
+        match channel {
+            Channel::Query => self.handle_query(msg, now),
+            Channel::MuxClient => self.mux_request(raw, msg, now),
+            Channel::MuxEngine => self.mux_reply(raw, msg, now),
+            Channel::TaskClient => self.task_request(raw, msg, now),
+            Channel::TaskEngine => self.task_reply(raw, msg, now),
+            Channel::ControlClient => self.control_request(raw, msg, now),
+            Channel::ControlEngine => self.control_reply(raw, msg),
+            Channel::BroadcastClient => self.broadcast_request(raw, msg, now),
+            Channel::BroadcastEngine => self.broadcast_reply(raw, msg, now),
+            Channel::IopubEngine => self.iopub(raw, msg, now),
+            Channel::HbPong | Channel::Notification | Channel::HbPing | Channel::IopubClient => {
+                unreachable!("handled above")
+            }
+        }
+        self.drain_graph_work(now);
+    }
+
+    /// Fire every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Now) {
+        while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
+            if at > now.mono {
+                break;
+            }
+            self.timers.pop();
+            let Some(kind) = self.timer_kinds.remove(&seq) else {
+                continue;
+            };
+            match kind {
+                Timer::Beat => self.beat(now, at),
+                Timer::RegistrationPing => {
+                    self.reg_ping_armed = false;
+                    if !self.incoming.is_empty() {
+                        self.ping();
+                        self.arm_registration_ping(now);
+                    }
+                }
+                Timer::StalledRegistration(uuid) => {
+                    if let Some(inc) = self.incoming.remove(&uuid) {
+                        warn!(engine = inc.id, uuid = %uuid, "purging stalled registration: no heartbeat arrived");
+                    }
+                }
+                Timer::StrandedMux { id, uuid, msg_ids } => self.stranded_mux(id, &uuid, msg_ids, now),
+                Timer::StrandedTasks(uuid) => self.stranded_tasks(&uuid, now),
+                Timer::TaskTimeout { msg_id, generation } => {
+                    self.task_timeout(&msg_id, generation, now)
+                }
+            }
+            self.drain_graph_work(now);
+        }
+    }
+
+    // --------------------------------------------------------------- heartbeat
+
+    fn ping(&mut self) {
+        let payload = Bytes::from(self.beat.to_string());
+        self.send(Channel::HbPing, vec![payload]);
+    }
+
+    fn arm_registration_ping(&mut self, now: Now) {
+        if !self.reg_ping_armed {
+            self.reg_ping_armed = true;
+            let at = now.mono + self.cfg.registration_ping;
+            self.schedule(at, Timer::RegistrationPing);
+        }
+    }
+
+    fn beat(&mut self, now: Now, due: Instant) {
+        self.beat += 1;
+        let beat = self.beat;
+        let max = self.cfg.max_heartmonitor_misses;
+        let mut dead = Vec::new();
+        for e in self.engines.values_mut() {
+            if e.last_pong + 1 >= beat {
+                e.misses = 0;
+            } else {
+                e.misses += 1;
+                if e.misses > max {
+                    dead.push(e.id);
+                } else {
+                    info!(engine = e.id, misses = e.misses, "heartbeat missed");
+                }
+            }
+        }
+        for id in dead {
+            warn!(engine = id, "engine stopped answering heartbeats; unregistering");
+            self.unregister_engine(id, now);
+        }
+        self.ping();
+        // Keep the beat on its grid unless the hub fell far behind.
+        let mut next = due + self.cfg.hb_period;
+        if next <= now.mono {
+            next = now.mono + self.cfg.hb_period;
+        }
+        self.schedule(next, Timer::Beat);
+    }
+
+    fn handle_pong(&mut self, frames: Vec<Bytes>, now: Now) {
+        if frames.len() != 2 {
+            warn!(frames = frames.len(), peer = %peer(&frames), "dropping malformed heartbeat");
+            return;
+        }
+        let uuid = String::from_utf8_lossy(&frames[0]).into_owned();
+        let n: Option<u64> = std::str::from_utf8(&frames[1]).ok().and_then(|s| s.parse().ok());
+        let Some(n) = n else {
+            warn!(peer = %uuid, "dropping heartbeat with a bad payload");
+            return;
+        };
+        if self.incoming.contains_key(&uuid) {
+            self.finish_registration(&uuid, now);
+            return;
+        }
+        if let Some(&id) = self.by_uuid.get(&uuid) {
+            let beat = self.beat;
+            let e = self.engines.get_mut(&id).expect("by_uuid and engines agree");
+            if n + 1 >= beat {
+                e.last_pong = e.last_pong.max(n);
+            } else {
+                debug!(engine = id, pong = n, beat, "stale heartbeat");
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ registration
+
+    fn new_engine_id(&mut self, requested: Option<i64>) -> i64 {
+        if let Some(r) = requested {
+            let taken = self.engines.contains_key(&r) || self.incoming.values().any(|i| i.id == r);
+            if r >= 0 && !taken {
+                self.id_counter = self.id_counter.max(r + 1);
+                return r;
+            }
+            warn!(requested = r, "requested engine id is not available");
+        }
+        let id = self.id_counter;
+        self.id_counter += 1;
+        id
+    }
+
+    fn register_engine(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let req: RegistrationRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(e) => {
+                return self.hub_error(ident, msg, ErrorContent::new("ValueError", format!("bad registration_request: {e}")), now);
+            }
+        };
+        let uuid = req.uuid;
+        let content = if self.by_uuid.contains_key(&uuid) || self.incoming.contains_key(&uuid) {
+            warn!(uuid = %uuid, "registration refused: uuid in use");
+            ErrorContent::new("KeyError", format!("uuid {uuid:?} in use")).to_value()
+        } else {
+            let id = self.new_engine_id(req.id);
+            info!(engine = id, uuid = %uuid, "accepting registration");
+            self.incoming.insert(uuid.clone(), Incoming { id });
+            let at = now.mono + self.cfg.registration_timeout;
+            self.schedule(at, Timer::StalledRegistration(uuid.clone()));
+            self.arm_registration_ping(now);
+            json!({
+                "id": id,
+                "status": "ok",
+                "hb_period": self.cfg.hb_period.as_millis() as u64,
+                "connection_info": self.cfg.engine_info,
+            })
+        };
+        // ipyparallel sends registration_reply without a parent header.
+        self.send_msg(Channel::Query, vec![ident.clone()], "registration_reply", &content, &json!({}), &json!({}), vec![], now);
+    }
+
+    fn finish_registration(&mut self, uuid: &str, now: Now) {
+        let Some(inc) = self.incoming.remove(uuid) else {
+            return;
+        };
+        let id = inc.id;
+        self.engines.insert(
+            id,
+            Engine {
+                id,
+                uuid: uuid.to_owned(),
+                queue: VecDeque::new(),
+                tasks: VecDeque::new(),
+                completed_count: 0,
+                completed: VecDeque::new(),
+                last_pong: self.beat,
+                misses: 0,
+            },
+        );
+        self.by_uuid.insert(uuid.to_owned(), id);
+        info!(engine = id, uuid = %uuid, "engine registered");
+        self.notify("registration_notification", json!({"id": id, "uuid": uuid}), now);
+        self.lb_register(uuid);
+    }
+
+    pub(crate) fn unregister_engine(&mut self, id: i64, now: Now) {
+        let Some(engine) = self.engines.remove(&id) else {
+            if let Some(uuid) = self.incoming.iter().find(|(_, i)| i.id == id).map(|(u, _)| u.clone()) {
+                info!(engine = id, "cancelling pending registration");
+                self.incoming.remove(&uuid);
+            } else {
+                debug!(engine = id, "already unregistered");
+            }
+            return;
+        };
+        self.by_uuid.remove(&engine.uuid);
+        info!(engine = id, uuid = %engine.uuid, "engine unregistered");
+        self.notify("unregistration_notification", json!({"id": id, "uuid": engine.uuid}), now);
+        if !engine.queue.is_empty() {
+            let at = now.mono + self.cfg.stranded_delay;
+            self.schedule(
+                at,
+                Timer::StrandedMux { id, uuid: engine.uuid.clone(), msg_ids: engine.queue.into_iter().collect() },
+            );
+        }
+        // Coalescing broadcasts that include this engine can never complete;
+        // the client fails them itself on the unregistration notification.
+        let uuid = engine.uuid.clone();
+        self.bcast.retain(|_, c| !c.targets.iter().any(|(u, _)| *u == uuid));
+        self.lb_unregister(&engine.uuid, now);
+    }
+
+    fn stranded_mux(&mut self, id: i64, uuid: &str, msg_ids: Vec<String>, now: Now) {
+        for msg_id in msg_ids {
+            if !self.pending.remove(&msg_id) {
+                continue;
+            }
+            let err = ErrorContent::new("EngineError", format!("Engine {id} died while running task {msg_id:?}"))
+                .with_engine_info(uuid, Some(id), "apply");
+            let date = format_date(now.wall);
+            let mut f = Map::new();
+            f.insert("result_content".into(), err.to_value());
+            f.insert("result_header".into(), json!({"engine": uuid, "date": date}));
+            f.insert("completed".into(), json!(date));
+            f.insert("engine_uuid".into(), json!(uuid));
+            self.db_update(&msg_id, f, Some(vec![]));
+            self.tasks.record_done(&msg_id, Outcome { success: false, engine: uuid.to_owned() });
+        }
+    }
+
+    // ------------------------------------------------------------------ query
+
+    fn handle_query(&mut self, msg: Message, now: Now) {
+        let Some(ident) = msg.idents.first().cloned() else {
+            warn!("query without a routing identity");
+            return;
+        };
+        debug!(peer = %peer(&msg.idents), msg_type = %msg.header.msg_type, "query");
+        match msg.header.msg_type.as_str() {
+            "registration_request" => self.register_engine(&ident, &msg, now),
+            "unregistration_request" => match serde_json::from_value::<UnregistrationRequest>(msg.content.clone()) {
+                Ok(UnregistrationRequest { id: Some(id) }) => self.unregister_engine(id, now),
+                _ => warn!(peer = %peer(&msg.idents), "bad unregistration_request"),
+            },
+            "connection_request" => {
+                let engines: Map<String, Value> =
+                    self.engines.values().map(|e| (e.id.to_string(), json!(e.uuid))).collect();
+                self.reply_query(&ident, "connection_reply", json!({"status": "ok", "engines": engines}), &msg, vec![], now);
+            }
+            "queue_request" => self.queue_status(&ident, &msg, now),
+            "load_request" => self.check_load(&ident, &msg, now),
+            "result_request" => self.get_results(&ident, &msg, now),
+            "history_request" => match self.db.get_history() {
+                Ok(h) => self.reply_query(&ident, "history_reply", json!({"status": "ok", "history": h}), &msg, vec![], now),
+                Err(e) => {
+                    let err = db_error(&e);
+                    self.reply_query(&ident, "history_reply", err.to_value(), &msg, vec![], now)
+                }
+            },
+            "db_request" => self.db_query(&ident, &msg, now),
+            "purge_request" => self.purge_results(&ident, &msg, now),
+            "resubmit_request" => self.resubmit(&ident, &msg, now),
+            "shutdown_request" => {
+                info!(peer = %peer(&msg.idents), "shutdown requested");
+                self.reply_query(&ident, "shutdown_reply", json!({"status": "ok"}), &msg, vec![], now);
+                let parent = serde_json::to_value(&msg.header).unwrap_or_default();
+                self.send_msg(Channel::Notification, vec![], "shutdown_notification", &json!({"status": "ok"}), &parent, &json!({}), vec![], now);
+                self.events.push_back(HubEvent::Shutdown);
+            }
+            "become_dask_request" | "stop_distributed_request" => self.hub_error(
+                &ident,
+                &msg,
+                ErrorContent::new("NotImplementedError", "dask.distributed integration is not available in the Parallax hub"),
+                now,
+            ),
+            other => {
+                let err = ErrorContent::new("KeyError", format!("Bad Message Type: {other:?}"));
+                self.hub_error(&ident, &msg, err, now)
+            }
+        }
+    }
+
+    /// ipyparallel's `_validate_targets`: None → all, int/uuid → one, list.
+    fn validate_targets(&self, targets: &Value) -> Result<Vec<i64>, ErrorContent> {
+        let list: Vec<Value> = match targets {
+            Value::Null => return if self.engines.is_empty() {
+                Err(ErrorContent::new("IndexError", "No Engines Registered"))
+            } else {
+                Ok(self.engine_ids())
+            },
+            Value::Array(a) => a.clone(),
+            other => vec![other.clone()],
+        };
+        let mut ids = Vec::new();
+        let mut bad = Vec::new();
+        for t in list {
+            let id = match &t {
+                Value::Number(n) => n.as_i64(),
+                Value::String(s) => self.by_uuid.get(s).copied(),
+                _ => None,
+            };
+            match id {
+                Some(id) if self.engines.contains_key(&id) => ids.push(id),
+                _ => bad.push(t.to_string()),
+            }
+        }
+        if !bad.is_empty() {
+            return Err(ErrorContent::new("IndexError", format!("No Such Engine: [{}]", bad.join(", "))));
+        }
+        if ids.is_empty() {
+            return Err(ErrorContent::new("IndexError", "No Engines Registered"));
+        }
+        Ok(ids)
+    }
+
+    fn queue_status(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let req: QueueRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+        };
+        let ids = match self.validate_targets(&req.targets) {
+            Ok(ids) => ids,
+            Err(e) => return self.hub_error(ident, msg, e, now),
+        };
+        let mut content = Map::new();
+        content.insert("status".into(), json!("ok"));
+        for id in ids {
+            let e = &self.engines[&id];
+            let v = if req.verbose {
+                json!({"queue": e.queue, "completed": e.completed, "tasks": e.tasks})
+            } else {
+                json!({"queue": e.queue.len(), "completed": e.completed_count, "tasks": e.tasks.len()})
+            };
+            content.insert(id.to_string(), v);
+        }
+        let unassigned = if req.verbose {
+            json!(self.unassigned.iter().collect::<Vec<_>>())
+        } else {
+            json!(self.unassigned.len())
+        };
+        content.insert("unassigned".into(), unassigned);
+        self.reply_query(ident, "queue_reply", Value::Object(content), msg, vec![], now);
+    }
+
+    fn check_load(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let targets = msg.content.get("targets").cloned().unwrap_or(Value::Null);
+        let ids = match self.validate_targets(&targets) {
+            Ok(ids) => ids,
+            Err(e) => return self.hub_error(ident, msg, e, now),
+        };
+        let mut content = Map::new();
+        content.insert("status".into(), json!("ok"));
+        for id in ids {
+            let e = &self.engines[&id];
+            content.insert(id.to_string(), json!(e.queue.len() + e.tasks.len()));
+        }
+        self.reply_query(ident, "load_reply", Value::Object(content), msg, vec![], now);
+    }
+
+    fn extract_record(rec: &TaskRecord) -> (Value, Vec<Bytes>) {
+        let g = |k: &str| rec.fields.get(k).cloned().unwrap_or(Value::Null);
+        let io = json!({
+            "execute_input": g("execute_input"),
+            "execute_result": g("execute_result"),
+            "error": g("error"),
+            "stdout": g("stdout"),
+            "stderr": g("stderr"),
+        });
+        let content = json!({
+            "header": g("header"),
+            "metadata": g("metadata"),
+            "result_metadata": g("result_metadata"),
+            "result_header": g("result_header"),
+            "result_content": g("result_content"),
+            "received": g("received"),
+            "io": io,
+        });
+        (content, rec.result_buffers.clone())
+    }
+
+    fn get_results(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let req: ResultRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+        };
+        let mut ids = req.msg_ids;
+        ids.sort();
+        ids.dedup();
+        let mut pending = Vec::new();
+        let mut completed = Vec::new();
+        let mut content = Map::new();
+        let mut buffers = Vec::new();
+        let mut error = None;
+        for id in ids {
+            if self.pending.contains(&id) {
+                pending.push(id);
+                continue;
+            }
+            match self.db.get_record(&id) {
+                Ok(rec) => {
+                    let done = !rec.fields.get("completed").unwrap_or(&Value::Null).is_null();
+                    if done {
+                        if !req.status_only {
+                            let (c, b) = Self::extract_record(rec);
+                            content.insert(id.clone(), c);
+                            buffers.extend(b);
+                        }
+                        completed.push(id);
+                    } else {
+                        pending.push(id);
+                    }
+                }
+                Err(DbError::NoData(_)) if req.status_only && self.tasks.is_done(&id) => completed.push(id),
+                Err(e) => {
+                    error = Some(match e {
+                        DbError::NoData(_) => db_error(&e),
+                        _ => ErrorContent::new("KeyError", format!("No such message: {id}")),
+                    });
+                    break;
+                }
+            }
+        }
+        let reply = match error {
+            Some(err) => {
+                buffers.clear();
+                err.to_value()
+            }
+            None => {
+                content.insert("status".into(), json!("ok"));
+                content.insert("pending".into(), json!(pending));
+                content.insert("completed".into(), json!(completed));
+                Value::Object(content)
+            }
+        };
+        self.reply_query(ident, "result_reply", reply, msg, buffers, now);
+    }
+
+    fn db_query(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let req: DbRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+        };
+        let keys = req.keys.as_deref();
+        let (content, buffers) = match self.db.find_records(&req.query, keys) {
+            Err(e) => (db_error(&e).to_value(), vec![]),
+            Ok(found) => {
+                let want_bufs = keys.is_some_and(|k| k.iter().any(|x| x == "buffers"));
+                let want_rbufs = keys.is_some_and(|k| k.iter().any(|x| x == "result_buffers"));
+                let mut buffer_lens = Vec::new();
+                let mut result_buffer_lens = Vec::new();
+                let mut buffers = Vec::new();
+                let mut records = Vec::with_capacity(found.len());
+                for rec in found {
+                    if want_bufs {
+                        let b = rec.buffers.unwrap_or_default();
+                        buffer_lens.push(b.len());
+                        buffers.extend(b);
+                    }
+                    if want_rbufs {
+                        let b = rec.result_buffers.unwrap_or_default();
+                        result_buffer_lens.push(b.len());
+                        buffers.extend(b);
+                    }
+                    records.push(Value::Object(rec.fields));
+                }
+                let content = json!({
+                    "status": "ok",
+                    "records": records,
+                    "buffer_lens": if want_bufs { json!(buffer_lens) } else { Value::Null },
+                    "result_buffer_lens": if want_rbufs { json!(result_buffer_lens) } else { Value::Null },
+                });
+                (content, buffers)
+            }
+        };
+        self.reply_query(ident, "db_reply", content, msg, buffers, now);
+    }
+
+    fn purge_results(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let req: PurgeRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+        };
+        let mut reply = json!({"status": "ok"});
+        if req.msg_ids == json!("all") {
+            if let Err(e) = self.db.drop_matching_records(&json!({"completed": {"$ne": null}})) {
+                reply = db_error(&e).to_value();
+            }
+        } else {
+            let ids: Vec<String> = match &req.msg_ids {
+                Value::Null => vec![],
+                Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                Value::String(s) => vec![s.clone()],
+                other => {
+                    let err = ErrorContent::new("TypeError", format!("msg_ids must be a list or 'all', not {other}"));
+                    return self.reply_query(ident, "purge_reply", err.to_value(), msg, vec![], now);
+                }
+            };
+            if let Some(p) = ids.iter().find(|m| self.pending.contains(*m)) {
+                reply = ErrorContent::new("IndexError", format!("msg pending: {p:?}")).to_value();
+            } else if !ids.is_empty() {
+                if let Err(e) = self.db.drop_matching_records(&json!({"msg_id": {"$in": ids}})) {
+                    reply = db_error(&e).to_value();
+                }
+            }
+            if reply["status"] == "ok" {
+                for eid in &req.engine_ids {
+                    let Some(e) = self.engines.get(eid) else {
+                        reply = ErrorContent::new("IndexError", format!("No such engine: {eid}")).to_value();
+                        break;
+                    };
+                    let q = json!({"engine_uuid": e.uuid, "completed": {"$ne": null}});
+                    if let Err(e) = self.db.drop_matching_records(&q) {
+                        reply = db_error(&e).to_value();
+                        break;
+                    }
+                }
+            }
+        }
+        self.reply_query(ident, "purge_reply", reply, msg, vec![], now);
+    }
+
+    fn resubmit(&mut self, ident: &Bytes, msg: &Message, now: Now) {
+        let req: ResubmitRequest = match serde_json::from_value(msg.content.clone()) {
+            Ok(r) => r,
+            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+        };
+        let keys = ["header".to_string(), "content".into(), "buffers".into()];
+        let found = match self.db.find_records(&json!({"msg_id": {"$in": req.msg_ids}}), Some(&keys)) {
+            Ok(f) => f,
+            Err(e) => return self.reply_query(ident, "resubmit_reply", db_error(&e).to_value(), msg, vec![], now),
+        };
+        let found_ids: Vec<String> = found
+            .iter()
+            .filter_map(|r| r.fields.get("msg_id").and_then(Value::as_str).map(str::to_owned))
+            .collect();
+        let missing: Vec<&String> = req.msg_ids.iter().filter(|m| !found_ids.contains(m)).collect();
+        if !missing.is_empty() {
+            let err = ErrorContent::new("KeyError", format!("No such msg(s): {missing:?}"));
+            return self.reply_query(ident, "resubmit_reply", err.to_value(), msg, vec![], now);
+        }
+        let mut resubmitted = Map::new();
+        let mut jobs = Vec::new();
+        for rec in found {
+            let old_id = rec.fields["msg_id"].as_str().unwrap_or_default().to_owned();
+            let Some(Value::Object(mut header)) = rec.fields.get("header").cloned() else {
+                let err = ErrorContent::new("KeyError", format!("record {old_id:?} has no request header to resubmit"));
+                return self.reply_query(ident, "resubmit_reply", err.to_value(), msg, vec![], now);
+            };
+            let parent = Value::Object(header.clone());
+            let new_id = self.session.new_msg_id();
+            header.insert("msg_id".into(), json!(new_id));
+            header.insert("date".into(), json!(format_date(now.wall)));
+            let content = rec.fields.get("content").cloned().unwrap_or(json!({}));
+            let frames = self.session.serialize_frames(
+                vec![Bytes::from_static(RESUBMIT_CLIENT)],
+                json_bytes(&header),
+                json_bytes(&parent),
+                Bytes::from_static(b"{}"),
+                json_bytes(&content),
+                rec.buffers.unwrap_or_default(),
+            );
+            resubmitted.insert(old_id.clone(), json!(new_id));
+            jobs.push((old_id, new_id, frames));
+        }
+        self.reply_query(ident, "resubmit_reply", json!({"status": "ok", "resubmitted": resubmitted}), msg, vec![], now);
+        for (old_id, new_id, frames) in jobs {
+            let mut f = Map::new();
+            f.insert("resubmitted".into(), json!(new_id));
+            self.db_update(&old_id, f, None);
+            let raw = RawMessage::from_frames(frames, &self.cfg.limits).expect("own frames are well formed");
+            let m = Message::decode(&raw).expect("own frames decode");
+            self.task_request(raw, m, now);
+        }
+    }
+
+    // ------------------------------------------------------------------ records
+
+    pub(crate) fn new_record(&mut self, msg: &Message, queue: &str, engine_uuid: Option<&str>) {
+        let msg_id = msg.header.msg_id.clone();
+        let mut rec = RecordStore::empty_record(&msg_id);
+        let f = &mut rec.fields;
+        f.insert("header".into(), serde_json::to_value(&msg.header).unwrap_or_default());
+        f.insert("content".into(), msg.content.clone());
+        f.insert("metadata".into(), Value::Object(msg.metadata.clone()));
+        f.insert("submitted".into(), json!(msg.header.date));
+        f.insert("client_uuid".into(), json!(msg.header.session));
+        f.insert("queue".into(), json!(queue));
+        f.insert("label".into(), msg.metadata.get("label").cloned().unwrap_or(Value::Null));
+        if let Some(u) = engine_uuid {
+            f.insert("engine_uuid".into(), json!(u));
+        }
+        rec.buffers = msg.buffers.clone();
+        if self.db.contains(&msg_id) {
+            // iopub may have arrived first: keep what it recorded.
+            let existing = self.db.get_record(&msg_id).map(|r| r.fields.clone()).unwrap_or_default();
+            let mut merged = rec.fields;
+            for (k, v) in existing {
+                let empty = v.is_null() || v == json!("");
+                if !empty && merged.get(&k).is_none_or(|m| m.is_null() || *m == json!("")) {
+                    merged.insert(k, v);
+                }
+            }
+            let _ = self.db.update_record(&msg_id, merged, None);
+            let _ = self.db.set_buffers(&msg_id, rec.buffers);
+        } else if let Err(e) = self.db.add_record(&msg_id, rec) {
+            debug!(msg_id = %msg_id, error = %e, "record not stored");
+        }
+    }
+
+    pub(crate) fn db_update(&mut self, msg_id: &str, fields: Map<String, Value>, result_buffers: Option<Vec<Bytes>>) {
+        if let Err(e) = self.db.update_record(msg_id, fields, result_buffers) {
+            debug!(msg_id = %msg_id, error = %e, "record not updated");
+        }
+    }
+
+    /// Store a reply in the request's record.
+    pub(crate) fn record_result(&mut self, msg: &Message, engine_uuid: &str, now: Now) {
+        let Some(parent_id) = msg.parent_msg_id().map(str::to_owned) else {
+            return;
+        };
+        let mut f = Map::new();
+        f.insert("result_header".into(), serde_json::to_value(&msg.header).unwrap_or_default());
+        f.insert("result_metadata".into(), Value::Object(msg.metadata.clone()));
+        f.insert("result_content".into(), msg.content.clone());
+        f.insert("received".into(), json!(format_date(now.wall)));
+        f.insert("started".into(), msg.metadata.get("started").cloned().unwrap_or(Value::Null));
+        f.insert("completed".into(), json!(msg.header.date));
+        f.insert("engine_uuid".into(), json!(engine_uuid));
+        self.db_update(&parent_id, f, Some(msg.buffers.clone()));
+    }
+
+    // -------------------------------------------------------------------- mux
+
+    /// A reply with an error, parented to `msg`, for a request the hub
+    /// cannot deliver.
+    pub(crate) fn undeliverable(&mut self, channel: Channel, idents: Vec<Bytes>, msg: &Message, err: ErrorContent, now: Now) {
+        warn!(channel = channel.name(), peer = %peer(&idents), msg_id = %msg.header.msg_id, ename = %err.ename, evalue = %err.evalue, "request not delivered");
+        let parent = serde_json::to_value(&msg.header).unwrap_or_default();
+        let md = json!({"status": "error", "dependencies_met": true});
+        self.send_msg(channel, idents, &reply_type(&msg.header.msg_type), &err.to_value(), &parent, &md, vec![], now);
+    }
+
+    fn unknown_engine_error(&self, uuid: &str) -> ErrorContent {
+        let ids = self.engine_ids();
+        ErrorContent::new(
+            "EngineError",
+            format!("no engine with uuid {uuid:?} is registered (registered engine ids: {ids:?})"),
+        )
+    }
+
+    fn mux_request(&mut self, raw: RawMessage, msg: Message, now: Now) {
+        let client = raw.idents[0].clone();
+        let Some(target) = raw.idents.get(1).cloned() else {
+            let err = ErrorContent::new("ValueError", "direct request without a target engine");
+            return self.undeliverable(Channel::MuxClient, vec![client], &msg, err, now);
+        };
+        let uuid = String::from_utf8_lossy(&target).into_owned();
+        let Some(&id) = self.by_uuid.get(&uuid) else {
+            let err = self.unknown_engine_error(&uuid);
+            return self.undeliverable(Channel::MuxClient, vec![client, target], &msg, err, now);
+        };
+        let mut frames = raw.into_frames();
+        frames.swap(0, 1);
+        self.send(Channel::MuxEngine, frames);
+        let msg_id = msg.header.msg_id.clone();
+        self.new_record(&msg, "mux", Some(&uuid));
+        self.pending.insert(msg_id.clone());
+        if let Some(e) = self.engines.get_mut(&id) {
+            e.queue.push_back(msg_id);
+        }
+    }
+
+    fn mux_reply(&mut self, raw: RawMessage, msg: Message, now: Now) {
+        if raw.idents.len() < 2 {
+            warn!(peer = %peer(&raw.idents), "engine reply without a client identity");
+            return;
+        }
+        let uuid = String::from_utf8_lossy(&raw.idents[0]).into_owned();
+        let mut frames = raw.into_frames();
+        frames.swap(0, 1);
+        self.send(Channel::MuxClient, frames);
+        let Some(parent_id) = msg.parent_msg_id().map(str::to_owned) else {
+            return;
+        };
+        let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
+        if self.pending.remove(&parent_id) {
+            if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
+                if let Some(pos) = e.queue.iter().position(|m| *m == parent_id) {
+                    e.queue.remove(pos);
+                }
+                push_completed(e, &parent_id);
+            }
+        } else if !self.tasks.is_done(&parent_id) {
+            debug!(msg_id = %parent_id, "reply to an unknown direct request");
+        }
+        self.tasks.record_done(&parent_id, Outcome { success, engine: uuid.clone() });
+        self.record_result(&msg, &uuid, now);
+    }
+
+    // ---------------------------------------------------------------- control
+
+    fn control_request(&mut self, raw: RawMessage, msg: Message, now: Now) {
+        let client = raw.idents[0].clone();
+        let Some(target) = raw.idents.get(1).cloned() else {
+            let err = ErrorContent::new("ValueError", "control request without a target engine");
+            return self.undeliverable(Channel::ControlClient, vec![client], &msg, err, now);
+        };
+        let uuid = String::from_utf8_lossy(&target).into_owned();
+        if !self.by_uuid.contains_key(&uuid) {
+            let err = self.unknown_engine_error(&uuid);
+            return self.undeliverable(Channel::ControlClient, vec![client, target], &msg, err, now);
+        }
+        let mut frames = raw.into_frames();
+        frames.swap(0, 1);
+        self.send(Channel::ControlEngine, frames);
+    }
+
+    fn control_reply(&mut self, raw: RawMessage, _msg: Message) {
+        if raw.idents.len() < 2 {
+            warn!(peer = %peer(&raw.idents), "control reply without a client identity");
+            return;
+        }
+        let mut frames = raw.into_frames();
+        frames.swap(0, 1);
+        self.send(Channel::ControlClient, frames);
+    }
+
+    // ------------------------------------------------------------------ iopub
+
+    fn iopub(&mut self, raw: RawMessage, msg: Message, now: Now) {
+        self.send(Channel::IopubClient, raw.into_frames());
+        let msg_type = msg.header.msg_type.as_str();
+        match msg_type {
+            "status" => return,
+            "shutdown_reply" => {
+                if let Some(&id) = self.by_uuid.get(&msg.header.session) {
+                    info!(engine = id, "engine shut down");
+                    self.unregister_engine(id, now);
+                }
+                return;
+            }
+            _ => {}
+        }
+        let Some(parent_id) = msg.parent_msg_id().map(str::to_owned) else {
+            return;
+        };
+        let c = &msg.content;
+        let mut f = Map::new();
+        match msg_type {
+            "stream" => {
+                let name = c.get("name").and_then(Value::as_str).unwrap_or("stdout");
+                let text = c.get("text").and_then(Value::as_str).unwrap_or("");
+                if name == "stdout" || name == "stderr" {
+                    if let Err(e) = self.db.append_stream(&parent_id, name, text) {
+                        debug!(msg_id = %parent_id, error = %e, "stream not recorded");
+                    }
+                }
+                return;
+            }
+            "error" => {
+                f.insert("error".into(), c.clone());
+            }
+            "execute_input" => {
+                f.insert("execute_input".into(), c.get("code").cloned().unwrap_or(Value::Null));
+            }
+            "display_data" | "execute_result" => {
+                f.insert(msg_type.to_owned(), c.clone());
+            }
+            _ => return,
+        }
+        if !self.db.contains(&parent_id) {
+            let _ = self.db.add_record(&parent_id, RecordStore::empty_record(&parent_id));
+        }
+        self.db_update(&parent_id, f, None);
+    }
+
+    // -------------------------------------------------------------- broadcast
+
+    fn broadcast_request(&mut self, raw: RawMessage, msg: Message, now: Now) {
+        let client = raw.idents[0].clone();
+        let targets: Vec<(String, i64)> = match msg.metadata.get("targets") {
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|t| {
+                    let pair = t.as_array()?;
+                    Some((pair.first()?.as_str()?.to_owned(), pair.get(1)?.as_i64()?))
+                })
+                .collect(),
+            _ => vec![],
+        };
+        let coalescing = msg.metadata.get("is_coalescing").and_then(Value::as_bool).unwrap_or(false);
+        let original = msg
+            .metadata
+            .get("original_msg_id")
+            .and_then(Value::as_str)
+            .unwrap_or(&msg.header.msg_id)
+            .to_owned();
+        let mut md = msg.metadata.clone();
+        md.insert("original_msg_id".into(), json!(original));
+        let md_bytes = json_bytes(&md);
+        if targets.is_empty() {
+            let err = ErrorContent::new("ValueError", "broadcast without targets");
+            return self.undeliverable(Channel::BroadcastClient, vec![client], &msg, err, now);
+        }
+        let unknown: Vec<&(String, i64)> = targets.iter().filter(|(u, _)| !self.by_uuid.contains_key(u)).collect();
+        if !unknown.is_empty() {
+            let names: Vec<String> = unknown.iter().map(|(u, i)| format!("{i} ({u})")).collect();
+            let err = ErrorContent::new("EngineError", format!("broadcast to engines that are not registered: {}", names.join(", ")));
+            warn!(msg_id = %original, evalue = %err.evalue, "broadcast not delivered");
+            let parent = serde_json::to_value(&msg.header).unwrap_or_default();
+            let mut rmd = md.clone();
+            rmd.insert("status".into(), json!("error"));
+            if coalescing {
+                let bt: Vec<Value> = targets.iter().map(|(u, i)| json!([u, i])).collect();
+                rmd.insert("broadcast_targets".into(), json!(bt));
+                self.send_msg(Channel::BroadcastClient, vec![client], &reply_type(&msg.header.msg_type), &err.to_value(), &parent, &Value::Object(rmd), vec![], now);
+            } else {
+                for (u, _) in &targets {
+                    let mut p = parent.clone();
+                    p["msg_id"] = json!(format!("{original}_{u}"));
+                    let mut m = rmd.clone();
+                    m.insert("engine".into(), json!(u));
+                    self.send_msg(Channel::BroadcastClient, vec![client.clone()], &reply_type(&msg.header.msg_type), &err.to_value(), &p, &Value::Object(m), vec![], now);
+                }
+            }
+            return;
+        }
+        for (uuid, _) in &targets {
+            let mut header = msg.header.clone();
+            header.msg_id = format!("{original}_{uuid}");
+            let frames = self.session.serialize_frames(
+                vec![Bytes::copy_from_slice(uuid.as_bytes()), client.clone()],
+                json_bytes(&header),
+                raw.parent.clone(),
+                md_bytes.clone(),
+                raw.content.clone(),
+                raw.buffers.clone(),
+            );
+            self.send(Channel::BroadcastEngine, frames);
+            let mut sub = msg.clone();
+            sub.header = header;
+            sub.metadata = md.clone();
+            self.new_record(&sub, "broadcast", Some(uuid));
+            self.pending.insert(sub.header.msg_id);
+        }
+        if coalescing {
+            self.bcast.insert(
+                original,
+                Coalesce { client, targets, buffers: HashMap::new(), last: None },
+            );
+        }
+    }
+
+    fn broadcast_reply(&mut self, raw: RawMessage, msg: Message, now: Now) {
+        if raw.idents.len() < 2 {
+            warn!(peer = %peer(&raw.idents), "broadcast reply without a client identity");
+            return;
+        }
+        let uuid = String::from_utf8_lossy(&raw.idents[0]).into_owned();
+        let coalescing = msg.metadata.get("is_coalescing").and_then(Value::as_bool).unwrap_or(false);
+        let original = msg.metadata.get("original_msg_id").and_then(Value::as_str).map(str::to_owned);
+        if let Some(pid) = msg.parent_msg_id().map(str::to_owned) {
+            if self.pending.remove(&pid) {
+                if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
+                    push_completed(e, &pid);
+                }
+            }
+            let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
+            self.tasks.record_done(&pid, Outcome { success, engine: uuid.clone() });
+        }
+        self.record_result(&msg, &uuid, now);
+        if !coalescing {
+            let mut frames = raw.into_frames();
+            frames.remove(0);
+            self.send(Channel::BroadcastClient, frames);
+            return;
+        }
+        let Some(original) = original else {
+            warn!(peer = %uuid, "coalescing broadcast reply without original_msg_id");
+            return;
+        };
+        let Some(state) = self.bcast.get_mut(&original) else {
+            debug!(msg_id = %original, "reply to an unknown or abandoned broadcast");
+            return;
+        };
+        state.buffers.insert(uuid, raw.buffers.clone());
+        state.last = Some((raw.header.clone(), raw.parent.clone(), msg.metadata.clone(), raw.content.clone()));
+        if state.targets.iter().all(|(u, _)| state.buffers.contains_key(u)) {
+            let state = self.bcast.remove(&original).expect("present");
+            let (header, parent, mut md, content) = state.last.expect("at least one reply");
+            let bt: Vec<Value> = state.targets.iter().map(|(u, i)| json!([u, i])).collect();
+            md.insert("broadcast_targets".into(), json!(bt));
+            let mut buffers = Vec::new();
+            let mut per = state.buffers;
+            for (u, _) in &state.targets {
+                buffers.extend(per.remove(u).unwrap_or_default());
+            }
+            let frames = self.session.serialize_frames(vec![state.client], header, parent, json_bytes(&md), content, buffers);
+            self.send(Channel::BroadcastClient, frames);
+        }
+    }
+}
+
+pub(crate) fn push_completed(e: &mut Engine, msg_id: &str) {
+    e.completed_count += 1;
+    if e.completed.len() >= COMPLETED_KEPT {
+        e.completed.pop_front();
+    }
+    e.completed.push_back(msg_id.to_owned());
+}
+
+fn db_error(e: &DbError) -> ErrorContent {
+    ErrorContent::new(e.ename(), e.to_string())
+}

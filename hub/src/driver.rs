@@ -1,0 +1,472 @@
+//! The I/O driver: binds the controller's zeromq sockets, writes the
+//! connection files, and feeds the [`Hub`] state machine.
+//!
+//! One task per socket direction: receive tasks push `(channel, frames)` into
+//! one bounded channel read by the core task; the core task pushes outgoing
+//! frames into one unbounded queue per socket, drained by that socket's send
+//! task. The core task is the only owner of the `Hub`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use chrono::Utc;
+use parallax_wire::connection::{ClientConnectionInfo, EngineConnectionInfo, connection_file_names};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+use crate::cli::HubArgs;
+use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now};
+use crate::records::{DbBackend, DbLimits};
+
+/// Where the connection files are and what they contain.
+pub struct Bound {
+    pub client_file: PathBuf,
+    pub engine_file: PathBuf,
+    pub client: ClientConnectionInfo,
+    pub engine: EngineConnectionInfo,
+}
+
+fn now() -> Now {
+    Now {
+        mono: std::time::Instant::now(),
+        wall: Utc::now(),
+    }
+}
+
+/// The profile directory the options select: `--profile-dir`, then
+/// `$IPP_PROFILE_DIR`, then `IPYTHONDIR/profile_NAME`.
+pub fn profile_dir(args: &HubArgs) -> PathBuf {
+    if let Some(p) = &args.profile_dir {
+        return p.clone();
+    }
+    if let Ok(p) = std::env::var("IPP_PROFILE_DIR") {
+        if !p.is_empty() {
+            return PathBuf::from(p);
+        }
+    }
+    let ipython_dir = args
+        .ipython_dir
+        .clone()
+        .or_else(|| std::env::var_os("IPYTHONDIR").map(PathBuf::from))
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            home.join(".ipython")
+        });
+    ipython_dir.join(format!("profile_{}", args.profile))
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// A fresh key in jupyter_client's `new_id` shape: 8 hex digits, a dash, 24.
+fn new_key() -> String {
+    let h = uuid::Uuid::new_v4().simple().to_string();
+    format!("{}-{}", &h[..8], &h[8..])
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all().ok();
+    // Rename so readers never see a half-written file.
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Order in which `--ports` are consumed, as ipcontroller does.
+const PORT_ORDER: [Channel; 13] = [
+    Channel::Query,
+    Channel::ControlEngine,
+    Channel::MuxEngine,
+    Channel::TaskEngine,
+    Channel::IopubEngine,
+    Channel::HbPing,
+    Channel::HbPong,
+    Channel::BroadcastEngine,
+    Channel::ControlClient,
+    Channel::MuxClient,
+    Channel::TaskClient,
+    Channel::IopubClient,
+    Channel::Notification,
+];
+// BroadcastClient is the 14th.
+
+enum Sock {
+    Router(RouterSocket),
+    Pub(PubSocket),
+    Sub(SubSocket),
+}
+
+fn endpoint_port(ep: &zeromq::Endpoint) -> Result<u16> {
+    match ep {
+        zeromq::Endpoint::Tcp(_, port) => Ok(*port),
+        other => bail!("unexpected endpoint {other}"),
+    }
+}
+
+/// Run the hub until a `shutdown_request`, or until `shutdown` is cancelled.
+pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
+    if args.transport != "tcp" {
+        bail!("--transport={}: only tcp is supported", args.transport);
+    }
+    if let Some(w) = &args.work_dir {
+        std::env::set_current_dir(w).with_context(|| format!("--work-dir {}", w.display()))?;
+    }
+    let cluster_id = args
+        .cluster_id
+        .clone()
+        .or_else(|| std::env::var("IPP_CLUSTER_ID").ok())
+        .unwrap_or_default();
+    let profile = profile_dir(&args);
+    let security = profile.join("security");
+    std::fs::create_dir_all(&security).with_context(|| format!("creating {}", security.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(&security, std::fs::Permissions::from_mode(0o700));
+    }
+    let (client_name, engine_name) = connection_file_names(&cluster_id);
+    let client_file = security.join(client_name);
+    let engine_file = security.join(engine_name);
+
+    // Ports and key: reused from existing files with --reuse.
+    let mut wanted: HashMap<Channel, u16> = HashMap::new();
+    let mut key = std::env::var("IPP_SESSION_KEY").ok().filter(|k| !k.is_empty());
+    if args.reuse && client_file.exists() && engine_file.exists() {
+        let c: ClientConnectionInfo = serde_json::from_str(&std::fs::read_to_string(&client_file)?)
+            .with_context(|| format!("reading {}", client_file.display()))?;
+        let e: EngineConnectionInfo = serde_json::from_str(&std::fs::read_to_string(&engine_file)?)
+            .with_context(|| format!("reading {}", engine_file.display()))?;
+        for (ch, p) in [
+            (Channel::Query, c.registration),
+            (Channel::ControlClient, c.control),
+            (Channel::MuxClient, c.mux),
+            (Channel::TaskClient, c.task),
+            (Channel::IopubClient, c.iopub),
+            (Channel::Notification, c.notification),
+            (Channel::BroadcastClient, c.broadcast),
+            (Channel::ControlEngine, e.control),
+            (Channel::MuxEngine, e.mux),
+            (Channel::TaskEngine, e.task),
+            (Channel::IopubEngine, e.iopub),
+            (Channel::HbPing, e.hb_ping),
+            (Channel::HbPong, e.hb_pong),
+            (Channel::BroadcastEngine, e.broadcast.first().copied().unwrap_or(0)),
+        ] {
+            wanted.insert(ch, p);
+        }
+        key = Some(c.key);
+        info!(file = %client_file.display(), "reusing connection files");
+    } else {
+        for (i, &p) in args.ports.iter().enumerate() {
+            if let Some(&ch) = PORT_ORDER.get(i) {
+                wanted.insert(ch, p);
+            } else if i == PORT_ORDER.len() {
+                wanted.insert(Channel::BroadcastClient, p);
+            }
+        }
+        if let Some(p) = args.port {
+            wanted.insert(Channel::Query, p);
+        }
+    }
+    let key = key.unwrap_or_else(new_key);
+
+    let db = if args.nodb {
+        DbBackend::None
+    } else {
+        if args.sqlitedb || args.mongodb {
+            warn!("--sqlitedb/--mongodb: persistent task databases are not available in the Parallax hub; using the in-memory database");
+        }
+        DbBackend::Dict(DbLimits { record_limit: args.record_limit.max(1), ..DbLimits::default() })
+    };
+    if args.restore {
+        warn!("--restore: restoring engine state is not supported; engines must register again");
+    }
+
+    // Bind every socket.
+    let all = [
+        Channel::Query,
+        Channel::Notification,
+        Channel::HbPing,
+        Channel::HbPong,
+        Channel::MuxClient,
+        Channel::MuxEngine,
+        Channel::TaskClient,
+        Channel::TaskEngine,
+        Channel::ControlClient,
+        Channel::ControlEngine,
+        Channel::BroadcastClient,
+        Channel::BroadcastEngine,
+        Channel::IopubEngine,
+        Channel::IopubClient,
+    ];
+    let mut sockets = Vec::new();
+    let mut ports = HashMap::new();
+    for ch in all {
+        let port = wanted.get(&ch).copied().unwrap_or(0);
+        let url = format!("tcp://{}:{}", args.ip, port);
+        let (sock, ep) = match ch {
+            Channel::Notification | Channel::HbPing | Channel::IopubClient => {
+                let mut s = PubSocket::new();
+                let ep = s.bind(&url).await.with_context(|| format!("binding {} on {url}", ch.name()))?;
+                (Sock::Pub(s), ep)
+            }
+            Channel::IopubEngine => {
+                let mut s = SubSocket::new();
+                let ep = s.bind(&url).await.with_context(|| format!("binding {} on {url}", ch.name()))?;
+                s.subscribe("").await?;
+                (Sock::Sub(s), ep)
+            }
+            _ => {
+                let mut s = RouterSocket::new();
+                let ep = s.bind(&url).await.with_context(|| format!("binding {} on {url}", ch.name()))?;
+                (Sock::Router(s), ep)
+            }
+        };
+        ports.insert(ch, endpoint_port(&ep)?);
+        sockets.push((ch, sock));
+    }
+
+    let location = args.location.clone().unwrap_or_else(hostname);
+    let interface = format!("tcp://{}", args.ip);
+    let engine = EngineConnectionInfo {
+        ssh: args.enginessh.clone(),
+        interface: interface.clone(),
+        registration: ports[&Channel::Query],
+        control: ports[&Channel::ControlEngine],
+        mux: ports[&Channel::MuxEngine],
+        task: ports[&Channel::TaskEngine],
+        iopub: ports[&Channel::IopubEngine],
+        hb_ping: ports[&Channel::HbPing],
+        hb_pong: ports[&Channel::HbPong],
+        broadcast: vec![ports[&Channel::BroadcastEngine]],
+        key: key.clone(),
+        curve_serverkey: None,
+        location: location.clone(),
+        pack: "json".into(),
+        unpack: "json".into(),
+        signature_scheme: "hmac-sha256".into(),
+    };
+    let client = ClientConnectionInfo {
+        ssh: args.ssh.clone(),
+        interface,
+        registration: ports[&Channel::Query],
+        control: ports[&Channel::ControlClient],
+        mux: ports[&Channel::MuxClient],
+        task: ports[&Channel::TaskClient],
+        task_scheme: args.scheme.name().into(),
+        iopub: ports[&Channel::IopubClient],
+        notification: ports[&Channel::Notification],
+        broadcast: ports[&Channel::BroadcastClient],
+        key: key.clone(),
+        curve_serverkey: None,
+        location,
+        pack: "json".into(),
+        unpack: "json".into(),
+        signature_scheme: "hmac-sha256".into(),
+    };
+
+    let mut core = CoreConfig::new(key.into_bytes());
+    core.hb_period = Duration::from_millis(args.ping.max(10));
+    core.max_heartmonitor_misses = args.max_heartbeat_misses;
+    core.scheme = args.scheme;
+    core.hwm = args.hwm;
+    core.db = db;
+    core.engine_info = serde_json::to_value(&engine)?;
+    core.seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    // ipyparallel: registration_timeout = max(30 s, 10 heartbeats)
+    core.registration_timeout = Duration::from_secs(30).max(core.hb_period * 10);
+
+    // Spawn the socket tasks.
+    let (in_tx, in_rx) = mpsc::channel::<(Channel, Vec<Bytes>)>(8192);
+    let mut out_tx: HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>> = HashMap::new();
+    let mut send_tasks: Vec<JoinHandle<()>> = Vec::new();
+    let mut recv_tasks: Vec<JoinHandle<()>> = Vec::new();
+    for (ch, sock) in sockets {
+        let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
+        match sock {
+            Sock::Router(s) => {
+                let (send_half, recv_half) = s.split();
+                out_tx.insert(ch, tx);
+                send_tasks.push(tokio::spawn(router_sender(ch, send_half, rx)));
+                recv_tasks.push(tokio::spawn(receiver(ch, recv_half, in_tx.clone())));
+            }
+            Sock::Pub(s) => {
+                out_tx.insert(ch, tx);
+                send_tasks.push(tokio::spawn(pub_sender(ch, s, rx)));
+            }
+            Sock::Sub(s) => {
+                drop((tx, rx));
+                recv_tasks.push(tokio::spawn(receiver(ch, s, in_tx.clone())));
+            }
+        }
+    }
+    drop(in_tx);
+
+    // Connection files last: their presence means the hub is ready.
+    write_private(&client_file, &serde_json::to_string_pretty(&client)?)?;
+    write_private(&engine_file, &serde_json::to_string_pretty(&engine)?)?;
+    info!(
+        client = %client_file.display(),
+        engine = %engine_file.display(),
+        registration = ports[&Channel::Query],
+        scheme = %args.scheme,
+        hwm = args.hwm,
+        ping_ms = args.ping,
+        "hub ready"
+    );
+
+    let bound = Bound { client_file, engine_file, client, engine };
+    let result = core_loop(core, in_rx, &out_tx, shutdown).await;
+
+    // Let queued replies (e.g. shutdown_reply) go out: close the queues and
+    // wait for the send tasks to drain them, then give the socket writers a
+    // moment (zmq.rs has no linger).
+    drop(out_tx);
+    let drain = async {
+        for t in send_tasks {
+            let _ = t.await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for t in recv_tasks {
+        t.abort();
+    }
+    if !args.reuse {
+        for f in [&bound.client_file, &bound.engine_file] {
+            if let Err(e) = std::fs::remove_file(f) {
+                debug!(file = %f.display(), error = %e, "could not remove connection file");
+            }
+        }
+    }
+    info!("hub stopped");
+    result
+}
+
+async fn core_loop(
+    cfg: CoreConfig,
+    mut in_rx: mpsc::Receiver<(Channel, Vec<Bytes>)>,
+    out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let mut hub = Hub::new(cfg, now());
+    loop {
+        let deadline = hub.poll_timeout();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                info!("shutting down on signal");
+                return Ok(());
+            }
+            input = in_rx.recv() => {
+                let Some((ch, frames)) = input else { bail!("all sockets closed") };
+                let t = now();
+                hub.handle_frames(ch, frames, t);
+                // Take whatever else is ready before flushing, to batch work.
+                for _ in 0..256 {
+                    match in_rx.try_recv() {
+                        Ok((ch, frames)) => hub.handle_frames(ch, frames, t),
+                        Err(_) => break,
+                    }
+                }
+                hub.handle_timeout(now());
+            }
+            _ = sleep_until(deadline) => {
+                hub.handle_timeout(now());
+            }
+        }
+        while let Some(t) = hub.poll_transmit() {
+            if let Some(tx) = out_tx.get(&t.channel) {
+                let _ = tx.send(t.frames);
+            }
+        }
+        if let Some(HubEvent::Shutdown) = hub.poll_event() {
+            info!("shutting down on request");
+            return Ok(());
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn receiver<S: SocketRecv + Send>(ch: Channel, mut sock: S, tx: mpsc::Sender<(Channel, Vec<Bytes>)>) {
+    loop {
+        match sock.recv().await {
+            Ok(m) => {
+                if tx.send((ch, m.into_vec())).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                debug!(channel = ch.name(), error = %e, "receive error");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// A peer we route to may not have finished connecting yet (an engine whose
+/// registration just completed); retry for a while before giving up.
+const ROUTE_RETRIES: u32 = 200;
+const ROUTE_RETRY_DELAY: Duration = Duration::from_millis(10);
+
+async fn router_sender(ch: Channel, mut sock: zeromq::RouterSendHalf, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
+    while let Some(frames) = rx.recv().await {
+        let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
+        if let Err(e) = sock.send(msg.clone()).await {
+            let mut retry = sock.clone();
+            tokio::spawn(async move {
+                let mut last = e;
+                for _ in 0..ROUTE_RETRIES {
+                    tokio::time::sleep(ROUTE_RETRY_DELAY).await;
+                    match retry.send(msg.clone()).await {
+                        Ok(()) => return,
+                        Err(e) => last = e,
+                    }
+                }
+                let peer = msg.get(0).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                warn!(channel = ch.name(), peer = %peer, error = %last, "message dropped: peer unreachable");
+            });
+        }
+    }
+}
+
+async fn pub_sender(ch: Channel, mut sock: PubSocket, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
+    while let Some(frames) = rx.recv().await {
+        let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
+        if let Err(e) = sock.send(msg).await {
+            debug!(channel = ch.name(), error = %e, "publish failed");
+        }
+    }
+}
