@@ -7,7 +7,7 @@ CARGO ?= cargo
 STAMP := $(VENV)/.requirements.stamp
 BIN := target/release/parallax
 
-.PHONY: all venv build test test-rust test-python bench lint clean
+.PHONY: all venv build run test test-rust test-python bench lint clean
 
 all: build
 
@@ -20,6 +20,9 @@ $(STAMP): requirements.txt
 
 build:
 	$(CARGO) build --release --locked
+
+run: venv build
+	PARALLAX_BIN=$(abspath $(BIN)) $(PY) scripts/demo_hub.py
 
 test: venv build test-rust test-python
 

@@ -105,11 +105,15 @@ pub struct DbLimits {
 
 impl Default for DbLimits {
     fn default() -> Self {
-        DbLimits { record_limit: 1024, size_limit: 1024 * 1024 * 1024, cull_fraction: 0.1 }
+        DbLimits {
+            record_limit: 1024,
+            size_limit: 1024 * 1024 * 1024,
+            cull_fraction: 0.1,
+        }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DbBackend {
     /// ipyparallel's `DictDB`.
     Dict(DbLimits),
@@ -197,7 +201,11 @@ impl RecordStore {
             };
             fields.insert(key.to_owned(), value);
         }
-        TaskRecord { fields, buffers: Vec::new(), result_buffers: Vec::new() }
+        TaskRecord {
+            fields,
+            buffers: Vec::new(),
+            result_buffers: Vec::new(),
+        }
     }
 
     /// Stores a new record under `msg_id` (which also becomes its `msg_id`
@@ -212,11 +220,16 @@ impl RecordStore {
 
     pub fn get_record(&self, msg_id: &str) -> Result<&TaskRecord, DbError> {
         let db = self.dict.as_ref().ok_or_else(DbError::no_data)?;
-        db.records.get(msg_id).map(|e| &e.rec).ok_or_else(|| DbError::no_such(msg_id))
+        db.records
+            .get(msg_id)
+            .map(|e| &e.rec)
+            .ok_or_else(|| DbError::no_such(msg_id))
     }
 
     pub fn contains(&self, msg_id: &str) -> bool {
-        self.dict.as_ref().is_some_and(|db| db.records.contains_key(msg_id))
+        self.dict
+            .as_ref()
+            .is_some_and(|db| db.records.contains_key(msg_id))
     }
 
     /// Shallow-merges `fields` into the record (`dict.update`) and, if given,
@@ -271,7 +284,11 @@ impl RecordStore {
         let Some(db) = &mut self.dict else {
             return Ok(0);
         };
-        let ids: Vec<String> = db.matching(&query).into_iter().map(|e| e.msg_id().to_owned()).collect();
+        let ids: Vec<String> = db
+            .matching(&query)
+            .into_iter()
+            .map(|e| e.msg_id().to_owned())
+            .collect();
         for id in &ids {
             db.remove(id);
         }
@@ -284,25 +301,31 @@ impl RecordStore {
     /// projection (DictDB's `if keys:`). A key that is neither a standard
     /// record key nor present in a matching record is a `KeyError`, like
     /// DictDB's `rec[key]`.
-    pub fn find_records(&self, query: &Value, keys: Option<&[String]>) -> Result<Vec<FoundRecord>, DbError> {
+    pub fn find_records(
+        &self,
+        query: &Value,
+        keys: Option<&[String]>,
+    ) -> Result<Vec<FoundRecord>, DbError> {
         let query = Query::parse(query)?;
         let db = self.dict.as_ref().ok_or_else(DbError::no_data)?;
         let keys = keys.filter(|k| !k.is_empty());
-        db.matching(&query).into_iter().map(|e| project(&e.rec, keys)).collect()
+        db.matching(&query)
+            .into_iter()
+            .map(|e| project(&e.rec, keys))
+            .collect()
     }
 
     /// Every `msg_id` with a `submitted` date, ordered by it (ties and
     /// unparsable dates by insertion order), like `DictDB.get_history`.
     pub fn get_history(&self) -> Result<Vec<String>, DbError> {
         let db = self.dict.as_ref().ok_or_else(DbError::no_data)?;
-        let mut submitted: Vec<(&Value, &str)> = db
+        // Dates are parsed once here rather than in every comparison.
+        let mut keyed: Vec<(Option<DateTime<Utc>>, &Value, &str)> = db
             .live_in_order()
             .map(|e| (e.rec.get("submitted"), e.msg_id()))
             .filter(|(s, _)| !s.is_null())
+            .map(|(s, id)| (s.as_str().and_then(parse_date), s, id))
             .collect();
-        // Parse once rather than in every comparison.
-        let mut keyed: Vec<(Option<DateTime<Utc>>, &Value, &str)> =
-            submitted.drain(..).map(|(s, id)| (s.as_str().and_then(parse_date), s, id)).collect();
         keyed.sort_by(|(da, va, _), (db, vb, _)| match (da, db) {
             (Some(a), Some(b)) => a.cmp(b),
             (Some(_), None) => Ordering::Less,
@@ -362,7 +385,13 @@ struct DictDb {
 
 impl DictDb {
     fn new(limits: DbLimits) -> Self {
-        DictDb { limits, records: HashMap::new(), order: VecDeque::new(), next_seq: 0, total_size: 0 }
+        DictDb {
+            limits,
+            records: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            total_size: 0,
+        }
     }
 
     fn add(&mut self, msg_id: &str, mut rec: TaskRecord) -> Result<(), DbError> {
@@ -372,11 +401,13 @@ impl DictDb {
         for key in BUFFER_KEYS {
             rec.fields.remove(key);
         }
-        rec.fields.insert("msg_id".to_owned(), Value::String(msg_id.to_owned()));
+        rec.fields
+            .insert("msg_id".to_owned(), Value::String(msg_id.to_owned()));
         let size = record_size(&rec);
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.records.insert(msg_id.to_owned(), Entry { seq, size, rec });
+        self.records
+            .insert(msg_id.to_owned(), Entry { seq, size, rec });
         self.order.push_back((seq, msg_id.to_owned()));
         self.total_size += size;
         self.maybe_cull();
@@ -390,7 +421,10 @@ impl DictDb {
         buffers: Option<Vec<Bytes>>,
         result_buffers: Option<Vec<Bytes>>,
     ) -> Result<(), DbError> {
-        let entry = self.records.get_mut(msg_id).ok_or_else(|| DbError::no_such(msg_id))?;
+        let entry = self
+            .records
+            .get_mut(msg_id)
+            .ok_or_else(|| DbError::no_such(msg_id))?;
         let before = entry.size;
         for (key, value) in fields {
             if key == "msg_id" || BUFFER_KEYS.contains(&key.as_str()) {
@@ -421,7 +455,8 @@ impl DictDb {
     fn append_stream(&mut self, msg_id: &str, name: &str, text: &str) -> Result<(), DbError> {
         let Some(entry) = self.records.get_mut(msg_id) else {
             let mut rec = RecordStore::empty_record(msg_id);
-            rec.fields.insert(name.to_owned(), Value::String(text.to_owned()));
+            rec.fields
+                .insert(name.to_owned(), Value::String(text.to_owned()));
             return self.add(msg_id, rec);
         };
         let before = entry.size;
@@ -456,19 +491,26 @@ impl DictDb {
     }
 
     fn live_in_order(&self) -> impl Iterator<Item = &Entry> {
-        self.order.iter().filter_map(|(seq, id)| self.records.get(id).filter(|e| e.seq == *seq))
+        self.order
+            .iter()
+            .filter_map(|(seq, id)| self.records.get(id).filter(|e| e.seq == *seq))
     }
 
     fn compact_order(&mut self) {
         if self.order.len() > 2 * self.records.len() + 64 {
             let records = &self.records;
-            self.order.retain(|(seq, id)| records.get(id).is_some_and(|e| e.seq == *seq));
+            self.order
+                .retain(|(seq, id)| records.get(id).is_some_and(|e| e.seq == *seq));
         }
     }
 
     /// DictDB's `_maybe_cull`: by count, then by size.
     fn maybe_cull(&mut self) {
-        let DbLimits { record_limit, size_limit, cull_fraction } = self.limits;
+        let DbLimits {
+            record_limit,
+            size_limit,
+            cull_fraction,
+        } = self.limits;
         if self.records.len() > record_limit {
             // `as` saturates: NaN/negative give 0, hence the floor of one.
             let n = ((cull_fraction * record_limit as f64) as usize).max(1);
@@ -516,13 +558,17 @@ impl DictDb {
             // hub.py's own queries (`get_results`, `resubmit`, `purge`) name
             // their msg_ids: look them up instead of scanning.
             Some(ids) => {
-                let mut found: Vec<&Entry> = ids.iter().filter_map(|id| self.records.get(*id)).collect();
+                let mut found: Vec<&Entry> =
+                    ids.iter().filter_map(|id| self.records.get(*id)).collect();
                 found.sort_by_key(|e| e.seq);
                 found.dedup_by_key(|e| e.seq);
                 found.retain(|e| query.matches(&e.rec));
                 found
             }
-            None => self.live_in_order().filter(|e| query.matches(&e.rec)).collect(),
+            None => self
+                .live_in_order()
+                .filter(|e| query.matches(&e.rec))
+                .collect(),
         }
     }
 }
@@ -535,8 +581,14 @@ fn project(rec: &TaskRecord, keys: Option<&[String]>) -> Result<FoundRecord, DbE
             result_buffers: Some(rec.result_buffers.clone()),
         });
     };
-    let mut found = FoundRecord { fields: Map::new(), buffers: None, result_buffers: None };
-    found.fields.insert("msg_id".to_owned(), rec.get("msg_id").clone());
+    let mut found = FoundRecord {
+        fields: Map::new(),
+        buffers: None,
+        result_buffers: None,
+    };
+    found
+        .fields
+        .insert("msg_id".to_owned(), rec.get("msg_id").clone());
     for key in keys {
         match key.as_str() {
             "buffers" => found.buffers = Some(rec.buffers.clone()),
@@ -579,7 +631,10 @@ fn value_size(value: &Value) -> usize {
 }
 
 fn record_size(rec: &TaskRecord) -> usize {
-    rec.fields.iter().map(|(k, v)| field_size(k, v)).sum::<usize>()
+    rec.fields
+        .iter()
+        .map(|(k, v)| field_size(k, v))
+        .sum::<usize>()
         + buffers_size(&rec.buffers)
         + buffers_size(&rec.result_buffers)
 }
@@ -614,7 +669,10 @@ enum Op<'q> {
     In(&'q Value),
     Nin(&'q Value),
     All(&'q [Value]),
-    Mod { divisor: &'q Number, remainder: &'q Number },
+    Mod {
+        divisor: &'q Number,
+        remainder: &'q Number,
+    },
     Exists(bool),
     Glob(Glob),
 }
@@ -622,17 +680,23 @@ enum Op<'q> {
 impl<'q> Query<'q> {
     fn parse(query: &'q Value) -> Result<Self, DbError> {
         let Value::Object(map) = query else {
-            return Err(DbError::BadQuery(format!("query must be a dict, not {query}")));
+            return Err(DbError::BadQuery(format!(
+                "query must be a dict, not {query}"
+            )));
         };
         let mut clauses = Vec::with_capacity(map.len());
         for (key, value) in map {
             if key.starts_with('$') {
-                return Err(DbError::BadQuery(format!("unsupported top-level query operator {key}")));
+                return Err(DbError::BadQuery(format!(
+                    "unsupported top-level query operator {key}"
+                )));
             }
             let clause = match value {
-                Value::Object(ops) => {
-                    Clause::Ops(ops.iter().map(|(op, arg)| Op::parse(key, op, arg)).collect::<Result<_, _>>()?)
-                }
+                Value::Object(ops) => Clause::Ops(
+                    ops.iter()
+                        .map(|(op, arg)| Op::parse(key, op, arg))
+                        .collect::<Result<_, _>>()?,
+                ),
                 other => Clause::Equals(other),
             };
             clauses.push((key.as_str(), clause));
@@ -689,7 +753,11 @@ impl<'q> Op<'q> {
                 if !matches!(arg, Value::Array(_) | Value::String(_) | Value::Object(_)) {
                     return Err(bad("argument must be a list"));
                 }
-                if op == "$in" { Op::In(arg) } else { Op::Nin(arg) }
+                if op == "$in" {
+                    Op::In(arg)
+                } else {
+                    Op::Nin(arg)
+                }
             }
             "$all" => match arg {
                 Value::Array(items) => Op::All(items),
@@ -709,7 +777,11 @@ impl<'q> Op<'q> {
                 Value::String(pattern) => Op::Glob(Glob::new(pattern)),
                 _ => return Err(bad("pattern must be a string")),
             },
-            _ => return Err(DbError::BadQuery(format!("unsupported query operator {op} on {key:?}"))),
+            _ => {
+                return Err(DbError::BadQuery(format!(
+                    "unsupported query operator {op} on {key:?}"
+                )));
+            }
         })
     }
 
@@ -720,7 +792,10 @@ impl<'q> Op<'q> {
             // DictDB has `lambda a, b: b > a` here, which is `$lt` again.
             Op::Gt(arg) => py_cmp(value, arg) == Some(Ordering::Greater),
             Op::Lte(arg) => matches!(py_cmp(value, arg), Some(Ordering::Less | Ordering::Equal)),
-            Op::Gte(arg) => matches!(py_cmp(value, arg), Some(Ordering::Greater | Ordering::Equal)),
+            Op::Gte(arg) => matches!(
+                py_cmp(value, arg),
+                Some(Ordering::Greater | Ordering::Equal)
+            ),
             Op::Eq(arg) => py_eq(value, arg),
             Op::Ne(arg) => !py_eq(value, arg),
             Op::In(arg) => py_in(value, arg) == Some(true),
@@ -755,7 +830,9 @@ fn truthy(value: &Value) -> bool {
 }
 
 fn as_int(n: &Number) -> Option<i128> {
-    n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from))
+    n.as_i64()
+        .map(i128::from)
+        .or_else(|| n.as_u64().map(i128::from))
 }
 
 fn num_cmp(a: &Number, b: &Number) -> Option<Ordering> {
@@ -807,7 +884,9 @@ fn py_eq(a: &Value, b: &Value) -> bool {
                     _ => false,
                 }
         }
-        (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q)),
+        (Value::Array(x), Value::Array(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
+        }
         (Value::Object(x), Value::Object(y)) => {
             x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| py_eq(v, w)))
         }
@@ -859,7 +938,13 @@ fn py_in(a: &Value, b: &Value) -> Option<bool> {
 /// six); a missing offset means UTC.
 fn parse_date(s: &str) -> Option<DateTime<Utc>> {
     let b = s.as_bytes();
-    if b.len() < 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let digits = |from: usize, to: usize| -> Option<u32> {
@@ -867,7 +952,10 @@ fn parse_date(s: &str) -> Option<DateTime<Utc>> {
         if !part.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        Some(part.iter().fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')))
+        Some(
+            part.iter()
+                .fold(0u32, |acc, d| acc * 10 + u32::from(d - b'0')),
+        )
     };
     let year = i32::try_from(digits(0, 4)?).ok()?;
     let (month, day) = (digits(5, 7)?, digits(8, 10)?);
@@ -905,8 +993,13 @@ fn parse_date(s: &str) -> Option<DateTime<Utc>> {
         _ => return None,
     };
 
-    let naive = NaiveDate::from_ymd_opt(year, month, day)?.and_hms_nano_opt(hour, minute, second, nanos)?;
-    Some(naive.checked_sub_signed(TimeDelta::seconds(offset_secs))?.and_utc())
+    let naive =
+        NaiveDate::from_ymd_opt(year, month, day)?.and_hms_nano_opt(hour, minute, second, nanos)?;
+    Some(
+        naive
+            .checked_sub_signed(TimeDelta::seconds(offset_secs))?
+            .and_utc(),
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -928,7 +1021,10 @@ enum GlobToken {
     /// `[…]` / `[!…]`. Reversed ranges such as `z-a` match nothing, as in
     /// Python, so an emptied class never matches and a negated one matches
     /// any character.
-    Class { negated: bool, ranges: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        ranges: Vec<(char, char)>,
+    },
 }
 
 impl Glob {
@@ -1029,7 +1125,9 @@ impl GlobToken {
         match self {
             GlobToken::Star | GlobToken::AnyChar => true,
             GlobToken::Literal(l) => *l == c,
-            GlobToken::Class { negated, ranges } => ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != *negated,
+            GlobToken::Class { negated, ranges } => {
+                ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != *negated
+            }
         }
     }
 }
@@ -1044,13 +1142,20 @@ mod tests {
     }
 
     fn limited(record_limit: usize, size_limit: usize, cull_fraction: f64) -> RecordStore {
-        RecordStore::new(DbBackend::Dict(DbLimits { record_limit, size_limit, cull_fraction }))
+        RecordStore::new(DbBackend::Dict(DbLimits {
+            record_limit,
+            size_limit,
+            cull_fraction,
+        }))
     }
 
     /// A record like `init_record` makes, plus `extra` fields.
     fn task(msg_id: &str, submitted: Option<&str>, extra: Value) -> TaskRecord {
         let mut rec = RecordStore::empty_record(msg_id);
-        rec.fields.insert("submitted".into(), submitted.map_or(Value::Null, |s| json!(s)));
+        rec.fields.insert(
+            "submitted".into(),
+            submitted.map_or(Value::Null, |s| json!(s)),
+        );
         if let Value::Object(extra) = extra {
             rec.fields.extend(extra);
         }
@@ -1065,7 +1170,10 @@ mod tests {
     }
 
     fn ids(found: &[FoundRecord]) -> Vec<&str> {
-        found.iter().map(|r| r.fields["msg_id"].as_str().unwrap()).collect()
+        found
+            .iter()
+            .map(|r| r.fields["msg_id"].as_str().unwrap())
+            .collect()
     }
 
     fn find(db: &RecordStore, query: Value) -> Vec<String> {
@@ -1087,10 +1195,26 @@ mod tests {
     fn sample() -> RecordStore {
         let mut db = store();
         let rows = [
-            ("a", Some("2026-11-22T00:00:01.000000Z"), json!({"n": 1, "label": "group_a", "completed": "2026-11-22T00:00:05Z"})),
-            ("b", Some("2026-11-22T00:00:02Z"), json!({"n": 2.5, "label": "group_a/sub_x", "completed": null})),
-            ("c", Some("2026-11-22T02:00:03+02:00"), json!({"n": -7, "label": "group_b", "completed": "2026-11-22T00:00:09.5+00:00", "tags": ["x", "y"]})),
-            ("d", Some("2026-11-22T00:00:04.123456+00:00"), json!({"n": "4", "label": "label*task", "completed": null, "tags": ["y"]})),
+            (
+                "a",
+                Some("2026-11-22T00:00:01.000000Z"),
+                json!({"n": 1, "label": "group_a", "completed": "2026-11-22T00:00:05Z"}),
+            ),
+            (
+                "b",
+                Some("2026-11-22T00:00:02Z"),
+                json!({"n": 2.5, "label": "group_a/sub_x", "completed": null}),
+            ),
+            (
+                "c",
+                Some("2026-11-22T02:00:03+02:00"),
+                json!({"n": -7, "label": "group_b", "completed": "2026-11-22T00:00:09.5+00:00", "tags": ["x", "y"]}),
+            ),
+            (
+                "d",
+                Some("2026-11-22T00:00:04.123456+00:00"),
+                json!({"n": "4", "label": "label*task", "completed": null, "tags": ["y"]}),
+            ),
             ("e", None, json!({"label": null})),
         ];
         for (id, submitted, extra) in rows {
@@ -1122,15 +1246,21 @@ mod tests {
     fn add_get_contains_and_duplicates() {
         let mut db = store();
         assert!(db.is_empty());
-        db.add_record("m1", task("m1", Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+        db.add_record("m1", task("m1", Some("2026-01-01T00:00:00Z"), json!({})))
+            .unwrap();
         assert!(db.contains("m1"));
         assert!(!db.contains("m2"));
         assert_eq!(db.len(), 1);
         assert_eq!(db.get_record("m1").unwrap().get("msg_id"), &json!("m1"));
 
-        let err = db.add_record("m1", RecordStore::empty_record("m1")).unwrap_err();
+        let err = db
+            .add_record("m1", RecordStore::empty_record("m1"))
+            .unwrap_err();
         assert_eq!(err.ename(), "KeyError");
-        assert!(err.to_string().contains("Already have msg_id 'm1'"), "{err}");
+        assert!(
+            err.to_string().contains("Already have msg_id 'm1'"),
+            "{err}"
+        );
 
         let err = db.get_record("nope").unwrap_err();
         assert_eq!(err, DbError::KeyError("No such msg_id 'nope'".into()));
@@ -1150,7 +1280,11 @@ mod tests {
     #[test]
     fn update_merges_shallowly_and_replaces_result_buffers() {
         let mut db = store();
-        let mut rec = task("m1", Some("2026-01-01T00:00:00Z"), json!({"header": {"a": 1, "b": 2}}));
+        let mut rec = task(
+            "m1",
+            Some("2026-01-01T00:00:00Z"),
+            json!({"header": {"a": 1, "b": 2}}),
+        );
         rec.buffers = vec![Bytes::from_static(b"req")];
         db.add_record("m1", rec).unwrap();
         db.update_record(
@@ -1160,7 +1294,11 @@ mod tests {
         )
         .unwrap();
         let rec = db.get_record("m1").unwrap();
-        assert_eq!(rec.get("header"), &json!({"a": 3}), "dict.update is shallow");
+        assert_eq!(
+            rec.get("header"),
+            &json!({"a": 3}),
+            "dict.update is shallow"
+        );
         assert_eq!(rec.get("completed"), &json!("2026-01-01T00:00:01Z"));
         assert_eq!(rec.get("msg_id"), &json!("m1"), "msg_id is not updatable");
         assert!(!rec.fields.contains_key("result_buffers"));
@@ -1168,20 +1306,30 @@ mod tests {
         assert_eq!(rec.result_buffers.len(), 2);
 
         // None leaves result buffers alone.
-        db.update_record("m1", fields(json!({"queue": "task"})), None).unwrap();
+        db.update_record("m1", fields(json!({"queue": "task"})), None)
+            .unwrap();
         assert_eq!(db.get_record("m1").unwrap().result_buffers.len(), 2);
 
-        db.set_buffers("m1", vec![Bytes::from_static(b"new request")]).unwrap();
-        assert_eq!(db.get_record("m1").unwrap().buffers, vec![Bytes::from_static(b"new request")]);
+        db.set_buffers("m1", vec![Bytes::from_static(b"new request")])
+            .unwrap();
+        assert_eq!(
+            db.get_record("m1").unwrap().buffers,
+            vec![Bytes::from_static(b"new request")]
+        );
     }
 
     #[test]
     fn update_of_missing_record_is_key_error() {
         let mut db = store();
-        let err = db.update_record("ghost", fields(json!({"completed": null})), None).unwrap_err();
+        let err = db
+            .update_record("ghost", fields(json!({"completed": null})), None)
+            .unwrap_err();
         assert_eq!(err.ename(), "KeyError");
         assert!(err.to_string().contains("ghost"));
-        assert!(matches!(db.set_buffers("ghost", vec![]), Err(DbError::KeyError(_))));
+        assert!(matches!(
+            db.set_buffers("ghost", vec![]),
+            Err(DbError::KeyError(_))
+        ));
         assert!(db.is_empty());
     }
 
@@ -1192,7 +1340,11 @@ mod tests {
         let rec = db.get_record("m1").unwrap();
         assert_eq!(rec.get("stdout"), &json!("hello "));
         assert_eq!(rec.get("stderr"), &json!(""));
-        assert_eq!(rec.get("submitted"), &Value::Null, "created like empty_record");
+        assert_eq!(
+            rec.get("submitted"),
+            &Value::Null,
+            "created like empty_record"
+        );
         let size = db.size_bytes();
 
         db.append_stream("m1", "stdout", "world").unwrap();
@@ -1203,7 +1355,8 @@ mod tests {
         assert_eq!(db.size_bytes(), size + "world".len() + "oops".len());
 
         // A null stream starts afresh rather than failing.
-        db.update_record("m1", fields(json!({"stdout": null})), None).unwrap();
+        db.update_record("m1", fields(json!({"stdout": null})), None)
+            .unwrap();
         db.append_stream("m1", "stdout", "again").unwrap();
         assert_eq!(db.get_record("m1").unwrap().get("stdout"), &json!("again"));
         assert_eq!(db.len(), 1);
@@ -1212,7 +1365,11 @@ mod tests {
     #[test]
     fn size_is_tracked_incrementally_and_returns_to_zero() {
         let mut db = store();
-        let mut rec = task("m1", Some("2026-01-01T00:00:00Z"), json!({"content": {"code": "x = 1"}}));
+        let mut rec = task(
+            "m1",
+            Some("2026-01-01T00:00:00Z"),
+            json!({"content": {"code": "x = 1"}}),
+        );
         rec.buffers = vec![Bytes::from(vec![0u8; 1000])];
         db.add_record("m1", rec.clone()).unwrap();
         assert_eq!(db.size_bytes(), record_size(&rec));
@@ -1241,13 +1398,26 @@ mod tests {
         let db = sample();
         assert_eq!(find(&db, json!({})), ["a", "b", "c", "d", "e"]);
         assert_eq!(find(&db, json!({"label": "group_b"})), ["c"]);
-        assert_eq!(find(&db, json!({"n": 1.0})), ["a"], "numbers compare by value");
-        assert_eq!(find(&db, json!({"n": 2.5, "label": "group_a/sub_x"})), ["b"]);
-        assert_eq!(find(&db, json!({"n": 2.5, "label": "group_b"})), Vec::<String>::new());
+        assert_eq!(
+            find(&db, json!({"n": 1.0})),
+            ["a"],
+            "numbers compare by value"
+        );
+        assert_eq!(
+            find(&db, json!({"n": 2.5, "label": "group_a/sub_x"})),
+            ["b"]
+        );
+        assert_eq!(
+            find(&db, json!({"n": 2.5, "label": "group_b"})),
+            Vec::<String>::new()
+        );
         assert_eq!(find(&db, json!({"tags": ["x", "y"]})), ["c"]);
         // `tags` is absent from a, b and e: null.
         assert_eq!(find(&db, json!({"tags": null})), ["a", "b", "e"]);
-        assert_eq!(find(&db, json!({"no_such_key": null})), ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            find(&db, json!({"no_such_key": null})),
+            ["a", "b", "c", "d", "e"]
+        );
         // ipyparallel's test_null.
         assert!(find(&db, json!({"msg_id": null})).is_empty());
         assert_eq!(find(&db, json!({"submitted": null})), ["e"]);
@@ -1258,7 +1428,10 @@ mod tests {
         let db = sample();
         assert_eq!(find(&db, json!({"n": {"$eq": 1}})), ["a"]);
         assert_eq!(find(&db, json!({"n": {"$ne": 1}})), ["b", "c", "d", "e"]);
-        assert_eq!(find(&db, json!({"msg_id": {"$ne": ""}})), ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            find(&db, json!({"msg_id": {"$ne": ""}})),
+            ["a", "b", "c", "d", "e"]
+        );
         // "4" is a string, not the number 4.
         assert!(find(&db, json!({"n": {"$eq": 4}})).is_empty());
         assert_eq!(find(&db, json!({"label": {"$eq": null}})), ["e"]);
@@ -1270,7 +1443,11 @@ mod tests {
         assert_eq!(find(&db, json!({"completed": {"$ne": null}})), ["a", "c"]);
         assert_eq!(find(&db, json!({"completed": null})), ["b", "d", "e"]);
         // purge_results(msg_ids='all') leaves pending tasks alone.
-        assert_eq!(db.drop_matching_records(&json!({"completed": {"$ne": null}})).unwrap(), 2);
+        assert_eq!(
+            db.drop_matching_records(&json!({"completed": {"$ne": null}}))
+                .unwrap(),
+            2
+        );
         assert_eq!(find(&db, json!({})), ["b", "d", "e"]);
     }
 
@@ -1286,8 +1463,10 @@ mod tests {
         assert_eq!(find(&db, json!({"n": {"$gt": 100}})), Vec::<String>::new());
         // Large integers compare exactly.
         let mut big = store();
-        big.add_record("x", task("x", None, json!({"n": u64::MAX}))).unwrap();
-        big.add_record("y", task("y", None, json!({"n": i64::MIN}))).unwrap();
+        big.add_record("x", task("x", None, json!({"n": u64::MAX})))
+            .unwrap();
+        big.add_record("y", task("y", None, json!({"n": i64::MIN})))
+            .unwrap();
         assert_eq!(find(&big, json!({"n": {"$gt": u64::MAX - 1}})), ["x"]);
         assert_eq!(find(&big, json!({"n": {"$lt": i64::MIN + 1}})), ["y"]);
     }
@@ -1312,24 +1491,75 @@ mod tests {
     fn dates_compare_as_instants_across_offsets_and_suffixes() {
         let db = sample();
         // c was submitted at 00:00:03Z written as +02:00.
-        assert_eq!(find(&db, json!({"submitted": {"$gt": "2026-11-22T00:00:02.5Z"}})), ["c", "d"]);
-        assert_eq!(find(&db, json!({"submitted": {"$lt": "2026-11-21T19:00:03-05:00"}})), ["a", "b"]);
-        assert_eq!(find(&db, json!({"submitted": {"$lte": "2026-11-22T00:00:03+00:00"}})), ["a", "b", "c"]);
-        assert_eq!(find(&db, json!({"submitted": {"$gte": "2026-11-22T01:00:03+0100"}})), ["c", "d"]);
+        assert_eq!(
+            find(&db, json!({"submitted": {"$gt": "2026-11-22T00:00:02.5Z"}})),
+            ["c", "d"]
+        );
+        assert_eq!(
+            find(
+                &db,
+                json!({"submitted": {"$lt": "2026-11-21T19:00:03-05:00"}})
+            ),
+            ["a", "b"]
+        );
+        assert_eq!(
+            find(
+                &db,
+                json!({"submitted": {"$lte": "2026-11-22T00:00:03+00:00"}})
+            ),
+            ["a", "b", "c"]
+        );
+        assert_eq!(
+            find(
+                &db,
+                json!({"submitted": {"$gte": "2026-11-22T01:00:03+0100"}})
+            ),
+            ["c", "d"]
+        );
         // Same instant, different spelling.
-        assert_eq!(find(&db, json!({"submitted": "2026-11-22T00:00:03Z"})), ["c"]);
-        assert_eq!(find(&db, json!({"submitted": {"$eq": "2026-11-22T00:00:01+00:00"}})), ["a"]);
-        assert_eq!(find(&db, json!({"submitted": {"$eq": "2026-11-22T00:00:04.123456000Z"}})), ["d"]);
-        assert_eq!(find(&db, json!({"submitted": {"$ne": "2026-11-22T00:00:02.000+00:00"}})), ["a", "c", "d", "e"]);
+        assert_eq!(
+            find(&db, json!({"submitted": "2026-11-22T00:00:03Z"})),
+            ["c"]
+        );
+        assert_eq!(
+            find(
+                &db,
+                json!({"submitted": {"$eq": "2026-11-22T00:00:01+00:00"}})
+            ),
+            ["a"]
+        );
+        assert_eq!(
+            find(
+                &db,
+                json!({"submitted": {"$eq": "2026-11-22T00:00:04.123456000Z"}})
+            ),
+            ["d"]
+        );
+        assert_eq!(
+            find(
+                &db,
+                json!({"submitted": {"$ne": "2026-11-22T00:00:02.000+00:00"}})
+            ),
+            ["a", "c", "d", "e"]
+        );
         // A naive date is read as UTC.
-        assert_eq!(find(&db, json!({"submitted": "2026-11-22T00:00:02"})), ["b"]);
+        assert_eq!(
+            find(&db, json!({"submitted": "2026-11-22T00:00:02"})),
+            ["b"]
+        );
         // A range on completed (null never matches).
         assert_eq!(
-            find(&db, json!({"completed": {"$gte": "2026-11-22T00:00:05Z", "$lt": "2026-11-22T00:00:09.6Z"}})),
+            find(
+                &db,
+                json!({"completed": {"$gte": "2026-11-22T00:00:05Z", "$lt": "2026-11-22T00:00:09.6Z"}})
+            ),
             ["a", "c"]
         );
         // Lexically, "…02:00:03+02:00" > "…00:00:04…": the instant order wins.
-        assert_eq!(find(&db, json!({"submitted": {"$gt": "2026-11-22T00:00:03.5Z"}})), ["d"]);
+        assert_eq!(
+            find(&db, json!({"submitted": {"$gt": "2026-11-22T00:00:03.5Z"}})),
+            ["d"]
+        );
         // A date against a non-date string is a type mismatch.
         assert!(find(&db, json!({"submitted": {"$lt": "zzz"}})).is_empty());
         assert!(find(&db, json!({"label": {"$lt": "2030-01-01T00:00:00Z"}})).is_empty());
@@ -1370,21 +1600,48 @@ mod tests {
     #[test]
     fn in_and_nin() {
         let db = sample();
-        assert_eq!(find(&db, json!({"msg_id": {"$in": ["d", "a", "zz", "a"]}})), ["a", "d"]);
-        assert_eq!(find(&db, json!({"msg_id": {"$nin": ["d", "a"]}})), ["b", "c", "e"]);
+        assert_eq!(
+            find(&db, json!({"msg_id": {"$in": ["d", "a", "zz", "a"]}})),
+            ["a", "d"]
+        );
+        assert_eq!(
+            find(&db, json!({"msg_id": {"$nin": ["d", "a"]}})),
+            ["b", "c", "e"]
+        );
         assert!(find(&db, json!({"msg_id": {"$in": []}})).is_empty());
         assert_eq!(find(&db, json!({"msg_id": {"$nin": []}})).len(), 5);
-        assert_eq!(find(&db, json!({"n": {"$in": [1, 2.5, "4"]}})), ["a", "b", "d"]);
+        assert_eq!(
+            find(&db, json!({"n": {"$in": [1, 2.5, "4"]}})),
+            ["a", "b", "d"]
+        );
         // null is in a list holding null.
-        assert_eq!(find(&db, json!({"completed": {"$in": [null, "2026-11-22T00:00:05+00:00"]}})), ["a", "b", "d", "e"]);
+        assert_eq!(
+            find(
+                &db,
+                json!({"completed": {"$in": [null, "2026-11-22T00:00:05+00:00"]}})
+            ),
+            ["a", "b", "d", "e"]
+        );
         // Python's `in` on a string is a substring test...
         assert_eq!(find(&db, json!({"label": {"$in": "xx group_b yy"}})), ["c"]);
         // ...and raises for a non-string needle, so e (label null) matches neither.
-        assert_eq!(find(&db, json!({"label": {"$nin": "group_b"}})), ["a", "b", "d"]);
+        assert_eq!(
+            find(&db, json!({"label": {"$nin": "group_b"}})),
+            ["a", "b", "d"]
+        );
         // On a dict, `in` looks at keys.
-        assert_eq!(find(&db, json!({"label": {"$in": {"group_b": 0, "label*task": 1}}})), ["c", "d"]);
+        assert_eq!(
+            find(
+                &db,
+                json!({"label": {"$in": {"group_b": 0, "label*task": 1}}})
+            ),
+            ["c", "d"]
+        );
         // ipyparallel's test_label: labelled records.
-        assert_eq!(find(&db, json!({"label": {"$nin": [""]}})), ["a", "b", "c", "d", "e"]);
+        assert_eq!(
+            find(&db, json!({"label": {"$nin": [""]}})),
+            ["a", "b", "c", "d", "e"]
+        );
     }
 
     #[test]
@@ -1400,11 +1657,22 @@ mod tests {
         ] {
             let parsed = Query::parse(&query).unwrap();
             let dict = db.dict.as_ref().unwrap();
-            let scanned: Vec<&str> = dict.live_in_order().filter(|e| parsed.matches(&e.rec)).map(Entry::msg_id).collect();
-            let fast: Vec<&str> = dict.matching(&parsed).into_iter().map(Entry::msg_id).collect();
+            let scanned: Vec<&str> = dict
+                .live_in_order()
+                .filter(|e| parsed.matches(&e.rec))
+                .map(Entry::msg_id)
+                .collect();
+            let fast: Vec<&str> = dict
+                .matching(&parsed)
+                .into_iter()
+                .map(Entry::msg_id)
+                .collect();
             assert_eq!(fast, scanned, "{query}");
         }
-        assert_eq!(find(&db, json!({"msg_id": {"$in": ["e", "c", "c"]}})), ["c", "e"]);
+        assert_eq!(
+            find(&db, json!({"msg_id": {"$in": ["e", "c", "c"]}})),
+            ["c", "e"]
+        );
     }
 
     #[test]
@@ -1427,20 +1695,44 @@ mod tests {
         assert_eq!(find(&db, json!({"n": {"$mod": [-3, -1]}})), ["c"]);
         assert_eq!(find(&db, json!({"n": {"$mod": [4, 1.0]}})), ["a", "c"]);
         assert_eq!(find(&db, json!({"n": {"$mod": [-2, -1.5]}})), ["b"]);
-        assert!(py_mod_eq(&Number::from(7), &Number::from(-3), &Number::from(-2)));
-        assert!(py_mod_eq(&Number::from(-7), &Number::from(3), &Number::from(2)));
-        assert!(py_mod_eq(&Number::from_f64(-7.5).unwrap(), &Number::from(2), &Number::from_f64(0.5).unwrap()));
+        assert!(py_mod_eq(
+            &Number::from(7),
+            &Number::from(-3),
+            &Number::from(-2)
+        ));
+        assert!(py_mod_eq(
+            &Number::from(-7),
+            &Number::from(3),
+            &Number::from(2)
+        ));
+        assert!(py_mod_eq(
+            &Number::from_f64(-7.5).unwrap(),
+            &Number::from(2),
+            &Number::from_f64(0.5).unwrap()
+        ));
     }
 
     #[test]
     fn exists_uses_python_truthiness() {
         let db = sample();
         assert_eq!(find(&db, json!({"tags": {"$exists": true}})), ["c", "d"]);
-        assert_eq!(find(&db, json!({"tags": {"$exists": false}})), ["a", "b", "e"]);
+        assert_eq!(
+            find(&db, json!({"tags": {"$exists": false}})),
+            ["a", "b", "e"]
+        );
         assert_eq!(find(&db, json!({"completed": {"$exists": 1}})), ["a", "c"]);
-        assert_eq!(find(&db, json!({"completed": {"$exists": 0}})), ["b", "d", "e"]);
-        assert_eq!(find(&db, json!({"completed": {"$exists": ""}})), ["b", "d", "e"]);
-        assert_eq!(find(&db, json!({"completed": {"$exists": [0]}})), ["a", "c"]);
+        assert_eq!(
+            find(&db, json!({"completed": {"$exists": 0}})),
+            ["b", "d", "e"]
+        );
+        assert_eq!(
+            find(&db, json!({"completed": {"$exists": ""}})),
+            ["b", "d", "e"]
+        );
+        assert_eq!(
+            find(&db, json!({"completed": {"$exists": [0]}})),
+            ["a", "c"]
+        );
         // Present but null counts as not existing, as in DictDB.
         assert_eq!(find(&db, json!({"label": {"$exists": false}})), ["e"]);
     }
@@ -1462,10 +1754,16 @@ mod tests {
             "label?task",
         ];
         for (i, label) in labels.iter().enumerate() {
-            db.add_record(&i.to_string(), task(&i.to_string(), None, json!({"label": label}))).unwrap();
+            db.add_record(
+                &i.to_string(),
+                task(&i.to_string(), None, json!({"label": label})),
+            )
+            .unwrap();
         }
-        db.add_record("n", task("n", None, json!({"label": null}))).unwrap();
-        db.add_record("k", task("k", None, json!({"label": 5}))).unwrap();
+        db.add_record("n", task("n", None, json!({"label": null})))
+            .unwrap();
+        db.add_record("k", task("k", None, json!({"label": 5})))
+            .unwrap();
         let expect = [
             ("group_a*", vec!["0", "1", "2", "3"]),
             ("group_a/subgroup_?", vec!["2", "3"]),
@@ -1479,7 +1777,11 @@ mod tests {
             ("group_b/subgroup_[a-b]", vec!["5", "6"]),
         ];
         for (pattern, want) in expect {
-            assert_eq!(find(&db, json!({"label": {"$glob": pattern}})), want, "{pattern}");
+            assert_eq!(
+                find(&db, json!({"label": {"$glob": pattern}})),
+                want,
+                "{pattern}"
+            );
         }
     }
 
@@ -1531,16 +1833,26 @@ mod tests {
         bad(&db, json!({"n": {"$mod": ["2", 1]}}));
         bad(&db, json!({"n": {"$glob": 3}}));
         // Checked even when nothing could match.
-        assert!(matches!(store().find_records(&json!({"n": {"$bogus": 1}}), None), Err(DbError::BadQuery(_))));
+        assert!(matches!(
+            store().find_records(&json!({"n": {"$bogus": 1}}), None),
+            Err(DbError::BadQuery(_))
+        ));
         let mut db = db;
-        assert!(matches!(db.drop_matching_records(&json!({"n": {"$bogus": 1}})), Err(DbError::BadQuery(_))));
+        assert!(matches!(
+            db.drop_matching_records(&json!({"n": {"$bogus": 1}})),
+            Err(DbError::BadQuery(_))
+        ));
         assert_eq!(db.len(), 5);
     }
 
     #[test]
     fn projection() {
         let mut db = store();
-        let mut rec = task("m1", Some("2026-01-01T00:00:00Z"), json!({"header": {"msg_type": "apply_request"}, "extra": 1}));
+        let mut rec = task(
+            "m1",
+            Some("2026-01-01T00:00:00Z"),
+            json!({"header": {"msg_type": "apply_request"}, "extra": 1}),
+        );
         rec.buffers = vec![Bytes::from_static(b"b1")];
         rec.result_buffers = vec![Bytes::from_static(b"r1"), Bytes::from_static(b"r2")];
         db.add_record("m1", rec).unwrap();
@@ -1550,48 +1862,100 @@ mod tests {
         // No projection: everything, buffers included.
         let all = db.find_records(&json!({}), None).unwrap();
         assert_eq!(all[0].fields.len(), 22);
-        assert_eq!(all[0].buffers.as_deref(), Some(&[Bytes::from_static(b"b1")][..]));
+        assert_eq!(
+            all[0].buffers.as_deref(),
+            Some(&[Bytes::from_static(b"b1")][..])
+        );
         assert_eq!(all[0].result_buffers.as_ref().map(Vec::len), Some(2));
         // Empty keys behave like no keys (DictDB's `if keys:`).
         assert_eq!(db.find_records(&json!({}), Some(&[])).unwrap(), all);
 
-        let found = db.find_records(&json!({}), Some(&keys(&["submitted", "completed"]))).unwrap();
-        assert_eq!(found[0].fields, fields(json!({"msg_id": "m1", "submitted": "2026-01-01T00:00:00Z", "completed": null})));
-        assert_eq!((found[0].buffers.as_ref(), found[0].result_buffers.as_ref()), (None, None));
+        let found = db
+            .find_records(&json!({}), Some(&keys(&["submitted", "completed"])))
+            .unwrap();
+        assert_eq!(
+            found[0].fields,
+            fields(json!({"msg_id": "m1", "submitted": "2026-01-01T00:00:00Z", "completed": null}))
+        );
+        assert_eq!(
+            (found[0].buffers.as_ref(), found[0].result_buffers.as_ref()),
+            (None, None)
+        );
 
-        let found = db.find_records(&json!({}), Some(&keys(&["msg_id"]))).unwrap();
+        let found = db
+            .find_records(&json!({}), Some(&keys(&["msg_id"])))
+            .unwrap();
         assert_eq!(found[0].fields, fields(json!({"msg_id": "m1"})));
 
         // resubmit_task's projection.
         let found = db
-            .find_records(&json!({"msg_id": {"$in": ["m1"]}}), Some(&keys(&["header", "content", "buffers"])))
+            .find_records(
+                &json!({"msg_id": {"$in": ["m1"]}}),
+                Some(&keys(&["header", "content", "buffers"])),
+            )
             .unwrap();
-        assert_eq!(found[0].fields, fields(json!({"msg_id": "m1", "header": {"msg_type": "apply_request"}, "content": null})));
+        assert_eq!(
+            found[0].fields,
+            fields(
+                json!({"msg_id": "m1", "header": {"msg_type": "apply_request"}, "content": null})
+            )
+        );
         assert_eq!(found[0].buffers.as_ref().map(Vec::len), Some(1));
         assert_eq!(found[0].result_buffers, None);
 
-        let found = db.find_records(&json!({}), Some(&keys(&["result_buffers", "extra"]))).unwrap();
+        let found = db
+            .find_records(&json!({}), Some(&keys(&["result_buffers", "extra"])))
+            .unwrap();
         assert_eq!(found[0].fields, fields(json!({"msg_id": "m1", "extra": 1})));
-        assert_eq!((found[0].buffers.is_none(), found[0].result_buffers.as_ref().map(Vec::len)), (true, Some(2)));
+        assert_eq!(
+            (
+                found[0].buffers.is_none(),
+                found[0].result_buffers.as_ref().map(Vec::len)
+            ),
+            (true, Some(2))
+        );
 
         // A standard key missing from a record reads as null; an unknown key
         // is DictDB's KeyError (only when something matched).
         db.add_record("bare", TaskRecord::default()).unwrap();
-        let found = db.find_records(&json!({"msg_id": "bare"}), Some(&keys(&["label"]))).unwrap();
-        assert_eq!(found[0].fields, fields(json!({"msg_id": "bare", "label": null})));
-        let err = db.find_records(&json!({"msg_id": "m1"}), Some(&keys(&["bogus"]))).unwrap_err();
+        let found = db
+            .find_records(&json!({"msg_id": "bare"}), Some(&keys(&["label"])))
+            .unwrap();
+        assert_eq!(
+            found[0].fields,
+            fields(json!({"msg_id": "bare", "label": null}))
+        );
+        let err = db
+            .find_records(&json!({"msg_id": "m1"}), Some(&keys(&["bogus"])))
+            .unwrap_err();
         assert_eq!(err.ename(), "KeyError");
-        assert!(db.find_records(&json!({"msg_id": "zz"}), Some(&keys(&["bogus"]))).unwrap().is_empty());
+        assert!(
+            db.find_records(&json!({"msg_id": "zz"}), Some(&keys(&["bogus"])))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
     fn drop_matching_records_counts_and_ignores_pending_status() {
         let mut db = sample();
-        assert_eq!(db.drop_matching_records(&json!({"msg_id": {"$in": ["b", "zz"]}})).unwrap(), 1);
+        assert_eq!(
+            db.drop_matching_records(&json!({"msg_id": {"$in": ["b", "zz"]}}))
+                .unwrap(),
+            1
+        );
         // Pending (completed null) records are dropped if the query says so.
-        assert_eq!(db.drop_matching_records(&json!({"completed": null, "submitted": {"$ne": null}})).unwrap(), 1);
+        assert_eq!(
+            db.drop_matching_records(&json!({"completed": null, "submitted": {"$ne": null}}))
+                .unwrap(),
+            1
+        );
         assert_eq!(find(&db, json!({})), ["a", "c", "e"]);
-        assert_eq!(db.drop_matching_records(&json!({"label": "nothing"})).unwrap(), 0);
+        assert_eq!(
+            db.drop_matching_records(&json!({"label": "nothing"}))
+                .unwrap(),
+            0
+        );
         assert_eq!(db.drop_matching_records(&json!({})).unwrap(), 3);
         assert!(db.is_empty());
         assert_eq!(db.size_bytes(), 0);
@@ -1614,13 +1978,31 @@ mod tests {
         }
         assert_eq!(
             db.get_history().unwrap(),
-            ["first", "early-in-offset", "tie-1", "tie-2", "middle", "late"]
+            [
+                "first",
+                "early-in-offset",
+                "tie-1",
+                "tie-2",
+                "middle",
+                "late"
+            ]
         );
         db.drop_record("tie-1");
-        db.add_record("tie-1", task("tie-1", Some("2026-11-22T08:00:00Z"), json!({}))).unwrap();
+        db.add_record(
+            "tie-1",
+            task("tie-1", Some("2026-11-22T08:00:00Z"), json!({})),
+        )
+        .unwrap();
         assert_eq!(
             db.get_history().unwrap(),
-            ["first", "early-in-offset", "tie-2", "middle", "tie-1", "late"],
+            [
+                "first",
+                "early-in-offset",
+                "tie-2",
+                "middle",
+                "tie-1",
+                "late"
+            ],
             "re-added record is newer for ties"
         );
     }
@@ -1628,9 +2010,15 @@ mod tests {
     #[test]
     fn nodb_stores_nothing_and_refuses_reads() {
         let mut db = RecordStore::new(DbBackend::None);
-        db.add_record("m1", task("m1", Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+        db.add_record("m1", task("m1", Some("2026-01-01T00:00:00Z"), json!({})))
+            .unwrap();
         db.add_record("m1", task("m1", None, json!({}))).unwrap();
-        db.update_record("m1", fields(json!({"completed": "2026-01-01T00:00:01Z"})), Some(vec![])).unwrap();
+        db.update_record(
+            "m1",
+            fields(json!({"completed": "2026-01-01T00:00:01Z"})),
+            Some(vec![]),
+        )
+        .unwrap();
         db.update_record("never", Map::new(), None).unwrap();
         db.set_buffers("m1", vec![]).unwrap();
         db.append_stream("m1", "stdout", "x").unwrap();
@@ -1641,26 +2029,49 @@ mod tests {
 
         let err = db.get_record("m1").unwrap_err();
         assert_eq!(err.ename(), "NoData");
-        assert!(err.to_string().starts_with("NoDB backend doesn't store any data."));
-        assert!(matches!(db.find_records(&json!({}), None), Err(DbError::NoData(_))));
+        assert!(
+            err.to_string()
+                .starts_with("NoDB backend doesn't store any data.")
+        );
+        assert!(matches!(
+            db.find_records(&json!({}), None),
+            Err(DbError::NoData(_))
+        ));
         assert!(matches!(db.get_history(), Err(DbError::NoData(_))));
         // A malformed query is still reported as such.
-        assert!(matches!(db.find_records(&json!({"a": {"$x": 1}}), None), Err(DbError::BadQuery(_))));
+        assert!(matches!(
+            db.find_records(&json!({"a": {"$x": 1}}), None),
+            Err(DbError::BadQuery(_))
+        ));
     }
 
     #[test]
     fn culls_oldest_fraction_by_count() {
         let mut db = limited(10, usize::MAX, 0.2);
         for i in 0..10 {
-            db.add_record(&format!("t{i}"), task(&format!("t{i}"), Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+            db.add_record(
+                &format!("t{i}"),
+                task(&format!("t{i}"), Some("2026-01-01T00:00:00Z"), json!({})),
+            )
+            .unwrap();
         }
         assert_eq!(db.len(), 10);
-        db.add_record("t10", task("t10", Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+        db.add_record("t10", task("t10", Some("2026-01-01T00:00:00Z"), json!({})))
+            .unwrap();
         // 11 > 10: int(0.2 * 10) = 2 oldest go.
         assert_eq!(db.len(), 9);
-        assert!(!db.contains("t0") && !db.contains("t1") && db.contains("t2") && db.contains("t10"));
+        assert!(
+            !db.contains("t0") && !db.contains("t1") && db.contains("t2") && db.contains("t10")
+        );
         assert!(matches!(db.get_record("t0"), Err(DbError::KeyError(_))));
-        let sum: usize = db.dict.as_ref().unwrap().records.values().map(|e| record_size(&e.rec)).sum();
+        let sum: usize = db
+            .dict
+            .as_ref()
+            .unwrap()
+            .records
+            .values()
+            .map(|e| record_size(&e.rec))
+            .sum();
         assert_eq!(db.size_bytes(), sum);
     }
 
@@ -1668,7 +2079,11 @@ mod tests {
     fn count_cull_removes_at_least_one() {
         let mut db = limited(3, usize::MAX, 0.1); // int(0.3) == 0 in DictDB
         for i in 0..5 {
-            db.add_record(&format!("t{i}"), task(&format!("t{i}"), Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+            db.add_record(
+                &format!("t{i}"),
+                task(&format!("t{i}"), Some("2026-01-01T00:00:00Z"), json!({})),
+            )
+            .unwrap();
         }
         assert_eq!(db.len(), 3);
         assert_eq!(find(&db, json!({})), ["t2", "t3", "t4"]);
@@ -1677,9 +2092,14 @@ mod tests {
     #[test]
     fn only_submitted_records_are_culled() {
         let mut db = limited(4, usize::MAX, 0.5);
-        db.append_stream("orphan", "stdout", "iopub before request").unwrap();
+        db.append_stream("orphan", "stdout", "iopub before request")
+            .unwrap();
         for i in 0..4 {
-            db.add_record(&format!("t{i}"), task(&format!("t{i}"), Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+            db.add_record(
+                &format!("t{i}"),
+                task(&format!("t{i}"), Some("2026-01-01T00:00:00Z"), json!({})),
+            )
+            .unwrap();
         }
         // 5 > 4: the two oldest *submitted* records go; the orphan keeps its place.
         assert_eq!(find(&db, json!({})), ["orphan", "t2", "t3"]);
@@ -1718,7 +2138,12 @@ mod tests {
         assert!(db.size_bytes() <= 7 * per_record);
 
         // Result buffers arriving through update_record can trigger it too.
-        db.update_record("t9", Map::new(), Some(vec![Bytes::from(vec![0u8; 5 * per_record])])).unwrap();
+        db.update_record(
+            "t9",
+            Map::new(),
+            Some(vec![Bytes::from(vec![0u8; 5 * per_record])]),
+        )
+        .unwrap();
         assert!(db.size_bytes() <= 7 * per_record);
         assert!(!db.contains("t4"));
     }
@@ -1732,18 +2157,34 @@ mod tests {
             rec.buffers = vec![Bytes::from_static(b"payload")];
             db.add_record(&id, rec).unwrap();
             db.append_stream(&id, "stdout", "out").unwrap();
-            db.update_record(&id, fields(json!({"completed": "2026-01-01T00:00:01Z"})), None).unwrap();
+            db.update_record(
+                &id,
+                fields(json!({"completed": "2026-01-01T00:00:01Z"})),
+                None,
+            )
+            .unwrap();
             if i % 7 == 0 {
                 // purge_results of some done tasks leaves stale order slots.
-                db.drop_matching_records(&json!({"msg_id": {"$in": [id]}})).unwrap();
+                db.drop_matching_records(&json!({"msg_id": {"$in": [id]}}))
+                    .unwrap();
             }
             let dict = db.dict.as_ref().unwrap();
             assert!(dict.records.len() <= 1024);
             assert!(dict.order.len() <= 2 * dict.records.len() + 64 + 1);
         }
         assert!(db.len() > 900);
-        assert_eq!(db.get_history().unwrap().last().map(String::as_str), Some("task-99999"));
-        let sum: usize = db.dict.as_ref().unwrap().records.values().map(|e| record_size(&e.rec)).sum();
+        assert_eq!(
+            db.get_history().unwrap().last().map(String::as_str),
+            Some("task-99999")
+        );
+        let sum: usize = db
+            .dict
+            .as_ref()
+            .unwrap()
+            .records
+            .values()
+            .map(|e| record_size(&e.rec))
+            .sum();
         assert_eq!(db.size_bytes(), sum);
     }
 
@@ -1751,11 +2192,14 @@ mod tests {
     fn re_adding_a_dropped_id_gets_a_fresh_place_in_line() {
         let mut db = limited(3, usize::MAX, 0.34); // culls one at a time
         for id in ["a", "b", "c"] {
-            db.add_record(id, task(id, Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+            db.add_record(id, task(id, Some("2026-01-01T00:00:00Z"), json!({})))
+                .unwrap();
         }
         db.drop_record("a");
-        db.add_record("a", task("a", Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
-        db.add_record("d", task("d", Some("2026-01-01T00:00:00Z"), json!({}))).unwrap();
+        db.add_record("a", task("a", Some("2026-01-01T00:00:00Z"), json!({})))
+            .unwrap();
+        db.add_record("d", task("d", Some("2026-01-01T00:00:00Z"), json!({})))
+            .unwrap();
         // The stale slot of the first "a" must not get the new "a" culled.
         assert_eq!(find(&db, json!({})), ["c", "a", "d"]);
     }

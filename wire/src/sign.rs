@@ -104,8 +104,10 @@ impl Signer {
 /// first is deterministic and forgets the least likely replays first).
 #[derive(Debug, Clone)]
 pub struct DigestHistory {
-    seen: HashSet<[u8; 32]>,
-    order: VecDeque<[u8; 32]>,
+    // The first 128 bits of each HMAC: collisions are out of reach and the
+    // full history (2^16 entries) stays near 2.5 MiB.
+    seen: HashSet<u128>,
+    order: VecDeque<u128>,
     capacity: usize,
 }
 
@@ -118,15 +120,19 @@ impl Default for DigestHistory {
 impl DigestHistory {
     pub fn with_capacity(capacity: usize) -> Self {
         let capacity = capacity.max(1);
+        // Grow on demand: an idle hub should not hold the full history.
         DigestHistory {
-            seen: HashSet::with_capacity(capacity.min(1 << 16)),
-            order: VecDeque::with_capacity(capacity.min(1 << 16)),
+            seen: HashSet::new(),
+            order: VecDeque::new(),
             capacity,
         }
     }
 
     /// Record a digest; false if it was already present.
     pub fn insert(&mut self, digest: [u8; 32]) -> bool {
+        let mut head = [0u8; 16];
+        head.copy_from_slice(&digest[..16]);
+        let digest = u128::from_le_bytes(head);
         if self.seen.contains(&digest) {
             return false;
         }
