@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "parallax", version, about = "Interactive parallel computing for Jupyter")]
+#[command(
+    name = "parallax",
+    version,
+    about = "Interactive parallel computing for Jupyter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -36,6 +40,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Hub(args) => {
             init_tracing(&args.log_level)?;
+            parallax_hub::driver::tune_allocator();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

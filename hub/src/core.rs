@@ -166,9 +166,16 @@ pub(crate) enum Timer {
     Beat,
     RegistrationPing,
     StalledRegistration(String),
-    StrandedMux { id: i64, uuid: String, msg_ids: Vec<String> },
+    StrandedMux {
+        id: i64,
+        uuid: String,
+        msg_ids: Vec<String>,
+    },
     StrandedTasks(String),
-    TaskTimeout { msg_id: String, generation: u64 },
+    TaskTimeout {
+        msg_id: String,
+        generation: u64,
+    },
 }
 
 pub(crate) struct Engine {
@@ -247,6 +254,13 @@ fn reply_type(request: &str) -> String {
         Some(base) => format!("{base}_reply"),
         None => format!("{request}_reply"),
     }
+}
+
+/// A copy of a received frame that owns its memory. Frames from zmq.rs are
+/// slices of the socket's read buffer; keeping one alive (in a task record or
+/// a queued task) would pin that whole buffer.
+pub(crate) fn owned(b: &Bytes) -> Bytes {
+    Bytes::copy_from_slice(b)
 }
 
 pub(crate) fn json_bytes(v: &impl serde::Serialize) -> Bytes {
@@ -350,7 +364,15 @@ impl Hub {
         header.msg_id
     }
 
-    fn reply_query(&mut self, ident: &Bytes, msg_type: &str, content: Value, parent: &Message, buffers: Vec<Bytes>, now: Now) {
+    fn reply_query(
+        &mut self,
+        ident: &Bytes,
+        msg_type: &str,
+        content: Value,
+        parent: &Message,
+        buffers: Vec<Bytes>,
+        now: Now,
+    ) {
         let parent = serde_json::to_value(&parent.header).unwrap_or_else(|_| json!({}));
         self.send_msg(
             Channel::Query,
@@ -387,9 +409,16 @@ impl Hub {
     /// A multipart message arrived on `channel`.
     pub fn handle_frames(&mut self, channel: Channel, frames: Vec<Bytes>, now: Now) {
         match channel {
-            Channel::HbPong => return self.handle_pong(frames, now),
+            Channel::HbPong => {
+                // A first pong registers an engine: queued tasks may run.
+                self.handle_pong(frames, now);
+                return self.drain_graph_work(now);
+            }
             Channel::Notification | Channel::HbPing | Channel::IopubClient => {
-                debug!(channel = channel.name(), "ignoring input on a publishing socket");
+                debug!(
+                    channel = channel.name(),
+                    "ignoring input on a publishing socket"
+                );
                 return;
             }
             _ => {}
@@ -454,7 +483,9 @@ impl Hub {
                         warn!(engine = inc.id, uuid = %uuid, "purging stalled registration: no heartbeat arrived");
                     }
                 }
-                Timer::StrandedMux { id, uuid, msg_ids } => self.stranded_mux(id, &uuid, msg_ids, now),
+                Timer::StrandedMux { id, uuid, msg_ids } => {
+                    self.stranded_mux(id, &uuid, msg_ids, now)
+                }
                 Timer::StrandedTasks(uuid) => self.stranded_tasks(&uuid, now),
                 Timer::TaskTimeout { msg_id, generation } => {
                     self.task_timeout(&msg_id, generation, now)
@@ -497,7 +528,10 @@ impl Hub {
             }
         }
         for id in dead {
-            warn!(engine = id, "engine stopped answering heartbeats; unregistering");
+            warn!(
+                engine = id,
+                "engine stopped answering heartbeats; unregistering"
+            );
             self.unregister_engine(id, now);
         }
         self.ping();
@@ -515,7 +549,9 @@ impl Hub {
             return;
         }
         let uuid = String::from_utf8_lossy(&frames[0]).into_owned();
-        let n: Option<u64> = std::str::from_utf8(&frames[1]).ok().and_then(|s| s.parse().ok());
+        let n: Option<u64> = std::str::from_utf8(&frames[1])
+            .ok()
+            .and_then(|s| s.parse().ok());
         let Some(n) = n else {
             warn!(peer = %uuid, "dropping heartbeat with a bad payload");
             return;
@@ -526,7 +562,10 @@ impl Hub {
         }
         if let Some(&id) = self.by_uuid.get(&uuid) {
             let beat = self.beat;
-            let e = self.engines.get_mut(&id).expect("by_uuid and engines agree");
+            let e = self
+                .engines
+                .get_mut(&id)
+                .expect("by_uuid and engines agree");
             if n + 1 >= beat {
                 e.last_pong = e.last_pong.max(n);
             } else {
@@ -555,7 +594,12 @@ impl Hub {
         let req: RegistrationRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
             Err(e) => {
-                return self.hub_error(ident, msg, ErrorContent::new("ValueError", format!("bad registration_request: {e}")), now);
+                return self.hub_error(
+                    ident,
+                    msg,
+                    ErrorContent::new("ValueError", format!("bad registration_request: {e}")),
+                    now,
+                );
             }
         };
         let uuid = req.uuid;
@@ -577,7 +621,16 @@ impl Hub {
             })
         };
         // ipyparallel sends registration_reply without a parent header.
-        self.send_msg(Channel::Query, vec![ident.clone()], "registration_reply", &content, &json!({}), &json!({}), vec![], now);
+        self.send_msg(
+            Channel::Query,
+            vec![ident.clone()],
+            "registration_reply",
+            &content,
+            &json!({}),
+            &json!({}),
+            vec![],
+            now,
+        );
     }
 
     fn finish_registration(&mut self, uuid: &str, now: Now) {
@@ -600,13 +653,22 @@ impl Hub {
         );
         self.by_uuid.insert(uuid.to_owned(), id);
         info!(engine = id, uuid = %uuid, "engine registered");
-        self.notify("registration_notification", json!({"id": id, "uuid": uuid}), now);
+        self.notify(
+            "registration_notification",
+            json!({"id": id, "uuid": uuid}),
+            now,
+        );
         self.lb_register(uuid);
     }
 
     pub(crate) fn unregister_engine(&mut self, id: i64, now: Now) {
         let Some(engine) = self.engines.remove(&id) else {
-            if let Some(uuid) = self.incoming.iter().find(|(_, i)| i.id == id).map(|(u, _)| u.clone()) {
+            if let Some(uuid) = self
+                .incoming
+                .iter()
+                .find(|(_, i)| i.id == id)
+                .map(|(u, _)| u.clone())
+            {
                 info!(engine = id, "cancelling pending registration");
                 self.incoming.remove(&uuid);
             } else {
@@ -616,18 +678,27 @@ impl Hub {
         };
         self.by_uuid.remove(&engine.uuid);
         info!(engine = id, uuid = %engine.uuid, "engine unregistered");
-        self.notify("unregistration_notification", json!({"id": id, "uuid": engine.uuid}), now);
+        self.notify(
+            "unregistration_notification",
+            json!({"id": id, "uuid": engine.uuid}),
+            now,
+        );
         if !engine.queue.is_empty() {
             let at = now.mono + self.cfg.stranded_delay;
             self.schedule(
                 at,
-                Timer::StrandedMux { id, uuid: engine.uuid.clone(), msg_ids: engine.queue.into_iter().collect() },
+                Timer::StrandedMux {
+                    id,
+                    uuid: engine.uuid.clone(),
+                    msg_ids: engine.queue.into_iter().collect(),
+                },
             );
         }
         // Coalescing broadcasts that include this engine can never complete;
         // the client fails them itself on the unregistration notification.
         let uuid = engine.uuid.clone();
-        self.bcast.retain(|_, c| !c.targets.iter().any(|(u, _)| *u == uuid));
+        self.bcast
+            .retain(|_, c| !c.targets.iter().any(|(u, _)| *u == uuid));
         self.lb_unregister(&engine.uuid, now);
     }
 
@@ -636,16 +707,28 @@ impl Hub {
             if !self.pending.remove(&msg_id) {
                 continue;
             }
-            let err = ErrorContent::new("EngineError", format!("Engine {id} died while running task {msg_id:?}"))
-                .with_engine_info(uuid, Some(id), "apply");
+            let err = ErrorContent::new(
+                "EngineError",
+                format!("Engine {id} died while running task {msg_id:?}"),
+            )
+            .with_engine_info(uuid, Some(id), "apply");
             let date = format_date(now.wall);
             let mut f = Map::new();
             f.insert("result_content".into(), err.to_value());
-            f.insert("result_header".into(), json!({"engine": uuid, "date": date}));
+            f.insert(
+                "result_header".into(),
+                json!({"engine": uuid, "date": date}),
+            );
             f.insert("completed".into(), json!(date));
             f.insert("engine_uuid".into(), json!(uuid));
             self.db_update(&msg_id, f, Some(vec![]));
-            self.tasks.record_done(&msg_id, Outcome { success: false, engine: uuid.to_owned() });
+            self.tasks.record_done(
+                &msg_id,
+                Outcome {
+                    success: false,
+                    engine: uuid.to_owned(),
+                },
+            );
         }
     }
 
@@ -659,20 +742,39 @@ impl Hub {
         debug!(peer = %peer(&msg.idents), msg_type = %msg.header.msg_type, "query");
         match msg.header.msg_type.as_str() {
             "registration_request" => self.register_engine(&ident, &msg, now),
-            "unregistration_request" => match serde_json::from_value::<UnregistrationRequest>(msg.content.clone()) {
-                Ok(UnregistrationRequest { id: Some(id) }) => self.unregister_engine(id, now),
-                _ => warn!(peer = %peer(&msg.idents), "bad unregistration_request"),
-            },
+            "unregistration_request" => {
+                match serde_json::from_value::<UnregistrationRequest>(msg.content.clone()) {
+                    Ok(UnregistrationRequest { id: Some(id) }) => self.unregister_engine(id, now),
+                    _ => warn!(peer = %peer(&msg.idents), "bad unregistration_request"),
+                }
+            }
             "connection_request" => {
-                let engines: Map<String, Value> =
-                    self.engines.values().map(|e| (e.id.to_string(), json!(e.uuid))).collect();
-                self.reply_query(&ident, "connection_reply", json!({"status": "ok", "engines": engines}), &msg, vec![], now);
+                let engines: Map<String, Value> = self
+                    .engines
+                    .values()
+                    .map(|e| (e.id.to_string(), json!(e.uuid)))
+                    .collect();
+                self.reply_query(
+                    &ident,
+                    "connection_reply",
+                    json!({"status": "ok", "engines": engines}),
+                    &msg,
+                    vec![],
+                    now,
+                );
             }
             "queue_request" => self.queue_status(&ident, &msg, now),
             "load_request" => self.check_load(&ident, &msg, now),
             "result_request" => self.get_results(&ident, &msg, now),
             "history_request" => match self.db.get_history() {
-                Ok(h) => self.reply_query(&ident, "history_reply", json!({"status": "ok", "history": h}), &msg, vec![], now),
+                Ok(h) => self.reply_query(
+                    &ident,
+                    "history_reply",
+                    json!({"status": "ok", "history": h}),
+                    &msg,
+                    vec![],
+                    now,
+                ),
                 Err(e) => {
                     let err = db_error(&e);
                     self.reply_query(&ident, "history_reply", err.to_value(), &msg, vec![], now)
@@ -683,15 +785,34 @@ impl Hub {
             "resubmit_request" => self.resubmit(&ident, &msg, now),
             "shutdown_request" => {
                 info!(peer = %peer(&msg.idents), "shutdown requested");
-                self.reply_query(&ident, "shutdown_reply", json!({"status": "ok"}), &msg, vec![], now);
+                self.reply_query(
+                    &ident,
+                    "shutdown_reply",
+                    json!({"status": "ok"}),
+                    &msg,
+                    vec![],
+                    now,
+                );
                 let parent = serde_json::to_value(&msg.header).unwrap_or_default();
-                self.send_msg(Channel::Notification, vec![], "shutdown_notification", &json!({"status": "ok"}), &parent, &json!({}), vec![], now);
+                self.send_msg(
+                    Channel::Notification,
+                    vec![],
+                    "shutdown_notification",
+                    &json!({"status": "ok"}),
+                    &parent,
+                    &json!({}),
+                    vec![],
+                    now,
+                );
                 self.events.push_back(HubEvent::Shutdown);
             }
             "become_dask_request" | "stop_distributed_request" => self.hub_error(
                 &ident,
                 &msg,
-                ErrorContent::new("NotImplementedError", "dask.distributed integration is not available in the Parallax hub"),
+                ErrorContent::new(
+                    "NotImplementedError",
+                    "dask.distributed integration is not available in the Parallax hub",
+                ),
                 now,
             ),
             other => {
@@ -704,11 +825,13 @@ impl Hub {
     /// ipyparallel's `_validate_targets`: None → all, int/uuid → one, list.
     fn validate_targets(&self, targets: &Value) -> Result<Vec<i64>, ErrorContent> {
         let list: Vec<Value> = match targets {
-            Value::Null => return if self.engines.is_empty() {
-                Err(ErrorContent::new("IndexError", "No Engines Registered"))
-            } else {
-                Ok(self.engine_ids())
-            },
+            Value::Null => {
+                return if self.engines.is_empty() {
+                    Err(ErrorContent::new("IndexError", "No Engines Registered"))
+                } else {
+                    Ok(self.engine_ids())
+                };
+            }
             Value::Array(a) => a.clone(),
             other => vec![other.clone()],
         };
@@ -726,7 +849,10 @@ impl Hub {
             }
         }
         if !bad.is_empty() {
-            return Err(ErrorContent::new("IndexError", format!("No Such Engine: [{}]", bad.join(", "))));
+            return Err(ErrorContent::new(
+                "IndexError",
+                format!("No Such Engine: [{}]", bad.join(", ")),
+            ));
         }
         if ids.is_empty() {
             return Err(ErrorContent::new("IndexError", "No Engines Registered"));
@@ -737,7 +863,14 @@ impl Hub {
     fn queue_status(&mut self, ident: &Bytes, msg: &Message, now: Now) {
         let req: QueueRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+            Err(e) => {
+                return self.hub_error(
+                    ident,
+                    msg,
+                    ErrorContent::new("ValueError", e.to_string()),
+                    now,
+                );
+            }
         };
         let ids = match self.validate_targets(&req.targets) {
             Ok(ids) => ids,
@@ -760,7 +893,14 @@ impl Hub {
             json!(self.unassigned.len())
         };
         content.insert("unassigned".into(), unassigned);
-        self.reply_query(ident, "queue_reply", Value::Object(content), msg, vec![], now);
+        self.reply_query(
+            ident,
+            "queue_reply",
+            Value::Object(content),
+            msg,
+            vec![],
+            now,
+        );
     }
 
     fn check_load(&mut self, ident: &Bytes, msg: &Message, now: Now) {
@@ -775,7 +915,14 @@ impl Hub {
             let e = &self.engines[&id];
             content.insert(id.to_string(), json!(e.queue.len() + e.tasks.len()));
         }
-        self.reply_query(ident, "load_reply", Value::Object(content), msg, vec![], now);
+        self.reply_query(
+            ident,
+            "load_reply",
+            Value::Object(content),
+            msg,
+            vec![],
+            now,
+        );
     }
 
     fn extract_record(rec: &TaskRecord) -> (Value, Vec<Bytes>) {
@@ -802,7 +949,14 @@ impl Hub {
     fn get_results(&mut self, ident: &Bytes, msg: &Message, now: Now) {
         let req: ResultRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+            Err(e) => {
+                return self.hub_error(
+                    ident,
+                    msg,
+                    ErrorContent::new("ValueError", e.to_string()),
+                    now,
+                );
+            }
         };
         let mut ids = req.msg_ids;
         ids.sort();
@@ -819,7 +973,11 @@ impl Hub {
             }
             match self.db.get_record(&id) {
                 Ok(rec) => {
-                    let done = !rec.fields.get("completed").unwrap_or(&Value::Null).is_null();
+                    let done = !rec
+                        .fields
+                        .get("completed")
+                        .unwrap_or(&Value::Null)
+                        .is_null();
                     if done {
                         if !req.status_only {
                             let (c, b) = Self::extract_record(rec);
@@ -831,7 +989,9 @@ impl Hub {
                         pending.push(id);
                     }
                 }
-                Err(DbError::NoData(_)) if req.status_only && self.tasks.is_done(&id) => completed.push(id),
+                Err(DbError::NoData(_)) if req.status_only && self.tasks.is_done(&id) => {
+                    completed.push(id)
+                }
                 Err(e) => {
                     error = Some(match e {
                         DbError::NoData(_) => db_error(&e),
@@ -859,7 +1019,14 @@ impl Hub {
     fn db_query(&mut self, ident: &Bytes, msg: &Message, now: Now) {
         let req: DbRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+            Err(e) => {
+                return self.hub_error(
+                    ident,
+                    msg,
+                    ErrorContent::new("ValueError", e.to_string()),
+                    now,
+                );
+            }
         };
         let keys = req.keys.as_deref();
         let (content, buffers) = match self.db.find_records(&req.query, keys) {
@@ -899,34 +1066,60 @@ impl Hub {
     fn purge_results(&mut self, ident: &Bytes, msg: &Message, now: Now) {
         let req: PurgeRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+            Err(e) => {
+                return self.hub_error(
+                    ident,
+                    msg,
+                    ErrorContent::new("ValueError", e.to_string()),
+                    now,
+                );
+            }
         };
         let mut reply = json!({"status": "ok"});
         if req.msg_ids == json!("all") {
-            if let Err(e) = self.db.drop_matching_records(&json!({"completed": {"$ne": null}})) {
+            if let Err(e) = self
+                .db
+                .drop_matching_records(&json!({"completed": {"$ne": null}}))
+            {
                 reply = db_error(&e).to_value();
             }
         } else {
             let ids: Vec<String> = match &req.msg_ids {
                 Value::Null => vec![],
-                Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+                Value::Array(a) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
                 Value::String(s) => vec![s.clone()],
                 other => {
-                    let err = ErrorContent::new("TypeError", format!("msg_ids must be a list or 'all', not {other}"));
-                    return self.reply_query(ident, "purge_reply", err.to_value(), msg, vec![], now);
+                    let err = ErrorContent::new(
+                        "TypeError",
+                        format!("msg_ids must be a list or 'all', not {other}"),
+                    );
+                    return self.reply_query(
+                        ident,
+                        "purge_reply",
+                        err.to_value(),
+                        msg,
+                        vec![],
+                        now,
+                    );
                 }
             };
             if let Some(p) = ids.iter().find(|m| self.pending.contains(*m)) {
                 reply = ErrorContent::new("IndexError", format!("msg pending: {p:?}")).to_value();
-            } else if !ids.is_empty() {
-                if let Err(e) = self.db.drop_matching_records(&json!({"msg_id": {"$in": ids}})) {
-                    reply = db_error(&e).to_value();
-                }
+            } else if !ids.is_empty()
+                && let Err(e) = self
+                    .db
+                    .drop_matching_records(&json!({"msg_id": {"$in": ids}}))
+            {
+                reply = db_error(&e).to_value();
             }
             if reply["status"] == "ok" {
                 for eid in &req.engine_ids {
                     let Some(e) = self.engines.get(eid) else {
-                        reply = ErrorContent::new("IndexError", format!("No such engine: {eid}")).to_value();
+                        reply = ErrorContent::new("IndexError", format!("No such engine: {eid}"))
+                            .to_value();
                         break;
                     };
                     let q = json!({"engine_uuid": e.uuid, "completed": {"$ne": null}});
@@ -943,18 +1136,46 @@ impl Hub {
     fn resubmit(&mut self, ident: &Bytes, msg: &Message, now: Now) {
         let req: ResubmitRequest = match serde_json::from_value(msg.content.clone()) {
             Ok(r) => r,
-            Err(e) => return self.hub_error(ident, msg, ErrorContent::new("ValueError", e.to_string()), now),
+            Err(e) => {
+                return self.hub_error(
+                    ident,
+                    msg,
+                    ErrorContent::new("ValueError", e.to_string()),
+                    now,
+                );
+            }
         };
         let keys = ["header".to_string(), "content".into(), "buffers".into()];
-        let found = match self.db.find_records(&json!({"msg_id": {"$in": req.msg_ids}}), Some(&keys)) {
+        let found = match self
+            .db
+            .find_records(&json!({"msg_id": {"$in": req.msg_ids}}), Some(&keys))
+        {
             Ok(f) => f,
-            Err(e) => return self.reply_query(ident, "resubmit_reply", db_error(&e).to_value(), msg, vec![], now),
+            Err(e) => {
+                return self.reply_query(
+                    ident,
+                    "resubmit_reply",
+                    db_error(&e).to_value(),
+                    msg,
+                    vec![],
+                    now,
+                );
+            }
         };
         let found_ids: Vec<String> = found
             .iter()
-            .filter_map(|r| r.fields.get("msg_id").and_then(Value::as_str).map(str::to_owned))
+            .filter_map(|r| {
+                r.fields
+                    .get("msg_id")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
             .collect();
-        let missing: Vec<&String> = req.msg_ids.iter().filter(|m| !found_ids.contains(m)).collect();
+        let missing: Vec<&String> = req
+            .msg_ids
+            .iter()
+            .filter(|m| !found_ids.contains(m))
+            .collect();
         if !missing.is_empty() {
             let err = ErrorContent::new("KeyError", format!("No such msg(s): {missing:?}"));
             return self.reply_query(ident, "resubmit_reply", err.to_value(), msg, vec![], now);
@@ -964,7 +1185,10 @@ impl Hub {
         for rec in found {
             let old_id = rec.fields["msg_id"].as_str().unwrap_or_default().to_owned();
             let Some(Value::Object(mut header)) = rec.fields.get("header").cloned() else {
-                let err = ErrorContent::new("KeyError", format!("record {old_id:?} has no request header to resubmit"));
+                let err = ErrorContent::new(
+                    "KeyError",
+                    format!("record {old_id:?} has no request header to resubmit"),
+                );
                 return self.reply_query(ident, "resubmit_reply", err.to_value(), msg, vec![], now);
             };
             let parent = Value::Object(header.clone());
@@ -983,12 +1207,20 @@ impl Hub {
             resubmitted.insert(old_id.clone(), json!(new_id));
             jobs.push((old_id, new_id, frames));
         }
-        self.reply_query(ident, "resubmit_reply", json!({"status": "ok", "resubmitted": resubmitted}), msg, vec![], now);
+        self.reply_query(
+            ident,
+            "resubmit_reply",
+            json!({"status": "ok", "resubmitted": resubmitted}),
+            msg,
+            vec![],
+            now,
+        );
         for (old_id, new_id, frames) in jobs {
             let mut f = Map::new();
             f.insert("resubmitted".into(), json!(new_id));
             self.db_update(&old_id, f, None);
-            let raw = RawMessage::from_frames(frames, &self.cfg.limits).expect("own frames are well formed");
+            let raw = RawMessage::from_frames(frames, &self.cfg.limits)
+                .expect("own frames are well formed");
             let m = Message::decode(&raw).expect("own frames decode");
             self.task_request(raw, m, now);
         }
@@ -1000,24 +1232,38 @@ impl Hub {
         let msg_id = msg.header.msg_id.clone();
         let mut rec = RecordStore::empty_record(&msg_id);
         let f = &mut rec.fields;
-        f.insert("header".into(), serde_json::to_value(&msg.header).unwrap_or_default());
+        f.insert(
+            "header".into(),
+            serde_json::to_value(&msg.header).unwrap_or_default(),
+        );
         f.insert("content".into(), msg.content.clone());
         f.insert("metadata".into(), Value::Object(msg.metadata.clone()));
         f.insert("submitted".into(), json!(msg.header.date));
         f.insert("client_uuid".into(), json!(msg.header.session));
         f.insert("queue".into(), json!(queue));
-        f.insert("label".into(), msg.metadata.get("label").cloned().unwrap_or(Value::Null));
+        f.insert(
+            "label".into(),
+            msg.metadata.get("label").cloned().unwrap_or(Value::Null),
+        );
         if let Some(u) = engine_uuid {
             f.insert("engine_uuid".into(), json!(u));
         }
-        rec.buffers = msg.buffers.clone();
+        rec.buffers = msg.buffers.iter().map(owned).collect();
         if self.db.contains(&msg_id) {
             // iopub may have arrived first: keep what it recorded.
-            let existing = self.db.get_record(&msg_id).map(|r| r.fields.clone()).unwrap_or_default();
+            let existing = self
+                .db
+                .get_record(&msg_id)
+                .map(|r| r.fields.clone())
+                .unwrap_or_default();
             let mut merged = rec.fields;
             for (k, v) in existing {
                 let empty = v.is_null() || v == json!("");
-                if !empty && merged.get(&k).is_none_or(|m| m.is_null() || *m == json!("")) {
+                if !empty
+                    && merged
+                        .get(&k)
+                        .is_none_or(|m| m.is_null() || *m == json!(""))
+                {
                     merged.insert(k, v);
                 }
             }
@@ -1028,7 +1274,12 @@ impl Hub {
         }
     }
 
-    pub(crate) fn db_update(&mut self, msg_id: &str, fields: Map<String, Value>, result_buffers: Option<Vec<Bytes>>) {
+    pub(crate) fn db_update(
+        &mut self,
+        msg_id: &str,
+        fields: Map<String, Value>,
+        result_buffers: Option<Vec<Bytes>>,
+    ) {
         if let Err(e) = self.db.update_record(msg_id, fields, result_buffers) {
             debug!(msg_id = %msg_id, error = %e, "record not updated");
         }
@@ -1040,25 +1291,50 @@ impl Hub {
             return;
         };
         let mut f = Map::new();
-        f.insert("result_header".into(), serde_json::to_value(&msg.header).unwrap_or_default());
-        f.insert("result_metadata".into(), Value::Object(msg.metadata.clone()));
+        f.insert(
+            "result_header".into(),
+            serde_json::to_value(&msg.header).unwrap_or_default(),
+        );
+        f.insert(
+            "result_metadata".into(),
+            Value::Object(msg.metadata.clone()),
+        );
         f.insert("result_content".into(), msg.content.clone());
         f.insert("received".into(), json!(format_date(now.wall)));
-        f.insert("started".into(), msg.metadata.get("started").cloned().unwrap_or(Value::Null));
+        f.insert(
+            "started".into(),
+            msg.metadata.get("started").cloned().unwrap_or(Value::Null),
+        );
         f.insert("completed".into(), json!(msg.header.date));
         f.insert("engine_uuid".into(), json!(engine_uuid));
-        self.db_update(&parent_id, f, Some(msg.buffers.clone()));
+        self.db_update(&parent_id, f, Some(msg.buffers.iter().map(owned).collect()));
     }
 
     // -------------------------------------------------------------------- mux
 
     /// A reply with an error, parented to `msg`, for a request the hub
     /// cannot deliver.
-    pub(crate) fn undeliverable(&mut self, channel: Channel, idents: Vec<Bytes>, msg: &Message, err: ErrorContent, now: Now) {
+    pub(crate) fn undeliverable(
+        &mut self,
+        channel: Channel,
+        idents: Vec<Bytes>,
+        msg: &Message,
+        err: ErrorContent,
+        now: Now,
+    ) {
         warn!(channel = channel.name(), peer = %peer(&idents), msg_id = %msg.header.msg_id, ename = %err.ename, evalue = %err.evalue, "request not delivered");
         let parent = serde_json::to_value(&msg.header).unwrap_or_default();
         let md = json!({"status": "error", "dependencies_met": true});
-        self.send_msg(channel, idents, &reply_type(&msg.header.msg_type), &err.to_value(), &parent, &md, vec![], now);
+        self.send_msg(
+            channel,
+            idents,
+            &reply_type(&msg.header.msg_type),
+            &err.to_value(),
+            &parent,
+            &md,
+            vec![],
+            now,
+        );
     }
 
     fn unknown_engine_error(&self, uuid: &str) -> ErrorContent {
@@ -1070,7 +1346,10 @@ impl Hub {
     }
 
     fn mux_request(&mut self, raw: RawMessage, msg: Message, now: Now) {
-        let client = raw.idents[0].clone();
+        let Some(client) = raw.idents.first().cloned() else {
+            warn!("direct request without a client identity");
+            return;
+        };
         let Some(target) = raw.idents.get(1).cloned() else {
             let err = ErrorContent::new("ValueError", "direct request without a target engine");
             return self.undeliverable(Channel::MuxClient, vec![client], &msg, err, now);
@@ -1105,7 +1384,11 @@ impl Hub {
         };
         let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
         if self.pending.remove(&parent_id) {
-            if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
+            if let Some(e) = self
+                .by_uuid
+                .get(&uuid)
+                .and_then(|id| self.engines.get_mut(id))
+            {
                 if let Some(pos) = e.queue.iter().position(|m| *m == parent_id) {
                     e.queue.remove(pos);
                 }
@@ -1114,14 +1397,23 @@ impl Hub {
         } else if !self.tasks.is_done(&parent_id) {
             debug!(msg_id = %parent_id, "reply to an unknown direct request");
         }
-        self.tasks.record_done(&parent_id, Outcome { success, engine: uuid.clone() });
+        self.tasks.record_done(
+            &parent_id,
+            Outcome {
+                success,
+                engine: uuid.clone(),
+            },
+        );
         self.record_result(&msg, &uuid, now);
     }
 
     // ---------------------------------------------------------------- control
 
     fn control_request(&mut self, raw: RawMessage, msg: Message, now: Now) {
-        let client = raw.idents[0].clone();
+        let Some(client) = raw.idents.first().cloned() else {
+            warn!("control request without a client identity");
+            return;
+        };
         let Some(target) = raw.idents.get(1).cloned() else {
             let err = ErrorContent::new("ValueError", "control request without a target engine");
             return self.undeliverable(Channel::ControlClient, vec![client], &msg, err, now);
@@ -1129,7 +1421,13 @@ impl Hub {
         let uuid = String::from_utf8_lossy(&target).into_owned();
         if !self.by_uuid.contains_key(&uuid) {
             let err = self.unknown_engine_error(&uuid);
-            return self.undeliverable(Channel::ControlClient, vec![client, target], &msg, err, now);
+            return self.undeliverable(
+                Channel::ControlClient,
+                vec![client, target],
+                &msg,
+                err,
+                now,
+            );
         }
         let mut frames = raw.into_frames();
         frames.swap(0, 1);
@@ -1165,16 +1463,23 @@ impl Hub {
         let Some(parent_id) = msg.parent_msg_id().map(str::to_owned) else {
             return;
         };
+        // Every request is recorded before it reaches an engine, so output
+        // for an unknown parent belongs to a culled or purged record (or to
+        // none of ours). Recreating it would let records escape the limits:
+        // they lack `submitted`, which culling goes by.
+        if !self.db.contains(&parent_id) {
+            return;
+        }
         let c = &msg.content;
         let mut f = Map::new();
         match msg_type {
             "stream" => {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or("stdout");
                 let text = c.get("text").and_then(Value::as_str).unwrap_or("");
-                if name == "stdout" || name == "stderr" {
-                    if let Err(e) = self.db.append_stream(&parent_id, name, text) {
-                        debug!(msg_id = %parent_id, error = %e, "stream not recorded");
-                    }
+                if (name == "stdout" || name == "stderr")
+                    && let Err(e) = self.db.append_stream(&parent_id, name, text)
+                {
+                    debug!(msg_id = %parent_id, error = %e, "stream not recorded");
                 }
                 return;
             }
@@ -1182,15 +1487,15 @@ impl Hub {
                 f.insert("error".into(), c.clone());
             }
             "execute_input" => {
-                f.insert("execute_input".into(), c.get("code").cloned().unwrap_or(Value::Null));
+                f.insert(
+                    "execute_input".into(),
+                    c.get("code").cloned().unwrap_or(Value::Null),
+                );
             }
             "display_data" | "execute_result" => {
                 f.insert(msg_type.to_owned(), c.clone());
             }
             _ => return,
-        }
-        if !self.db.contains(&parent_id) {
-            let _ = self.db.add_record(&parent_id, RecordStore::empty_record(&parent_id));
         }
         self.db_update(&parent_id, f, None);
     }
@@ -1198,7 +1503,10 @@ impl Hub {
     // -------------------------------------------------------------- broadcast
 
     fn broadcast_request(&mut self, raw: RawMessage, msg: Message, now: Now) {
-        let client = raw.idents[0].clone();
+        let Some(client) = raw.idents.first().cloned() else {
+            warn!("broadcast request without a client identity");
+            return;
+        };
         let targets: Vec<(String, i64)> = match msg.metadata.get("targets") {
             Some(Value::Array(a)) => a
                 .iter()
@@ -1209,7 +1517,11 @@ impl Hub {
                 .collect(),
             _ => vec![],
         };
-        let coalescing = msg.metadata.get("is_coalescing").and_then(Value::as_bool).unwrap_or(false);
+        let coalescing = msg
+            .metadata
+            .get("is_coalescing")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
         let original = msg
             .metadata
             .get("original_msg_id")
@@ -1223,10 +1535,19 @@ impl Hub {
             let err = ErrorContent::new("ValueError", "broadcast without targets");
             return self.undeliverable(Channel::BroadcastClient, vec![client], &msg, err, now);
         }
-        let unknown: Vec<&(String, i64)> = targets.iter().filter(|(u, _)| !self.by_uuid.contains_key(u)).collect();
+        let unknown: Vec<&(String, i64)> = targets
+            .iter()
+            .filter(|(u, _)| !self.by_uuid.contains_key(u))
+            .collect();
         if !unknown.is_empty() {
             let names: Vec<String> = unknown.iter().map(|(u, i)| format!("{i} ({u})")).collect();
-            let err = ErrorContent::new("EngineError", format!("broadcast to engines that are not registered: {}", names.join(", ")));
+            let err = ErrorContent::new(
+                "EngineError",
+                format!(
+                    "broadcast to engines that are not registered: {}",
+                    names.join(", ")
+                ),
+            );
             warn!(msg_id = %original, evalue = %err.evalue, "broadcast not delivered");
             let parent = serde_json::to_value(&msg.header).unwrap_or_default();
             let mut rmd = md.clone();
@@ -1234,14 +1555,32 @@ impl Hub {
             if coalescing {
                 let bt: Vec<Value> = targets.iter().map(|(u, i)| json!([u, i])).collect();
                 rmd.insert("broadcast_targets".into(), json!(bt));
-                self.send_msg(Channel::BroadcastClient, vec![client], &reply_type(&msg.header.msg_type), &err.to_value(), &parent, &Value::Object(rmd), vec![], now);
+                self.send_msg(
+                    Channel::BroadcastClient,
+                    vec![client],
+                    &reply_type(&msg.header.msg_type),
+                    &err.to_value(),
+                    &parent,
+                    &Value::Object(rmd),
+                    vec![],
+                    now,
+                );
             } else {
                 for (u, _) in &targets {
                     let mut p = parent.clone();
                     p["msg_id"] = json!(format!("{original}_{u}"));
                     let mut m = rmd.clone();
                     m.insert("engine".into(), json!(u));
-                    self.send_msg(Channel::BroadcastClient, vec![client.clone()], &reply_type(&msg.header.msg_type), &err.to_value(), &p, &Value::Object(m), vec![], now);
+                    self.send_msg(
+                        Channel::BroadcastClient,
+                        vec![client.clone()],
+                        &reply_type(&msg.header.msg_type),
+                        &err.to_value(),
+                        &p,
+                        &Value::Object(m),
+                        vec![],
+                        now,
+                    );
                 }
             }
             return;
@@ -1267,7 +1606,12 @@ impl Hub {
         if coalescing {
             self.bcast.insert(
                 original,
-                Coalesce { client, targets, buffers: HashMap::new(), last: None },
+                Coalesce {
+                    client,
+                    targets,
+                    buffers: HashMap::new(),
+                    last: None,
+                },
             );
         }
     }
@@ -1278,16 +1622,33 @@ impl Hub {
             return;
         }
         let uuid = String::from_utf8_lossy(&raw.idents[0]).into_owned();
-        let coalescing = msg.metadata.get("is_coalescing").and_then(Value::as_bool).unwrap_or(false);
-        let original = msg.metadata.get("original_msg_id").and_then(Value::as_str).map(str::to_owned);
+        let coalescing = msg
+            .metadata
+            .get("is_coalescing")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let original = msg
+            .metadata
+            .get("original_msg_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         if let Some(pid) = msg.parent_msg_id().map(str::to_owned) {
-            if self.pending.remove(&pid) {
-                if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
-                    push_completed(e, &pid);
-                }
+            if self.pending.remove(&pid)
+                && let Some(e) = self
+                    .by_uuid
+                    .get(&uuid)
+                    .and_then(|id| self.engines.get_mut(id))
+            {
+                push_completed(e, &pid);
             }
             let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
-            self.tasks.record_done(&pid, Outcome { success, engine: uuid.clone() });
+            self.tasks.record_done(
+                &pid,
+                Outcome {
+                    success,
+                    engine: uuid.clone(),
+                },
+            );
         }
         self.record_result(&msg, &uuid, now);
         if !coalescing {
@@ -1305,8 +1666,17 @@ impl Hub {
             return;
         };
         state.buffers.insert(uuid, raw.buffers.clone());
-        state.last = Some((raw.header.clone(), raw.parent.clone(), msg.metadata.clone(), raw.content.clone()));
-        if state.targets.iter().all(|(u, _)| state.buffers.contains_key(u)) {
+        state.last = Some((
+            raw.header.clone(),
+            raw.parent.clone(),
+            msg.metadata.clone(),
+            raw.content.clone(),
+        ));
+        if state
+            .targets
+            .iter()
+            .all(|(u, _)| state.buffers.contains_key(u))
+        {
             let state = self.bcast.remove(&original).expect("present");
             let (header, parent, mut md, content) = state.last.expect("at least one reply");
             let bt: Vec<Value> = state.targets.iter().map(|(u, i)| json!([u, i])).collect();
@@ -1316,7 +1686,14 @@ impl Hub {
             for (u, _) in &state.targets {
                 buffers.extend(per.remove(u).unwrap_or_default());
             }
-            let frames = self.session.serialize_frames(vec![state.client], header, parent, json_bytes(&md), content, buffers);
+            let frames = self.session.serialize_frames(
+                vec![state.client],
+                header,
+                parent,
+                json_bytes(&md),
+                content,
+                buffers,
+            );
             self.send(Channel::BroadcastClient, frames);
         }
     }

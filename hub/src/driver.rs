@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use chrono::Utc;
-use parallax_wire::connection::{ClientConnectionInfo, EngineConnectionInfo, connection_file_names};
+use parallax_wire::connection::{
+    ClientConnectionInfo, EngineConnectionInfo, connection_file_names,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -45,17 +47,19 @@ pub fn profile_dir(args: &HubArgs) -> PathBuf {
     if let Some(p) = &args.profile_dir {
         return p.clone();
     }
-    if let Ok(p) = std::env::var("IPP_PROFILE_DIR") {
-        if !p.is_empty() {
-            return PathBuf::from(p);
-        }
+    if let Ok(p) = std::env::var("IPP_PROFILE_DIR")
+        && !p.is_empty()
+    {
+        return PathBuf::from(p);
     }
     let ipython_dir = args
         .ipython_dir
         .clone()
         .or_else(|| std::env::var_os("IPYTHONDIR").map(PathBuf::from))
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."));
             home.join(".ipython")
         });
     ipython_dir.join(format!("profile_{}", args.profile))
@@ -140,7 +144,8 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
         .unwrap_or_default();
     let profile = profile_dir(&args);
     let security = profile.join("security");
-    std::fs::create_dir_all(&security).with_context(|| format!("creating {}", security.display()))?;
+    std::fs::create_dir_all(&security)
+        .with_context(|| format!("creating {}", security.display()))?;
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&security, std::fs::Permissions::from_mode(0o700));
@@ -151,7 +156,9 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
 
     // Ports and key: reused from existing files with --reuse.
     let mut wanted: HashMap<Channel, u16> = HashMap::new();
-    let mut key = std::env::var("IPP_SESSION_KEY").ok().filter(|k| !k.is_empty());
+    let mut key = std::env::var("IPP_SESSION_KEY")
+        .ok()
+        .filter(|k| !k.is_empty());
     if args.reuse && client_file.exists() && engine_file.exists() {
         let c: ClientConnectionInfo = serde_json::from_str(&std::fs::read_to_string(&client_file)?)
             .with_context(|| format!("reading {}", client_file.display()))?;
@@ -171,7 +178,10 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
             (Channel::IopubEngine, e.iopub),
             (Channel::HbPing, e.hb_ping),
             (Channel::HbPong, e.hb_pong),
-            (Channel::BroadcastEngine, e.broadcast.first().copied().unwrap_or(0)),
+            (
+                Channel::BroadcastEngine,
+                e.broadcast.first().copied().unwrap_or(0),
+            ),
         ] {
             wanted.insert(ch, p);
         }
@@ -195,9 +205,14 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
         DbBackend::None
     } else {
         if args.sqlitedb || args.mongodb {
-            warn!("--sqlitedb/--mongodb: persistent task databases are not available in the Parallax hub; using the in-memory database");
+            warn!(
+                "--sqlitedb/--mongodb: persistent task databases are not available in the Parallax hub; using the in-memory database"
+            );
         }
-        DbBackend::Dict(DbLimits { record_limit: args.record_limit.max(1), ..DbLimits::default() })
+        DbBackend::Dict(DbLimits {
+            record_limit: args.record_limit.max(1),
+            ..DbLimits::default()
+        })
     };
     if args.restore {
         warn!("--restore: restoring engine state is not supported; engines must register again");
@@ -228,18 +243,27 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
         let (sock, ep) = match ch {
             Channel::Notification | Channel::HbPing | Channel::IopubClient => {
                 let mut s = PubSocket::new();
-                let ep = s.bind(&url).await.with_context(|| format!("binding {} on {url}", ch.name()))?;
+                let ep = s
+                    .bind(&url)
+                    .await
+                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 (Sock::Pub(s), ep)
             }
             Channel::IopubEngine => {
                 let mut s = SubSocket::new();
-                let ep = s.bind(&url).await.with_context(|| format!("binding {} on {url}", ch.name()))?;
+                let ep = s
+                    .bind(&url)
+                    .await
+                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 s.subscribe("").await?;
                 (Sock::Sub(s), ep)
             }
             _ => {
                 let mut s = RouterSocket::new();
-                let ep = s.bind(&url).await.with_context(|| format!("binding {} on {url}", ch.name()))?;
+                let ep = s
+                    .bind(&url)
+                    .await
+                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 (Sock::Router(s), ep)
             }
         };
@@ -341,7 +365,12 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
         "hub ready"
     );
 
-    let bound = Bound { client_file, engine_file, client, engine };
+    let bound = Bound {
+        client_file,
+        engine_file,
+        client,
+        engine,
+    };
     let result = core_loop(core, in_rx, &out_tx, shutdown).await;
 
     // Let queued replies (e.g. shutdown_reply) go out: close the queues and
@@ -376,6 +405,9 @@ async fn core_loop(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let mut hub = Hub::new(cfg, now());
+    let mut trim = tokio::time::interval(Duration::from_secs(2));
+    trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut busy_since_trim = false;
     loop {
         let deadline = hub.poll_timeout();
         tokio::select! {
@@ -396,6 +428,12 @@ async fn core_loop(
                     }
                 }
                 hub.handle_timeout(now());
+                busy_since_trim = true;
+            }
+            _ = trim.tick() => {
+                if std::mem::take(&mut busy_since_trim) {
+                    release_free_memory();
+                }
             }
             _ = sleep_until(deadline) => {
                 hub.handle_timeout(now());
@@ -413,6 +451,27 @@ async fn core_loop(
     }
 }
 
+/// Configure the allocator for a long-running, bursty server: one malloc
+/// arena (the core task does nearly all allocation, so more arenas only
+/// fragment), and hand freed pages back to the OS. Without this, glibc keeps
+/// the peak of a burst (e.g. 100k queued tasks) as resident memory forever.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim is thread-safe and only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(tokio::time::Instant::from_std(d)).await,
@@ -420,7 +479,11 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
-async fn receiver<S: SocketRecv + Send>(ch: Channel, mut sock: S, tx: mpsc::Sender<(Channel, Vec<Bytes>)>) {
+async fn receiver<S: SocketRecv + Send>(
+    ch: Channel,
+    mut sock: S,
+    tx: mpsc::Sender<(Channel, Vec<Bytes>)>,
+) {
     loop {
         match sock.recv().await {
             Ok(m) => {
@@ -441,9 +504,15 @@ async fn receiver<S: SocketRecv + Send>(ch: Channel, mut sock: S, tx: mpsc::Send
 const ROUTE_RETRIES: u32 = 200;
 const ROUTE_RETRY_DELAY: Duration = Duration::from_millis(10);
 
-async fn router_sender(ch: Channel, mut sock: zeromq::RouterSendHalf, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
+async fn router_sender(
+    ch: Channel,
+    mut sock: zeromq::RouterSendHalf,
+    mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
+) {
     while let Some(frames) = rx.recv().await {
-        let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
+        let Ok(msg) = ZmqMessage::try_from(frames) else {
+            continue;
+        };
         if let Err(e) = sock.send(msg.clone()).await {
             let mut retry = sock.clone();
             tokio::spawn(async move {
@@ -455,7 +524,10 @@ async fn router_sender(ch: Channel, mut sock: zeromq::RouterSendHalf, mut rx: mp
                         Err(e) => last = e,
                     }
                 }
-                let peer = msg.get(0).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+                let peer = msg
+                    .get(0)
+                    .map(|b| String::from_utf8_lossy(b).into_owned())
+                    .unwrap_or_default();
                 warn!(channel = ch.name(), peer = %peer, error = %last, "message dropped: peer unreachable");
             });
         }
@@ -464,7 +536,9 @@ async fn router_sender(ch: Channel, mut sock: zeromq::RouterSendHalf, mut rx: mp
 
 async fn pub_sender(ch: Channel, mut sock: PubSocket, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
     while let Some(frames) = rx.recv().await {
-        let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
+        let Ok(msg) = ZmqMessage::try_from(frames) else {
+            continue;
+        };
         if let Err(e) = sock.send(msg).await {
             debug!(channel = ch.name(), error = %e, "publish failed");
         }

@@ -17,3 +17,5 @@ mod tasks;
 
 pub use crate::cli::HubArgs;
 pub use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now, Transmit};
+#[cfg(test)]
+mod core_tests;

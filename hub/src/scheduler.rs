@@ -200,9 +200,15 @@ mod tests {
         assert_eq!(choose(Scheme::LeastLoad, &loads, &mut r), 1);
         assert_eq!(choose(Scheme::Lru, &loads, &mut r), 0);
         // plainrandom: 0.9*4 -> 3
-        assert_eq!(choose(Scheme::PlainRandom, &[0, 0, 0, 0], &mut Seq(vec![0.9], 0)), 3);
+        assert_eq!(
+            choose(Scheme::PlainRandom, &[0, 0, 0, 0], &mut Seq(vec![0.9], 0)),
+            3
+        );
         // twobin: min(3, 1)
-        assert_eq!(choose(Scheme::TwoBin, &loads, &mut Seq(vec![0.9, 0.3], 0)), 1);
+        assert_eq!(
+            choose(Scheme::TwoBin, &loads, &mut Seq(vec![0.9, 0.3], 0)),
+            1
+        );
         // weighted: the idle engines dominate the weight
         let w = choose(Scheme::Weighted, &loads, &mut Seq(vec![0.2, 0.9], 0));
         assert!(loads[w] == 0, "weighted picked a loaded engine: {w}");
@@ -228,7 +234,12 @@ mod tests {
         for s in Scheme::ALL {
             assert_eq!(s.name().parse::<Scheme>().unwrap(), s);
         }
-        assert!("fastest".parse::<Scheme>().unwrap_err().contains("leastload"));
+        assert!(
+            "fastest"
+                .parse::<Scheme>()
+                .unwrap_err()
+                .contains("leastload")
+        );
     }
 
     fn dep(ids: &[&str], all: bool, success: bool, failure: bool) -> Dependency {
@@ -243,8 +254,20 @@ mod tests {
     #[test]
     fn dependency_rules() {
         let mut done = HashMap::new();
-        done.insert("a".to_string(), Outcome { success: true, engine: "e0".into() });
-        done.insert("b".to_string(), Outcome { success: false, engine: "e1".into() });
+        done.insert(
+            "a".to_string(),
+            Outcome {
+                success: true,
+                engine: "e0".into(),
+            },
+        );
+        done.insert(
+            "b".to_string(),
+            Outcome {
+                success: false,
+                engine: "e1".into(),
+            },
+        );
         // after success of a: met
         assert!(dep_met(&dep(&["a"], true, true, false), &done, None));
         // after a and b (success only): b failed -> unreachable

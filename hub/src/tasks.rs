@@ -17,7 +17,7 @@ use parallax_wire::{Message, RawMessage, format_date};
 use serde_json::{Map, Value, json};
 use tracing::{debug, warn};
 
-use crate::core::{Channel, Hub, Now, RESUBMIT_CLIENT, Timer, peer, push_completed};
+use crate::core::{Channel, Hub, Now, RESUBMIT_CLIENT, Timer, owned, peer, push_completed};
 use crate::scheduler::{Outcome, Scheme, choose, dep_met, dep_unreachable};
 
 pub(crate) struct Job {
@@ -60,7 +60,6 @@ pub(crate) struct TaskState {
     work: VecDeque<String>,
     rescan: bool,
     seq: u64,
-    round_robin: usize,
 }
 
 impl TaskState {
@@ -77,7 +76,6 @@ impl TaskState {
             work: VecDeque::new(),
             rescan: false,
             seq: 0,
-            round_robin: 0,
         }
     }
 
@@ -104,10 +102,26 @@ impl TaskState {
 
     /// Number of waiting and running tasks (for tests and status).
     pub(crate) fn outstanding(&self) -> (usize, usize) {
-        (self.waiting.len(), self.running.values().map(HashMap::len).sum())
+        (
+            self.waiting.len(),
+            self.running.values().map(HashMap::len).sum(),
+        )
+    }
+
+    /// Lengths of the waiting queue, the dependency graph, the finished-task
+    /// memory and the pending graph work (memory-bound tests).
+    #[cfg(test)]
+    pub(crate) fn footprint(&self) -> [usize; 4] {
+        [
+            self.queue.len(),
+            self.graph.len(),
+            self.done.len(),
+            self.work.len(),
+        ]
     }
 }
 
+#[allow(clippy::large_enum_variant)] // a short-lived return value; boxing would cost an allocation per task
 enum Placement {
     Ran,
     Failed,
@@ -119,7 +133,13 @@ impl Hub {
 
     pub(crate) fn lb_register(&mut self, uuid: &str) {
         let t = &mut self.tasks;
-        t.engines.insert(0, LbEngine { uuid: uuid.to_owned(), load: 0 });
+        t.engines.insert(
+            0,
+            LbEngine {
+                uuid: uuid.to_owned(),
+                load: 0,
+            },
+        );
         t.running.entry(uuid.to_owned()).or_default();
         t.rescan = true;
     }
@@ -154,7 +174,8 @@ impl Hub {
                 continue;
             }
             let evalue = format!("Engine {uuid:?} died while running task {:?}", job.msg_id);
-            let err = ErrorContent::new("EngineError", evalue).with_engine_info(uuid, engine_id, "apply");
+            let err =
+                ErrorContent::new("EngineError", evalue).with_engine_info(uuid, engine_id, "apply");
             let md = json!({"status": "error", "engine": uuid, "date": format_date(now.wall), "dependencies_met": true});
             self.fail_job(job, err, md, Some(uuid), now);
         }
@@ -177,7 +198,8 @@ impl Hub {
         self.unassigned.insert(msg_id.clone());
         let n_idents = raw.idents.len();
         let mut frames = raw.into_frames();
-        let body = frames.split_off(n_idents);
+        let body: Vec<Bytes> = frames.split_off(n_idents).iter().map(owned).collect();
+        let client = owned(&client);
         let header = serde_json::to_value(&msg.header).unwrap_or_default();
         self.tasks.seq += 1;
         let md = TaskMetadata::from_metadata(&msg.metadata);
@@ -219,8 +241,13 @@ impl Hub {
             if dep.is_empty() {
                 continue;
             }
-            if dep.ids.iter().any(|d| *d == msg_id || !self.tasks.is_known(d)) {
-                let unknown: Vec<&String> = dep.ids.iter().filter(|d| !self.tasks.is_known(d)).collect();
+            if dep
+                .ids
+                .iter()
+                .any(|d| *d == msg_id || !self.tasks.is_known(d))
+            {
+                let unknown: Vec<&String> =
+                    dep.ids.iter().filter(|d| !self.tasks.is_known(d)).collect();
                 verdict = Some(ErrorContent::new(
                     "InvalidDependency",
                     format!("dependencies on unknown or own task ids: {unknown:?}"),
@@ -247,7 +274,11 @@ impl Hub {
 
     /// Run `job` now if an engine may take it.
     fn maybe_run(&mut self, mut job: Job, now: Now) -> Placement {
-        let hwm = if self.cfg.scheme == Scheme::Pure { 0 } else { self.cfg.hwm };
+        let hwm = if self.cfg.scheme == Scheme::Pure {
+            0
+        } else {
+            self.cfg.hwm
+        };
         let t = &self.tasks;
         let available: Vec<usize> = (0..t.engines.len())
             .filter(|&i| hwm == 0 || t.engines[i].load < hwm)
@@ -255,7 +286,8 @@ impl Hub {
         if available.is_empty() {
             return Placement::Wait(job);
         }
-        let filtered = !job.follow.is_empty() || !job.targets.is_empty() || !job.blacklist.is_empty();
+        let filtered =
+            !job.follow.is_empty() || !job.targets.is_empty() || !job.blacklist.is_empty();
         let indices: Vec<usize> = if filtered {
             available
                 .into_iter()
@@ -276,11 +308,16 @@ impl Hub {
                     .ids
                     .iter()
                     .filter_map(|m| t.done.get(m))
-                    .filter(|o| (job.follow.success && o.success) || (job.follow.failure && !o.success))
+                    .filter(|o| {
+                        (job.follow.success && o.success) || (job.follow.failure && !o.success)
+                    })
                     .map(|o| o.engine.as_str())
                     .collect();
                 if dests.len() > 1 {
-                    let err = ErrorContent::new("ImpossibleDependency", "follow dependencies ran on different engines");
+                    let err = ErrorContent::new(
+                        "ImpossibleDependency",
+                        "follow dependencies ran on different engines",
+                    );
                     self.fail_job(job, err, json!({}), None, now);
                     return Placement::Failed;
                 }
@@ -288,7 +325,10 @@ impl Hub {
             if !job.targets.is_empty() {
                 let bl = job.blacklist.clone();
                 job.targets.retain(|u| !bl.contains(u));
-                let reachable = job.targets.iter().any(|u| t.engines.iter().any(|e| e.uuid == *u));
+                let reachable = job
+                    .targets
+                    .iter()
+                    .any(|u| t.engines.iter().any(|e| e.uuid == *u));
                 if !reachable {
                     let err = ErrorContent::new(
                         "ImpossibleDependency",
@@ -307,8 +347,9 @@ impl Hub {
     fn submit_task(&mut self, job: Job, indices: &[usize]) {
         let t = &mut self.tasks;
         let k = if self.cfg.scheme == Scheme::Pure {
-            t.round_robin = t.round_robin.wrapping_add(1);
-            t.round_robin % indices.len()
+            // Engines are in LRU order and the chosen one moves to the back,
+            // so taking the front is round-robin.
+            0
         } else {
             let loads: Vec<u32> = indices.iter().map(|&i| t.engines[i].load).collect();
             choose(self.cfg.scheme, &loads, &mut self.rng)
@@ -324,10 +365,17 @@ impl Hub {
         frames.extend(job.body.iter().cloned());
         debug!(msg_id = %job.msg_id, engine = %uuid, "task assigned");
         let msg_id = job.msg_id.clone();
-        t.running.entry(uuid.clone()).or_default().insert(msg_id.clone(), job);
+        t.running
+            .entry(uuid.clone())
+            .or_default()
+            .insert(msg_id.clone(), job);
         self.send(Channel::TaskEngine, frames);
         self.unassigned.remove(&msg_id);
-        if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
+        if let Some(e) = self
+            .by_uuid
+            .get(&uuid)
+            .and_then(|id| self.engines.get_mut(id))
+        {
             e.tasks.push_back(msg_id.clone());
         }
         let mut f = Map::new();
@@ -340,29 +388,61 @@ impl Hub {
         let t = &mut self.tasks;
         for d in job.after.ids.iter().chain(job.follow.ids.iter()) {
             if !t.done.contains_key(d) {
-                t.graph.entry(d.clone()).or_default().insert(job.msg_id.clone());
+                t.graph
+                    .entry(d.clone())
+                    .or_default()
+                    .insert(job.msg_id.clone());
             }
         }
         t.queue.push_back((job.msg_id.clone(), job.generation));
         if let Some(secs) = job.timeout {
             let at = now.mono + Duration::from_secs_f64(secs.min(1e9));
-            let timer = Timer::TaskTimeout { msg_id: job.msg_id.clone(), generation: job.generation };
+            let timer = Timer::TaskTimeout {
+                msg_id: job.msg_id.clone(),
+                generation: job.generation,
+            };
             self.schedule(at, timer);
         }
         self.tasks.waiting.insert(job.msg_id.clone(), job);
+        // Jobs that leave through the graph or a timeout keep their queue
+        // entry until a scan walks past it, and without an HWM no scan ever
+        // does: sweep stale entries once they outnumber the waiting jobs.
+        let t = &mut self.tasks;
+        if t.queue.len() > 2 * t.waiting.len() + 64 {
+            let waiting = &t.waiting;
+            t.queue
+                .retain(|(m, g)| waiting.get(m).is_some_and(|j| j.generation == *g));
+        }
     }
 
     pub(crate) fn task_timeout(&mut self, msg_id: &str, generation: u64, now: Now) {
-        let current = self.tasks.waiting.get(msg_id).is_some_and(|j| j.generation == generation);
+        let current = self
+            .tasks
+            .waiting
+            .get(msg_id)
+            .is_some_and(|j| j.generation == generation);
         if current {
             let job = self.tasks.waiting.remove(msg_id).expect("checked");
             debug!(msg_id = %msg_id, "task timed out waiting for its dependencies or an engine");
-            self.fail_job(job, ErrorContent::new("TaskTimeout", ""), json!({}), None, now);
+            self.fail_job(
+                job,
+                ErrorContent::new("TaskTimeout", ""),
+                json!({}),
+                None,
+                now,
+            );
         }
     }
 
     /// Reply to the client with an error for `job` and record it as failed.
-    fn fail_job(&mut self, job: Job, err: ErrorContent, metadata: Value, engine: Option<&str>, now: Now) {
+    fn fail_job(
+        &mut self,
+        job: Job,
+        err: ErrorContent,
+        metadata: Value,
+        engine: Option<&str>,
+        now: Now,
+    ) {
         let t = &mut self.tasks;
         for d in job.after.ids.iter().chain(job.follow.ids.iter()) {
             if let Some(s) = t.graph.get_mut(d) {
@@ -373,7 +453,13 @@ impl Hub {
             }
         }
         let engine_uuid = engine.unwrap_or("").to_owned();
-        t.record_done(&job.msg_id, Outcome { success: false, engine: engine_uuid.clone() });
+        t.record_done(
+            &job.msg_id,
+            Outcome {
+                success: false,
+                engine: engine_uuid.clone(),
+            },
+        );
         t.work.push_back(job.msg_id.clone());
         debug!(msg_id = %job.msg_id, ename = %err.ename, "task failed in the scheduler");
         let content = err.to_value();
@@ -383,13 +469,18 @@ impl Hub {
             if let Some(u) = engine {
                 idents.push(Bytes::copy_from_slice(u.as_bytes()));
             }
-            let frames = self.session.serialize(idents, &header, &job.header, &metadata, &content, vec![]);
+            let frames =
+                self.session
+                    .serialize(idents, &header, &job.header, &metadata, &content, vec![]);
             self.send(Channel::TaskClient, frames);
         }
         self.pending.remove(&job.msg_id);
         self.unassigned.remove(&job.msg_id);
         let mut f = Map::new();
-        f.insert("result_header".into(), serde_json::to_value(&header).unwrap_or_default());
+        f.insert(
+            "result_header".into(),
+            serde_json::to_value(&header).unwrap_or_default(),
+        );
         f.insert("result_metadata".into(), metadata);
         f.insert("result_content".into(), content);
         f.insert("received".into(), json!(format_date(now.wall)));
@@ -418,15 +509,32 @@ impl Hub {
             warn!(peer = %uuid, "task reply without a parent header");
             return;
         };
-        let Some(mut job) = self.tasks.running.get_mut(&uuid).and_then(|r| r.remove(&msg_id)) else {
+        let Some(mut job) = self
+            .tasks
+            .running
+            .get_mut(&uuid)
+            .and_then(|r| r.remove(&msg_id))
+        else {
             debug!(msg_id = %msg_id, engine = %uuid, "reply for a task the scheduler no longer tracks");
             return;
         };
-        if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
+        if let Some(e) = self
+            .by_uuid
+            .get(&uuid)
+            .and_then(|id| self.engines.get_mut(id))
+        {
             e.tasks.retain(|m| *m != msg_id);
         }
-        let deps_met = msg.metadata.get("dependencies_met").and_then(Value::as_bool).unwrap_or(true);
-        let status = msg.metadata.get("status").and_then(Value::as_str).unwrap_or("");
+        let deps_met = msg
+            .metadata
+            .get("dependencies_met")
+            .and_then(Value::as_bool)
+            .unwrap_or(true);
+        let status = msg
+            .metadata
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let success = status == "ok";
         if !deps_met || (!success && job.retries > 0) {
             if deps_met {
@@ -443,12 +551,21 @@ impl Hub {
         }
         self.pending.remove(&msg_id);
         self.unassigned.remove(&msg_id);
-        if status != "aborted" {
-            if let Some(e) = self.by_uuid.get(&uuid).and_then(|id| self.engines.get_mut(id)) {
-                push_completed(e, &msg_id);
-            }
+        if status != "aborted"
+            && let Some(e) = self
+                .by_uuid
+                .get(&uuid)
+                .and_then(|id| self.engines.get_mut(id))
+        {
+            push_completed(e, &msg_id);
         }
-        self.tasks.record_done(&msg_id, Outcome { success, engine: uuid.clone() });
+        self.tasks.record_done(
+            &msg_id,
+            Outcome {
+                success,
+                engine: uuid.clone(),
+            },
+        );
         self.tasks.work.push_back(msg_id);
         self.record_result(&msg, &uuid, now);
     }
@@ -461,7 +578,10 @@ impl Hub {
         let all_targets_failed =
             !job.targets.is_empty() && job.targets.iter().all(|t| job.blacklist.contains(t));
         if all_targets_failed {
-            let err = ErrorContent::new("ImpossibleDependency", "the task failed on every engine it may run on");
+            let err = ErrorContent::new(
+                "ImpossibleDependency",
+                "the task failed on every engine it may run on",
+            );
             return self.fail_job(job, err, json!({}), None, now);
         }
         match self.maybe_run(job, now) {
@@ -499,10 +619,10 @@ impl Hub {
                 .collect();
             jobs.sort();
             for (_, m) in jobs {
-                if let Some(job) = self.tasks.waiting.remove(&m) {
-                    if let Some(job) = self.reconsider(job, now) {
-                        self.tasks.waiting.insert(m, job);
-                    }
+                if let Some(job) = self.tasks.waiting.remove(&m)
+                    && let Some(job) = self.reconsider(job, now)
+                {
+                    self.tasks.waiting.insert(m, job);
                 }
             }
         }
@@ -512,7 +632,11 @@ impl Hub {
     fn scan_queue(&mut self, now: Now) {
         let mut keep = VecDeque::new();
         while let Some((m, generation)) = self.tasks.queue.pop_front() {
-            let current = self.tasks.waiting.get(&m).is_some_and(|j| j.generation == generation);
+            let current = self
+                .tasks
+                .waiting
+                .get(&m)
+                .is_some_and(|j| j.generation == generation);
             if !current {
                 continue; // ran, failed or re-queued since
             }
@@ -523,7 +647,11 @@ impl Hub {
                     keep.push_back((m, generation));
                 }
                 None => {
-                    let hwm = if self.cfg.scheme == Scheme::Pure { 0 } else { self.cfg.hwm };
+                    let hwm = if self.cfg.scheme == Scheme::Pure {
+                        0
+                    } else {
+                        self.cfg.hwm
+                    };
                     let any_free = hwm == 0 || self.tasks.engines.iter().any(|e| e.load < hwm);
                     if !any_free {
                         break;
@@ -540,7 +668,13 @@ impl Hub {
     fn reconsider(&mut self, job: Job, now: Now) -> Option<Job> {
         let done = &self.tasks.done;
         if dep_unreachable(&job.after, done) || dep_unreachable(&job.follow, done) {
-            self.fail_job(job, ErrorContent::new("ImpossibleDependency", ""), json!({}), None, now);
+            self.fail_job(
+                job,
+                ErrorContent::new("ImpossibleDependency", ""),
+                json!({}),
+                None,
+                now,
+            );
             return None;
         }
         if !dep_met(&job.after, done, None) {
@@ -561,4 +695,3 @@ impl Hub {
         self.tasks.outstanding()
     }
 }
-

@@ -75,7 +75,10 @@ mod tests {
         assert_eq!(e.broadcast, vec![45663, 46911]);
         assert_eq!(
             connection_file_names("x"),
-            ("ipcontroller-x-client.json".into(), "ipcontroller-x-engine.json".into())
+            (
+                "ipcontroller-x-client.json".into(),
+                "ipcontroller-x-engine.json".into()
+            )
         );
     }
 }

@@ -138,7 +138,9 @@ impl Dependency {
                 if let Some(b) = m.get("failure").and_then(Value::as_bool) {
                     dep.failure = b;
                 }
-                m.get("dependencies").cloned().unwrap_or(Value::Array(vec![]))
+                m.get("dependencies")
+                    .cloned()
+                    .unwrap_or(Value::Array(vec![]))
             }
             Some(other) => other.clone(),
         };
@@ -232,13 +234,19 @@ mod tests {
         .unwrap();
         assert_eq!(d.ids, vec!["x"]);
         assert!(!d.all && !d.success && d.failure);
-        assert!(Dependency::from_value(Some(&json!({"dependencies": [], "success": false, "failure": false}))).is_err());
+        assert!(
+            Dependency::from_value(Some(
+                &json!({"dependencies": [], "success": false, "failure": false})
+            ))
+            .is_err()
+        );
         assert!(Dependency::from_value(Some(&json!([1]))).is_err());
     }
 
     #[test]
     fn task_metadata() {
-        let md = json!({"targets": ["u1"], "retries": 2, "timeout": 0.5, "after": [], "follow": null});
+        let md =
+            json!({"targets": ["u1"], "retries": 2, "timeout": 0.5, "after": [], "follow": null});
         let t = TaskMetadata::from_metadata(md.as_object().unwrap()).unwrap();
         assert_eq!(t.targets, vec!["u1"]);
         assert_eq!(t.retries, 2);

@@ -66,12 +66,11 @@ fn parse_obj(frame: &'static str, bytes: &[u8]) -> Result<Map<String, Value>, De
 impl Message {
     /// Parse the JSON frames of an (already authenticated) raw message.
     pub fn decode(raw: &RawMessage) -> Result<Message, DecodeError> {
-        let header: Header = serde_json::from_slice(&raw.header).map_err(|source| {
-            DecodeError::Json {
+        let header: Header =
+            serde_json::from_slice(&raw.header).map_err(|source| DecodeError::Json {
                 frame: "header",
                 source,
-            }
-        })?;
+            })?;
         let parent_header = Value::Object(parse_obj("parent", &raw.parent)?);
         let metadata = parse_obj("metadata", &raw.metadata)?;
         let content: Value =
@@ -148,7 +147,7 @@ impl Session {
             username: self.username.clone(),
             session: self.session_id.clone(),
             date: date.to_owned(),
-            version: "5.3".to_owned(),
+            version: "5.4".to_owned(),
             extra: Map::new(),
         }
     }
@@ -244,10 +243,17 @@ mod tests {
 
     #[test]
     fn decode_errors_name_the_frame() {
-        let frames: Vec<Bytes> = ["<IDS|MSG>", "", "{\"msg_id\":\"a\",\"msg_type\":\"t\"}", "[]", "{}", "{}"]
-            .iter()
-            .map(|s| Bytes::copy_from_slice(s.as_bytes()))
-            .collect();
+        let frames: Vec<Bytes> = [
+            "<IDS|MSG>",
+            "",
+            "{\"msg_id\":\"a\",\"msg_type\":\"t\"}",
+            "[]",
+            "{}",
+            "{}",
+        ]
+        .iter()
+        .map(|s| Bytes::copy_from_slice(s.as_bytes()))
+        .collect();
         let raw = RawMessage::from_frames(frames, &Limits::default()).unwrap();
         let e = Message::decode(&raw).unwrap_err();
         assert_eq!(e.to_string(), "parent frame is not a JSON object");

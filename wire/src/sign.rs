@@ -225,13 +225,22 @@ mod tests {
         let good = s.sign(b"{}", b"{}", b"{}", b"{}");
         let mut auth = Authenticator::new(s.clone());
         assert_eq!(auth.check(&raw("", "{}")), Err(AuthError::Unsigned));
-        assert_eq!(auth.check(&raw("zz", "{}")), Err(AuthError::MalformedSignature));
+        assert_eq!(
+            auth.check(&raw("zz", "{}")),
+            Err(AuthError::MalformedSignature)
+        );
         let wrong = Signer::new(b"other").sign(b"{}", b"{}", b"{}", b"{}");
-        assert_eq!(auth.check(&raw(&wrong, "{}")), Err(AuthError::InvalidSignature));
+        assert_eq!(
+            auth.check(&raw(&wrong, "{}")),
+            Err(AuthError::InvalidSignature)
+        );
         assert_eq!(auth.check(&raw(&good, "{}")), Ok(()));
         assert_eq!(auth.check(&raw(&good, "{}")), Err(AuthError::Duplicate));
         // a valid signature over different frames is not accepted
-        assert_eq!(auth.check(&raw(&good, "{ }")), Err(AuthError::InvalidSignature));
+        assert_eq!(
+            auth.check(&raw(&good, "{ }")),
+            Err(AuthError::InvalidSignature)
+        );
     }
 
     #[test]
