@@ -165,7 +165,10 @@ pub enum HubEvent {
 pub(crate) enum Timer {
     Beat,
     RegistrationPing,
-    StalledRegistration(String),
+    StalledRegistration {
+        uuid: String,
+        id: i64,
+    },
     StrandedMux {
         id: i64,
         uuid: String,
@@ -478,9 +481,12 @@ impl Hub {
                         self.arm_registration_ping(now);
                     }
                 }
-                Timer::StalledRegistration(uuid) => {
-                    if let Some(inc) = self.incoming.remove(&uuid) {
-                        warn!(engine = inc.id, uuid = %uuid, "purging stalled registration: no heartbeat arrived");
+                Timer::StalledRegistration { uuid, id } => {
+                    // Only the registration this timer was armed for: the
+                    // uuid may have registered, left and come back since.
+                    if self.incoming.get(&uuid).is_some_and(|inc| inc.id == id) {
+                        self.incoming.remove(&uuid);
+                        warn!(engine = id, uuid = %uuid, "purging stalled registration: no heartbeat arrived");
                     }
                 }
                 Timer::StrandedMux { id, uuid, msg_ids } => {
@@ -611,7 +617,13 @@ impl Hub {
             info!(engine = id, uuid = %uuid, "accepting registration");
             self.incoming.insert(uuid.clone(), Incoming { id });
             let at = now.mono + self.cfg.registration_timeout;
-            self.schedule(at, Timer::StalledRegistration(uuid.clone()));
+            self.schedule(
+                at,
+                Timer::StalledRegistration {
+                    uuid: uuid.clone(),
+                    id,
+                },
+            );
             self.arm_registration_ping(now);
             json!({
                 "id": id,
@@ -1601,6 +1613,15 @@ impl Hub {
             sub.header = header;
             sub.metadata = md.clone();
             self.new_record(&sub, "broadcast", Some(uuid));
+            // Tracked in the engine's queue like a direct request, so an
+            // engine death records EngineError for it (stranded_mux).
+            if let Some(e) = self
+                .by_uuid
+                .get(uuid)
+                .and_then(|id| self.engines.get_mut(id))
+            {
+                e.queue.push_back(sub.header.msg_id.clone());
+            }
             self.pending.insert(sub.header.msg_id);
         }
         if coalescing {
@@ -1639,6 +1660,9 @@ impl Hub {
                     .get(&uuid)
                     .and_then(|id| self.engines.get_mut(id))
             {
+                if let Some(pos) = e.queue.iter().position(|m| *m == pid) {
+                    e.queue.remove(pos);
+                }
                 push_completed(e, &pid);
             }
             let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");

@@ -2786,3 +2786,35 @@ fn memory_stays_bounded_when_submissions_outrun_the_record_limit() {
     assert_eq!(r.content()[last]["io"]["stdout"], "out");
     assert_eq!(r.content()[last]["io"]["execute_input"], "f()");
 }
+
+#[test]
+fn broadcasts_stranded_on_a_dead_engine_are_recorded_as_engine_error() {
+    let mut sim = Sim::with_engines(base_config(), 2);
+    let md =
+        json!({"targets": [["e0", 0], ["e1", 1]], "is_broadcast": true, "is_coalescing": false});
+    let orig = sim.client_send(
+        Channel::BroadcastClient,
+        vec![],
+        "apply_request",
+        json!({}),
+        md,
+        vec![],
+    );
+    let fan = sim.take(Channel::BroadcastEngine);
+    assert_eq!(fan.len(), 2);
+    // Broadcast sub-requests count in the engines' queues while outstanding.
+    assert_eq!(sim.queue_status(false)["0"]["queue"], 1);
+    sim.reply(Channel::BroadcastEngine, &fan[1], "ok");
+    sim.take_one(Channel::BroadcastClient);
+    assert_eq!(sim.queue_status(false)["1"]["queue"], 0);
+    sim.unregister_request("e0");
+    sim.take_one(Channel::Notification);
+    sim.advance(Duration::from_secs(2));
+    let sub = format!("{orig}_e0");
+    let r = sim.result_request(&[&sub]);
+    assert_eq!(r.content()["completed"], json!([sub]));
+    assert_eq!(r.content()[&sub]["result_content"]["ename"], "EngineError");
+    // Purging it is allowed now that it is no longer pending.
+    let p = sim.query("purge_request", json!({"msg_ids": [sub]}));
+    assert_eq!(p.content()["status"], "ok");
+}
