@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
 use crate::records::{DbBackend, DbError, RecordStore, TaskRecord};
-use crate::scheduler::{Outcome, Scheme};
+use crate::scheduler::Scheme;
 use crate::tasks::TaskState;
 
 /// The sockets of the controller, named after their role.
@@ -501,6 +501,19 @@ impl Hub {
         }
     }
 
+    /// Give back the capacity a burst left behind (hash tables never shrink
+    /// on their own), so resident memory returns to its steady state.
+    fn compact(&mut self) {
+        fn shrink_set(s: &mut HashSet<String>) {
+            if s.capacity() > 1024 && s.capacity() > 4 * s.len() {
+                s.shrink_to_fit();
+            }
+        }
+        shrink_set(&mut self.pending);
+        shrink_set(&mut self.unassigned);
+        self.tasks.compact();
+    }
+
     // --------------------------------------------------------------- heartbeat
 
     fn ping(&mut self) {
@@ -517,6 +530,7 @@ impl Hub {
     }
 
     fn beat(&mut self, now: Now, due: Instant) {
+        self.compact();
         self.beat += 1;
         let beat = self.beat;
         let max = self.cfg.max_heartmonitor_misses;
@@ -734,13 +748,7 @@ impl Hub {
             f.insert("completed".into(), json!(date));
             f.insert("engine_uuid".into(), json!(uuid));
             self.db_update(&msg_id, f, Some(vec![]));
-            self.tasks.record_done(
-                &msg_id,
-                Outcome {
-                    success: false,
-                    engine: uuid.to_owned(),
-                },
-            );
+            self.tasks.record_done(&msg_id, false, uuid);
         }
     }
 
@@ -1409,13 +1417,7 @@ impl Hub {
         } else if !self.tasks.is_done(&parent_id) {
             debug!(msg_id = %parent_id, "reply to an unknown direct request");
         }
-        self.tasks.record_done(
-            &parent_id,
-            Outcome {
-                success,
-                engine: uuid.clone(),
-            },
-        );
+        self.tasks.record_done(&parent_id, success, &uuid);
         self.record_result(&msg, &uuid, now);
     }
 
@@ -1666,13 +1668,7 @@ impl Hub {
                 push_completed(e, &pid);
             }
             let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
-            self.tasks.record_done(
-                &pid,
-                Outcome {
-                    success,
-                    engine: uuid.clone(),
-                },
-            );
+            self.tasks.record_done(&pid, success, &uuid);
         }
         self.record_result(&msg, &uuid, now);
         if !coalescing {

@@ -20,7 +20,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{
+    PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, XPubSocket, ZmqMessage,
+};
 
 use crate::cli::HubArgs;
 use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now};
@@ -117,6 +119,7 @@ const PORT_ORDER: [Channel; 13] = [
 // BroadcastClient is the 14th.
 
 enum Sock {
+    XPub(XPubSocket),
     Router(RouterSocket),
     Pub(PubSocket),
     Sub(SubSocket),
@@ -241,7 +244,19 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
         let port = wanted.get(&ch).copied().unwrap_or(0);
         let url = format!("tcp://{}:{}", args.ip, port);
         let (sock, ep) = match ch {
-            Channel::Notification | Channel::HbPing | Channel::IopubClient => {
+            // zmq.rs's PUB preallocates a 100k-slot fan-out queue (4 MB of
+            // resident memory per socket). The low-volume publishers use
+            // XPUB, which writes straight to the subscribers; iopub, whose
+            // subscribers may fall behind, keeps PUB's queue-and-drop.
+            Channel::Notification | Channel::HbPing => {
+                let mut s = XPubSocket::new();
+                let ep = s
+                    .bind(&url)
+                    .await
+                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
+                (Sock::XPub(s), ep)
+            }
+            Channel::IopubClient => {
                 let mut s = PubSocket::new();
                 let ep = s
                     .bind(&url)
@@ -343,6 +358,10 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
             Sock::Pub(s) => {
                 out_tx.insert(ch, tx);
                 send_tasks.push(tokio::spawn(pub_sender(ch, s, rx)));
+            }
+            Sock::XPub(s) => {
+                out_tx.insert(ch, tx);
+                send_tasks.push(tokio::spawn(xpub_sender(ch, s, rx)));
             }
             Sock::Sub(s) => {
                 drop((tx, rx));
@@ -530,6 +549,32 @@ async fn router_sender(
                     .unwrap_or_default();
                 warn!(channel = ch.name(), peer = %peer, error = %last, "message dropped: peer unreachable");
             });
+        }
+    }
+}
+
+/// XPUB only learns of subscriptions when it is read, so one task both reads
+/// (and discards) subscription messages and publishes.
+async fn xpub_sender(
+    ch: Channel,
+    mut sock: XPubSocket,
+    mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
+) {
+    loop {
+        tokio::select! {
+            frames = rx.recv() => {
+                let Some(frames) = frames else { return };
+                let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
+                if let Err(e) = sock.send(msg).await {
+                    debug!(channel = ch.name(), error = %e, "publish failed");
+                }
+            }
+            sub = sock.recv() => {
+                if let Err(e) = sub {
+                    debug!(channel = ch.name(), error = %e, "subscriber error");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
         }
     }
 }

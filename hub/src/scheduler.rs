@@ -5,7 +5,9 @@
 //! first) and return an index into that slice. Randomness comes from the
 //! caller so the hub core stays deterministic under test.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::fmt;
 use std::str::FromStr;
 
@@ -137,22 +139,89 @@ pub fn weighted(loads: &[u32], x: f64, y: f64) -> usize {
 }
 
 /// What the scheduler knows about a finished task: did it succeed, and on
-/// which engine did it run.
+/// which engine did it run. Engine names are shared (`Arc<str>`), so an
+/// outcome costs a few bytes however many tasks an engine ran.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
     pub success: bool,
-    pub engine: String,
+    pub engine: Arc<str>,
+}
+
+impl Outcome {
+    pub fn new(success: bool, engine: &str) -> Self {
+        Outcome {
+            success,
+            engine: Arc::from(engine),
+        }
+    }
+}
+
+/// The finished tasks the scheduler remembers for dependencies: the newest
+/// `cap` of them. Keys are 64-bit keyed hashes of the msg_ids (randomly keyed
+/// per hub, so collisions can neither happen by chance nor be arranged),
+/// which keeps 32k remembered tasks near 1 MiB.
+#[derive(Debug)]
+pub struct DoneSet {
+    map: HashMap<u64, Outcome>,
+    order: VecDeque<u64>,
+    cap: usize,
+    hasher: RandomState,
+}
+
+impl DoneSet {
+    pub fn new(cap: usize) -> Self {
+        DoneSet {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap: cap.max(1),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn key(&self, msg_id: &str) -> u64 {
+        self.hasher.hash_one(msg_id)
+    }
+
+    pub fn get(&self, msg_id: &str) -> Option<&Outcome> {
+        self.map.get(&self.key(msg_id))
+    }
+
+    pub fn contains_key(&self, msg_id: &str) -> bool {
+        self.map.contains_key(&self.key(msg_id))
+    }
+
+    /// Remember an outcome (the first one recorded for a msg_id wins).
+    pub fn insert(&mut self, msg_id: &str, outcome: Outcome) {
+        let k = self.key(msg_id);
+        if let std::collections::hash_map::Entry::Vacant(v) = self.map.entry(k) {
+            v.insert(outcome);
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
 }
 
 /// `Dependency.check`: is the dependency met given the finished tasks?
 /// With `on_engine`, only tasks that ran on that engine count (`follow`).
-pub fn dep_met(dep: &Dependency, done: &HashMap<String, Outcome>, on_engine: Option<&str>) -> bool {
+pub fn dep_met(dep: &Dependency, done: &DoneSet, on_engine: Option<&str>) -> bool {
     if dep.ids.is_empty() {
         return true;
     }
     let counts = |id: &String| match done.get(id) {
         Some(o) => {
-            on_engine.is_none_or(|e| o.engine == e)
+            on_engine.is_none_or(|e| &*o.engine == e)
                 && ((dep.success && o.success) || (dep.failure && !o.success))
         }
         None => false,
@@ -165,7 +234,7 @@ pub fn dep_met(dep: &Dependency, done: &HashMap<String, Outcome>, on_engine: Opt
 }
 
 /// `Dependency.unreachable`: can the dependency never be met any more?
-pub fn dep_unreachable(dep: &Dependency, done: &HashMap<String, Outcome>) -> bool {
+pub fn dep_unreachable(dep: &Dependency, done: &DoneSet) -> bool {
     if dep.ids.is_empty() {
         return false;
     }
@@ -252,22 +321,22 @@ mod tests {
     }
 
     #[test]
+    fn done_set_is_bounded_and_first_outcome_wins() {
+        let mut d = DoneSet::new(3);
+        for i in 0..10 {
+            d.insert(&format!("m{i}"), Outcome::new(true, "e"));
+        }
+        assert_eq!(d.len(), 3);
+        assert!(!d.contains_key("m0") && d.contains_key("m9"));
+        d.insert("m9", Outcome::new(false, "x"));
+        assert_eq!(d.get("m9"), Some(&Outcome::new(true, "e")));
+    }
+
+    #[test]
     fn dependency_rules() {
-        let mut done = HashMap::new();
-        done.insert(
-            "a".to_string(),
-            Outcome {
-                success: true,
-                engine: "e0".into(),
-            },
-        );
-        done.insert(
-            "b".to_string(),
-            Outcome {
-                success: false,
-                engine: "e1".into(),
-            },
-        );
+        let mut done = DoneSet::new(16);
+        done.insert("a", Outcome::new(true, "e0"));
+        done.insert("b", Outcome::new(false, "e1"));
         // after success of a: met
         assert!(dep_met(&dep(&["a"], true, true, false), &done, None));
         // after a and b (success only): b failed -> unreachable

@@ -9,6 +9,7 @@
 //! below the HWM, and when engines register.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use serde_json::{Map, Value, json};
 use tracing::{debug, warn};
 
 use crate::core::{Channel, Hub, Now, RESUBMIT_CLIENT, Timer, owned, peer, push_completed};
-use crate::scheduler::{Outcome, Scheme, choose, dep_met, dep_unreachable};
+use crate::scheduler::{DoneSet, Outcome, Scheme, choose, dep_met, dep_unreachable};
 
 pub(crate) struct Job {
     msg_id: String,
@@ -53,9 +54,9 @@ pub(crate) struct TaskState {
     /// engine uuid → tasks running there.
     running: HashMap<String, HashMap<String, Job>>,
     /// Finished tasks (bounded, oldest forgotten first).
-    done: HashMap<String, Outcome>,
-    done_order: VecDeque<String>,
-    done_cap: usize,
+    done: DoneSet,
+    /// Engine uuids shared by the outcomes in `done`.
+    engine_names: HashMap<String, Arc<str>>,
     /// Tasks whose completion must be propagated through the graph.
     work: VecDeque<String>,
     rescan: bool,
@@ -70,22 +71,42 @@ impl TaskState {
             queue: VecDeque::new(),
             graph: HashMap::new(),
             running: HashMap::new(),
-            done: HashMap::new(),
-            done_order: VecDeque::new(),
-            done_cap: done_cap.max(1),
+            done: DoneSet::new(done_cap),
+            engine_names: HashMap::new(),
             work: VecDeque::new(),
             rescan: false,
             seq: 0,
         }
     }
 
-    pub(crate) fn record_done(&mut self, msg_id: &str, outcome: Outcome) {
-        if self.done.insert(msg_id.to_owned(), outcome).is_none() {
-            self.done_order.push_back(msg_id.to_owned());
-            while self.done_order.len() > self.done_cap {
-                if let Some(old) = self.done_order.pop_front() {
-                    self.done.remove(&old);
-                }
+    pub(crate) fn record_done(&mut self, msg_id: &str, success: bool, engine: &str) {
+        let engine = match self.engine_names.get(engine) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(engine);
+                self.engine_names.insert(engine.to_owned(), name.clone());
+                name
+            }
+        };
+        self.done.insert(msg_id, Outcome { success, engine });
+    }
+
+    pub(crate) fn compact(&mut self) {
+        fn big(cap: usize, len: usize) -> bool {
+            cap > 1024 && cap > 4 * len
+        }
+        if big(self.waiting.capacity(), self.waiting.len()) {
+            self.waiting.shrink_to_fit();
+        }
+        if big(self.queue.capacity(), self.queue.len()) {
+            self.queue.shrink_to_fit();
+        }
+        if big(self.graph.capacity(), self.graph.len()) {
+            self.graph.shrink_to_fit();
+        }
+        for r in self.running.values_mut() {
+            if big(r.capacity(), r.len()) {
+                r.shrink_to_fit();
             }
         }
     }
@@ -311,7 +332,7 @@ impl Hub {
                     .filter(|o| {
                         (job.follow.success && o.success) || (job.follow.failure && !o.success)
                     })
-                    .map(|o| o.engine.as_str())
+                    .map(|o| &*o.engine)
                     .collect();
                 if dests.len() > 1 {
                     let err = ErrorContent::new(
@@ -453,13 +474,7 @@ impl Hub {
             }
         }
         let engine_uuid = engine.unwrap_or("").to_owned();
-        t.record_done(
-            &job.msg_id,
-            Outcome {
-                success: false,
-                engine: engine_uuid.clone(),
-            },
-        );
+        t.record_done(&job.msg_id, false, &engine_uuid);
         t.work.push_back(job.msg_id.clone());
         debug!(msg_id = %job.msg_id, ename = %err.ename, "task failed in the scheduler");
         let content = err.to_value();
@@ -559,13 +574,7 @@ impl Hub {
         {
             push_completed(e, &msg_id);
         }
-        self.tasks.record_done(
-            &msg_id,
-            Outcome {
-                success,
-                engine: uuid.clone(),
-            },
-        );
+        self.tasks.record_done(&msg_id, success, &uuid);
         self.tasks.work.push_back(msg_id);
         self.record_result(&msg, &uuid, now);
     }
