@@ -174,7 +174,7 @@ pub(crate) enum Timer {
         uuid: String,
         msg_ids: Vec<String>,
     },
-    StrandedTasks(String),
+    StrandedTasks { uuid: String, id: i64 },
     TaskTimeout {
         msg_id: String,
         generation: u64,
@@ -201,12 +201,16 @@ struct Incoming {
     id: i64,
 }
 
-/// Coalescing broadcast waiting for its replies.
-struct Coalesce {
+/// A broadcast waiting for its replies. Coalescing broadcasts also collect
+/// the replies' buffers, to send them to the client as one reply.
+struct Broadcast {
     client: Bytes,
+    coalescing: bool,
     targets: Vec<(String, i64)>,
-    buffers: HashMap<String, Vec<Bytes>>,
+    /// Engines that replied (with their buffers when coalescing).
+    replied: HashMap<String, Vec<Bytes>>,
     last: Option<(Bytes, Bytes, Map<String, Value>, Bytes)>,
+    any_error: bool,
 }
 
 /// Routing identity used for tasks the hub resubmits itself; replies to it
@@ -235,7 +239,7 @@ pub struct Hub {
     pub(crate) db: RecordStore,
     pub(crate) tasks: TaskState,
     pub(crate) rng: StdRng,
-    bcast: HashMap<String, Coalesce>,
+    bcast: HashMap<String, Broadcast>,
 }
 
 pub(crate) fn peer(idents: &[Bytes]) -> String {
@@ -492,7 +496,7 @@ impl Hub {
                 Timer::StrandedMux { id, uuid, msg_ids } => {
                     self.stranded_mux(id, &uuid, msg_ids, now)
                 }
-                Timer::StrandedTasks(uuid) => self.stranded_tasks(&uuid, now),
+                Timer::StrandedTasks { uuid, id } => self.stranded_tasks(&uuid, id, now),
                 Timer::TaskTimeout { msg_id, generation } => {
                     self.task_timeout(&msg_id, generation, now)
                 }
@@ -720,12 +724,35 @@ impl Hub {
                 },
             );
         }
-        // Coalescing broadcasts that include this engine can never complete;
-        // the client fails them itself on the unregistration notification.
+        // Broadcasts still waiting for this engine can never complete: the
+        // client fails them itself on the unregistration notification; the
+        // hub records them as failed.
         let uuid = engine.uuid.clone();
-        self.bcast
-            .retain(|_, c| !c.targets.iter().any(|(u, _)| *u == uuid));
-        self.lb_unregister(&engine.uuid, now);
+        let doomed: Vec<String> = self
+            .bcast
+            .iter()
+            .filter(|(_, b)| {
+                b.targets.iter().any(|(u, _)| *u == uuid) && !b.replied.contains_key(&uuid)
+            })
+            .map(|(m, _)| m.clone())
+            .collect();
+        for original in doomed {
+            self.bcast.remove(&original);
+            let err = ErrorContent::new(
+                "EngineError",
+                format!("Engine {id} died while running broadcast {original:?}"),
+            )
+            .with_engine_info(&uuid, Some(id), "apply");
+            let date = format_date(now.wall);
+            let mut f = Map::new();
+            f.insert("result_content".into(), err.to_value());
+            f.insert("result_header".into(), json!({"engine": uuid, "date": date}));
+            f.insert("completed".into(), json!(date));
+            self.db_update(&original, f, Some(vec![]));
+            self.pending.remove(&original);
+            self.tasks.record_done(&original, false, &uuid);
+        }
+        self.lb_unregister(&engine.uuid, id, now);
     }
 
     fn stranded_mux(&mut self, id: i64, uuid: &str, msg_ids: Vec<String>, now: Now) {
@@ -845,13 +872,8 @@ impl Hub {
     /// ipyparallel's `_validate_targets`: None → all, int/uuid → one, list.
     fn validate_targets(&self, targets: &Value) -> Result<Vec<i64>, ErrorContent> {
         let list: Vec<Value> = match targets {
-            Value::Null => {
-                return if self.engines.is_empty() {
-                    Err(ErrorContent::new("IndexError", "No Engines Registered"))
-                } else {
-                    Ok(self.engine_ids())
-                };
-            }
+            // None means every engine, even when there are none (ipyparallel).
+            Value::Null => return Ok(self.engine_ids()),
             Value::Array(a) => a.clone(),
             other => vec![other.clone()],
         };
@@ -1626,17 +1648,21 @@ impl Hub {
             }
             self.pending.insert(sub.header.msg_id);
         }
-        if coalescing {
-            self.bcast.insert(
-                original,
-                Coalesce {
-                    client,
-                    targets,
-                    buffers: HashMap::new(),
-                    last: None,
-                },
-            );
-        }
+        // The request as the client sent it is recorded too, and completes
+        // when every engine has replied.
+        self.new_record(&msg, "broadcast", None);
+        self.pending.insert(original.clone());
+        self.bcast.insert(
+            original,
+            Broadcast {
+                client,
+                coalescing,
+                targets,
+                replied: HashMap::new(),
+                last: None,
+                any_error: false,
+            },
+        );
     }
 
     fn broadcast_reply(&mut self, raw: RawMessage, msg: Message, now: Now) {
@@ -1671,38 +1697,49 @@ impl Hub {
             self.tasks.record_done(&pid, success, &uuid);
         }
         self.record_result(&msg, &uuid, now);
-        if !coalescing {
+        let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
+        let state = original.as_ref().and_then(|o| self.bcast.get_mut(o));
+        let Some(state) = state else {
+            if coalescing {
+                debug!(msg_id = ?original, "reply to an unknown or abandoned broadcast");
+            } else {
+                let mut frames = raw.into_frames();
+                frames.remove(0);
+                self.send(Channel::BroadcastClient, frames);
+            }
+            return;
+        };
+        let original = original.expect("state found by it");
+        state.any_error |= !success;
+        state.replied.insert(
+            uuid,
+            if coalescing { raw.buffers.clone() } else { Vec::new() },
+        );
+        if coalescing {
+            state.last = Some((
+                raw.header.clone(),
+                raw.parent.clone(),
+                msg.metadata.clone(),
+                raw.content.clone(),
+            ));
+        } else {
             let mut frames = raw.into_frames();
             frames.remove(0);
             self.send(Channel::BroadcastClient, frames);
+        }
+        let state = self.bcast.get(&original).expect("present");
+        if !state.targets.iter().all(|(u, _)| state.replied.contains_key(u)) {
             return;
         }
-        let Some(original) = original else {
-            warn!(peer = %uuid, "coalescing broadcast reply without original_msg_id");
-            return;
-        };
-        let Some(state) = self.bcast.get_mut(&original) else {
-            debug!(msg_id = %original, "reply to an unknown or abandoned broadcast");
-            return;
-        };
-        state.buffers.insert(uuid, raw.buffers.clone());
-        state.last = Some((
-            raw.header.clone(),
-            raw.parent.clone(),
-            msg.metadata.clone(),
-            raw.content.clone(),
-        ));
-        if state
-            .targets
-            .iter()
-            .all(|(u, _)| state.buffers.contains_key(u))
-        {
-            let state = self.bcast.remove(&original).expect("present");
+        let state = self.bcast.remove(&original).expect("present");
+        let bt: Vec<Value> = state.targets.iter().map(|(u, i)| json!([u, i])).collect();
+        let mut result_md = msg.metadata.clone();
+        if state.coalescing {
             let (header, parent, mut md, content) = state.last.expect("at least one reply");
-            let bt: Vec<Value> = state.targets.iter().map(|(u, i)| json!([u, i])).collect();
             md.insert("broadcast_targets".into(), json!(bt));
+            result_md = md.clone();
             let mut buffers = Vec::new();
-            let mut per = state.buffers;
+            let mut per = state.replied;
             for (u, _) in &state.targets {
                 buffers.extend(per.remove(u).unwrap_or_default());
             }
@@ -1715,7 +1752,21 @@ impl Hub {
                 buffers,
             );
             self.send(Channel::BroadcastClient, frames);
+        } else {
+            result_md.insert("broadcast_targets".into(), json!(bt));
         }
+        let mut f = Map::new();
+        f.insert(
+            "result_header".into(),
+            serde_json::to_value(&msg.header).unwrap_or_default(),
+        );
+        f.insert("result_metadata".into(), Value::Object(result_md));
+        f.insert("result_content".into(), msg.content.clone());
+        f.insert("received".into(), json!(format_date(now.wall)));
+        f.insert("completed".into(), json!(msg.header.date));
+        self.db_update(&original, f, None);
+        self.pending.remove(&original);
+        self.tasks.record_done(&original, !state.any_error, "");
     }
 }
 

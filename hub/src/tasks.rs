@@ -165,45 +165,39 @@ impl Hub {
         t.rescan = true;
     }
 
-    pub(crate) fn lb_unregister(&mut self, uuid: &str, now: Now) {
+    pub(crate) fn lb_unregister(&mut self, uuid: &str, id: i64, now: Now) {
         let t = &mut self.tasks;
         t.engines.retain(|e| e.uuid != uuid);
         if t.running.get(uuid).is_some_and(|r| !r.is_empty()) {
             let at = now.mono + self.cfg.stranded_delay;
-            self.schedule(at, Timer::StrandedTasks(uuid.to_owned()));
+            self.schedule(at, Timer::StrandedTasks { uuid: uuid.to_owned(), id });
         } else {
             self.tasks.running.remove(uuid);
         }
     }
 
     /// Fail (or retry elsewhere) every task still on a dead engine.
-    pub(crate) fn stranded_tasks(&mut self, uuid: &str, now: Now) {
+    /// `id` is the dead engine's id: the client has already forgotten the
+    /// engine, so the error must name it (ipyparallel's client looks up
+    /// `engine_info.engine_uuid` otherwise, and fails).
+    pub(crate) fn stranded_tasks(&mut self, uuid: &str, id: i64, now: Now) {
         let Some(lost) = self.tasks.running.remove(uuid) else {
             return;
         };
         let mut lost: Vec<Job> = lost.into_values().collect();
         lost.sort_by_key(|j| j.seq);
         for mut job in lost {
-            let engine_id = self.tasks_engine_id(uuid);
-            warn!(msg_id = %job.msg_id, engine = %uuid, "task stranded on a dead engine");
-            if let Some(e) = engine_id.and_then(|id| self.engines.get_mut(&id)) {
-                e.tasks.retain(|m| *m != job.msg_id);
-            }
+            warn!(msg_id = %job.msg_id, engine = id, "task stranded on a dead engine");
             if job.retries > 0 {
                 job.retries -= 1;
                 self.retry_elsewhere(job, uuid, now);
                 continue;
             }
-            let evalue = format!("Engine {uuid:?} died while running task {:?}", job.msg_id);
-            let err =
-                ErrorContent::new("EngineError", evalue).with_engine_info(uuid, engine_id, "apply");
+            let evalue = format!("Engine {id} died while running task {:?}", job.msg_id);
+            let err = ErrorContent::new("EngineError", evalue).with_engine_info(uuid, Some(id), "apply");
             let md = json!({"status": "error", "engine": uuid, "date": format_date(now.wall), "dependencies_met": true});
             self.fail_job(job, err, md, Some(uuid), now);
         }
-    }
-
-    fn tasks_engine_id(&self, uuid: &str) -> Option<i64> {
-        self.by_uuid.get(uuid).copied()
     }
 
     // ---------------------------------------------------------- submission
