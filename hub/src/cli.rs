@@ -74,6 +74,9 @@ pub struct HubArgs {
     /// Maximum number of task records kept in memory.
     #[arg(long = "record-limit", default_value_t = 1024)]
     pub record_limit: usize,
+    /// Largest message accepted, in bytes (larger ones are dropped with a warning).
+    #[arg(long = "max-message-size", default_value_t = 1 << 30)]
+    pub max_message_size: usize,
     /// Reuse the ports and key of existing connection files, and keep them on exit.
     #[arg(long)]
     pub reuse: bool,

@@ -332,6 +332,8 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
     core.hwm = args.hwm;
     core.db = db;
     core.engine_info = serde_json::to_value(&engine)?;
+    core.limits.max_total = args.max_message_size.max(1024);
+    core.limits.max_json_frame = core.limits.max_json_frame.min(core.limits.max_total);
     core.seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
