@@ -174,7 +174,10 @@ pub(crate) enum Timer {
         uuid: String,
         msg_ids: Vec<String>,
     },
-    StrandedTasks { uuid: String, id: i64 },
+    StrandedTasks {
+        uuid: String,
+        id: i64,
+    },
     TaskTimeout {
         msg_id: String,
         generation: u64,
@@ -746,7 +749,10 @@ impl Hub {
             let date = format_date(now.wall);
             let mut f = Map::new();
             f.insert("result_content".into(), err.to_value());
-            f.insert("result_header".into(), json!({"engine": uuid, "date": date}));
+            f.insert(
+                "result_header".into(),
+                json!({"engine": uuid, "date": date}),
+            );
             f.insert("completed".into(), json!(date));
             self.db_update(&original, f, Some(vec![]));
             self.pending.remove(&original);
@@ -1713,7 +1719,11 @@ impl Hub {
         state.any_error |= !success;
         state.replied.insert(
             uuid,
-            if coalescing { raw.buffers.clone() } else { Vec::new() },
+            if coalescing {
+                raw.buffers.clone()
+            } else {
+                Vec::new()
+            },
         );
         if coalescing {
             state.last = Some((
@@ -1728,7 +1738,11 @@ impl Hub {
             self.send(Channel::BroadcastClient, frames);
         }
         let state = self.bcast.get(&original).expect("present");
-        if !state.targets.iter().all(|(u, _)| state.replied.contains_key(u)) {
+        if !state
+            .targets
+            .iter()
+            .all(|(u, _)| state.replied.contains_key(u))
+        {
             return;
         }
         let state = self.bcast.remove(&original).expect("present");

@@ -2823,3 +2823,51 @@ fn broadcasts_stranded_on_a_dead_engine_are_recorded_as_engine_error() {
     let p = sim.query("purge_request", json!({"msg_ids": [sub]}));
     assert_eq!(p.content()["status"], "ok");
 }
+
+#[test]
+fn broadcast_request_is_recorded_and_completes_with_the_last_reply() {
+    for coalescing in [false, true] {
+        let mut sim = Sim::with_engines(base_config(), 2);
+        let md = json!({"targets": [["e0", 0], ["e1", 1]], "is_broadcast": true,
+                        "is_coalescing": coalescing});
+        let orig = sim.client_send(
+            Channel::BroadcastClient,
+            vec![],
+            "apply_request",
+            json!({}),
+            md,
+            vec![],
+        );
+        let fan = sim.take(Channel::BroadcastEngine);
+        let r = sim.result_request(&[&orig]);
+        assert_eq!(
+            r.content()["pending"],
+            json!([orig]),
+            "coalescing={coalescing}"
+        );
+        sim.reply(Channel::BroadcastEngine, &fan[0], "ok");
+        assert_eq!(
+            sim.result_request(&[&orig]).content()["pending"],
+            json!([orig])
+        );
+        sim.reply(Channel::BroadcastEngine, &fan[1], "ok");
+        let r = sim.result_request(&[&orig]);
+        assert_eq!(
+            r.content()["completed"],
+            json!([orig]),
+            "coalescing={coalescing}"
+        );
+        assert_eq!(r.content()[&orig]["header"]["msg_type"], "apply_request");
+        assert_eq!(
+            r.content()[&orig]["result_metadata"]["broadcast_targets"],
+            json!([["e0", 0], ["e1", 1]])
+        );
+        let hist = sim.query("history_request", json!({}));
+        assert!(
+            hist.content()["history"]
+                .as_array()
+                .unwrap()
+                .contains(&json!(orig))
+        );
+    }
+}

@@ -6,10 +6,10 @@
 //! caller so the hub core stays deterministic under test.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
-use std::sync::Arc;
 use std::fmt;
+use std::hash::{BuildHasher, RandomState};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use parallax_wire::content::Dependency;
 

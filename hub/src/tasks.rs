@@ -170,7 +170,13 @@ impl Hub {
         t.engines.retain(|e| e.uuid != uuid);
         if t.running.get(uuid).is_some_and(|r| !r.is_empty()) {
             let at = now.mono + self.cfg.stranded_delay;
-            self.schedule(at, Timer::StrandedTasks { uuid: uuid.to_owned(), id });
+            self.schedule(
+                at,
+                Timer::StrandedTasks {
+                    uuid: uuid.to_owned(),
+                    id,
+                },
+            );
         } else {
             self.tasks.running.remove(uuid);
         }
@@ -194,7 +200,8 @@ impl Hub {
                 continue;
             }
             let evalue = format!("Engine {id} died while running task {:?}", job.msg_id);
-            let err = ErrorContent::new("EngineError", evalue).with_engine_info(uuid, Some(id), "apply");
+            let err =
+                ErrorContent::new("EngineError", evalue).with_engine_info(uuid, Some(id), "apply");
             let md = json!({"status": "error", "engine": uuid, "date": format_date(now.wall), "dependencies_met": true});
             self.fail_job(job, err, md, Some(uuid), now);
         }
