@@ -510,7 +510,7 @@ impl Hub {
 
     /// Give back the capacity a burst left behind (hash tables never shrink
     /// on their own), so resident memory returns to its steady state.
-    fn compact(&mut self) {
+    pub fn compact(&mut self) {
         fn shrink_set(s: &mut HashSet<String>) {
             if s.capacity() > 1024 && s.capacity() > 4 * s.len() {
                 s.shrink_to_fit();

@@ -429,6 +429,7 @@ async fn core_loop(
     let mut trim = tokio::time::interval(Duration::from_secs(2));
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut busy_since_trim = false;
+    let mut peak_backlog = 0usize;
     loop {
         let deadline = hub.poll_timeout();
         tokio::select! {
@@ -459,6 +460,17 @@ async fn core_loop(
             _ = sleep_until(deadline) => {
                 hub.handle_timeout(now());
             }
+        }
+        // When a burst of queued tasks has drained, give its memory back now
+        // rather than at the next periodic trim.
+        let (waiting, running) = hub.task_counts();
+        let backlog = waiting + running;
+        if peak_backlog >= 1000 && backlog == 0 {
+            hub.compact();
+            release_free_memory();
+            peak_backlog = 0;
+        } else {
+            peak_backlog = peak_backlog.max(backlog);
         }
         while let Some(t) = hub.poll_transmit() {
             if let Some(tx) = out_tx.get(&t.channel) {

@@ -26,7 +26,6 @@ pub(crate) struct Job {
     client: Bytes,
     /// The request frames from the delimiter on, relayed unchanged.
     body: Vec<Bytes>,
-    header: Value,
     targets: Vec<String>,
     after: Dependency,
     follow: Dependency,
@@ -37,6 +36,18 @@ pub(crate) struct Job {
     /// entries and timers carry an older value and are ignored.
     generation: u64,
     seq: u64,
+}
+
+impl Job {
+    /// The request's header, for replies the scheduler makes itself. Parsed
+    /// from the stored frames on demand: waiting tasks keep only their frames.
+    fn parent_header(&self) -> Value {
+        // body = [<IDS|MSG>, signature, header, parent, metadata, content, …]
+        self.body
+            .get(2)
+            .and_then(|h| serde_json::from_slice(h).ok())
+            .unwrap_or_else(|| json!({"msg_id": self.msg_id}))
+    }
 }
 
 struct LbEngine {
@@ -222,7 +233,6 @@ impl Hub {
         let mut frames = raw.into_frames();
         let body: Vec<Bytes> = frames.split_off(n_idents).iter().map(owned).collect();
         let client = owned(&client);
-        let header = serde_json::to_value(&msg.header).unwrap_or_default();
         self.tasks.seq += 1;
         let md = TaskMetadata::from_metadata(&msg.metadata);
         let (md, bad) = match md {
@@ -233,7 +243,6 @@ impl Hub {
             msg_id: msg_id.clone(),
             client,
             body,
-            header,
             targets: md.targets,
             after: md.after,
             follow: md.follow,
@@ -485,9 +494,14 @@ impl Hub {
             if let Some(u) = engine {
                 idents.push(Bytes::copy_from_slice(u.as_bytes()));
             }
-            let frames =
-                self.session
-                    .serialize(idents, &header, &job.header, &metadata, &content, vec![]);
+            let frames = self.session.serialize(
+                idents,
+                &header,
+                &job.parent_header(),
+                &metadata,
+                &content,
+                vec![],
+            );
             self.send(Channel::TaskClient, frames);
         }
         self.pending.remove(&job.msg_id);
