@@ -31,6 +31,8 @@ test-rust:
 
 test-python: venv build
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
+	# the interop suite again, with Parallax engines in place of ipengine
+	PARALLAX_ENGINES=parallax PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/interop -q -p no:cacheprovider
 
 bench: venv build
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_hub.py

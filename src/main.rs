@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the hub: an ipyparallel-compatible controller (like ipcontroller).
     Hub(parallax_hub::HubArgs),
+    /// Run an engine that registers with a hub and runs Python code (like ipengine).
+    Engine(parallax_engine::EngineArgs),
 }
 
 fn init_tracing(level: &str) -> Result<()> {
@@ -35,9 +37,24 @@ fn init_tracing(level: &str) -> Result<()> {
     Ok(())
 }
 
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Engine(args) => {
+            init_tracing(&args.log_level)?;
+            parallax_hub::driver::tune_allocator();
+            runtime()?.block_on(async move {
+                // The engine handles SIGINT/SIGTERM itself (clean unregistration).
+                parallax_engine::driver::run(args, CancellationToken::new()).await
+            })
+        }
         Command::Hub(args) => {
             init_tracing(&args.log_level)?;
             parallax_hub::driver::tune_allocator();

@@ -64,6 +64,23 @@ HUB_CMD = hub_command()
 #: documenting genuine ipcontroller bugs/omissions)
 HUB_IS_IPCONTROLLER = _is_ipcontroller(HUB_CMD)
 
+
+def engine_command() -> list[str] | None:
+    """`PARALLAX_ENGINES=parallax` runs our Rust engines instead of stock
+    ipengine (`PARALLAX_ENGINE_CMD` overrides the command)."""
+    cmd = os.environ.get("PARALLAX_ENGINE_CMD", "").strip()
+    if cmd:
+        return shlex.split(cmd)
+    if os.environ.get("PARALLAX_ENGINES", "").strip() == "parallax":
+        binary = os.environ.get("PARALLAX_BIN") or str(REPO / "target" / "release" / "parallax")
+        return [binary, "engine"]
+    return None
+
+
+ENGINE_CMD = engine_command()
+#: True when the engines are Parallax engines rather than stock ipengine
+ENGINES_ARE_PARALLAX = ENGINE_CMD is not None
+
 _counter = itertools.count()
 
 # every HubCluster that is currently running, for log dumps on failure and
@@ -350,6 +367,14 @@ class HubCluster:
         )
 
     def engine_argv(self) -> list[str]:
+        if ENGINE_CMD is not None:
+            return ENGINE_CMD + [
+                f"--profile-dir={self.profile_dir}",
+                f"--cluster-id={self.cluster_id}",
+                "--log-level=DEBUG",
+                "--timeout=20",
+                f"--python={sys.executable}",
+            ]
         return [
             str(VENV_BIN / "ipengine"),
             f"--profile-dir={self.profile_dir}",
@@ -399,9 +424,12 @@ class HubCluster:
             self.hub.snapshot()
 
     def engine_pids(self, rc=None) -> dict[int, int]:
-        """{engine id: pid} as reported by the engines themselves."""
+        """{engine id: pid of the engine process}, as reported by the engines.
+
+        A Parallax engine runs user code in a Python subprocess it owns, so
+        the engine process is that subprocess's parent."""
         rc = self.client if rc is None else rc
-        ar = rc[:].apply_async(os.getpid)
+        ar = rc[:].apply_async(os.getppid if ENGINES_ARE_PARALLAX else os.getpid)
         pids = ar.get(timeout=REPLY_TIMEOUT)
         return dict(zip(ar.engine_id, pids))
 

@@ -9,6 +9,7 @@ import pytest
 import ipyparallel as ipp
 
 from .harness import (
+    ENGINES_ARE_PARALLAX,
     HUB_IS_IPCONTROLLER,
     REPLY_TIMEOUT,
     raises_remote,
@@ -31,15 +32,19 @@ def started_marker(path):
         import time
 
         with open(path, "w") as f:
-            f.write(str(os.getpid()))
+            f.write(f"{os.getpid()} {os.getppid()}")
         time.sleep(60)
 
     return task
 
 
 def wait_started(path):
-    wait_until(lambda: os.path.exists(path), T, msg="task never started")
-    return int(open(path).read())
+    """The pid of the engine process running the task (for a Parallax
+    engine, the parent of the Python subprocess that runs user code)."""
+    wait_until(lambda: os.path.exists(path) and os.path.getsize(path) > 0, T,
+               msg="task never started")
+    pid, ppid = map(int, open(path).read().split())
+    return ppid if ENGINES_ARE_PARALLAX else pid
 
 
 def assert_cluster_still_works(rc, dead_ids, survivors):
@@ -121,9 +126,9 @@ def test_kill_engines_running_lb_tasks(make_cluster, tmp_path):
 
         if not os.path.exists(path):
             with open(path, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} {os.getppid()}")
             time.sleep(60)
-        return os.getpid()
+        return os.getpid(), os.getppid()
 
     lv = rc.load_balanced_view()
     plain = lv.apply_async(started_marker(plain_marker))
@@ -138,7 +143,8 @@ def test_kill_engines_running_lb_tasks(make_cluster, tmp_path):
     with raises_remote("EngineError"):
         plain.get(DEATH_TIMEOUT)
     survivor = [e for e in pids if pids[e] not in (pid1, pid2)]
-    assert retried.get(DEATH_TIMEOUT) == pids[survivor[0]]
+    pid, ppid = retried.get(DEATH_TIMEOUT)
+    assert (ppid if ENGINES_ARE_PARALLAX else pid) == pids[survivor[0]]
     assert retried.engine_id == survivor[0]
     assert_cluster_still_works(rc, [by_pid[pid1], by_pid[pid2]], survivor)
 
@@ -153,8 +159,10 @@ def test_engine_death_detected_by_heartbeat(make_cluster):
     uuid = rc._engines[victim]
     proc = c.engine_proc(pids[victim])
     proc.snapshot()
+    # ipengine's nanny, or the Parallax engine's Python subprocess: killed
+    # with the engine so that nothing sends an unregistration_request.
     nannies = list(proc.seen.values())
-    assert nannies, "expected the engine to have a nanny subprocess"
+    assert nannies, "expected the engine to have a child process"
     events = []
     rc._registration_callbacks.append(events.append)
     ar = rc[victim].apply_async(time.sleep, 60)
@@ -167,3 +175,31 @@ def test_engine_death_detected_by_heartbeat(make_cluster):
     assert_cluster_still_works(rc, [victim], [1])
     unreg = [e for e in events if e["event"] == "unregister"]
     assert [(e["id"], e["uuid"]) for e in unreg] == [(victim, uuid)]
+
+
+@pytest.mark.skipif(not ENGINES_ARE_PARALLAX, reason="Parallax engines only: ipengine dies with its interpreter")
+def test_python_crash_is_reported_and_engine_stays(make_cluster, tmp_path):
+    """The Python subprocess of a Parallax engine dies mid-task: the task
+    fails with an EngineError naming the signal, the engine restarts Python
+    with a fresh namespace and stays registered."""
+    c = make_cluster(engines=1)
+    rc = c.client
+    rc[:].execute("x = 1", block=True)
+    marker = str(tmp_path / "started")
+    ar = rc[0].apply_async(started_marker(marker))
+    wait_until(lambda: os.path.exists(marker) and os.path.getsize(marker) > 0, T)
+    python_pid = int(open(marker).read().split()[0])
+    os.kill(python_pid, signal.SIGKILL)
+    with raises_remote("EngineError") as info:
+        ar.get(T)
+    assert "signal 9" in info.errors[0].evalue
+    assert "fresh namespace" in info.errors[0].evalue
+    assert rc.ids == [0]
+    assert rc[0].apply_async(os.getpid).get(T) != python_pid
+    with raises_remote("NameError"):
+        rc[0].execute("x", block=True)
+    # os._exit is reported with its exit code
+    with raises_remote("EngineError") as info:
+        rc[0].execute("import os; os._exit(3)", block=True)
+    assert "exited with code 3" in info.errors[0].evalue
+    assert rc[0].apply_async(lambda: 42).get(T) == 42

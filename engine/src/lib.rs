@@ -1,0 +1,16 @@
+//! The Parallax engine: ipengine's counterpart in Rust.
+//!
+//! * [`cli`] — `parallax engine` options (ipengine's names where they exist).
+//! * [`driver`] — registration, heartbeat (answered from Rust, so a busy
+//!   interpreter never misses a beat), shell/control/iopub sockets, the
+//!   request loop.
+//! * [`interpreter`] — the `Interpreter` trait and its output events.
+//! * [`python`] — the persistent Python subprocess behind the trait, and its
+//!   framed pipe protocol (the Python side is `python/parallax_engine_shim.py`).
+
+pub mod cli;
+pub mod driver;
+pub mod interpreter;
+pub mod python;
+
+pub use cli::EngineArgs;

@@ -1,0 +1,629 @@
+//! The persistent Python subprocess behind the [`Interpreter`] trait.
+//!
+//! The engine starts `python -u parallax_engine_shim.py` with stdout and
+//! stderr on pipes (so output is captured at the file-descriptor level:
+//! `print`, `os.write(1, …)`, C extensions, child processes) and two more
+//! pipes for commands (fd 3) and events (fd 4), which user code cannot
+//! corrupt by printing. Frames on fds 3/4: `u32` LE JSON length, the JSON,
+//! `u32` LE buffer count, then per buffer `u64` LE length and the bytes.
+//!
+//! At the end of each request the shim writes `\x1e<token>\n` to fds 1 and 2
+//! and sends its `reply` with that token, so the engine knows it has read all
+//! of the request's output before it replies. If the process dies, the
+//! running request gets an error naming what happened and a fresh process is
+//! started (the engine stays registered).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use serde_json::{Map, Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::interpreter::{Interpreter, Output, OutputSink, Reply, Request, SignalHandle};
+
+/// The Python side, embedded so the binary is self-contained.
+pub const SHIM_SOURCE: &str = include_str!("../python/parallax_engine_shim.py");
+
+const CMD_FD: RawFd = 3;
+const EVT_FD: RawFd = 4;
+const MARK: u8 = 0x1e;
+
+/// How to start the Python subprocess.
+#[derive(Debug, Clone)]
+pub struct PythonConfig {
+    pub python: PathBuf,
+    pub env: Vec<(String, String)>,
+}
+
+/// Something read from the subprocess.
+#[derive(Debug)]
+enum Event {
+    /// A JSON event with its buffers, from fd 4.
+    Msg(Map<String, Value>, Vec<Bytes>),
+    /// Output text from fd 1 or 2.
+    Text(&'static str, String),
+    /// An end-of-request marker line on fd 1 or 2.
+    Mark(&'static str, String),
+    /// A pipe reached EOF (the process is gone or going).
+    Eof(&'static str),
+}
+
+struct Proc {
+    child: Child,
+    pid: i32,
+    cmd: tokio::fs::File,
+    events: mpsc::UnboundedReceiver<Event>,
+    startup: Duration,
+}
+
+pub struct PythonInterpreter {
+    cfg: PythonConfig,
+    shim_path: PathBuf,
+    proc: Option<Proc>,
+    next_id: u64,
+    python_version: String,
+    signals: SignalHandle,
+}
+
+fn shim_path() -> std::io::Result<PathBuf> {
+    // One copy per shim version, in a private directory.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in SHIM_SOURCE.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let uid = unsafe_uid();
+    let dir = std::env::temp_dir().join(format!("parallax-{uid}"));
+    std::fs::create_dir_all(&dir)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let path = dir.join(format!("parallax_engine_shim-{h:016x}.py"));
+    if !path.exists() {
+        let tmp = dir.join(format!(".shim-{}.tmp", std::process::id()));
+        std::fs::write(&tmp, SHIM_SOURCE)?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
+}
+
+fn unsafe_uid() -> u32 {
+    // SAFETY: getuid cannot fail and has no side effects.
+    unsafe { libc::getuid() }
+}
+
+fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: fds is a valid array of two ints; O_CLOEXEC keeps the ends out
+    // of other children; the child gets its ends via dup2 in pre_exec.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 returned two fresh descriptors that we now own.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+async fn read_frames(mut r: tokio::fs::File, tx: mpsc::UnboundedSender<Event>) {
+    loop {
+        let mut len = [0u8; 4];
+        if r.read_exact(&mut len).await.is_err() {
+            let _ = tx.send(Event::Eof("events"));
+            return;
+        }
+        let mut json = vec![0u8; u32::from_le_bytes(len) as usize];
+        if r.read_exact(&mut json).await.is_err() {
+            let _ = tx.send(Event::Eof("events"));
+            return;
+        }
+        let mut nbuf = [0u8; 4];
+        if r.read_exact(&mut nbuf).await.is_err() {
+            let _ = tx.send(Event::Eof("events"));
+            return;
+        }
+        let mut bufs = Vec::new();
+        for _ in 0..u32::from_le_bytes(nbuf) {
+            let mut l = [0u8; 8];
+            if r.read_exact(&mut l).await.is_err() {
+                let _ = tx.send(Event::Eof("events"));
+                return;
+            }
+            let mut b = vec![0u8; u64::from_le_bytes(l) as usize];
+            if r.read_exact(&mut b).await.is_err() {
+                let _ = tx.send(Event::Eof("events"));
+                return;
+            }
+            bufs.push(Bytes::from(b));
+        }
+        match serde_json::from_slice::<Value>(&json) {
+            Ok(Value::Object(m)) => {
+                let _ = tx.send(Event::Msg(m, bufs));
+            }
+            _ => warn!("undecodable event from the Python subprocess"),
+        }
+    }
+}
+
+/// Forward output, splitting out marker lines (`\x1e…\n`). Text is sent as
+/// soon as it is read so output streams live; a marker is recognised only
+/// at the start of a line.
+async fn read_stream<R: AsyncRead + Unpin>(
+    mut r: R,
+    name: &'static str,
+    tx: mpsc::UnboundedSender<Event>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut at_line_start = true;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                if !pending.is_empty() {
+                    let _ = tx.send(Event::Text(
+                        name,
+                        String::from_utf8_lossy(&pending).into_owned(),
+                    ));
+                }
+                let _ = tx.send(Event::Eof(name));
+                return;
+            }
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        let mut out: Vec<u8> = Vec::new();
+        let mut i = 0;
+        while i < pending.len() {
+            if at_line_start && pending[i] == MARK {
+                match pending[i..].iter().position(|&c| c == b'\n') {
+                    Some(end) => {
+                        if !out.is_empty() {
+                            let _ = tx.send(Event::Text(
+                                name,
+                                String::from_utf8_lossy(&out).into_owned(),
+                            ));
+                            out.clear();
+                        }
+                        let token = String::from_utf8_lossy(&pending[i + 1..i + end]).into_owned();
+                        let _ = tx.send(Event::Mark(name, token));
+                        i += end + 1;
+                        at_line_start = true;
+                        continue;
+                    }
+                    None if pending.len() - i < 256 => break, // wait for the rest
+                    None => {}
+                }
+            }
+            at_line_start = pending[i] == b'\n';
+            out.push(pending[i]);
+            i += 1;
+        }
+        pending.drain(..i);
+        // Keep incomplete UTF-8 sequences for the next read.
+        let cut = match std::str::from_utf8(&out) {
+            Ok(_) => out.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => out.len(),
+        };
+        if cut < out.len() {
+            let rest = out.split_off(cut);
+            let mut p = rest;
+            p.extend_from_slice(&pending);
+            pending = p;
+        }
+        if !out.is_empty() {
+            let _ = tx.send(Event::Text(
+                name,
+                String::from_utf8_lossy(&out).into_owned(),
+            ));
+        }
+    }
+}
+
+impl PythonInterpreter {
+    pub async fn start(cfg: PythonConfig) -> anyhow::Result<PythonInterpreter> {
+        let shim_path = shim_path()?;
+        let mut me = PythonInterpreter {
+            cfg,
+            shim_path,
+            proc: None,
+            next_id: 0,
+            python_version: String::new(),
+            signals: SignalHandle::default(),
+        };
+        me.spawn().await?;
+        Ok(me)
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        let (cmd_r, cmd_w) = pipe()?;
+        let (evt_r, evt_w) = pipe()?;
+        let mut command = Command::new(&self.cfg.python);
+        command
+            .arg("-u")
+            .arg(&self.shim_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("PARALLAX_CMD_FD", CMD_FD.to_string())
+            .env("PARALLAX_EVT_FD", EVT_FD.to_string())
+            .kill_on_drop(true);
+        for (k, v) in &self.cfg.env {
+            command.env(k, v);
+        }
+        let (cr, ew) = (cmd_r.as_raw_fd(), evt_w.as_raw_fd());
+        // SAFETY: only async-signal-safe calls (dup2, setpgid) between fork
+        // and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Move both ends above the target numbers first, so neither
+                // dup2 can clobber the other; dup2'd descriptors lose CLOEXEC.
+                let a = libc::fcntl(cr, libc::F_DUPFD_CLOEXEC, 10);
+                let b = libc::fcntl(ew, libc::F_DUPFD_CLOEXEC, 10);
+                if a < 0 || b < 0 || libc::dup2(a, CMD_FD) < 0 || libc::dup2(b, EVT_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // Own process group: a terminal's Ctrl-C to the engine must
+                // not hit the interpreter; the engine forwards signals.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|e| {
+            anyhow::anyhow!("cannot start Python ({}): {e}", self.cfg.python.display())
+        })?;
+        drop(cmd_r);
+        drop(evt_w);
+        let pid = child.id().unwrap_or(0) as i32;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
+        tokio::spawn(read_stream(stdout, "stdout", tx.clone()));
+        tokio::spawn(read_stream(stderr, "stderr", tx.clone()));
+        tokio::spawn(read_frames(
+            tokio::fs::File::from_std(std::fs::File::from(evt_r)),
+            tx,
+        ));
+        let cmd = tokio::fs::File::from_std(std::fs::File::from(cmd_w));
+        let mut proc = Proc {
+            child,
+            pid,
+            cmd,
+            events: rx,
+            startup: Duration::ZERO,
+        };
+        // Wait for `ready`.
+        let ready = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                match proc.events.recv().await {
+                    Some(Event::Msg(m, _))
+                        if m.get("ev").and_then(Value::as_str) == Some("ready") =>
+                    {
+                        return Ok(m);
+                    }
+                    Some(Event::Text(_, t)) => {
+                        debug!(text = %t.trim_end(), "python start-up output")
+                    }
+                    Some(Event::Eof(_)) | None => {
+                        return Err(anyhow::anyhow!(
+                            "the Python subprocess exited during start-up"
+                        ));
+                    }
+                    Some(_) => {}
+                }
+            }
+        })
+        .await
+        .map_err(|_| anyhow::anyhow!("the Python subprocess did not start within 30 s"))??;
+        proc.startup = t0.elapsed();
+        self.python_version = ready
+            .get("python")
+            .and_then(Value::as_str)
+            .unwrap_or("3")
+            .to_owned();
+        info!(pid, startup_ms = proc.startup.as_secs_f64() * 1e3, python = %self.python_version, "Python subprocess ready");
+        self.signals
+            .pid
+            .store(pid, std::sync::atomic::Ordering::SeqCst);
+        self.proc = Some(proc);
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(|p| p.pid)
+    }
+
+    pub fn startup_time(&self) -> Option<Duration> {
+        self.proc.as_ref().map(|p| p.startup)
+    }
+
+    async fn send_cmd(proc: &mut Proc, cmd: &Value, buffers: &[Bytes]) -> std::io::Result<()> {
+        let json = serde_json::to_vec(cmd).expect("JSON serializes");
+        let mut frame = Vec::with_capacity(json.len() + 8);
+        frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&json);
+        frame.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
+        proc.cmd.write_all(&frame).await?;
+        for b in buffers {
+            proc.cmd.write_all(&(b.len() as u64).to_le_bytes()).await?;
+            proc.cmd.write_all(b).await?;
+        }
+        proc.cmd.flush().await
+    }
+
+    /// Describe how the process ended, for the error reply.
+    async fn death(proc: &mut Proc) -> String {
+        let status = tokio::time::timeout(Duration::from_secs(2), proc.child.wait()).await;
+        match status {
+            Ok(Ok(s)) => {
+                use std::os::unix::process::ExitStatusExt;
+                if let Some(sig) = s.signal() {
+                    let name = match sig {
+                        libc::SIGKILL => "SIGKILL (killed, e.g. by the OOM killer)",
+                        libc::SIGSEGV => "SIGSEGV (segmentation fault)",
+                        libc::SIGABRT => "SIGABRT (aborted)",
+                        libc::SIGBUS => "SIGBUS",
+                        libc::SIGTERM => "SIGTERM",
+                        _ => "a signal",
+                    };
+                    format!("the Python process was terminated by signal {sig}: {name}")
+                } else {
+                    format!(
+                        "the Python process exited with code {}",
+                        s.code().unwrap_or(-1)
+                    )
+                }
+            }
+            _ => {
+                let _ = proc.child.start_kill();
+                "the Python process stopped responding and was killed".to_owned()
+            }
+        }
+    }
+
+    async fn run_inner(&mut self, req: Request, out: OutputSink) -> Reply {
+        if self.proc.is_none()
+            && let Err(e) = self.spawn().await
+        {
+            return Reply::error("EngineError", format!("cannot start Python: {e}"));
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let (cmd, buffers) = match req {
+            Request::Execute {
+                code,
+                silent,
+                store_history,
+                user_expressions,
+                execution_count,
+            } => (
+                json!({"op": "execute", "id": id, "code": code, "silent": silent,
+                       "store_history": store_history, "user_expressions": user_expressions,
+                       "execution_count": execution_count}),
+                vec![],
+            ),
+            Request::Apply { buffers } => (json!({"op": "apply", "id": id}), buffers),
+            Request::Complete { code, cursor_pos } => (
+                json!({"op": "complete", "id": id, "code": code, "cursor_pos": cursor_pos}),
+                vec![],
+            ),
+            Request::Inspect {
+                code,
+                cursor_pos,
+                detail_level,
+            } => (
+                json!({"op": "inspect", "id": id, "code": code, "cursor_pos": cursor_pos,
+                       "detail_level": detail_level}),
+                vec![],
+            ),
+            Request::IsComplete { code } => {
+                (json!({"op": "is_complete", "id": id, "code": code}), vec![])
+            }
+            Request::Clear => (json!({"op": "clear", "id": id}), vec![]),
+        };
+        let proc = self.proc.as_mut().expect("spawned above");
+        if let Err(e) = Self::send_cmd(proc, &cmd, &buffers).await {
+            let why = Self::death(proc).await;
+            self.proc = None;
+            warn!(error = %e, %why, "Python subprocess lost; restarting");
+            let _ = self.spawn().await;
+            return Reply::error(
+                "EngineError",
+                format!("{why}; it was restarted with a fresh namespace"),
+            );
+        }
+        let mut reply: Option<Reply> = None;
+        let mut end_token: Option<String> = None;
+        let mut marks: Vec<(&'static str, String)> = Vec::new();
+        let mut eof = false;
+        loop {
+            if let (Some(_), Some(tok)) = (&reply, &end_token) {
+                let seen = |n: &str| marks.iter().any(|(s, t)| *s == n && t == tok);
+                if seen("stdout") && seen("stderr") {
+                    break;
+                }
+            }
+            let ev = match proc.events.recv().await {
+                Some(ev) => ev,
+                None => {
+                    eof = true;
+                    break;
+                }
+            };
+            match ev {
+                Event::Text(name, text) => {
+                    let _ = out.send(Output::Stream {
+                        name: name.to_owned(),
+                        text,
+                    });
+                }
+                Event::Mark(name, token) => {
+                    if end_token.as_ref().is_some_and(|t| *t == token) || reply.is_none() {
+                        marks.push((name, token));
+                    } else {
+                        // not ours: it was user output after all
+                        let _ = out.send(Output::Stream {
+                            name: name.to_owned(),
+                            text: format!("\x1e{token}\n"),
+                        });
+                    }
+                }
+                Event::Eof(pipe) => {
+                    debug!(pipe, "Python subprocess pipe closed");
+                    eof = true;
+                    break;
+                }
+                Event::Msg(m, bufs) => {
+                    let ev_type = m.get("ev").and_then(Value::as_str).unwrap_or("");
+                    match ev_type {
+                        "display_data" => {
+                            let _ = out.send(Output::DisplayData {
+                                data: m.get("data").cloned().unwrap_or(json!({})),
+                                metadata: m.get("metadata").cloned().unwrap_or(json!({})),
+                                transient: m.get("transient").cloned().unwrap_or(json!({})),
+                            });
+                        }
+                        "clear_output" => {
+                            let wait = m.get("wait").and_then(Value::as_bool).unwrap_or(false);
+                            let _ = out.send(Output::ClearOutput { wait });
+                        }
+                        "execute_result" => {
+                            let _ = out.send(Output::ExecuteResult {
+                                execution_count: m
+                                    .get("execution_count")
+                                    .and_then(Value::as_i64)
+                                    .unwrap_or(0),
+                                data: m.get("data").cloned().unwrap_or(json!({})),
+                                metadata: m.get("metadata").cloned().unwrap_or(json!({})),
+                            });
+                        }
+                        "error" => {
+                            let tb = m
+                                .get("traceback")
+                                .and_then(Value::as_array)
+                                .map(|a| {
+                                    a.iter()
+                                        .filter_map(|x| x.as_str().map(str::to_owned))
+                                        .collect()
+                                })
+                                .unwrap_or_default();
+                            let _ = out.send(Output::Error {
+                                ename: m
+                                    .get("ename")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("Error")
+                                    .to_owned(),
+                                evalue: m
+                                    .get("evalue")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("")
+                                    .to_owned(),
+                                traceback: tb,
+                            });
+                        }
+                        "reply" => {
+                            let mut content = match m.get("content") {
+                                Some(Value::Object(c)) => c.clone(),
+                                _ => Map::new(),
+                            };
+                            let metadata = match content.remove("__parallax_metadata") {
+                                Some(Value::Object(md)) => md,
+                                _ => Map::new(),
+                            };
+                            end_token = m.get("end").and_then(Value::as_str).map(str::to_owned);
+                            if end_token.is_none() {
+                                // No marker protocol for this reply: done.
+                                reply = Some(Reply {
+                                    content,
+                                    buffers: bufs,
+                                    metadata,
+                                });
+                                break;
+                            }
+                            reply = Some(Reply {
+                                content,
+                                buffers: bufs,
+                                metadata,
+                            });
+                        }
+                        other => debug!(event = other, "ignoring event from the Python subprocess"),
+                    }
+                }
+            }
+        }
+        if eof {
+            // Drain whatever output made it out before the process died.
+            while let Ok(ev) = proc.events.try_recv() {
+                if let Event::Text(name, text) = ev {
+                    let _ = out.send(Output::Stream {
+                        name: name.to_owned(),
+                        text,
+                    });
+                }
+            }
+            let why = Self::death(proc).await;
+            self.proc = None;
+            warn!(%why, "Python subprocess died; restarting");
+            let restart = match self.spawn().await {
+                Ok(()) => "it was restarted with a fresh namespace".to_owned(),
+                Err(e) => format!("restarting it failed: {e}"),
+            };
+            let mut r = Reply::error("EngineError", format!("{why}; {restart}"));
+            if let Some(prev) = reply {
+                // the reply arrived but the process died right after
+                return prev;
+            }
+            let _ = out.send(Output::Error {
+                ename: "EngineError".into(),
+                evalue: format!("{why}; {restart}"),
+                traceback: vec![format!("EngineError: {why}; {restart}")],
+            });
+            r.content.insert("engine_restarted".into(), json!(true));
+            return r;
+        }
+        reply.unwrap_or_else(|| Reply::error("EngineError", "no reply from the Python process"))
+    }
+}
+
+impl Interpreter for PythonInterpreter {
+    async fn run(&mut self, req: Request, out: OutputSink) -> Reply {
+        self.run_inner(req, out).await
+    }
+
+    fn signal_handle(&self) -> SignalHandle {
+        self.signals.clone()
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            self.next_id += 1;
+            let _ =
+                Self::send_cmd(&mut p, &json!({"op": "shutdown", "id": self.next_id}), &[]).await;
+            if tokio::time::timeout(Duration::from_secs(2), p.child.wait())
+                .await
+                .is_err()
+            {
+                let _ = p.child.kill().await;
+            }
+        }
+    }
+
+    fn language_info(&self) -> Value {
+        json!({
+            "name": "python",
+            "version": self.python_version,
+            "mimetype": "text/x-python",
+            "file_extension": ".py",
+            "codemirror_mode": {"name": "ipython", "version": 3},
+            "pygments_lexer": "ipython3",
+            "nbconvert_exporter": "python",
+        })
+    }
+}
