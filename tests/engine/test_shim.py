@@ -155,7 +155,15 @@ class Shim:
         self.events: queue.Queue = queue.Queue()
         self._n = 0
         threading.Thread(target=self._read_events, daemon=True).start()
-        self.ready = self.next_event(timeout=5.0)
+        try:
+            self.ready = self.next_event(timeout=5.0)
+        except (TimeoutError, EOFError) as e:
+            self.proc.kill()
+            self.proc.wait(5)
+            raise AssertionError(
+                f"no ready event: {e}; exit status {self.proc.returncode}; "
+                f"stderr {bytes(self.err.data[-2000:])!r}; stdout {bytes(self.out.data[-500:])!r}"
+            ) from None
         self.ready_wall_ms = (time.monotonic() - self.t_spawn) * 1000
 
     # -- framing ------------------------------------------------------------

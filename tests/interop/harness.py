@@ -256,6 +256,8 @@ class HubCluster:
         scheme: str | None = None,
         ping_ms: int = 200,
         label: str = "cluster",
+        engine_cmd: list[str] | None = None,
+        engine_args=(),
     ):
         self.root = Path(root)
         self.n_engines = engines
@@ -263,6 +265,9 @@ class HubCluster:
         self.ping_ms = ping_ms
         self.extra_hub_args = list(hub_args)
         self.label = label
+        # None: the suite-wide choice (ENGINE_CMD, or stock ipengine)
+        self.engine_cmd = engine_cmd if engine_cmd is not None else ENGINE_CMD
+        self.engine_args = list(engine_args)
         self.cluster_id = f"plx{os.getpid()}x{next(_counter)}"
         self.profile_dir = self.root / "profile"
         self.log_dir = self.root / "logs"
@@ -367,14 +372,16 @@ class HubCluster:
         )
 
     def engine_argv(self) -> list[str]:
-        if ENGINE_CMD is not None:
-            return ENGINE_CMD + [
+        if self.engine_cmd is not None:
+            python = [] if any(a.startswith("--python") for a in self.engine_args) else [
+                f"--python={sys.executable}"
+            ]
+            return self.engine_cmd + [
                 f"--profile-dir={self.profile_dir}",
                 f"--cluster-id={self.cluster_id}",
                 "--log-level=DEBUG",
                 "--timeout=20",
-                f"--python={sys.executable}",
-            ]
+            ] + python + self.engine_args
         return [
             str(VENV_BIN / "ipengine"),
             f"--profile-dir={self.profile_dir}",
