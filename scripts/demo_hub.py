@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""`make run` demo: an ipyparallel cluster whose controller is `parallax hub`.
+"""`make run` demo: an ipyparallel cluster made of `parallax hub` and
+`parallax engine`s.
 
-Starts the hub and 4 stock ipengines through ipyparallel's own `Cluster`
-(controller launcher command set to `parallax hub`), runs the tutorial's
-first steps with the stock Client, prints what comes back, and stops
-everything.
+Starts the hub and 4 Parallax engines through ipyparallel's own `Cluster`
+(controller and engine launcher commands set to `parallax hub` and
+`parallax engine`), runs the tutorial's first steps with the stock Client,
+prints what comes back, and stops everything.
 """
 
 import os
@@ -30,11 +31,12 @@ def main() -> int:
     profile = tempfile.mkdtemp(prefix="parallax-demo-")
     cluster = ipp.Cluster(n=N, profile_dir=profile, cluster_id="demo", log_level=30)
     cluster.config.LocalControllerLauncher.controller_cmd = [PARALLAX, "hub"]
+    cluster.config.LocalEngineSetLauncher.engine_cmd = [PARALLAX, "engine", f"--python={sys.executable}"]
     t0 = time.perf_counter()
     with cluster as rc:
         rc.wait_for_engines(N, timeout=60)
         print(f"cluster of {N} engines ready in {time.perf_counter() - t0:.2f} s "
-              f"(hub: {PARALLAX} hub)")
+              f"({PARALLAX} hub + {N} x {PARALLAX} engine)")
         print("engine ids:", rc.ids)
         dv = rc[:]
         for eid, w in zip(rc.ids, dv.apply_sync(where)):
