@@ -1278,7 +1278,7 @@ def _is_complete(code):
     last = lines[-1]
     nonblank = [ln for ln in lines if ln.strip()]
     ref = nonblank[-1] if nonblank else ""
-    indent = len(ref) - len(ref.lstrip(" \t"))
+    indent = ref[: len(ref) - len(ref.lstrip(" \t"))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -1287,11 +1287,11 @@ def _is_complete(code):
             return {"status": "invalid"}
     if res is None:
         if ref.rstrip().endswith(":"):
-            indent += 4
-        return {"status": "incomplete", "indent": " " * indent}
+            indent += "    "
+        return {"status": "incomplete", "indent": indent}
     # an indented block is only finished by an empty line, as in a console
     if last.strip() and last[:1] in (" ", "\t"):
-        return {"status": "incomplete", "indent": " " * indent}
+        return {"status": "incomplete", "indent": indent}
     return {"status": "complete"}
 
 

@@ -627,3 +627,109 @@ impl Interpreter for PythonInterpreter {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feed `chunks` through `read_stream` and collect what it reports.
+    async fn stream_events(chunks: &[&[u8]]) -> Vec<String> {
+        let (mut w, r) = tokio::io::duplex(1 << 20);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(read_stream(r, "stdout", tx));
+        for c in chunks {
+            w.write_all(c).await.unwrap();
+            w.flush().await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(w);
+        reader.await.unwrap();
+        let mut out = Vec::new();
+        let mut text = String::new();
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                Event::Text(_, t) => text.push_str(&t),
+                Event::Mark(_, tok) => {
+                    if !text.is_empty() {
+                        out.push(format!("text:{text}"));
+                        text.clear();
+                    }
+                    out.push(format!("mark:{tok}"));
+                }
+                Event::Eof(_) => {
+                    if !text.is_empty() {
+                        out.push(format!("text:{text}"));
+                        text.clear();
+                    }
+                    out.push("eof".into());
+                }
+                Event::Msg(..) => unreachable!(),
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn markers_are_split_from_output() {
+        let got = stream_events(&[b"hello\n\x1etok1\nworld", b" again\n\x1etok2\n"]).await;
+        assert_eq!(
+            got,
+            vec![
+                "text:hello\n",
+                "mark:tok1",
+                "text:world again\n",
+                "mark:tok2",
+                "eof"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_marker_split_across_reads_is_still_found() {
+        let got = stream_events(&[b"out\n\x1eto", b"k\nmore"]).await;
+        assert_eq!(got, vec!["text:out\n", "mark:tok", "text:more", "eof"]);
+    }
+
+    #[tokio::test]
+    async fn record_separator_inside_a_line_is_text() {
+        let got = stream_events(&[b"a\x1eb\n"]).await;
+        assert_eq!(got, vec!["text:a\x1eb\n", "eof"]);
+    }
+
+    #[tokio::test]
+    async fn utf8_split_across_reads_is_not_mangled() {
+        let s = "ünï ✓ 🚀\n".as_bytes();
+        let (a, b) = s.split_at(2); // inside 'ü'
+        let got = stream_events(&[a, b]).await;
+        assert_eq!(got, vec!["text:ünï ✓ 🚀\n", "eof"]);
+    }
+
+    #[tokio::test]
+    async fn frames_decode_with_buffers() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let path = std::env::temp_dir().join(format!("plx-frames-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        // write one frame into a file, then read it back through read_frames
+        let json = br#"{"ev":"reply","id":1}"#;
+        let mut f = Vec::new();
+        f.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        f.extend_from_slice(json);
+        f.extend_from_slice(&2u32.to_le_bytes());
+        for b in [&b"abc"[..], &b""[..]] {
+            f.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            f.extend_from_slice(b);
+        }
+        std::fs::write(&path, &f).unwrap();
+        let file = tokio::fs::File::open(&path).await.unwrap();
+        read_frames(file, tx).await;
+        let _ = std::fs::remove_file(&path);
+        match rx.try_recv().unwrap() {
+            Event::Msg(m, bufs) => {
+                assert_eq!(m["ev"], "reply");
+                assert_eq!(bufs, vec![Bytes::from_static(b"abc"), Bytes::new()]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(rx.try_recv().unwrap(), Event::Eof("events")));
+    }
+}
