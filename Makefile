@@ -31,8 +31,11 @@ test-rust:
 
 test-python: venv build
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
-	# the interop suite again, with Parallax engines in place of ipengine
+	# the interop suite again, with Parallax engines in place of ipengine,
+	# against our hub and against stock ipcontroller
 	PARALLAX_ENGINES=parallax PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/interop -q -p no:cacheprovider
+	PARALLAX_ENGINES=parallax PARALLAX_HUB_CMD=$(abspath $(VENV))/bin/ipcontroller PARALLAX_BIN=$(abspath $(BIN)) \
+		$(PY) -m pytest tests/interop -q -p no:cacheprovider
 
 bench: venv build
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_hub.py

@@ -15,7 +15,14 @@ Every request (``{"op": ..., "id": ...}``) ends with a ``reply`` event.  Right
 before it the shim flushes Python's (and C stdio's) stdout/stderr and writes
 the line ``"\\x1e" + token + "\\n"`` to fd 1 and to fd 2; the reply carries the
 same token as ``"end"`` so the engine knows it has seen all of the request's
-output on both pipes.
+output on both pipes.  Tokens are ``<end_prefix><n>`` (``[a-z0-9-]``); the
+per-process ``end_prefix`` is announced in the ``ready`` event.  The marker
+is not necessarily at the start of a line (output that did not end with a
+newline precedes it directly).
+
+SIGINT raises KeyboardInterrupt only while user code runs; otherwise it is
+ignored.  Interrupts that arrive while an event frame is being written are
+deferred until the frame is complete, so the pipes never carry a torn frame.
 
 Only the standard library is imported at start-up.  IPython and ipyparallel
 are imported lazily: IPython when user code imports it (an import hook
@@ -540,7 +547,6 @@ class Engine:
         if self.shell is not None or self._shell_failed or self._shell_creating:
             return self.shell
         if not _importable("IPython"):
-            self._shell_failed = True
             return None
         self._shell_creating = True
         ns = self.ns
@@ -649,9 +655,12 @@ class Engine:
         import traceback
 
         try:
-            te = traceback.TracebackException(
-                type(e), e, e.__traceback__, compact=True
-            )
+            try:
+                te = traceback.TracebackException(
+                    type(e), e, e.__traceback__, compact=True
+                )
+            except TypeError:  # Python < 3.10
+                te = traceback.TracebackException(type(e), e, e.__traceback__)
             self._filter_te(te, set())
             chunks = list(te.format())
         except Exception:
@@ -1178,8 +1187,8 @@ def _rl_complete(ns, text):
         raw = comp.global_matches(text)
     out, seen = [], set()
     for m in raw:
-        if m.endswith("("):
-            m = m[:-1]
+        # rlcompleter decorates: "len(", "import ", "try:"
+        m = m.rstrip("(: ")
         if m not in seen:
             seen.add(m)
             out.append(m)

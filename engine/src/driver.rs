@@ -915,9 +915,14 @@ impl Ctx {
                 data,
                 metadata,
                 transient,
+                update,
             } => self.publish(
                 "displaypub",
-                "display_data",
+                if update {
+                    "update_display_data"
+                } else {
+                    "display_data"
+                },
                 &json!({"data": data, "metadata": metadata, "transient": transient}),
                 parent,
                 vec![],

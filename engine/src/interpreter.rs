@@ -12,10 +12,12 @@ pub enum Output {
         name: String,
         text: String,
     },
+    /// `update` means `update_display_data` (IPython's `update_display`).
     DisplayData {
         data: Value,
         metadata: Value,
         transient: Value,
+        update: bool,
     },
     ClearOutput {
         wait: bool,

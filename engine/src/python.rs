@@ -16,6 +16,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -151,17 +152,21 @@ async fn read_frames(mut r: tokio::fs::File, tx: mpsc::UnboundedSender<Event>) {
     }
 }
 
-/// Forward output, splitting out marker lines (`\x1e…\n`). Text is sent as
-/// soon as it is read so output streams live; a marker is recognised only
-/// at the start of a line.
+/// The marker prefix the shim announces in `ready` (random per process);
+/// empty until then.
+type MarkerPrefix = Arc<OnceLock<Vec<u8>>>;
+
+/// Forward output, splitting out end-of-request markers (`\x1e<prefix><n>\n`,
+/// which may directly follow output without a trailing newline). Text is
+/// sent as soon as it is read so output streams live.
 async fn read_stream<R: AsyncRead + Unpin>(
     mut r: R,
     name: &'static str,
     tx: mpsc::UnboundedSender<Event>,
+    prefix: MarkerPrefix,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending: Vec<u8> = Vec::new();
-    let mut at_line_start = true;
     loop {
         let n = match r.read(&mut buf).await {
             Ok(0) | Err(_) => {
@@ -179,28 +184,35 @@ async fn read_stream<R: AsyncRead + Unpin>(
         pending.extend_from_slice(&buf[..n]);
         let mut out: Vec<u8> = Vec::new();
         let mut i = 0;
-        while i < pending.len() {
-            if at_line_start && pending[i] == MARK {
-                match pending[i..].iter().position(|&c| c == b'\n') {
-                    Some(end) => {
-                        if !out.is_empty() {
-                            let _ = tx.send(Event::Text(
-                                name,
-                                String::from_utf8_lossy(&out).into_owned(),
-                            ));
-                            out.clear();
-                        }
-                        let token = String::from_utf8_lossy(&pending[i + 1..i + end]).into_owned();
-                        let _ = tx.send(Event::Mark(name, token));
-                        i += end + 1;
-                        at_line_start = true;
-                        continue;
+        'scan: while i < pending.len() {
+            if pending[i] == MARK
+                && let Some(p) = prefix.get()
+            {
+                let rest = &pending[i + 1..];
+                let k = rest.len().min(p.len());
+                if rest[..k] == p[..k] {
+                    if rest.len() < p.len() {
+                        break 'scan; // maybe a marker: wait for more bytes
                     }
-                    None if pending.len() - i < 256 => break, // wait for the rest
-                    None => {}
+                    match rest.iter().position(|&c| c == b'\n') {
+                        Some(end) => {
+                            if !out.is_empty() {
+                                let _ = tx.send(Event::Text(
+                                    name,
+                                    String::from_utf8_lossy(&out).into_owned(),
+                                ));
+                                out.clear();
+                            }
+                            let token = String::from_utf8_lossy(&rest[..end]).into_owned();
+                            let _ = tx.send(Event::Mark(name, token));
+                            i += end + 2;
+                            continue;
+                        }
+                        None if rest.len() < 256 => break 'scan,
+                        None => {}
+                    }
                 }
             }
-            at_line_start = pending[i] == b'\n';
             out.push(pending[i]);
             i += 1;
         }
@@ -285,8 +297,9 @@ impl PythonInterpreter {
         let (tx, rx) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
-        tokio::spawn(read_stream(stdout, "stdout", tx.clone()));
-        tokio::spawn(read_stream(stderr, "stderr", tx.clone()));
+        let prefix: MarkerPrefix = Arc::new(OnceLock::new());
+        tokio::spawn(read_stream(stdout, "stdout", tx.clone(), prefix.clone()));
+        tokio::spawn(read_stream(stderr, "stderr", tx.clone(), prefix.clone()));
         tokio::spawn(read_frames(
             tokio::fs::File::from_std(std::fs::File::from(evt_r)),
             tx,
@@ -323,6 +336,9 @@ impl PythonInterpreter {
         .await
         .map_err(|_| anyhow::anyhow!("the Python subprocess did not start within 30 s"))??;
         proc.startup = t0.elapsed();
+        if let Some(p) = ready.get("end_prefix").and_then(Value::as_str) {
+            let _ = prefix.set(p.as_bytes().to_vec());
+        }
         self.python_version = ready
             .get("python")
             .and_then(Value::as_str)
@@ -488,6 +504,7 @@ impl PythonInterpreter {
                                 data: m.get("data").cloned().unwrap_or(json!({})),
                                 metadata: m.get("metadata").cloned().unwrap_or(json!({})),
                                 transient: m.get("transient").cloned().unwrap_or(json!({})),
+                                update: m.get("update").and_then(Value::as_bool).unwrap_or(false),
                             });
                         }
                         "clear_output" => {
@@ -636,7 +653,9 @@ mod tests {
     async fn stream_events(chunks: &[&[u8]]) -> Vec<String> {
         let (mut w, r) = tokio::io::duplex(1 << 20);
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_stream(r, "stdout", tx));
+        let prefix: MarkerPrefix = Arc::new(OnceLock::new());
+        prefix.set(b"pxe-ab12-".to_vec()).unwrap();
+        let reader = tokio::spawn(read_stream(r, "stdout", tx, prefix));
         for c in chunks {
             w.write_all(c).await.unwrap();
             w.flush().await.unwrap();
@@ -671,14 +690,15 @@ mod tests {
 
     #[tokio::test]
     async fn markers_are_split_from_output() {
-        let got = stream_events(&[b"hello\n\x1etok1\nworld", b" again\n\x1etok2\n"]).await;
+        let got =
+            stream_events(&[b"hello\n\x1epxe-ab12-1\nworld", b" again\n\x1epxe-ab12-2\n"]).await;
         assert_eq!(
             got,
             vec![
                 "text:hello\n",
-                "mark:tok1",
+                "mark:pxe-ab12-1",
                 "text:world again\n",
-                "mark:tok2",
+                "mark:pxe-ab12-2",
                 "eof"
             ]
         );
@@ -686,14 +706,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_marker_split_across_reads_is_still_found() {
-        let got = stream_events(&[b"out\n\x1eto", b"k\nmore"]).await;
-        assert_eq!(got, vec!["text:out\n", "mark:tok", "text:more", "eof"]);
+        let got = stream_events(&[b"out\n\x1epxe-a", b"b12-7\nmore"]).await;
+        assert_eq!(
+            got,
+            vec!["text:out\n", "mark:pxe-ab12-7", "text:more", "eof"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_marker_right_after_output_without_newline_is_found() {
+        let got = stream_events(&[b"partial\x1epxe-ab12-3\n"]).await;
+        assert_eq!(got, vec!["text:partial", "mark:pxe-ab12-3", "eof"]);
     }
 
     #[tokio::test]
     async fn record_separator_inside_a_line_is_text() {
-        let got = stream_events(&[b"a\x1eb\n"]).await;
-        assert_eq!(got, vec!["text:a\x1eb\n", "eof"]);
+        let got = stream_events(&[b"a\x1eb\n\x1epxe-zz\n"]).await;
+        assert_eq!(got, vec!["text:a\x1eb\n\x1epxe-zz\n", "eof"]);
     }
 
     #[tokio::test]

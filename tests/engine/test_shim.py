@@ -109,15 +109,46 @@ class Result:
         return res[0]["data"]["text/plain"] if res else None
 
 
+class _Proc:
+    """The spawned shim: a minimal Popen look-alike for a posix_spawn'd pid."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float):
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("parallax_engine_shim", timeout)
+            time.sleep(0.005)
+        return self.returncode
+
+    def kill(self):
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class Shim:
     """A shim process plus a client for its protocol."""
 
     def __init__(self, python: str = PY, env: dict | None = None):
-        cmd_r, cmd_w = os.pipe()
+        cmd_r, cmd_w = os.pipe()  # os.pipe() ends are close-on-exec
         evt_r, evt_w = os.pipe()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        self.cmd_src, self.evt_src = _high(cmd_r), _high(evt_w)
+        # child ends moved to >= 10 so the dup2s below cannot clobber each other
+        cmd_src, evt_src = _high(cmd_r), _high(evt_w)
         out_w, err_w = _high(out_w), _high(err_w)
         self.cmd_w, self.evt_r = cmd_w, evt_r
         full_env = dict(os.environ)
@@ -131,30 +162,30 @@ class Shim:
         full_env.pop("MPLBACKEND", None)
         if env:
             full_env.update(env)
-        cmd_src, evt_src = self.cmd_src, self.evt_src
-
-        def child_fds():  # runs in the child between fork and exec
-            os.dup2(cmd_src, 3)
-            os.dup2(evt_src, 4)
-
         self.t_spawn = time.monotonic()
-        self.proc = subprocess.Popen(
+        # posix_spawn: the fd layout the engine uses, without running Python
+        # code between fork and exec (preexec_fn is unsafe with threads)
+        pid = os.posix_spawn(
+            python,
             [python, "-u", str(SHIM)],
-            stdin=subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=err_w,
-            env=full_env,
-            close_fds=False,  # our pipe ends are close-on-exec; 3/4 are dup2'd
-            preexec_fn=child_fds,
-            cwd=str(ROOT),
+            full_env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+                (os.POSIX_SPAWN_DUP2, cmd_src, 3),
+                (os.POSIX_SPAWN_DUP2, evt_src, 4),
+            ],
         )
-        for fd in (self.cmd_src, self.evt_src, out_w, err_w):
+        self.proc = _Proc(pid)
+        for fd in (cmd_src, evt_src, out_w, err_w):
             os.close(fd)
         self.out = _Stream(out_r)
         self.err = _Stream(err_r)
         self.events: queue.Queue = queue.Queue()
         self._n = 0
-        threading.Thread(target=self._read_events, daemon=True).start()
+        self._evt_thread = threading.Thread(target=self._read_events, daemon=True)
+        self._evt_thread.start()
         try:
             self.ready = self.next_event(timeout=5.0)
         except (TimeoutError, EOFError) as e:
@@ -259,21 +290,29 @@ class Shim:
             "apply", bufs=bufs, engine_id=3, engine_uuid="uuid-engine-3", timeout=timeout
         )
 
+    def close_cmd(self):
+        """Close our end of the command pipe (the shim sees EOF/HUP)."""
+        if self.cmd_w >= 0:
+            os.close(self.cmd_w)
+            self.cmd_w = -1
+
     def close(self):
-        for fd in (self.cmd_w,):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self.close_cmd()
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        try:
-            os.close(self.evt_r)
-        except OSError:
-            pass
+        # close our read ends only once the reader threads are done with them,
+        # so a reused fd number is never read by a stale thread
+        for thread, fd in (
+            (self._evt_thread, self.evt_r),
+            (self.out.thread, self.out.fd),
+            (self.err.thread, self.err.fd),
+        ):
+            thread.join(timeout=5)
+            if not thread.is_alive():
+                os.close(fd)
 
 
 @pytest.fixture
@@ -896,6 +935,8 @@ def test_complete(shim):
     assert "os.path" in c["matches"] and c["cursor_start"] == 0
     c = _ok(shim.request("complete", code="pri", cursor_pos=3))
     assert "print" in c["matches"]
+    c = _ok(shim.request("complete", code="imp", cursor_pos=3))
+    assert "import" in c["matches"]  # rlcompleter's "import " decoration removed
     # with an IPython shell the IPython completer is used
     shim.execute("import IPython")
     c = _ok(shim.request("complete", code="x = my_va", cursor_pos=9))
@@ -926,6 +967,7 @@ def test_inspect(shim):
         ("x = (", "incomplete", ""),
         ("x = [1,\n     2", "incomplete", "     "),
         ("if x:\n    if y:", "incomplete", "        "),
+        ("if x:\n\tif y:", "incomplete", "\t    "),
         ("x = )", "invalid", None),
         ("", "complete", None),
     ],
@@ -935,6 +977,36 @@ def test_is_complete(shim, code, status, indent):
     assert c["status"] == status
     if indent is not None:
         assert c["indent"] == indent
+
+
+def test_numeric_request_ids_are_echoed(shim):
+    """The Rust engine numbers its requests; ids are opaque to the shim."""
+    shim.send({"op": "execute", "id": 41, "code": "print('n')\n6 * 7", "silent": False,
+               "store_history": True, "user_expressions": {}, "execution_count": 1})
+    res = shim.next_event()
+    assert res["ev"] == "execute_result" and res["id"] == 41
+    reply = shim.next_event()
+    assert reply["ev"] == "reply" and reply["id"] == 41
+    assert shim.out.until_token(reply["end"], 5) == b"n\n"
+    shim.err.until_token(reply["end"], 5)
+    # apply without engine_id/engine_uuid (as the Rust engine sends it):
+    # engine_info comes from PARALLAX_ENGINE_ID / PARALLAX_ENGINE_UUID
+    from ipyparallel.serialize import pack_apply_message
+
+    res = shim.request("apply", bufs=pack_apply_message(_boom, (1,), {}))
+    assert res.content["engine_info"] == {
+        "engine_uuid": "uuid-engine-3", "engine_id": 3, "method": "apply"
+    }
+
+
+def test_marker_follows_unterminated_output_directly(shim):
+    """Output that does not end with a newline is followed directly by the
+    end marker: readers must find "\\x1e<token>\\n" anywhere, not only at a
+    line start (the token starts with the ready event's end_prefix)."""
+    res = shim.execute("import os\nprint('partial', end='')\nos.write(2, b'raw')")
+    _ok(res)
+    assert res.stdout == "partial" and res.stderr == "raw"
+    assert res.reply["end"].startswith(shim.ready["end_prefix"])
 
 
 def test_unknown_op(shim):
@@ -957,7 +1029,7 @@ def test_shutdown(shim):
 
 
 def test_closing_command_pipe_exits_when_idle(shim):
-    os.close(shim.cmd_w)
+    shim.close_cmd()
     assert shim.proc.wait(timeout=3) == 0
 
 
@@ -967,7 +1039,7 @@ def test_closing_command_pipe_exits_while_busy(shim):
                    user_expressions={}, execution_count=1))
     shim.out.wait_for(b"busy\n", timeout=10)
     t0 = time.monotonic()
-    os.close(shim.cmd_w)
+    shim.close_cmd()
     shim.proc.wait(timeout=3)
     assert time.monotonic() - t0 < 2
 

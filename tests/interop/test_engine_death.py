@@ -175,31 +175,3 @@ def test_engine_death_detected_by_heartbeat(make_cluster):
     assert_cluster_still_works(rc, [victim], [1])
     unreg = [e for e in events if e["event"] == "unregister"]
     assert [(e["id"], e["uuid"]) for e in unreg] == [(victim, uuid)]
-
-
-@pytest.mark.skipif(not ENGINES_ARE_PARALLAX, reason="Parallax engines only: ipengine dies with its interpreter")
-def test_python_crash_is_reported_and_engine_stays(make_cluster, tmp_path):
-    """The Python subprocess of a Parallax engine dies mid-task: the task
-    fails with an EngineError naming the signal, the engine restarts Python
-    with a fresh namespace and stays registered."""
-    c = make_cluster(engines=1)
-    rc = c.client
-    rc[:].execute("x = 1", block=True)
-    marker = str(tmp_path / "started")
-    ar = rc[0].apply_async(started_marker(marker))
-    wait_until(lambda: os.path.exists(marker) and os.path.getsize(marker) > 0, T)
-    python_pid = int(open(marker).read().split()[0])
-    os.kill(python_pid, signal.SIGKILL)
-    with raises_remote("EngineError") as info:
-        ar.get(T)
-    assert "signal 9" in info.errors[0].evalue
-    assert "fresh namespace" in info.errors[0].evalue
-    assert rc.ids == [0]
-    assert rc[0].apply_async(os.getpid).get(T) != python_pid
-    with raises_remote("NameError"):
-        rc[0].execute("x", block=True)
-    # os._exit is reported with its exit code
-    with raises_remote("EngineError") as info:
-        rc[0].execute("import os; os._exit(3)", block=True)
-    assert "exited with code 3" in info.errors[0].evalue
-    assert rc[0].apply_async(lambda: 42).get(T) == 42

@@ -214,3 +214,95 @@ def test_hung_controller_makes_the_engine_exit(make_cluster):
     assert engine.popen.returncode == 0, "a clean exit"
     log = (c.log_dir / "engine-0.log").read_text()
     assert "stopped sending heartbeats" in log
+
+
+def started_marker(path):
+    """A task that writes its pid (and its parent's) to `path`, then sleeps."""
+
+    def task():
+        import os
+        import time
+
+        with open(path, "w") as f:
+            f.write(f"{os.getpid()} {os.getppid()}")
+        time.sleep(60)
+
+    return task
+
+
+def test_python_crash_is_reported_and_engine_stays(make_cluster, tmp_path):
+    """The Python subprocess of a Parallax engine dies mid-task: the task
+    fails with an EngineError naming the signal, the engine restarts Python
+    with a fresh namespace and stays registered."""
+    c = make_cluster(engines=1, engine_cmd=ENGINE)
+    rc = c.client
+    rc[:].execute("x = 1", block=True)
+    marker = str(tmp_path / "started")
+    ar = rc[0].apply_async(started_marker(marker))
+    wait_until(lambda: os.path.exists(marker) and os.path.getsize(marker) > 0, T,
+               msg="task never started")
+    python_pid = int(open(marker).read().split()[0])
+    os.kill(python_pid, signal.SIGKILL)
+    with raises_remote("EngineError") as info:
+        ar.get(T)
+    assert "signal 9" in info.errors[0].evalue
+    assert "fresh namespace" in info.errors[0].evalue
+    assert rc.ids == [0]
+    assert rc[0].apply_async(os.getpid).get(T) != python_pid
+    with raises_remote("NameError"):
+        rc[0].execute("x", block=True)
+    # os._exit is reported with its exit code
+    with raises_remote("EngineError") as info:
+        rc[0].execute("import os; os._exit(3)", block=True)
+    assert "exited with code 3" in info.errors[0].evalue
+    assert rc[0].apply_async(lambda: 42).get(T) == 42
+
+
+def test_output_without_trailing_newline_then_more_requests(prc):
+    for code, expected in [
+        ("print('partial', end='')", "partial"),
+        ("import os; os.write(1, b'raw')", "raw"),
+        ("import subprocess; subprocess.run(['printf', 'child'])", "child"),
+        ("print('whole line')", "whole line\n"),
+    ]:
+        ar = prc[0].execute(code, block=False)
+        ar.get(T)
+        ar.wait_for_output(T)
+        assert ar.stdout == expected, (code, ar.stdout)
+
+
+def test_update_display(pcluster, prc):
+    """`update_display` is published as update_display_data (the stock
+    Client does not record those, so listen on iopub directly)."""
+    from jupyter_client.session import Session
+
+    info = json.load(open(pcluster.connection_file("client")))
+    session = Session(key=info["key"].encode())
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.linger = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"{info['interface']}:{info['iopub']}")
+    try:
+        time.sleep(0.3)  # let the subscription reach the hub
+        code = "\n".join([
+            "from IPython.display import display",
+            "h = display('first', display_id='d1')",
+            "h.update('second')",
+        ])
+        ar = prc[0].execute(code, block=False)
+        ar.get(T)
+        seen = []
+        deadline = time.monotonic() + T
+        while time.monotonic() < deadline and "update_display_data" not in [m[0] for m in seen]:
+            if sub.poll(200):
+                _, msg = session.feed_identities(sub.recv_multipart())
+                msg = session.deserialize(msg)
+                if msg["parent_header"].get("msg_id") == ar.msg_ids[0]:
+                    seen.append((msg["msg_type"], msg["content"]))
+        kinds = [k for k, _ in seen if k.endswith("display_data")]
+        assert kinds == ["display_data", "update_display_data"], seen
+        upd = [c for k, c in seen if k == "update_display_data"][0]
+        assert upd["data"]["text/plain"] == "'second'"
+        assert upd["transient"]["display_id"] == "d1"
+    finally:
+        sub.close()
