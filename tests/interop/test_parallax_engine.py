@@ -306,3 +306,20 @@ def test_update_display(pcluster, prc):
         assert upd["transient"]["display_id"] == "d1"
     finally:
         sub.close()
+
+
+def test_matplotlib_inline_png(prc):
+    code = "\n".join([
+        "import matplotlib.pyplot as plt",
+        "fig, ax = plt.subplots()",
+        "ax.plot([1, 3, 2])",
+        "plt.show()",
+    ])
+    ar = prc[0].execute(code, block=False)
+    ar.get(60)
+    ar.wait_for_output(T)
+    pngs = [o for o in ar.outputs if "image/png" in o["data"]]
+    assert len(pngs) == 1, ar.outputs
+    import base64
+
+    assert base64.b64decode(pngs[0]["data"]["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
