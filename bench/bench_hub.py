@@ -1,32 +1,41 @@
 #!/usr/bin/env python3
-"""Side-by-side benchmark: stock ipyparallel controller vs. the Parallax hub.
+"""Side-by-side benchmark: stock ipyparallel vs. Parallax (hub and engines).
 
-The same stock ipyparallel ``Client`` and stock ``ipengine`` processes are run
-against two hubs, in one run, on the same workloads:
+The stock ipyparallel ``Client`` runs against a matrix of clusters, in one run,
+on the same workloads:
 
-* ``ipcontroller``  -- ``.venv/bin/ipcontroller`` (ipyparallel's own controller)
-* ``parallax``      -- ``$PARALLAX_BIN hub``
+  hubs     ``ipcontroller`` (ipyparallel's own controller) | ``parallax`` (``$PARALLAX_BIN hub``)
+  engines  ``ipengine`` (stock) | ``parallax`` (``$PARALLAX_BIN engine --python=<venv python>``:
+           a Rust process plus the Python subprocess it owns)
 
 Both hubs get identical arguments (``--profile-dir --cluster-id --ip --ping
---log-level`` and optionally ``--scheme`` / ``--hwm``).  Every cluster is
-fresh, in a fresh temporary profile directory.  For rtt/fanout/lb both hubs'
-clusters (same engine count) are up side by side: latency samples alternate
-between them one by one (ABBA order) and throughput runs alternate repeat by
-repeat, so that the noise of this shared machine hits both hubs alike.  The
-memory run has each hub's cluster up alone, one after the other.
+--log-level`` and optionally ``--scheme`` / ``--hwm``); both engine kinds get
+``--profile-dir --cluster-id --log-level=WARN``.  Every cluster is fresh, in a
+fresh temporary profile directory.  For rtt/fanout/lb the clusters of every
+hub x engine combination (same engine count) are up side by side: latency
+samples alternate between them one by one (forward/reverse order) and
+throughput runs alternate repeat by repeat, so that the noise of this shared
+machine hits all of them alike.  The memory run has each combination's cluster
+up alone, one after the other; so does the start-up sweep.
 
 Workloads
-  rtt     1 engine: ``rc[0].apply_sync(lambda: None)`` round trip (median, p90,
-          min) after a warm-up; the same through a load-balanced view.
-  fanout  ``rc[:].execute('a=1', block=True)`` with 1/2/4/8 engines.
-  lb      load-balanced throughput with 2 and 4 engines: N x
-          ``lview.apply_async(noop)`` then wait, and
-          ``lview.map_sync(f, range(N), chunksize=1)`` -> tasks/s.
-  mem     hub memory before and during a long run of tiny load-balanced tasks
-          (``map_async(chunksize=1)`` in batches, ``rc.purge_everything()``
-          after every batch).  ipcontroller: the controller process and its
-          whole process tree (it forks 8 children; use PSS for the tree);
-          parallax: the hub process (tree too, for symmetry).
+  startup  engine start-up on one hub (parallax if selected): launch -> all N
+           registered, and -> first ``dv.execute`` answered by all N, for
+           N = 1/2/4/8, each engine kind, median over --startup-repeat starts.
+  rtt      1 engine: ``rc[0].apply_sync(lambda: None)`` round trip (median, p90,
+           min) after a warm-up; the same through a load-balanced view.
+  fanout   ``rc[:].execute('a=1', block=True)`` with 1/2/4/8 engines.
+  lb       load-balanced throughput with 2 and 4 engines: N x
+           ``lview.apply_async(noop)`` then wait, and
+           ``lview.map_sync(f, range(N), chunksize=1)`` -> tasks/s.
+  mem      hub memory before and during a long run of tiny load-balanced tasks
+           (``map_async(chunksize=1)`` in batches, ``rc.purge_everything()``
+           after every batch).  ipcontroller: the controller process and its
+           whole process tree (it forks 8 children; use PSS for the tree);
+           parallax: the hub process (tree too, for symmetry).  The same run
+           measures memory per engine (RSS/USS/PSS of each engine process:
+           ipengine + its nanny; Rust engine + its Python subprocess) idle after
+           start, after --cap-tasks tasks and at the end.
 
 Blocking calls are issued as ``*_async(...).get(timeout)`` -- exactly what the
 ``block=True`` / ``*_sync`` variants do internally, but a broken hub cannot hang
@@ -39,7 +48,8 @@ BENCHMARKS.md); raw samples + summary as JSON in
 Usage (from the repository root)::
 
     PARALLAX_BIN=$PWD/target/release/parallax .venv/bin/python bench/bench_hub.py
-    .venv/bin/python bench/bench_hub.py --only ipcontroller --quick
+    PARALLAX_BIN=... .venv/bin/python bench/bench_hub.py --engine-kinds ipengine   # hubs only
+    .venv/bin/python bench/bench_hub.py --only ipcontroller --engine-kinds ipengine --quick
     .venv/bin/python bench/bench_hub.py --help
 """
 
@@ -68,8 +78,42 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
 HUBS = ("ipcontroller", "parallax")
-WORKLOADS = ("rtt", "fanout", "lb", "mem")
+ENGINE_KINDS = ("ipengine", "parallax")
+WORKLOADS = ("startup", "rtt", "fanout", "lb", "mem")
 MIB = 1024.0 * 1024.0
+
+# A combination is "hub/engine", e.g. "parallax/ipengine".
+HUB_LABEL = {"ipcontroller": "ipcontroller", "parallax": "parallax hub"}
+ENGINE_LABEL = {"ipengine": "ipengine", "parallax": "parallax engine"}
+HUB_SHORT = {"ipcontroller": "ipc", "parallax": "plx"}
+ENGINE_SHORT = {"ipengine": "ipe", "parallax": "pxe"}
+# (column title, baseline combination, candidate combination): ratio = how many times better
+# the candidate is than the baseline (> 1 = the Parallax side is better)
+RATIOS = (
+    ("hub: parallax ÷ ipcontroller (both ipengine)", "ipcontroller/ipengine", "parallax/ipengine"),
+    ("**(a) all Parallax ÷ all ipyparallel**", "ipcontroller/ipengine", "parallax/parallax"),
+    ("(b) engine: parallax ÷ ipengine (parallax hub)", "parallax/ipengine", "parallax/parallax"),
+    ("(b) engine: parallax ÷ ipengine (ipcontroller)", "ipcontroller/ipengine", "ipcontroller/parallax"),
+)
+
+
+def combo(hub: str, engine: str) -> str:
+    return f"{hub}/{engine}"
+
+
+def split_combo(key: str) -> tuple[str, str]:
+    hub, _, engine = key.partition("/")
+    return hub, engine
+
+
+def combo_label(key: str) -> str:
+    hub, engine = split_combo(key)
+    return f"{HUB_LABEL.get(hub, hub)} + {ENGINE_LABEL.get(engine, engine)}"
+
+
+def combo_short(key: str) -> str:
+    hub, engine = split_combo(key)
+    return f"{HUB_SHORT.get(hub, hub)}/{ENGINE_SHORT.get(engine, engine)}"
 
 
 def log(msg: str) -> None:
@@ -171,6 +215,9 @@ def cpu_delta(a: CpuSnap, b: CpuSnap) -> dict:
     cap = wall * NCPU if wall > 0 else 1.0
     return {
         "wall_s": wall,
+        "busy_s": busy,
+        "steal_s": steal,
+        "total_s": total,
         "busy_pct": 100.0 * busy / total if total > 0 else 0.0,
         "bench_cpu_s": ours,
         "cpu_s_by_group": per_group,
@@ -179,6 +226,30 @@ def cpu_delta(a: CpuSnap, b: CpuSnap) -> dict:
         "steal_pct": 100.0 * steal / total if total > 0 else 0.0,
         "loadavg_start": list(a.load),
         "loadavg_end": list(b.load),
+    }
+
+
+def merge_deltas(ds: list[dict]) -> dict:
+    """Several cpu_delta()s (disjoint windows) as one: seconds summed, percentages recomputed."""
+    wall = sum(d["wall_s"] for d in ds)
+    busy = sum(d["busy_s"] for d in ds)
+    steal = sum(d["steal_s"] for d in ds)
+    total = sum(d["total_s"] for d in ds)
+    per_group: dict[str, float] = {}
+    for d in ds:
+        for k, v in d["cpu_s_by_group"].items():
+            per_group[k] = per_group.get(k, 0.0) + v
+    ours = sum(per_group.values())
+    foreign = max(0.0, busy - ours)
+    cap = wall * NCPU if wall > 0 else 1.0
+    return {
+        "wall_s": wall, "busy_s": busy, "steal_s": steal, "total_s": total,
+        "busy_pct": 100.0 * busy / total if total > 0 else 0.0,
+        "bench_cpu_s": ours, "cpu_s_by_group": per_group, "foreign_cpu_s": foreign,
+        "foreign_pct": 100.0 * foreign / cap, "steal_pct": 100.0 * steal / total if total > 0 else 0.0,
+        "loadavg_start": ds[0]["loadavg_start"] if ds else list(os.getloadavg()),
+        "loadavg_end": ds[-1]["loadavg_end"] if ds else list(os.getloadavg()),
+        "windows": len(ds),
     }
 
 
@@ -219,6 +290,57 @@ def hub_memory(hub_proc: psutil.Process) -> dict:
     out["tree_pss_mib"] = sum(pss) / MIB
     out["client_rss_mib"] = psutil.Process().memory_info().rss / MIB
     return out
+
+
+def proc_mem(procs: list[psutil.Process]) -> dict:
+    """Summed RSS/USS/PSS (MiB) of some processes (USS/PSS from /proc/PID/smaps_rollup)."""
+    rss = uss = pss = 0
+    n = 0
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        rss += m.rss
+        uss += m.uss
+        pss += getattr(m, "pss", 0)
+        n += 1
+    return {"nprocs": n, "rss_mib": rss / MIB, "uss_mib": uss / MIB, "pss_mib": pss / MIB}
+
+
+# The processes one engine consists of, by role: ipengine = the ipengine process + the nanny it
+# starts (ipyparallel.engine.nanny, own session, child of ipengine); parallax = the Rust engine
+# + the Python subprocess that runs user code.
+ENGINE_PARTS = {"ipengine": ("ipengine", "nanny"), "parallax": ("rust", "python")}
+PART_LABEL = {"ipengine": "ipengine process", "nanny": "nanny process", "rust": "Rust engine process",
+              "python": "Python subprocess", "total": "whole engine"}
+
+
+def engine_memory(cl: "Cluster") -> dict:
+    """Memory of each engine of a cluster, split by process, and the mean per engine."""
+    main_part, child_part = ENGINE_PARTS[cl.engine]
+    engines = []
+    for pop in cl.engine_popens:
+        try:
+            root = psutil.Process(pop.pid)
+            kids = root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            engines.append({"error": "engine process gone"})
+            continue
+        e = {main_part: proc_mem([root]), child_part: proc_mem(kids), "total": proc_mem([root] + kids)}
+        try:
+            e["child_cmdlines"] = [" ".join(k.cmdline())[:160] for k in kids]
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+        engines.append(e)
+    ok = [e for e in engines if "error" not in e]
+    mean = {}
+    for part in (main_part, child_part, "total"):
+        mean[part] = {k: statistics.fmean(e[part][k] for e in ok) for k in ("rss_mib", "uss_mib", "pss_mib")} if ok else {}
+        if ok:
+            mean[part]["nprocs"] = statistics.fmean(e[part]["nprocs"] for e in ok)
+            mean[part]["max_rss_mib"] = max(e[part]["rss_mib"] for e in ok)
+    return {"engine": cl.engine, "n": len(engines), "n_ok": len(ok), "per_engine": engines, "mean": mean}
 
 
 # --------------------------------------------------------------------------
@@ -301,13 +423,15 @@ class ClusterError(RuntimeError):
 
 
 class Cluster:
-    """One hub + n stock ipengines + one stock Client, in a fresh profile dir."""
+    """One hub + n engines (stock ipengine or parallax engine) + one stock Client, in a fresh profile dir."""
 
-    def __init__(self, hub: str, n: int, cfg: "Config", workroot: Path, tag: str):
+    def __init__(self, hub: str, engine: str, n: int, cfg: "Config", workroot: Path, tag: str):
         self.hub = hub
+        self.engine = engine
+        self.key = combo(hub, engine)
         self.n = n
         self.cfg = cfg
-        self.dir = Path(tempfile.mkdtemp(prefix=f"{hub}-{tag}-", dir=workroot))
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{hub}-{engine}-{tag}-", dir=workroot))
         self.profile_dir = self.dir / "profile"
         self.profile_dir.mkdir()
         self.cluster_id = f"bench{uuid.uuid4().hex[:8]}"
@@ -357,8 +481,21 @@ class Cluster:
             args.append(f"--hwm={self.cfg.hwm}")
         return base + args
 
+    def engine_argv(self) -> list[str]:
+        return self.cfg.engine_cmd[self.engine] + [
+            f"--profile-dir={self.profile_dir}",
+            f"--cluster-id={self.cluster_id}",
+            "--log-level=WARN",
+        ]
+
     # -- lifecycle -------------------------------------------------------
-    def start(self) -> None:
+    def start(self, first_execute: bool = False, on_launch=None, on_ready=None) -> None:
+        """Hub, then engines, then the Client; waits until all n engines are registered.
+
+        first_execute: also time launch -> a first ``dv.execute`` answered by every engine.
+        on_launch() is called just before the engines are launched, on_ready() once they are
+        registered (and have answered the first execute).
+        """
         import ipyparallel as ipp
 
         t0 = time.perf_counter()
@@ -382,18 +519,11 @@ class Cluster:
             time.sleep(0.01)
         t1 = time.perf_counter()
         self.timings["hub_files_s"] = t1 - t0
+        if on_launch is not None:
+            on_launch()
+            t1 = time.perf_counter()
         for i in range(self.n):
-            self.engine_popens.append(
-                self._spawn(
-                    [
-                        self.cfg.ipengine,
-                        f"--profile-dir={self.profile_dir}",
-                        f"--cluster-id={self.cluster_id}",
-                        "--log-level=WARN",
-                    ],
-                    f"engine-{i}.log",
-                )
-            )
+            self.engine_popens.append(self._spawn(self.engine_argv(), f"engine-{i}.log"))
         t2 = time.perf_counter()
         try:
             self.rc = ipp.Client(str(files[0]), timeout=self.cfg.start_timeout)
@@ -404,13 +534,21 @@ class Cluster:
             self.rc.wait_for_engines(self.n, timeout=self.cfg.start_timeout, interactive=False)
         except Exception as e:
             raise ClusterError(
-                f"{self.n} engines did not register with {self.hub} within {self.cfg.start_timeout}s "
+                f"{self.n} {self.engine} engines did not register with {self.hub} within {self.cfg.start_timeout}s "
                 f"(have {len(self.rc.ids)}): {e!r}; hub log:\n{self.hub_log()}"
                 + "".join(f"\nengine-{i}.log:\n{tail(self.dir / f'engine-{i}.log', 10)}" for i in range(self.n))
             ) from e
         t3 = time.perf_counter()
         self.timings["engines_registered_s"] = t3 - t1
         self.timings["start_total_s"] = t3 - t0
+        if first_execute:
+            try:
+                self.rc[:].execute("a=1", block=False).get(timeout=self.cfg.start_timeout)
+            except Exception as e:
+                raise ClusterError(f"first execute on {self.n} {self.engine} engine(s) via {self.hub} failed: {e!r}") from e
+            self.timings["first_execute_s"] = time.perf_counter() - t1
+        if on_ready is not None:
+            on_ready()
         self.refresh_tree()
 
     def refresh_tree(self) -> None:
@@ -421,7 +559,7 @@ class Cluster:
     def groups(self) -> dict[str, list[psutil.Process]]:
         """Processes by role, for CPU accounting (client = this process)."""
         out = {"client": [psutil.Process()]}
-        for name, pops in ((f"hub/{self.hub}", [self.hub_popen]), (f"engines/{self.hub}", self.engine_popens)):
+        for name, pops in ((f"hub/{self.key}", [self.hub_popen]), (f"engines/{self.key}", self.engine_popens)):
             procs = []
             for p in pops:
                 if p is None:
@@ -450,10 +588,12 @@ class Cluster:
         self.stop_info["hub_exited_before_stop"] = hub_exit is not None
         if hub_exit is not None:
             self.stop_info["hub_returncode"] = hub_exit
+        engine_roots = []
         engine_procs = []
         for p in self.engine_popens:
             try:
                 root = psutil.Process(p.pid)
+                engine_roots.append(root)
                 engine_procs += [root] + root.children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
@@ -464,7 +604,17 @@ class Cluster:
                 hub_procs = [root] + root.children(recursive=True)
             except psutil.NoSuchProcess:
                 pass
-        self.stop_info["engine_sigkilled"] = REAPER.kill(engine_procs, grace=2.0)
+        t = time.perf_counter()
+        if self.engine == "parallax":
+            # SIGTERM the Rust engines only: each unregisters and stops its own Python
+            # subprocess (signalled at the same time, it would count as a crash)
+            self.stop_info["engine_sigkilled"] = REAPER.kill(engine_roots, grace=3.0)
+            self.stop_info["engine_children_left"] = [p.pid for p in engine_procs
+                                                      if p not in engine_roots and _running(p)]
+            self.stop_info["engine_sigkilled"] += REAPER.kill(engine_procs, grace=1.0)
+        else:
+            self.stop_info["engine_sigkilled"] = REAPER.kill(engine_procs, grace=2.0)
+        self.stop_info["engines_stop_s"] = time.perf_counter() - t
         t = time.perf_counter()
         self.stop_info["hub_sigkilled"] = REAPER.kill(hub_procs, grace=5.0)
         self.stop_info["hub_stop_s"] = time.perf_counter() - t
@@ -489,6 +639,13 @@ class Cluster:
                 pass
 
 
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
 def _json_ok(path: Path) -> bool:
     try:
         with open(path) as f:
@@ -507,6 +664,15 @@ class Config:
         q = args.quick
         self.quick = q
         self.hubs = [args.only] if args.only else list(HUBS)
+        self.engine_kinds = [k.strip() for k in args.engine_kinds.split(",") if k.strip()]
+        for k in self.engine_kinds:
+            if k not in ENGINE_KINDS:
+                raise SystemExit(f"unknown engine kind {k!r}; choose from {','.join(ENGINE_KINDS)}")
+        self.engine_kinds = [k for k in ENGINE_KINDS if k in self.engine_kinds]
+        if not self.engine_kinds:
+            raise SystemExit("--engine-kinds: give at least one of ipengine,parallax")
+        # every hub x engine combination, stock ipyparallel first, all-Parallax last
+        self.keys = [combo(h, e) for e in self.engine_kinds for h in self.hubs]
         self.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
         for w in self.workloads:
             if w not in WORKLOADS:
@@ -520,13 +686,21 @@ class Config:
         self.fanout_samples = args.fanout_samples or (30 if q else 300)
         self.fanout_warmup = 5 if q else 20
         self.lb_tasks = args.lb_tasks or (500 if q else 5000)
-        self.repeat = args.repeat or (1 if q else 3)
-        self.tasks = args.tasks or (2000 if q else 100000)
-        if args.ipc_full:
-            self.ipc_tasks = self.tasks
-        else:
-            cap = args.ipc_tasks if args.ipc_tasks is not None else (2000 if q else 20000)
-            self.ipc_tasks = min(cap, self.tasks)
+        # 4 combinations x 2 engine counts x (apply_async + map_sync) x ~10 s per run: 2 repeats fit the
+        # ~15 min budget; ipcontroller + parallax engine, the least telling combination, gets 1
+        self.repeat = args.repeat or (1 if q else 2)
+        self.repeat_extra = min(self.repeat, args.repeat_extra if args.repeat_extra is not None else 1)
+        self.extra_keys = {combo("ipcontroller", "parallax")}
+        self.startup_engines = _intlist(args.startup_engines or ("1,4" if q else "1,2,4,8"))
+        self.startup_repeat = args.startup_repeat or (2 if q else 4)
+        self.startup_hub = "parallax" if "parallax" in self.hubs else self.hubs[0]
+        self.tasks = args.tasks or (2000 if q else 50000)
+        cap = args.cap_tasks if args.cap_tasks is not None else (1000 if q else 20000)
+        self.cap_tasks = min(cap, self.tasks)
+        # the memory run's full count goes to the parallax hub with the newest engine selected
+        # (all Parallax when both engine kinds run); every other combination stops at cap_tasks
+        self.full_tasks_keys = set(self.keys) if args.mem_full else (
+            {combo("parallax", self.engine_kinds[-1])} if "parallax" in self.hubs else set())
         self.batch = args.batch or (500 if q else 5000)
         self.ping = args.ping
         self.scheme = args.scheme
@@ -536,9 +710,14 @@ class Config:
         self.op_timeout = args.op_timeout
         bindir = Path(args.venv_bin)
         self.ipengine = str(bindir / "ipengine")
+        self.engine_python = args.engine_python or str(bindir / "python")
         self.hub_cmd = {
             "ipcontroller": [str(bindir / "ipcontroller")],
             "parallax": [os.environ.get("PARALLAX_BIN", ""), "hub"],
+        }
+        self.engine_cmd = {
+            "ipengine": [self.ipengine],
+            "parallax": [os.environ.get("PARALLAX_BIN", ""), "engine", f"--python={self.engine_python}"],
         }
         # keep IPython/Jupyter state of all children inside the work dir
         env = os.environ.copy()
@@ -551,11 +730,17 @@ class Config:
         env.pop("IPP_SESSION_KEY", None)
         self.child_env = env
 
-    def tasks_for(self, hub: str) -> int:
-        return self.ipc_tasks if hub == "ipcontroller" else self.tasks
+    def needs_parallax_bin(self) -> bool:
+        return "parallax" in self.hubs or "parallax" in self.engine_kinds
+
+    def tasks_for(self, key: str) -> int:
+        return self.tasks if key in self.full_tasks_keys else self.cap_tasks
+
+    def repeat_for(self, key: str) -> int:
+        return self.repeat_extra if key in self.extra_keys else self.repeat
 
     def as_dict(self) -> dict:
-        d = {k: v for k, v in vars(self).items() if k not in ("child_env",)}
+        d = {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(self).items() if k not in ("child_env",)}
         return d
 
 
@@ -573,16 +758,17 @@ class Block:
     Every cluster that is up is accounted for (an idle second cluster is ours, not noise).
     """
 
-    def __init__(self, clusters: list[Cluster], name: str, noise: list, hubs: list[str]):
-        self.clusters = clusters
+    def __init__(self, clusters: list[Cluster], name: str, noise: list, keys: list[str]):
+        self.clusters = list(clusters)
         self.name = name
         self.noise = noise
-        self.hubs = hubs
+        self.keys = keys
 
     def _groups(self):
-        g = {}
+        g = {"client": [psutil.Process()]}
         for cl in self.clusters:
-            g.update(cl.groups())
+            for name, procs in cl.groups().items():
+                g.setdefault(name, []).extend(p for p in procs if p not in g.get(name, []))
         return g
 
     def __enter__(self):
@@ -594,7 +780,7 @@ class Block:
         b = CpuSnap(self._groups())
         d = cpu_delta(self.a, b)
         d["block"] = self.name
-        d["hubs"] = self.hubs
+        d["combos"] = self.keys
         d["engines"] = self.clusters[0].n if self.clusters else None
         d["ok"] = exc[0] is None
         self.noise.append(d)
@@ -603,11 +789,12 @@ class Block:
 
 
 class Paired:
-    """The clusters of one block (one per hub, same engine count), all up at once.
+    """The clusters of one block (one per hub x engine combination, same engine count), all up at once.
 
-    Latency samples alternate between the hubs one by one (ABBA order), throughput
-    measurements repeat by repeat, so that the machine's noise hits both hubs alike.
-    A hub that fails is dropped from the rest of the block; the others carry on.
+    Keys are combinations ("hub/engine").  Latency samples alternate between them one by one
+    (forward, then reverse order), throughput measurements repeat by repeat, so that the
+    machine's noise hits all combinations alike.  A combination that fails is dropped from
+    the rest of the block; the others carry on.
     """
 
     def __init__(self, clusters: dict[str, Cluster], cfg: Config, noise: list):
@@ -628,8 +815,8 @@ class Paired:
             self.failed[hub] = (what, e, traceback.format_exc())
             log(f"  {hub}: FAILED in {what}: {type(e).__name__}: {e}")
 
-    def block(self, name: str, hubs: list[str]) -> Block:
-        return Block(list(self.cl.values()), name, self.noise, hubs)
+    def block(self, name: str, keys: list[str]) -> Block:
+        return Block(list(self.cl.values()), name, self.noise, keys)
 
     def samples(self, name: str, op, warmup: int, n: int) -> tuple[dict[str, list[float]], dict]:
         """op(hub) -> None; returns per-hub latencies (ms) and the CPU block."""
@@ -652,10 +839,12 @@ class Paired:
                     out[h].append((time.perf_counter() - t) * 1e3)
         return {h: v for h, v in out.items() if h not in self.failed}, blk.delta
 
-    def each(self, name: str, fn, i: int = 0) -> dict:
-        """fn(hub, cluster) for every active hub in ABBA order; per-hub results."""
+    def each(self, name: str, fn, i: int = 0, keys=None) -> dict:
+        """fn(key, cluster) for every active combination (or those in keys) in ABBA order."""
         res = {}
         for h in self.order(i):
+            if keys is not None and h not in keys:
+                continue
             try:
                 res[h] = fn(h, self.cl[h])
             except Exception as e:
@@ -663,9 +852,9 @@ class Paired:
         return res
 
 
-def _per_hub_cpu(delta: dict, hub: str) -> dict:
+def _per_hub_cpu(delta: dict, key: str) -> dict:
     g = delta["cpu_s_by_group"]
-    return {"hub_cpu_s": g.get(f"hub/{hub}", 0.0), "engines_cpu_s": g.get(f"engines/{hub}", 0.0),
+    return {"hub_cpu_s": g.get(f"hub/{key}", 0.0), "engines_cpu_s": g.get(f"engines/{key}", 0.0),
             "wall_s": delta["wall_s"], "foreign_pct": delta["foreign_pct"]}
 
 
@@ -771,7 +960,7 @@ def w_lb(P: Paired) -> dict:
 
     def apply_run(h, cl, r):
         gc.collect()
-        with P.block(f"lb apply_async x{N} n={n} #{r} [{h}]", [h]) as blk:
+        with P.block(f"lb apply_async x{N} n={n} #{r} [{combo_short(h)}]", [h]) as blk:
             t0 = time.perf_counter()
             ars = [lviews[h].apply_async(noop) for _ in range(N)]
             t1 = time.perf_counter()
@@ -788,7 +977,7 @@ def w_lb(P: Paired) -> dict:
 
     def map_run(h, cl, r):
         gc.collect()
-        with P.block(f"lb map_sync x{N} n={n} #{r} [{h}]", [h]) as blk:
+        with P.block(f"lb map_sync x{N} n={n} #{r} [{combo_short(h)}]", [h]) as blk:
             t0 = time.perf_counter()
             amr = lviews[h].map_async(ident, range(N), chunksize=1)
             wait_all(cl, amr, to, f"map_sync of {N}")
@@ -800,10 +989,11 @@ def w_lb(P: Paired) -> dict:
         purge_all(cl, cfg.op_timeout)
         return {"total_s": t1 - t0, "tasks_per_s": N / (t1 - t0), "cpu": _per_hub_cpu(blk.delta, h)}
 
-    for r in range(cfg.repeat):
-        for h, v in P.each("lb apply_async", lambda h, cl: apply_run(h, cl, r), r).items():
+    for r in range(max(cfg.repeat_for(k) for k in P.cl)):
+        keys = [k for k in P.cl if cfg.repeat_for(k) > r]
+        for h, v in P.each("lb apply_async", lambda h, cl: apply_run(h, cl, r), r, keys).items():
             res[h]["apply_async"].append(v)
-        for h, v in P.each("lb map_sync", lambda h, cl: map_run(h, cl, r), r + 1).items():
+        for h, v in P.each("lb map_sync", lambda h, cl: map_run(h, cl, r), r + 1, keys).items():
             res[h]["map_sync"].append(v)
     out = {}
     for h in P.active():
@@ -818,22 +1008,30 @@ def w_lb(P: Paired) -> dict:
 
 
 def w_mem(cl: Cluster, cfg: Config, noise: list) -> dict:
-    """Runs on one cluster alone (no other hub up)."""
+    """Runs on one cluster alone (no other cluster up).
+
+    Hub memory after every batch; memory of every engine idle after start, after cfg.cap_tasks
+    tasks (the count every combination reaches) and at the end."""
     rc = cl.rc
     lview = rc.load_balanced_view()
-    total = cfg.tasks_for(cl.hub)
+    total = cfg.tasks_for(cl.key)
     batch = min(cfg.batch, total) if total else cfg.batch
     to = _lb_timeout(cfg, batch)
-    time.sleep(1.0)  # let the hub settle after registration
+    time.sleep(1.0)  # let the hub and the engines settle after registration
     points = [{"tasks": 0, "t_s": 0.0, **hub_memory(cl.hub_proc)}]
+    eng_points = [{"tasks": 0, **engine_memory(cl)}]
+    em = eng_points[0]["mean"].get("total", {})
     log(f"    mem start: hub RSS {points[0].get('proc_rss_mib', 0):.1f} MiB, "
-        f"tree RSS {points[0].get('tree_rss_mib', 0):.1f} MiB, PSS {points[0].get('tree_pss_mib', 0):.1f} MiB")
+        f"tree RSS {points[0].get('tree_rss_mib', 0):.1f} MiB, PSS {points[0].get('tree_pss_mib', 0):.1f} MiB; "
+        f"per {cl.engine} engine: RSS {em.get('rss_mib', 0):.1f} MiB, PSS {em.get('pss_mib', 0):.1f} MiB")
     done = 0
     t_start = time.perf_counter()
     batches = []
-    with Block([cl], f"mem {total} tasks n={cl.n} [{cl.hub}]", noise, [cl.hub]) as blk:
+    with Block([cl], f"mem {total} tasks n={cl.n} [{combo_short(cl.key)}]", noise, [cl.key]) as blk:
         while done < total:
             k = min(batch, total - done)
+            if done < cfg.cap_tasks:
+                k = min(k, cfg.cap_tasks - done)  # land on the common checkpoint
             t0 = time.perf_counter()
             amr = lview.map_async(ident, range(done, done + k), chunksize=1)
             wait_all(cl, amr, to, f"map_async batch {done}..{done + k}")
@@ -848,13 +1046,18 @@ def w_mem(cl: Cluster, cfg: Config, noise: list) -> dict:
             batches.append({"tasks": k, "s": t1 - t0, "tasks_per_s": k / (t1 - t0)})
             pt = {"tasks": done, "t_s": time.perf_counter() - t_start, **hub_memory(cl.hub_proc)}
             points.append(pt)
+            eng_points.append({"tasks": done, **engine_memory(cl)})
+            if done in (cfg.cap_tasks, total):
+                em = eng_points[-1]["mean"]
+                log(f"    mem {done}/{total}: per {cl.engine} engine RSS "
+                    + ", ".join(f"{part} {v.get('rss_mib', 0):.1f}" for part, v in em.items()) + " MiB")
             if done % max(batch, total // 10 or 1) == 0 or done == total:
                 log(f"    mem {done}/{total}: hub RSS {pt.get('proc_rss_mib', 0):.1f} MiB, "
                     f"tree PSS {pt.get('tree_pss_mib', 0):.1f} MiB, {k / (t1 - t0):.0f} tasks/s")
     rates = [b["tasks_per_s"] for b in batches]
-    return {"tasks": total, "batch": batch, "points": points, "batches": batches,
+    return {"tasks": total, "batch": batch, "points": points, "batches": batches, "engine_mem": eng_points,
             "tasks_per_s": stats(rates), "overall_tasks_per_s": total / sum(b["s"] for b in batches),
-            "cpu": _per_hub_cpu(blk.delta, cl.hub)}
+            "cpu": _per_hub_cpu(blk.delta, cl.key)}
 
 
 # --------------------------------------------------------------------------
@@ -862,9 +1065,13 @@ def w_mem(cl: Cluster, cfg: Config, noise: list) -> dict:
 
 
 def make_plan(cfg: Config) -> list[dict]:
-    """Blocks. Paired blocks: one cluster per hub, all up at once, samples interleaved.
-    The memory block runs each hub's cluster alone, one after the other."""
+    """Blocks. Start-up blocks: clusters started and stopped one at a time, engine kinds alternating.
+    Paired blocks: one cluster per hub x engine combination, all up at once, samples interleaved.
+    The memory block runs each combination's cluster alone, one after the other."""
     plan = []
+    if "startup" in cfg.workloads:
+        for n in cfg.startup_engines:
+            plan.append({"n": n, "workloads": ["startup"], "paired": False, "startup": True})
     eng = list(cfg.engines)
     if "rtt" in cfg.workloads or ("fanout" in cfg.workloads and 1 in eng):
         wl = [w for w in ("rtt", "fanout") if w in cfg.workloads and (w == "rtt" or 1 in eng)]
@@ -924,10 +1131,10 @@ def _start(cl: Cluster, rec: dict) -> bool:
         cl.start()
     except Exception as e:
         rec["errors"].append(_err("start", e, cl, traceback.format_exc()))
-        log(f"  {cl.hub}: cluster start FAILED: {e}")
+        log(f"  {cl.key}: cluster start FAILED: {e}")
         return False
     rec["start"] = dict(cl.timings)
-    log(f"  {cl.hub}: {cl.n} engine(s) up in {cl.timings['start_total_s']:.2f}s "
+    log(f"  {cl.key}: {cl.n} engine(s) up in {cl.timings['start_total_s']:.2f}s "
         f"(hub files {cl.timings['hub_files_s']:.2f}s, registration {cl.timings['engines_registered_s']:.2f}s)")
     return True
 
@@ -938,11 +1145,16 @@ def _finish(cl: Cluster, rec: dict, cfg: Config, t0: float) -> None:
     except Exception as e:
         rec["errors"].append({"workload": "stop", "error": repr(e), "short": f"stop: {e!r}"})
     rec["stop"] = cl.stop_info
+    if cl.stop_info.get("engine_children_left"):
+        key = "Python subprocess(es) still running after their Rust engine exited on SIGTERM"
+        cl.warnings[key] = cl.warnings.get(key, 0) + len(cl.stop_info["engine_children_left"])
     rec["warnings"] = [f"{k} (x{v})" for k, v in cl.warnings.items()]
     for w in rec["warnings"]:
-        log(f"  {cl.hub}: WARNING {w}")
+        log(f"  {cl.key}: WARNING {w}")
     if cl.stop_info.get("hub_sigkilled"):
-        log(f"  {cl.hub}: hub did not exit within 5s of SIGTERM; SIGKILLed")
+        log(f"  {cl.key}: hub did not exit within 5s of SIGTERM; SIGKILLed")
+    if cl.stop_info.get("engine_sigkilled"):
+        log(f"  {cl.key}: {len(cl.stop_info['engine_sigkilled'])} engine process(es) SIGKILLed at stop")
     rec["block_wall_s"] = time.perf_counter() - t0
     if not cfg.keep_work:
         if rec["errors"]:
@@ -952,20 +1164,25 @@ def _finish(cl: Cluster, rec: dict, cfg: Config, t0: float) -> None:
         rec["workdir"] = str(cl.dir)
 
 
-def run_paired_block(blk: dict, hubs: list[str], cfg: Config, workroot: Path, noise: list, idx: int) -> list[dict]:
+def _new_rec(key: str, n: int) -> dict:
+    hub, engine = split_combo(key)
+    return {"key": key, "hub": hub, "engine": engine, "n": n, "workloads": {}, "errors": []}
+
+
+def run_paired_block(blk: dict, keys: list[str], cfg: Config, workroot: Path, noise: list, idx: int) -> list[dict]:
     n = blk["n"]
-    recs = {h: {"hub": h, "n": n, "workloads": {}, "errors": []} for h in hubs}
+    recs = {k: _new_rec(k, n) for k in keys}
     wi = _maybe_wait_idle(cfg)
     clusters: dict[str, Cluster] = {}
     t0 = time.perf_counter()
     try:
-        for h in hubs:  # hubs is already in this block's ABBA order
-            cl = Cluster(h, n, cfg, workroot, f"b{idx}n{n}")
-            clusters[h] = cl
-            recs[h]["idle_wait"] = wi
-            if not _start(cl, recs[h]):
+        for k in keys:  # keys is already in this block's ABBA order
+            cl = Cluster(*split_combo(k), n, cfg, workroot, f"b{idx}n{n}")
+            clusters[k] = cl
+            recs[k]["idle_wait"] = wi
+            if not _start(cl, recs[k]):
                 continue
-        up = {h: cl for h, cl in clusters.items() if "start" in recs[h]}
+        up = {k: cl for k, cl in clusters.items() if "start" in recs[k]}
         if up:
             P = Paired(up, cfg, noise)
             for w in blk["workloads"]:
@@ -974,32 +1191,32 @@ def run_paired_block(blk: dict, hubs: list[str], cfg: Config, workroot: Path, no
                 tw = time.perf_counter()
                 try:
                     res = PAIRED_FUNCS[w](P)
-                except Exception as e:  # a bug in the harness or both hubs broken
-                    for h in P.active():
-                        P.fail(h, w, e)
+                except Exception as e:  # a bug in the harness or every cluster broken
+                    for k in P.active():
+                        P.fail(k, w, e)
                     res = {}
-                for h, d in res.items():
-                    recs[h]["workloads"][w] = d
-                    log(f"  {h}: {w} n={n}: {_brief(w, d)}")
-                for h, (what, e, tb) in list(P.failed.items()):
-                    if not any(err.get("_key") == id(e) for err in recs[h]["errors"]):
-                        err = _err(what, e, up[h], tb)
+                for k, d in res.items():
+                    recs[k]["workloads"][w] = d
+                    log(f"  {k}: {w} n={n}: {_brief(w, d)}")
+                for k, (what, e, tb) in list(P.failed.items()):
+                    if not any(err.get("_key") == id(e) for err in recs[k]["errors"]):
+                        err = _err(what, e, up[k], tb)
                         err["_key"] = id(e)
-                        recs[h]["errors"].append(err)
+                        recs[k]["errors"].append(err)
                 log(f"  {w} n={n} took {time.perf_counter() - tw:.1f}s")
     finally:
-        for h, cl in clusters.items():
-            _finish(cl, recs[h], cfg, t0)
+        for k, cl in clusters.items():
+            _finish(cl, recs[k], cfg, t0)
         for r in recs.values():
             for err in r["errors"]:
                 err.pop("_key", None)
-    return [recs[h] for h in hubs]
+    return [recs[k] for k in keys]
 
 
-def run_single_block(hub: str, blk: dict, cfg: Config, workroot: Path, noise: list, idx: int) -> dict:
-    rec = {"hub": hub, "n": blk["n"], "workloads": {}, "errors": []}
+def run_single_block(key: str, blk: dict, cfg: Config, workroot: Path, noise: list, idx: int) -> dict:
+    rec = _new_rec(key, blk["n"])
     rec["idle_wait"] = _maybe_wait_idle(cfg)
-    cl = Cluster(hub, blk["n"], cfg, workroot, f"b{idx}n{blk['n']}")
+    cl = Cluster(*split_combo(key), blk["n"], cfg, workroot, f"b{idx}n{blk['n']}")
     t0 = time.perf_counter()
     try:
         if _start(cl, rec):
@@ -1007,14 +1224,90 @@ def run_single_block(hub: str, blk: dict, cfg: Config, workroot: Path, noise: li
                 tw = time.perf_counter()
                 try:
                     rec["workloads"][w] = w_mem(cl, cfg, noise)
-                    log(f"  {hub}: {w} n={blk['n']} done in {time.perf_counter() - tw:.1f}s: "
+                    log(f"  {key}: {w} n={blk['n']} done in {time.perf_counter() - tw:.1f}s: "
                         f"{_brief(w, rec['workloads'][w])}")
                 except Exception as e:
                     rec["errors"].append(_err(w, e, cl, traceback.format_exc()))
-                    log(f"  {hub}: FAILED {w}: {type(e).__name__}: {e}")
+                    log(f"  {key}: FAILED {w}: {type(e).__name__}: {e}")
     finally:
         _finish(cl, rec, cfg, t0)
     return rec
+
+
+def run_startup_block(blk: dict, cfg: Config, workroot: Path, noise: list, idx: int) -> list[dict]:
+    """Engine start-up on cfg.startup_hub: for each engine kind, startup_repeat fresh clusters of n
+    engines, started one at a time (kinds alternating, ABBA), each stopped before the next starts.
+    Times from the moment the engines are launched (hub already up, connection files written)."""
+    n = blk["n"]
+    hub = cfg.startup_hub
+    keys = [combo(hub, k) for k in cfg.engine_kinds]
+    recs = {k: _new_rec(k, n) for k in keys}
+    for r in recs.values():
+        r["starts"] = []
+    fails = {k: 0 for k in keys}
+    wi = _maybe_wait_idle(cfg)
+    t_blk = time.perf_counter()
+    windows = []  # CPU accounting: only the measured windows, launch -> first execute
+    gc.collect()
+    for rep in range(cfg.startup_repeat):
+        for k in (keys if rep % 2 == 0 else keys[::-1]):
+            if fails[k] >= 2:
+                continue
+            cl = Cluster(hub, split_combo(k)[1], n, cfg, workroot, f"b{idx}n{n}r{rep}")
+            one = {"repeat": rep}
+            tmp = {"errors": []}
+            snaps = {}
+
+            def on_launch(cl=cl, snaps=snaps):
+                snaps["a"] = CpuSnap(cl.groups())
+
+            def on_ready(cl=cl, snaps=snaps):
+                snaps["b"] = CpuSnap(cl.groups())
+
+            t0 = time.perf_counter()
+            try:
+                cl.start(first_execute=True, on_launch=on_launch, on_ready=on_ready)
+                one.update(cl.timings)
+                d = cpu_delta(snaps["a"], snaps["b"])
+                windows.append(d)
+                one["engines_cpu_s"] = d["cpu_s_by_group"].get(f"engines/{k}", 0.0)
+                one["window_foreign_cpu_s"] = d["foreign_cpu_s"]
+            except Exception as e:
+                fails[k] += 1
+                recs[k]["errors"].append(_err("startup", e, cl, traceback.format_exc()))
+                log(f"  {k}: start-up #{rep} with {n} engine(s) FAILED: {e}")
+            finally:
+                _finish(cl, tmp, cfg, t0)
+            one["engines_stop_s"] = cl.stop_info.get("engines_stop_s")
+            one["engine_sigkilled"] = len(cl.stop_info.get("engine_sigkilled") or [])
+            recs[k]["errors"].extend(tmp["errors"])
+            if tmp.get("logs"):
+                recs[k].setdefault("logs", {}).update(tmp["logs"])
+            recs[k]["starts"].append(one)
+            if "engines_registered_s" in one:
+                log(f"  {k}: start-up #{rep}, {n} engine(s): registered {one['engines_registered_s']:.3f}s, "
+                    f"first execute {one['first_execute_s']:.3f}s after launch, engines' CPU "
+                    f"{one['engines_cpu_s']:.2f}s; engines stopped in {one['engines_stop_s']:.2f}s")
+    if windows:
+        d = merge_deltas(windows)
+        d["block"] = f"startup n={n}: {len(windows)} windows launch → first execute"
+        d["combos"] = keys
+        d["engines"] = n
+        d["ok"] = True
+        noise.append(d)
+    for k, r in recs.items():
+        ok = [x for x in r["starts"] if "engines_registered_s" in x]
+        if ok:
+            r["workloads"]["startup"] = {
+                "registered_s": stats([x["engines_registered_s"] for x in ok]),
+                "first_execute_s": stats([x["first_execute_s"] for x in ok]),
+                "engines_stop_s": stats([x["engines_stop_s"] for x in ok if x.get("engines_stop_s") is not None]),
+                "engines_cpu_s": stats([x["engines_cpu_s"] for x in ok]),
+                "starts": len(ok),
+            }
+        r["block_wall_s"] = time.perf_counter() - t_blk
+        r["idle_wait"] = wi
+    return [recs[k] for k in keys]
 
 
 def _short(e: Exception, cl: Cluster) -> str:
@@ -1030,6 +1323,9 @@ def _short(e: Exception, cl: Cluster) -> str:
 
 
 def _brief(w: str, r: dict) -> str:
+    if w == "startup":
+        return (f"launch -> registered median {r['registered_s']['median']:.3f}s, "
+                f"-> first execute {r['first_execute_s']['median']:.3f}s ({r['starts']} starts)")
     if w == "rtt":
         return (f"direct median {r['direct']['stats']['median']:.2f} ms, "
                 f"lb median {r['lb']['stats']['median']:.2f} ms")
@@ -1085,7 +1381,7 @@ def versions(cfg: Config) -> dict:
         v["git_dirty"] = bool(dirty)
     except Exception:
         pass
-    if "parallax" in cfg.hubs:
+    if cfg.needs_parallax_bin():
         binp = cfg.hub_cmd["parallax"][0]
         v["parallax_bin"] = getattr(cfg, "parallax_bin_source", binp)
         try:
@@ -1134,31 +1430,41 @@ def _cpu_model():
 
 
 def preflight(cfg: Config) -> None:
-    for path in (cfg.hub_cmd["ipcontroller"][0], cfg.ipengine):
-        if ("ipcontroller" in cfg.hubs or path == cfg.ipengine) and not os.access(path, os.X_OK):
+    needed = []
+    if "ipcontroller" in cfg.hubs:
+        needed.append(cfg.hub_cmd["ipcontroller"][0])
+    if "ipengine" in cfg.engine_kinds:
+        needed.append(cfg.ipengine)
+    if "parallax" in cfg.engine_kinds:
+        needed.append(cfg.engine_python)
+    for path in needed:
+        if not os.access(path, os.X_OK):
             raise SystemExit(f"error: {path} not found or not executable (run `make venv`, or pass --venv-bin)")
-    if "parallax" in cfg.hubs:
+    if cfg.needs_parallax_bin():
         binp = os.environ.get("PARALLAX_BIN", "")
         if not binp:
             raise SystemExit(
                 "error: PARALLAX_BIN is not set. Build the hub (`make build`) and run "
                 "`PARALLAX_BIN=$PWD/target/release/parallax .venv/bin/python bench/bench_hub.py`, "
-                "or `make bench`; use `--only ipcontroller` to benchmark the stock controller alone."
+                "or `make bench`; use `--only ipcontroller --engine-kinds ipengine` to benchmark stock "
+                "ipyparallel alone."
             )
         if not (os.path.isfile(binp) and os.access(binp, os.X_OK)):
             raise SystemExit(
                 f"error: PARALLAX_BIN={binp} does not exist or is not executable "
                 "(run `make build` first, or use `--only ipcontroller`)."
             )
-        try:
-            r = subprocess.run([binp, "hub", "--help"], capture_output=True, text=True, timeout=15)
-        except subprocess.TimeoutExpired:
-            raise SystemExit(f"error: `{binp} hub --help` did not return within 15s")
-        if r.returncode != 0:
-            raise SystemExit(
-                f"error: `{binp} hub --help` exited with code {r.returncode}; "
-                f"is the hub subcommand implemented?\n{(r.stderr or r.stdout)[-2000:]}"
-            )
+        subs = (["hub"] if "parallax" in cfg.hubs else []) + (["engine"] if "parallax" in cfg.engine_kinds else [])
+        for sub in subs:
+            try:
+                r = subprocess.run([binp, sub, "--help"], capture_output=True, text=True, timeout=15)
+            except subprocess.TimeoutExpired:
+                raise SystemExit(f"error: `{binp} {sub} --help` did not return within 15s")
+            if r.returncode != 0:
+                raise SystemExit(
+                    f"error: `{binp} {sub} --help` exited with code {r.returncode}; "
+                    f"is the {sub} subcommand implemented?\n{(r.stderr or r.stdout)[-2000:]}"
+                )
 
 
 # --------------------------------------------------------------------------
@@ -1166,29 +1472,47 @@ def preflight(cfg: Config) -> None:
 
 
 def summarize(cfg: Config, recs: list[dict]) -> list[dict]:
-    """Rows: workload, metric, unit, better ('lower'|'higher'), values per hub."""
+    """Rows: workload, metric, unit, better ('lower'|'higher'), values per combination ("hub/engine")."""
     by = {}
     for r in recs:
         for w, d in r["workloads"].items():
-            by[(r["hub"], w, r["n"])] = d
+            by[(r["key"], w, r["n"])] = d
 
     rows = []
+    hub_ratios = ("hub", "a")  # hub-side measurements: the engine-vs-engine ratio says little
+    engine_ratios = ("a", "b", "b-ipc")  # engine-side measurements: the hub ratio says little
 
-    def add(workload, metric, unit, better, getter, key):
+    def add(workload, metric, unit, better, getter, key, ratios=None):
         vals = {}
-        for hub in cfg.hubs:
-            d = by.get((hub,) + key)
+        for k in cfg.keys:
+            d = by.get((k,) + key)
             if d is None:
                 continue
             try:
-                v = getter(d, hub)
-            except (KeyError, IndexError, TypeError):
+                v = getter(d, k)
+            except (KeyError, IndexError, TypeError, ValueError, statistics.StatisticsError):
                 v = None
             if v is not None:
-                vals[hub] = v
+                vals[k] = v
         if vals:
-            rows.append({"workload": workload, "metric": metric, "unit": unit, "better": better, "values": vals})
+            rows.append({"workload": workload, "metric": metric, "unit": unit, "better": better, "values": vals,
+                         "ratios": list(ratios) if ratios else None})
 
+    if "startup" in cfg.workloads:
+        hub = HUB_LABEL.get(cfg.startup_hub, cfg.startup_hub)
+        for n in cfg.startup_engines:
+            add("0. engine start-up", f"launch → all {n} registered, median of {cfg.startup_repeat} ({hub})",
+                "s", "lower", lambda d, k: d["registered_s"]["median"], ("startup", n))
+            add("0. engine start-up", f"launch → first dv.execute answered by all {n}, median ({hub})",
+                "s", "lower", lambda d, k: d["first_execute_s"]["median"], ("startup", n))
+        for n in cfg.startup_engines:
+            add("0. engine start-up", f"  (info) engines' CPU from launch to first execute, {n} engine(s), median "
+                f"({hub})", "CPU s", "lower", lambda d, k: d["engines_cpu_s"]["median"], ("startup", n))
+        for n in cfg.startup_engines:
+            grace = " / ".join(f"{g} s ({k})" for k, g in (("ipengine", 2), ("parallax", 3)) if k in cfg.engine_kinds)
+            add("0. engine start-up", f"  (info) SIGTERM → all processes of {n} engine(s) gone, median; "
+                f"SIGKILL after {grace} ({hub})",
+                "s", "lower", lambda d, k: d["engines_stop_s"]["median"], ("startup", n))
     if "rtt" in cfg.workloads:
         for label, desc in (("direct", "rc[0].apply_sync(lambda: None)"), ("lb", "lview.apply_sync(lambda: None)")):
             for stat in ("median", "p90", "min"):
@@ -1196,7 +1520,10 @@ def summarize(cfg: Config, recs: list[dict]) -> list[dict]:
                     lambda d, h, label=label, stat=stat: d[label]["stats"][stat], ("rtt", 1))
             add("1. round trip, 1 engine", f"  hub CPU per 1000 {label} round trips", "CPU s", "lower",
                 lambda d, h, label=label: d[label]["cpu"]["hub_cpu_s"] / d[label]["stats"]["count"] * 1000,
-                ("rtt", 1))
+                ("rtt", 1), hub_ratios)
+            add("1. round trip, 1 engine", f"  engine CPU per 1000 {label} round trips", "CPU s", "lower",
+                lambda d, h, label=label: d[label]["cpu"]["engines_cpu_s"] / d[label]["stats"]["count"] * 1000,
+                ("rtt", 1), engine_ratios)
     if "fanout" in cfg.workloads:
         for n in cfg.engines:
             add("2. fan-out", f"dv.execute('a=1', block=True), {n} engine(s), median", "ms", "lower",
@@ -1214,40 +1541,59 @@ def summarize(cfg: Config, recs: list[dict]) -> list[dict]:
                 lambda d, h: d["map_sync_tasks_per_s_at_median"], ("lb", n))
             add("3. load-balanced throughput",
                 f"  hub CPU per 1000 tasks (apply_async + map_sync), {n} engines", "CPU s", "lower",
-                lambda d, h: _hub_cpu_per_k(d, cfg.lb_tasks), ("lb", n))
+                lambda d, h: _cpu_per_k(d, cfg.lb_tasks, "hub_cpu_s"), ("lb", n), hub_ratios)
+            add("3. load-balanced throughput",
+                f"  engines' CPU per 1000 tasks (all engine processes), {n} engines", "CPU s", "lower",
+                lambda d, h: _cpu_per_k(d, cfg.lb_tasks, "engines_cpu_s"), ("lb", n), engine_ratios)
     if "mem" in cfg.workloads:
         n = cfg.mem_engines
-        checkpoints = sorted({0, cfg.ipc_tasks if "ipcontroller" in cfg.hubs else 0,
-                              cfg.tasks // 2, cfg.tasks})
+        checkpoints = sorted({0, cfg.cap_tasks} | ({cfg.tasks // 2, cfg.tasks} if cfg.full_tasks_keys else set()))
         for cp in checkpoints:
             label = "start" if cp == 0 else f"after {cp:,} tasks"
             add("4. hub memory", f"hub process RSS, {label}", "MiB", "lower",
-                lambda d, h, cp=cp: _mem_at(d, cp, "proc_rss_mib"), ("mem", n))
+                lambda d, h, cp=cp: _mem_at(d, cp, "proc_rss_mib"), ("mem", n), hub_ratios)
             add("4. hub memory", f"hub process tree RSS, {label}", "MiB", "lower",
-                lambda d, h, cp=cp: _mem_at(d, cp, "tree_rss_mib"), ("mem", n))
+                lambda d, h, cp=cp: _mem_at(d, cp, "tree_rss_mib"), ("mem", n), hub_ratios)
             add("4. hub memory", f"hub process tree PSS, {label}", "MiB", "lower",
-                lambda d, h, cp=cp: _mem_at(d, cp, "tree_pss_mib"), ("mem", n))
+                lambda d, h, cp=cp: _mem_at(d, cp, "tree_pss_mib"), ("mem", n), hub_ratios)
         add("4. hub memory", f"throughput during the memory run (map_async chunksize=1, {cfg.batch}/batch)",
             "tasks/s", "higher", lambda d, h: d["overall_tasks_per_s"], ("mem", n))
         add("4. hub memory", "  hub CPU per 1000 tasks in the memory run", "CPU s", "lower",
-            lambda d, h: d["cpu"]["hub_cpu_s"] / d["tasks"] * 1000, ("mem", n))
+            lambda d, h: d["cpu"]["hub_cpu_s"] / d["tasks"] * 1000, ("mem", n), hub_ratios)
+        add("4. hub memory", "  engines' CPU per 1000 tasks in the memory run", "CPU s", "lower",
+            lambda d, h: d["cpu"]["engines_cpu_s"] / d["tasks"] * 1000, ("mem", n), engine_ratios)
+        for cp in (0, cfg.cap_tasks):
+            label = "idle after start" if cp == 0 else f"after {cp:,} tasks"
+            for m, mname in (("rss_mib", "RSS"), ("pss_mib", "PSS"), ("uss_mib", "USS")):
+                add("5. engine memory", f"per engine, all its processes, {mname}, {label}", "MiB", "lower",
+                    lambda d, h, cp=cp, m=m: _eng_mem_at(d, cp, "total", m), ("mem", n), engine_ratios)
     # cluster start (depends on --ping for ipcontroller: registration completes on a heartbeat)
-    for r_n in sorted({r["n"] for r in recs}):
+    for r_n in sorted({r["n"] for r in recs if "start" in r}):
         vals = {}
         for r in recs:
             if r["n"] == r_n and "start" in r and "engines_registered_s" in r["start"]:
-                vals.setdefault(r["hub"], []).append(r["start"]["engines_registered_s"])
+                vals.setdefault(r["key"], []).append(r["start"]["engines_registered_s"])
         if vals:
             rows.append({"workload": "0. start-up (info)",
-                         "metric": f"engines launched -> {r_n} registered (ping {cfg.ping} ms)",
-                         "unit": "s", "better": "lower", "values": {h: statistics.median(v) for h, v in vals.items()}})
+                         "metric": f"cluster blocks: engines launched -> {r_n} registered (ping {cfg.ping} ms)",
+                         "unit": "s", "better": "lower", "ratios": None,
+                         "values": {h: statistics.median(v) for h, v in vals.items()}})
     for row in rows:
-        row["ratio"] = _ratio(row)
+        row["ratio"] = {}
+        for rid, (_, base, cand) in ratio_columns(cfg):
+            if row["ratios"] is None or rid in row["ratios"]:
+                row["ratio"][rid] = _ratio(row, base, cand)
     return rows
 
 
-def _hub_cpu_per_k(d, N):
-    cpus = [x["cpu"]["hub_cpu_s"] for x in d["apply_async"] + d["map_sync"]]
+def ratio_columns(cfg: Config) -> list[tuple[str, tuple[str, str, str]]]:
+    """The ratio columns whose two combinations both run: (id, (title, baseline, candidate))."""
+    ids = ("hub", "a", "b", "b-ipc")
+    return [(rid, r) for rid, r in zip(ids, RATIOS) if r[1] in cfg.keys and r[2] in cfg.keys]
+
+
+def _cpu_per_k(d, N, what):
+    cpus = [x["cpu"][what] for x in d["apply_async"] + d["map_sync"]]
     runs = len(d["apply_async"]) + len(d["map_sync"])
     return sum(cpus) / (runs * N) * 1000.0
 
@@ -1259,9 +1605,16 @@ def _mem_at(d, cp, key):
     return None
 
 
-def _ratio(row):
+def _eng_mem_at(d, cp, part, key):
+    for p in d.get("engine_mem", []):
+        if p["tasks"] == cp:
+            return p["mean"].get(part, {}).get(key)
+    return None
+
+
+def _ratio(row, base, cand):
     v = row["values"]
-    a, b = v.get("ipcontroller"), v.get("parallax")
+    a, b = v.get(base), v.get(cand)
     if a is None or b is None or a <= 0 or b <= 0:
         return None
     return a / b if row["better"] == "lower" else b / a
@@ -1276,6 +1629,8 @@ def _fmt(x, unit):
         return f"{x:.1f}"
     if unit == "CPU s":
         return f"{x:.3f}"
+    if unit == "s" and abs(x) < 10:
+        return f"{x:.3f}" if abs(x) < 1 else f"{x:.2f}"
     if abs(x) >= 100:
         return f"{x:.0f}"
     if abs(x) >= 10:
@@ -1288,18 +1643,145 @@ def _noisy(d) -> bool:
     return d["foreign_pct"] > 5 and d["foreign_cpu_s"] > 0.25
 
 
+def _rec(recs, key, w, n):
+    for r in recs:
+        if r["key"] == key and r["n"] == n and w in r["workloads"]:
+            return r["workloads"][w]
+    return None
+
+
+def startup_table(cfg: Config, recs: list[dict]) -> list[str]:
+    """Start-up sweep, one row per engine count: median (min–max) per engine kind."""
+    hub = cfg.startup_hub
+    keys = [combo(hub, k) for k in cfg.engine_kinds]
+    if not any(_rec(recs, k, "startup", n) for k in keys for n in cfg.startup_engines):
+        return []
+    L = [f"**Engine start-up on the {HUB_LABEL.get(hub, hub)}** (clusters started one at a time, engine kinds "
+         f"alternating; {cfg.startup_repeat} starts each; seconds from launching the engines, hub already up; "
+         "median (min–max)):", ""]
+    hdr = ["engines"]
+    for k in keys:
+        hdr += [f"{combo_label(k)}: → registered", f"{combo_label(k)}: → first execute"]
+    pair = len(keys) == 2
+    if pair:
+        hdr += ["ratio registered (>1: parallax engine better)", "ratio first execute"]
+    L.append("| " + " | ".join(hdr) + " |")
+    L.append("|" + "---|" * len(hdr))
+    for n in cfg.startup_engines:
+        cells = [str(n)]
+        meds = {}
+        for k in keys:
+            d = _rec(recs, k, "startup", n)
+            for what in ("registered_s", "first_execute_s"):
+                if d is None:
+                    cells.append("—")
+                    continue
+                st = d[what]
+                meds[(k, what)] = st["median"]
+                cells.append(f"{st['median']:.3f} ({st['min']:.3f}–{st['max']:.3f})")
+        if pair:
+            for what in ("registered_s", "first_execute_s"):
+                a, b = meds.get((keys[0], what)), meds.get((keys[1], what))
+                cells.append(f"{a / b:.2f}×" if a and b else "—")
+        L.append("| " + " | ".join(cells) + " |")
+    L.append("")
+    return L
+
+
+def engine_memory_table(cfg: Config, recs: list[dict]) -> list[str]:
+    """Per-engine memory by process, every combination: idle after start, after cap_tasks, at the end."""
+    rows = []
+    for k in cfg.keys:
+        d = _rec(recs, k, "mem", cfg.mem_engines)
+        if not d or not d.get("engine_mem"):
+            continue
+        hub, engine = split_combo(k)
+        pts = {p["tasks"]: p for p in d["engine_mem"]}
+        end = d["engine_mem"][-1]
+        for part in ENGINE_PARTS[engine] + ("total",):
+            cells = [HUB_LABEL[hub], ENGINE_LABEL[engine], PART_LABEL[part]]
+            for cp in (0, cfg.cap_tasks):
+                m = pts.get(cp, {}).get("mean", {}).get(part)
+                cells += [f"{m[x]:.1f}" if m else "—" for x in ("rss_mib", "uss_mib", "pss_mib")]
+            m = end["mean"].get(part)
+            cells.append(f"{m['rss_mib']:.1f} ({end['tasks']:,})" if m and end["tasks"] != cfg.cap_tasks else "—")
+            rows.append("| " + " | ".join(cells) + " |")
+    if not rows:
+        return []
+    L = [f"**Memory per engine** (MiB, mean over the {cfg.mem_engines} engines of the memory run; ipengine = the "
+         "ipengine process + the nanny process it starts; parallax engine = the Rust process + the Python subprocess "
+         "that runs user code; USS = pages private to the process, PSS = shared pages split among their users):", "",
+         f"| hub | engine | process | RSS idle after start | USS | PSS | RSS after {cfg.cap_tasks:,} tasks | USS | PSS "
+         "| RSS at the end of a longer run (tasks) |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    note = ("The parallax engine's Python subprocess imports ipyparallel's serialization only when the first task "
+            "arrives, so its idle-after-start figure is a floor: compare engines after tasks (ipengine has all of "
+            "ipyparallel loaded from the start).")
+    return L + rows + ["", note, ""]
+
+
+def targets(cfg: Config, recs: list[dict]) -> list[str]:
+    """The issue's targets, reported (not asserted)."""
+    L = []
+    rust, ipe = [], []
+    for k in cfg.keys:
+        d = _rec(recs, k, "mem", cfg.mem_engines)
+        if not d or not d.get("engine_mem"):
+            continue
+        pts = d["engine_mem"]
+        for p in pts:
+            m = p["mean"]
+            shown = p["tasks"] in (0, cfg.cap_tasks) or p is pts[-1]
+            if "rust" in m and m["rust"]:
+                rust.append((k, p["tasks"], m["rust"]["rss_mib"], m["rust"].get("max_rss_mib", m["rust"]["rss_mib"]),
+                             shown))
+            if "total" in m and m["total"] and split_combo(k)[1] == "ipengine":
+                ipe.append((k, p["tasks"], m["total"]["rss_mib"]))
+    if rust:
+        worst = max(x[3] for x in rust)
+        L.append(f"- Rust part of a parallax engine < 10 MiB RSS: "
+                 + "; ".join(f"{HUB_LABEL[split_combo(k)[0]]} {'idle' if t == 0 else f'after {t:,} tasks'} "
+                             f"{v:.1f} MiB" for k, t, v, _, shown in rust if shown)
+                 + f" (largest single engine at any point of the memory run: {worst:.1f} MiB) — "
+                 f"**{'met' if worst < 10 else 'not met'}**."
+                 + (f" ipengine + nanny for comparison: {min(x[2] for x in ipe):.0f}–{max(x[2] for x in ipe):.0f} MiB "
+                    "RSS per engine (issue: ≈ 95 MiB)." if ipe else ""))
+    hub = cfg.startup_hub
+    d = _rec(recs, combo(hub, "parallax"), "startup", 4)
+    if d:
+        st = d["registered_s"]
+        ipe4 = _rec(recs, combo(hub, "ipengine"), "startup", 4)
+        L.append(f"- 4 parallax engines registered within 0.3 s of launch ({HUB_LABEL[hub]}): median "
+                 f"{st['median']:.3f} s (min {st['min']:.3f}, max {st['max']:.3f}, {st['count']} starts) — "
+                 f"**{'met' if st['median'] <= 0.3 else 'not met'}** (first execute answered by all 4: "
+                 f"{d['first_execute_s']['median']:.3f} s)."
+                 + (f" 4 ipengines: {ipe4['registered_s']['median']:.3f} s." if ipe4 else ""))
+    elif "parallax" in cfg.engine_kinds and "startup" in cfg.workloads:
+        L.append("- 4 engines registered within 0.3 s: not measured (4 not in --startup-engines).")
+    if L:
+        L = ["**Targets from the issue** (reported, not asserted):", ""] + L + [""]
+    return L
+
+
 def markdown(cfg: Config, env: dict, rows: list[dict], recs: list[dict], noise: list, meta: dict) -> str:
     L = []
-    L.append(f"### Parallax hub vs ipcontroller — {meta['date']}")
+    L.append(f"### Parallax vs ipyparallel: hubs × engines — {meta['date']}")
+    L.append("")
+    L.append("Command: `" + " ".join(["PARALLAX_BIN=" + env["parallax_bin"]] if env.get("parallax_bin") else [])
+             + (" " if env.get("parallax_bin") else "") + " ".join(meta["argv_display"]) + "`.")
     L.append("")
     L.append(
-        f"Stock ipyparallel {env['ipyparallel']} `Client` + stock `ipengine`s against each hub, same run, "
-        f"same workloads. Latency/fan-out/throughput: both hubs' clusters up side by side, samples interleaved "
-        f"one by one (ABBA), throughput runs alternating; memory: each hub alone. Fresh clusters per block. "
-        f"Both hubs: "
+        f"Stock ipyparallel {env['ipyparallel']} `Client` throughout, against every combination of hub "
+        f"({', '.join(cfg.hubs)}) and engine ({', '.join(ENGINE_LABEL[k] for k in cfg.engine_kinds)}): "
+        + ", ".join(combo_label(k) for k in cfg.keys) + ". "
+        "Latency/fan-out/throughput: all combinations' clusters up side by side, samples interleaved "
+        "one by one (forward/reverse order), throughput runs alternating; memory and start-up: each cluster alone. "
+        "Fresh clusters per block. Hubs: "
         f"`--ip=127.0.0.1 --ping={cfg.ping} --log-level=WARN`"
         + (f" `--scheme={cfg.scheme}`" if cfg.scheme else "")
         + (f" `--hwm={cfg.hwm}`" if cfg.hwm is not None else "")
+        + "; engines: `--log-level=WARN`"
+        + (f"; parallax engines `--python={cfg.engine_python}`" if "parallax" in cfg.engine_kinds else "")
         + ". Python " + env["python"] + f", pyzmq {env['pyzmq']} (libzmq {env['libzmq']}), "
         + (f"numpy {env['numpy']} installed (ipcontroller imports it at start: +10 MiB RSS), " if env.get("numpy") else "")
         + f"{env['cpus']} CPUs ({env.get('cpu_model') or '?'}), {platform.system()} {platform.release()}."
@@ -1308,75 +1790,89 @@ def markdown(cfg: Config, env: dict, rows: list[dict], recs: list[dict], noise: 
         L.append(f"Parallax: `{env['parallax']}` (git {env.get('git_head', '?')}"
                  f"{', dirty tree' if env.get('git_dirty') else ''}).")
     L.append("")
-    L.append("**Ratio** = how many times better Parallax is: for times and memory ipcontroller ÷ parallax, "
-             "for throughput parallax ÷ ipcontroller. **> 1 means Parallax is better.**")
-    L.append("")
-    hubs = cfg.hubs
-    hdr = "| workload | measurement | unit | " + " | ".join(hubs) + (" | ratio (>1: Parallax better) |" if len(hubs) == 2 else " |")
+    rcols = ratio_columns(cfg)
+    if rcols:
+        L.append("**Ratios** = how many times better the Parallax side is: for times, memory and CPU baseline ÷ "
+                 "candidate, for throughput candidate ÷ baseline. **> 1 means Parallax is better.** "
+                 + " ".join(f"{t.replace('**', '')}: {combo_label(c)} vs {combo_label(b)}." for _, (t, b, c) in rcols)
+                 + " Hub-side rows (hub memory, hub CPU) carry no engine ratio; engine-side rows (engine memory, "
+                 "engine CPU) no hub ratio.")
+        L.append("")
+    L += targets(cfg, recs)
+    keys = cfg.keys
+    hdr = ["workload", "measurement", "unit"] + [combo_label(k) for k in keys] + [t for _, (t, _, _) in rcols]
     if rows:
-        L.append(hdr)
-        L.append("|" + "---|" * (3 + len(hubs) + (1 if len(hubs) == 2 else 0)))
+        L.append("| " + " | ".join(hdr) + " |")
+        L.append("|" + "---|" * len(hdr))
     else:
         L.append("**No measurements completed.**")
     for r in rows:
-        cells = [r["workload"], r["metric"], r["unit"]] + [_fmt(r["values"].get(h), r["unit"]) for h in hubs]
-        if len(hubs) == 2:
-            cells.append("—" if r["ratio"] is None else f"{r['ratio']:.2f}×")
+        cells = [r["workload"], r["metric"], r["unit"]] + [_fmt(r["values"].get(k), r["unit"]) for k in keys]
+        for rid, _ in rcols:
+            x = r["ratio"].get(rid)
+            cells.append("" if rid not in r["ratio"] else ("—" if x is None else f"{x:.2f}×"))
         L.append("| " + " | ".join(cells) + " |")
     L.append("")
-    counts = (f"Counts: round trip {cfg.samples} samples (+{cfg.warmup} warm-up) each; fan-out {cfg.fanout_samples} "
-              f"(+{cfg.fanout_warmup}); throughput {cfg.repeat} repeat(s) of {cfg.lb_tasks} tasks (tasks/s at the median "
-              f"wall time); memory run with {cfg.mem_engines} engines, batches of {cfg.batch} tasks, "
-              f"`purge_everything()` after each batch.")
+    L += startup_table(cfg, recs)
+    L += engine_memory_table(cfg, recs)
+    reps = ", ".join(f"{combo_label(k)} {cfg.repeat_for(k)}" for k in keys)
+    counts = (f"Counts: start-up {cfg.startup_repeat} starts per engine kind and count "
+              f"({', '.join(map(str, cfg.startup_engines))} engines); round trip {cfg.samples} samples "
+              f"(+{cfg.warmup} warm-up) each; fan-out {cfg.fanout_samples} (+{cfg.fanout_warmup}); throughput "
+              f"{cfg.lb_tasks} tasks per run, tasks/s at the median wall time, repeats: {reps}; memory run with "
+              f"{cfg.mem_engines} engines, batches of {cfg.batch} tasks, `purge_everything()` after each batch.")
     L.append(counts)
     mem_counts = []
     for r in recs:
         if "mem" in r["workloads"]:
-            mem_counts.append(f"{r['hub']} {r['workloads']['mem']['tasks']:,} tasks")
+            mem_counts.append(f"{combo_label(r['key'])} {r['workloads']['mem']['tasks']:,} tasks")
     if mem_counts:
         extra = ""
-        if "ipcontroller" in hubs and cfg.ipc_tasks < cfg.tasks:
-            extra = (f" ipcontroller was capped at {cfg.ipc_tasks:,} tasks (≈300 tasks/s; `--ipc-full` runs "
-                     f"all {cfg.tasks:,}), so its later checkpoints are blank.")
+        if len(mem_counts) > 1 and len(set(cfg.tasks_for(k) for k in keys)) > 1:
+            extra = (f" Only {', '.join(combo_label(k) for k in sorted(cfg.full_tasks_keys))} runs the full "
+                     f"{cfg.tasks:,} tasks (time budget; ipcontroller runs ≈300 tasks/s; `--mem-full` runs it "
+                     f"everywhere), so the later checkpoints of the others are blank; compare at {cfg.cap_tasks:,}.")
         L.append(f"Memory run: {', '.join(mem_counts)}.{extra} ipcontroller 'process' = the main controller "
                  "process; its tree adds 8 forked children (schedulers, heart monitor, queues) whose RSS double-counts "
                  "pages shared with the parent, so compare the tree by PSS.")
     L.append("")
     # errors
-    errs = [(r["hub"], r["n"], e) for r in recs for e in r["errors"]]
+    errs = [(r["key"], r["n"], e) for r in recs for e in r["errors"]]
     if errs:
         L.append("**Failures:**")
         L.append("")
-        for hub, n, e in errs:
+        for key, n, e in errs:
             first = e.get("short") or (e["error"].splitlines() or [""])[0]
-            L.append(f"- {hub}, {n} engine(s), {e['workload']}: {first}")
+            L.append(f"- {combo_label(key)}, {n} engine(s), {e['workload']}: {first}")
         L.append("")
-    warns = [(r["hub"], r["n"], w) for r in recs for w in r.get("warnings", [])]
+    warns = [(r["key"], r["n"], w) for r in recs for w in r.get("warnings", [])]
     if warns:
         L.append("**Warnings:**")
         L.append("")
-        for hub, n, w in warns:
-            L.append(f"- {hub}, {n} engine(s): {w}")
+        for key, n, w in warns:
+            L.append(f"- {combo_label(key)}, {n} engine(s): {w}")
         L.append("")
     # noise
     L.append("<details><summary>Noise: CPU per measurement block</summary>")
     L.append("")
-    L.append("busy = machine-wide non-idle CPU; CPU s = CPU-seconds of the client (this script) and of each hub "
-             "and its engines (ipc = ipcontroller, plx = parallax; in side-by-side blocks the idle hub's cluster is "
-             "counted too); foreign = busy minus everything this benchmark started, in % of all cores; "
-             "steal = VM steal.")
+    L.append("busy = machine-wide non-idle CPU; CPU s = CPU-seconds of the client (this script) and of each "
+             "cluster's hub and engines (ipc = ipcontroller, plx = parallax hub; ipe = ipengine, pxe = parallax "
+             "engine; in side-by-side blocks the idle clusters are counted too); foreign = busy minus everything "
+             "this benchmark started, in % of all cores; steal = VM steal. Start-up rows cover only the measured "
+             "windows (engines launched → first execute answered), summed over all starts.")
     L.append("")
-    L.append("| block | hubs | wall s | busy % | CPU s | foreign % | steal % | load avg |")
+    L.append("| block | clusters | wall s | busy % | CPU s | foreign % | steal % | load avg |")
     L.append("|---|---|---|---|---|---|---|---|")
-    short = {"ipcontroller": "ipc", "parallax": "plx"}
     for d in noise:
         parts = []
         for k, v in sorted(d["cpu_s_by_group"].items(), key=lambda kv: (kv[0] != "client", kv[0])):
-            role, _, hub = k.partition("/")
-            parts.append(f"{short.get(hub, hub) + ' ' if hub else ''}{role} {v:.1f}")
+            role, _, key = k.partition("/")
+            if v < 0.05 and role != "client":
+                continue
+            parts.append(f"{combo_short(key) + ' ' if key else ''}{role} {v:.1f}")
         flag = " ⚠" if _noisy(d) else ""
         L.append(
-            f"| {d['block']} | {'+'.join(short.get(h, h) for h in d['hubs'])} | {d['wall_s']:.1f} | "
+            f"| {d['block']} | {'+'.join(combo_short(k) for k in d['combos'])} | {d['wall_s']:.1f} | "
             f"{d['busy_pct']:.0f} | {', '.join(parts)} | {d['foreign_pct']:.1f}{flag} | "
             f"{d['steal_pct']:.1f} | {d['loadavg_end'][0]:.2f} |"
         )
@@ -1402,12 +1898,20 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults (full run, ~15 min on 2 cores): engines 1,2,4,8; rtt 1000 samples; fan-out 300; "
-               "lb 3 x 5000 tasks at 2 and 4 engines; memory 100000 tasks on parallax, 20000 on ipcontroller.",
+        epilog="Defaults (full run, ~15 min on 2 cores): hubs ipcontroller,parallax x engines ipengine,parallax; "
+               "start-up sweep 1,2,4,8 engines x 4 starts per engine kind; engines 1,2,4,8; rtt 1000 samples; "
+               "fan-out 300; lb 2 x 5000 tasks at 2 and 4 engines (1 repeat for ipcontroller + parallax engine); "
+               "memory 50000 tasks on parallax hub + parallax engine, 20000 on every other combination.",
     )
-    ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run (~1-2 min per hub)")
+    ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run (~3-4 min for the full matrix)")
     ap.add_argument("--only", choices=HUBS, help="benchmark one hub only")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="subset of rtt,fanout,lb,mem (default all)")
+    ap.add_argument("--engine-kinds", default=",".join(ENGINE_KINDS),
+                    help="engines to run against every hub: ipengine, parallax or both (default ipengine,parallax)")
+    ap.add_argument("--engine-python", help="--python for parallax engines (default: the venv's python)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help="subset of startup,rtt,fanout,lb,mem (default all)")
+    ap.add_argument("--startup-engines", help="engine counts for the start-up sweep (default 1,2,4,8; quick 1,4)")
+    ap.add_argument("--startup-repeat", type=int, help="starts per engine kind and count (default 4; quick 2)")
     ap.add_argument("--engines", help="engine counts for the fan-out (default 1,2,4,8; quick 1,2)")
     ap.add_argument("--lb-engines", help="engine counts for load-balanced throughput (default 2,4; quick 2)")
     ap.add_argument("--mem-engines", type=int, default=2, help="engines in the memory run (default 2)")
@@ -1415,11 +1919,16 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, help="round-trip warm-up calls (default 50; quick 10)")
     ap.add_argument("--fanout-samples", type=int, help="fan-out samples per engine count (default 300; quick 30)")
     ap.add_argument("--lb-tasks", type=int, help="tasks per throughput measurement (default 5000; quick 500)")
-    ap.add_argument("--repeat", type=int, help="repeats of each throughput measurement (default 3; quick 1)")
-    ap.add_argument("--tasks", type=int, help="tasks in the memory run (default 100000; quick 2000)")
-    ap.add_argument("--ipc-tasks", type=int,
-                    help="cap on the memory-run tasks for ipcontroller (default 20000; quick 2000)")
-    ap.add_argument("--ipc-full", action="store_true", help="run the full --tasks count on ipcontroller too")
+    ap.add_argument("--repeat", type=int, help="repeats of each throughput measurement (default 2; quick 1)")
+    ap.add_argument("--repeat-extra", type=int,
+                    help="throughput repeats for ipcontroller + parallax engine (default 1; capped at --repeat)")
+    ap.add_argument("--tasks", type=int,
+                    help="tasks in the memory run on parallax hub + parallax engine (default 50000; quick 2000)")
+    ap.add_argument("--cap-tasks", "--ipc-tasks", dest="cap_tasks", type=int,
+                    help="memory-run tasks for every other combination (default 20000; quick 1000); engine "
+                         "memory is compared at this checkpoint")
+    ap.add_argument("--mem-full", "--ipc-full", dest="mem_full", action="store_true",
+                    help="run the full --tasks count on every combination")
     ap.add_argument("--batch", type=int, help="tasks per map_async batch in the memory run (default 5000)")
     ap.add_argument("--ping", type=int, default=1000, help="--ping (heartbeat period, ms) for both hubs (default 1000)")
     ap.add_argument("--scheme", help="pass --scheme to both hubs (default: hub default, leastload)")
@@ -1435,6 +1944,13 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _display_path(p: str) -> str:
+    try:
+        return str(Path(p).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return p
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_run = time.perf_counter()
@@ -1447,7 +1963,7 @@ def main(argv=None) -> int:
         shutil.rmtree(workroot, ignore_errors=True)
         raise
 
-    if "parallax" in cfg.hubs:
+    if cfg.needs_parallax_bin():
         # run a private copy, so a rebuild during the run cannot mix two binaries
         src = cfg.hub_cmd["parallax"][0]
         snap = workroot / "parallax-bin" / Path(src).name
@@ -1455,6 +1971,7 @@ def main(argv=None) -> int:
         shutil.copy2(src, snap)
         cfg.parallax_bin_source = src
         cfg.hub_cmd["parallax"][0] = str(snap)
+        cfg.engine_cmd["parallax"][0] = str(snap)
 
     # our own process: same isolation as the children
     for k in ("IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR"):
@@ -1469,29 +1986,41 @@ def main(argv=None) -> int:
     env = versions(cfg)
     start_stamp = _dt.datetime.now()
     meta = {"date": start_stamp.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": list(os.getloadavg()),
-            "argv": sys.argv}
+            "argv": sys.argv, "argv_display": [_display_path(sys.executable), _display_path(sys.argv[0])] + sys.argv[1:]}
     plan = make_plan(cfg)
-    log(f"hubs: {', '.join(cfg.hubs)}; ping {cfg.ping} ms; work dir {workroot}")
+    log(f"hubs: {', '.join(cfg.hubs)}; engines: {', '.join(cfg.engine_kinds)}; combinations: "
+        f"{', '.join(cfg.keys)}; ping {cfg.ping} ms; work dir {workroot}")
     for i, b in enumerate(plan):
-        log(f"plan {i}: {b['n']} engine(s): {', '.join(b['workloads'])}"
-            + (" (hubs side by side, samples interleaved)" if b["paired"] else " (each hub alone)"))
+        if b.get("startup"):
+            how = (f" on {cfg.startup_hub}: {cfg.startup_repeat} starts per engine kind, one cluster at a time")
+        elif b["paired"]:
+            how = " (all combinations side by side, samples interleaved)"
+        else:
+            how = " (each combination alone)"
+        log(f"plan {i}: {b['n']} engine(s): {', '.join(b['workloads'])}{how}")
+    if "lb" in cfg.workloads:
+        log("throughput repeats: " + ", ".join(f"{k} {cfg.repeat_for(k)}" for k in cfg.keys))
     if "mem" in cfg.workloads:
-        log("memory run: " + ", ".join(f"{h} {cfg.tasks_for(h):,} tasks" for h in cfg.hubs))
+        log("memory run: " + ", ".join(f"{k} {cfg.tasks_for(k):,} tasks" for k in cfg.keys))
 
     recs: list[dict] = []
     noise: list[dict] = []
     interrupted = False
     try:
         for i, b in enumerate(plan):
-            order = cfg.hubs if i % 2 == 0 else list(reversed(cfg.hubs))
-            if b["paired"]:
+            order = cfg.keys if i % 2 == 0 else list(reversed(cfg.keys))
+            if b.get("startup"):
+                log(f"block {i}: start-up of {b['n']} engine(s) on {cfg.startup_hub}, "
+                    f"{cfg.startup_repeat} x {' / '.join(cfg.engine_kinds)}")
+                recs.extend(run_startup_block(b, cfg, workroot, noise, i))
+            elif b["paired"]:
                 log(f"block {i}: {b['n']} engine(s), {','.join(b['workloads'])}; "
                     + (f"{' + '.join(order)} side by side" if len(order) > 1 else f"on {order[0]}"))
                 recs.extend(run_paired_block(b, order, cfg, workroot, noise, i))
             else:
-                for hub in order:
-                    log(f"block {i}: {b['n']} engine(s), {','.join(b['workloads'])} on {hub} alone")
-                    recs.append(run_single_block(hub, b, cfg, workroot, noise, i))
+                for key in order:
+                    log(f"block {i}: {b['n']} engine(s), {','.join(b['workloads'])} on {key} alone")
+                    recs.append(run_single_block(key, b, cfg, workroot, noise, i))
     except KeyboardInterrupt:
         interrupted = True
         log("interrupted; cleaning up and writing partial results")
