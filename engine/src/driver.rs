@@ -33,7 +33,7 @@ use zeromq::{
 };
 
 use crate::cli::EngineArgs;
-use crate::interpreter::{Interpreter, Output, Reply, Request};
+use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle};
 use crate::python::{PythonConfig, PythonInterpreter};
 
 fn now_str() -> String {
@@ -41,25 +41,12 @@ fn now_str() -> String {
 }
 
 fn profile_dir(args: &EngineArgs) -> PathBuf {
-    if let Some(p) = &args.profile_dir {
-        return p.clone();
-    }
-    if let Ok(p) = std::env::var("IPP_PROFILE_DIR")
-        && !p.is_empty()
-    {
-        return PathBuf::from(p);
-    }
-    let ipython_dir = args
-        .ipython_dir
-        .clone()
-        .or_else(|| std::env::var_os("IPYTHONDIR").map(PathBuf::from))
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."))
-                .join(".ipython")
-        });
-    ipython_dir.join(format!("profile_{}", args.profile))
+    parallax_wire::connection::resolve_profile_dir(
+        args.profile_dir.as_deref(),
+        args.ipython_dir.as_deref(),
+        &args.profile,
+        |k| std::env::var(k).ok(),
+    )
 }
 
 /// The engine connection info: `$IPP_CONNECTION_INFO`, `--file`, or the
@@ -528,17 +515,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     loop {
         // control actions first
         while let Ok(a) = sig_rx.try_recv() {
-            match a {
-                ControlAction::Signal(s) => {
-                    if let Err(e) = signals.send(s) {
-                        warn!(error = %e, "signal not delivered");
-                    }
-                }
-                ControlAction::Clear => {
-                    let (tx, _rx) = mpsc::unbounded_channel();
-                    interp.run(Request::Clear, tx).await;
-                }
-            }
+            apply_control(a, &signals, &mut interp).await;
         }
         let next = shared.queue.lock().expect("queue lock").pop_front();
         let Some(item) = next else {
@@ -546,11 +523,8 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                 _ = stop.cancelled() => break,
                 _ = shared.notify.notified() => continue,
                 a = sig_rx.recv() => {
-                    if let Some(ControlAction::Signal(s)) = a {
-                        let _ = signals.send(s);
-                    } else if let Some(ControlAction::Clear) = a {
-                        let (tx, _rx) = mpsc::unbounded_channel();
-                        interp.run(Request::Clear, tx).await;
+                    if let Some(a) = a {
+                        apply_control(a, &signals, &mut interp).await;
                     }
                     continue;
                 }
@@ -786,6 +760,22 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 enum ControlAction {
     Signal(i32),
     Clear,
+}
+
+/// Carry out a control action between requests (a clear during a request
+/// waits for it; a signal is delivered at once through the handle).
+async fn apply_control<I: Interpreter>(a: ControlAction, signals: &SignalHandle, interp: &mut I) {
+    match a {
+        ControlAction::Signal(s) => {
+            if let Err(e) = signals.send(s) {
+                warn!(error = %e, "signal not delivered");
+            }
+        }
+        ControlAction::Clear => {
+            let (tx, _rx) = mpsc::unbounded_channel();
+            interp.run(Request::Clear, tx).await;
+        }
+    }
 }
 
 fn signal_number(s: &str) -> Option<i32> {

@@ -43,28 +43,15 @@ fn now() -> Now {
     }
 }
 
-/// The profile directory the options select: `--profile-dir`, then
-/// `$IPP_PROFILE_DIR`, then `IPYTHONDIR/profile_NAME`.
+/// The profile directory the options select (see
+/// [`parallax_wire::connection::resolve_profile_dir`]).
 pub fn profile_dir(args: &HubArgs) -> PathBuf {
-    if let Some(p) = &args.profile_dir {
-        return p.clone();
-    }
-    if let Ok(p) = std::env::var("IPP_PROFILE_DIR")
-        && !p.is_empty()
-    {
-        return PathBuf::from(p);
-    }
-    let ipython_dir = args
-        .ipython_dir
-        .clone()
-        .or_else(|| std::env::var_os("IPYTHONDIR").map(PathBuf::from))
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("."));
-            home.join(".ipython")
-        });
-    ipython_dir.join(format!("profile_{}", args.profile))
+    parallax_wire::connection::resolve_profile_dir(
+        args.profile_dir.as_deref(),
+        args.ipython_dir.as_deref(),
+        &args.profile,
+        |k| std::env::var(k).ok(),
+    )
 }
 
 fn hostname() -> String {

@@ -44,6 +44,39 @@ pub struct EngineConnectionInfo {
     pub signature_scheme: String,
 }
 
+/// The profile directory ipyparallel's applications would use: an explicit
+/// `--profile-dir`, then `$IPP_PROFILE_DIR`, then
+/// `IPYTHONDIR/profile_NAME` (`--ipython-dir`, `$IPYTHONDIR`, `~/.ipython`).
+/// Pure: the caller passes the environment in.
+pub fn resolve_profile_dir(
+    explicit: Option<&std::path::Path>,
+    ipython_dir: Option<&std::path::Path>,
+    profile: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> std::path::PathBuf {
+    use std::path::PathBuf;
+    if let Some(p) = explicit {
+        return p.to_path_buf();
+    }
+    if let Some(p) = env("IPP_PROFILE_DIR").filter(|p| !p.is_empty()) {
+        return PathBuf::from(p);
+    }
+    let base = ipython_dir
+        .map(|p| p.to_path_buf())
+        .or_else(|| {
+            env("IPYTHONDIR")
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| {
+            env("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("."))
+                .join(".ipython")
+        });
+    base.join(format!("profile_{profile}"))
+}
+
 /// File names for a cluster id, as ipcontroller names them.
 pub fn connection_file_names(cluster_id: &str) -> (String, String) {
     let base = if cluster_id.is_empty() {
@@ -57,6 +90,45 @@ pub fn connection_file_names(cluster_id: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_dir_resolution_order() {
+        use std::path::Path;
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                vars.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let all = env(&[
+            ("IPP_PROFILE_DIR", "/ipp"),
+            ("IPYTHONDIR", "/ipy"),
+            ("HOME", "/h"),
+        ]);
+        assert_eq!(
+            resolve_profile_dir(Some(Path::new("/x")), None, "default", all),
+            Path::new("/x")
+        );
+        assert_eq!(
+            resolve_profile_dir(None, None, "default", all),
+            Path::new("/ipp")
+        );
+        let no_ipp = env(&[("IPYTHONDIR", "/ipy"), ("HOME", "/h")]);
+        assert_eq!(
+            resolve_profile_dir(None, None, "p", no_ipp),
+            Path::new("/ipy/profile_p")
+        );
+        assert_eq!(
+            resolve_profile_dir(None, Some(Path::new("/d")), "p", no_ipp),
+            Path::new("/d/profile_p")
+        );
+        let home = env(&[("HOME", "/h")]);
+        assert_eq!(
+            resolve_profile_dir(None, None, "default", home),
+            Path::new("/h/.ipython/profile_default")
+        );
+    }
 
     #[test]
     fn parses_ipcontroller_files() {
