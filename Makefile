@@ -6,8 +6,19 @@ PYTHON3 ?= python3
 CARGO ?= cargo
 STAMP := $(VENV)/.requirements.stamp
 BIN := target/release/parallax
+# one-time installs outside the venv (Debian chromium, node modules for the
+# JupyterLab browser test), recorded by stamp files so they are not redone
+STAMPS := .stamps
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# JupyterLab refuses to run as root without --allow-root
+LAB_ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+# the venv's python3 and jupyter first on PATH: engines run user code with
+# the first python3 on PATH, and the kernelspec is installed into the venv
+VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
 
-.PHONY: all venv build run test test-rust test-python bench lint clean
+.PHONY: all venv build run demo-hub lab lab-deps test test-rust test-python bench lint clean
 
 all: build
 
@@ -21,15 +32,42 @@ $(STAMP): requirements.txt
 build:
 	$(CARGO) build --release --locked
 
+# the Parallax kernel in the venv's Jupyter, then notebooks/overview.ipynb
+# executed headless (nbclient) with its outputs printed as text
 run: venv build
+	$(VENV_ENV) $(BIN) kernelspec install --sys-prefix
+	$(VENV_ENV) $(PY) scripts/run_notebook.py notebooks/overview.ipynb
+
+# the earlier demo: parallax hub + 4 parallax engines driven by the stock
+# ipyparallel Client
+demo-hub: venv build
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) scripts/demo_hub.py
+
+# JupyterLab on notebooks/ with the Parallax kernel installed into the venv
+lab: venv build
+	$(VENV_ENV) $(BIN) kernelspec install --sys-prefix
+	$(VENV_ENV) $(VENV)/bin/jupyter lab --ServerApp.root_dir=$(abspath notebooks) $(LAB_ROOT_FLAG) \
+		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate
+
+lab-deps: $(STAMPS)/chromium $(STAMPS)/lab-node
+
+$(STAMPS)/chromium:
+	mkdir -p $(STAMPS)
+	test -x $(CHROMIUM) || $(APT_INSTALL) chromium || { $(SUDO) apt-get update && $(APT_INSTALL) chromium; }
+	test -x $(CHROMIUM)
+	touch $@
+
+$(STAMPS)/lab-node: tests/lab/package.json tests/lab/package-lock.json
+	mkdir -p $(STAMPS)
+	cd tests/lab && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 test: venv build test-rust test-python
 
 test-rust:
 	$(CARGO) test --release --locked --workspace
 
-test-python: venv build
+test-python: venv build lab-deps
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
 	# the interop suite again, with Parallax engines in place of ipengine,
 	# against our hub and against stock ipcontroller
