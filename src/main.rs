@@ -22,6 +22,18 @@ enum Command {
     Hub(parallax_hub::HubArgs),
     /// Run an engine that registers with a hub and runs Python code (like ipengine).
     Engine(parallax_engine::EngineArgs),
+    /// Install, remove or list the Parallax Jupyter kernelspecs.
+    /// Run the Jupyter kernel (what kernel.json starts): cells fan out to engines.
+    Kernel(parallax_kernel::cli::KernelArgs),
+    Kernelspec {
+        #[command(subcommand)]
+        cmd: parallax_kernel::kernelspec::KernelspecCommand,
+    },
+    /// Start, stop or list local clusters: a hub and N engines (like ipcluster).
+    Cluster {
+        #[command(subcommand)]
+        cmd: parallax_kernel::cluster_cmd::ClusterCommand,
+    },
 }
 
 fn init_tracing(level: &str) -> Result<()> {
@@ -47,6 +59,12 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Kernel(args) => {
+            init_tracing(&args.log_level)?;
+            runtime()?.block_on(parallax_kernel::frontend::run(args))
+        }
+        Command::Kernelspec { cmd } => parallax_kernel::kernelspec::run(cmd),
+        Command::Cluster { cmd } => parallax_kernel::cluster_cmd::run(cmd),
         Command::Engine(args) => {
             init_tracing(&args.log_level)?;
             parallax_hub::driver::tune_allocator();

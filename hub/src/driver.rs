@@ -29,6 +29,7 @@ use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now};
 use crate::records::{DbBackend, DbLimits};
 
 /// Where the connection files are and what they contain.
+#[derive(Debug, Clone)]
 pub struct Bound {
     pub client_file: PathBuf,
     pub engine_file: PathBuf,
@@ -121,6 +122,16 @@ fn endpoint_port(ep: &zeromq::Endpoint) -> Result<u16> {
 
 /// Run the hub until a `shutdown_request`, or until `shutdown` is cancelled.
 pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
+    run_notify(args, shutdown, None).await
+}
+
+/// [`run`], telling `ready` where the hub listens once its sockets are bound
+/// and the connection files written (an embedding kernel waits on it).
+pub async fn run_notify(
+    args: HubArgs,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Bound>>,
+) -> Result<()> {
     if args.transport != "tcp" {
         bail!("--transport={}: only tcp is supported", args.transport);
     }
@@ -379,6 +390,9 @@ pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
         client,
         engine,
     };
+    if let Some(ready) = ready {
+        let _ = ready.send(bound.clone());
+    }
     let result = core_loop(core, in_rx, &out_tx, shutdown).await;
 
     // Let queued replies (e.g. shutdown_reply) go out: close the queues and

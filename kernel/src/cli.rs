@@ -1,0 +1,59 @@
+//! `parallax kernel` options (what kernel.json runs).
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+#[derive(Debug, Clone, Args)]
+#[command(about = "Run the Parallax Jupyter kernel (started by Jupyter from kernel.json)")]
+pub struct KernelArgs {
+    /// Jupyter connection file written by the frontend.
+    #[arg(short = 'f', long = "connection-file")]
+    pub connection_file: PathBuf,
+    /// Engines of the embedded cluster (default: $PARALLAX_ENGINES or 4).
+    #[arg(long)]
+    pub engines: Option<usize>,
+    /// Use an existing cluster: its client connection file
+    /// (ipcontroller-client.json of `parallax hub`, `parallax cluster start`
+    /// or a stock ipcontroller) instead of starting an embedded one.
+    #[arg(long)]
+    pub cluster: Option<PathBuf>,
+    /// Language of the cells (python).
+    #[arg(long, default_value = "python")]
+    pub language: String,
+    /// Python interpreter the embedded engines run code in
+    /// (default: $PARALLAX_PYTHON, else python3 on PATH).
+    #[arg(long)]
+    pub python: Option<PathBuf>,
+    /// Seconds to wait for the engines to register.
+    #[arg(long = "engine-timeout", default_value_t = 60.0)]
+    pub engine_timeout: f64,
+    /// Log level: DEBUG, INFO, WARN, ERROR or 10…50 (logs go to stderr).
+    #[arg(long = "log-level", default_value = "WARN")]
+    pub log_level: String,
+}
+
+impl KernelArgs {
+    pub fn engine_count(&self) -> anyhow::Result<usize> {
+        let n = match self.engines {
+            Some(n) => n,
+            None => match std::env::var("PARALLAX_ENGINES") {
+                Ok(v) if !v.trim().is_empty() => v.trim().parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("PARALLAX_ENGINES={v:?} is not a number of engines")
+                })?,
+                _ => 4,
+            },
+        };
+        if n == 0 {
+            anyhow::bail!("--engines must be at least 1");
+        }
+        Ok(n)
+    }
+
+    pub fn python(&self) -> PathBuf {
+        self.python
+            .clone()
+            .or_else(|| std::env::var_os("PARALLAX_PYTHON").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("python3"))
+    }
+}

@@ -1,0 +1,499 @@
+//! The client side of the hub's protocol (what ipyparallel's `Client` does):
+//! query (registration), mux, control, iopub and notification sockets.
+//!
+//! One receive task per socket verifies every message on the raw frames,
+//! decodes it and routes it by its parent's msg_id to whoever registered
+//! interest ([`HubClient::listen`]); one send task per DEALER drains a queue.
+//! Registration notifications keep the engine table current. Nothing here
+//! knows about cells or output formats.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use chrono::Utc;
+use parallax_wire::connection::ClientConnectionInfo;
+use parallax_wire::{Authenticator, Limits, Message, RawMessage, Session, Signer, format_date};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+/// The hub channels a client talks on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Chan {
+    Query,
+    Mux,
+    Control,
+    Iopub,
+    Notification,
+}
+
+/// A message routed to a listener.
+#[derive(Debug)]
+pub enum ClientEvent {
+    /// A reply on query, mux or control.
+    Reply(Chan, Message),
+    /// An iopub message whose parent is the listened-for request.
+    Iopub(Message),
+}
+
+/// A change in the set of registered engines.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineChange {
+    Registered(i64),
+    Unregistered(i64),
+}
+
+struct Inner {
+    session: Mutex<Session>,
+    send: HashMap<Chan, mpsc::UnboundedSender<Vec<Bytes>>>,
+    /// parent msg_id → listener. Entries are removed by `forget` (or when
+    /// the listener's receiver is dropped and a message finds it closed).
+    listeners: Mutex<HashMap<String, mpsc::UnboundedSender<ClientEvent>>>,
+    engines: Mutex<BTreeMap<i64, String>>,
+    changes: watch::Sender<u64>,
+    change_log: Mutex<Vec<EngineChange>>,
+    info: ClientConnectionInfo,
+}
+
+/// A connection to a hub. Cheap to clone; the sockets close when the last
+/// clone is dropped (the tasks end when their queues close).
+#[derive(Clone)]
+pub struct HubClient {
+    inner: Arc<Inner>,
+    /// Aborts the socket tasks when the last clone goes.
+    _tasks: Arc<Tasks>,
+}
+
+struct Tasks(Vec<JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn now_str() -> String {
+    format_date(Utc::now())
+}
+
+impl HubClient {
+    /// Connect using a client connection file (`ipcontroller-client.json`).
+    pub async fn connect_file(path: &Path) -> Result<HubClient> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading connection file {}", path.display()))?;
+        let info: ClientConnectionInfo = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not a client connection file (ipcontroller-client.json)",
+                path.display()
+            )
+        })?;
+        Self::connect(info).await
+    }
+
+    pub async fn connect(info: ClientConnectionInfo) -> Result<HubClient> {
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let signer = Signer::new(info.key.as_bytes());
+        let session = Session::new(
+            signer.clone(),
+            session_id.clone(),
+            std::env::var("USER").unwrap_or_else(|_| "parallax".into()),
+            std::process::id(),
+        );
+        let host = info
+            .interface
+            .strip_prefix("tcp://")
+            .unwrap_or(&info.interface)
+            .to_owned();
+        // A client bound to 0.0.0.0/* connects through loopback.
+        let host = if host == "*" || host == "0.0.0.0" {
+            "127.0.0.1".to_owned()
+        } else {
+            host
+        };
+        let url = |port: u16| format!("tcp://{host}:{port}");
+        let timeout = Duration::from_secs(10);
+        let opts = || {
+            let mut o = SocketOptions::default();
+            o.peer_identity(
+                zeromq::util::PeerIdentity::try_from(session_id.as_bytes().to_vec())
+                    .expect("uuid is a valid identity"),
+            );
+            o
+        };
+        let connect_dealer = |port: u16, what: &'static str| {
+            let u = url(port);
+            let o = opts();
+            async move {
+                let mut s = DealerSocket::with_options(o);
+                tokio::time::timeout(timeout, s.connect(&u))
+                    .await
+                    .map_err(|_| anyhow!("timed out connecting to the hub's {what} socket at {u}"))?
+                    .with_context(|| format!("connecting to the hub's {what} socket at {u}"))?;
+                Ok::<_, anyhow::Error>(s)
+            }
+        };
+        let connect_sub = |port: u16, what: &'static str| {
+            let u = url(port);
+            async move {
+                let mut s = SubSocket::new();
+                s.subscribe("").await?;
+                tokio::time::timeout(timeout, s.connect(&u))
+                    .await
+                    .map_err(|_| anyhow!("timed out connecting to the hub's {what} socket at {u}"))?
+                    .with_context(|| format!("connecting to the hub's {what} socket at {u}"))?;
+                Ok::<_, anyhow::Error>(s)
+            }
+        };
+        let (query, mux, control, iopub, notif) = tokio::try_join!(
+            connect_dealer(info.registration, "query"),
+            connect_dealer(info.mux, "mux"),
+            connect_dealer(info.control, "control"),
+            connect_sub(info.iopub, "iopub"),
+            connect_sub(info.notification, "notification"),
+        )?;
+
+        let (changes, _) = watch::channel(0u64);
+        let mut send = HashMap::new();
+        let mut handles = Vec::new();
+        let mut dealers = Vec::new();
+        for (ch, s) in [(Chan::Query, query), (Chan::Mux, mux), (Chan::Control, control)] {
+            let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
+            send.insert(ch, tx);
+            dealers.push((ch, s, rx));
+        }
+        let inner = Arc::new(Inner {
+            session: Mutex::new(session),
+            send,
+            listeners: Mutex::new(HashMap::new()),
+            engines: Mutex::new(BTreeMap::new()),
+            changes,
+            change_log: Mutex::new(Vec::new()),
+            info,
+        });
+        for (ch, s, rx) in dealers {
+            let (send_half, recv_half) = s.split();
+            handles.push(tokio::spawn(sender(ch, send_half, rx)));
+            handles.push(tokio::spawn(receiver(
+                ch,
+                recv_half,
+                Arc::downgrade(&inner),
+                signer.clone(),
+            )));
+        }
+        handles.push(tokio::spawn(receiver(
+            Chan::Iopub,
+            iopub,
+            Arc::downgrade(&inner),
+            signer.clone(),
+        )));
+        handles.push(tokio::spawn(receiver(
+            Chan::Notification,
+            notif,
+            Arc::downgrade(&inner),
+            signer,
+        )));
+        let client = HubClient {
+            inner,
+            _tasks: Arc::new(Tasks(handles)),
+        };
+        client.refresh_engines().await?;
+        Ok(client)
+    }
+
+    pub fn info(&self) -> &ClientConnectionInfo {
+        &self.inner.info
+    }
+
+    /// Registered engines: id → uuid, sorted by id.
+    pub fn engines(&self) -> BTreeMap<i64, String> {
+        self.inner.engines.lock().expect("engines").clone()
+    }
+
+    pub fn ids(&self) -> Vec<i64> {
+        self.inner
+            .engines
+            .lock()
+            .expect("engines")
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// A receiver that changes whenever an engine registers or unregisters.
+    pub fn watch_engines(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Changes since the last call.
+    pub fn take_changes(&self) -> Vec<EngineChange> {
+        std::mem::take(&mut *self.inner.change_log.lock().expect("change log"))
+    }
+
+    /// Ask the hub for the engine table (`connection_request`).
+    pub async fn refresh_engines(&self) -> Result<()> {
+        let reply = self
+            .request(Chan::Query, "connection_request", json!({}), None)
+            .await?;
+        let mut table = BTreeMap::new();
+        if let Some(m) = reply.content.get("engines").and_then(Value::as_object) {
+            for (k, v) in m {
+                if let (Ok(id), Some(uuid)) = (k.parse::<i64>(), v.as_str()) {
+                    table.insert(id, uuid.to_owned());
+                }
+            }
+        }
+        *self.inner.engines.lock().expect("engines") = table;
+        self.inner.changes.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    /// Build, sign and queue a message; returns its msg_id. `listen` first
+    /// (with [`HubClient::listen`]) if you want what comes back.
+    pub fn send(
+        &self,
+        ch: Chan,
+        ident: Option<&str>,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+    ) -> Result<String> {
+        let (msg_id, frames) = self.build(ident, msg_type, content, metadata);
+        self.send_frames(ch, frames)?;
+        Ok(msg_id)
+    }
+
+    fn build(
+        &self,
+        ident: Option<&str>,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+    ) -> (String, Vec<Bytes>) {
+        let mut s = self.inner.session.lock().expect("session");
+        let h = s.header(msg_type, &now_str());
+        let idents = ident
+            .map(|i| vec![Bytes::copy_from_slice(i.as_bytes())])
+            .unwrap_or_default();
+        let frames = s.serialize(idents, &h, &json!({}), &metadata, &content, vec![]);
+        (h.msg_id, frames)
+    }
+
+    fn send_frames(&self, ch: Chan, frames: Vec<Bytes>) -> Result<()> {
+        self.inner
+            .send
+            .get(&ch)
+            .ok_or_else(|| anyhow!("cannot send on {ch:?}"))?
+            .send(frames)
+            .map_err(|_| anyhow!("the connection to the hub is closed"))
+    }
+
+    /// Send a message and route everything whose parent is it to the
+    /// returned receiver, until [`HubClient::forget`].
+    pub fn send_and_listen(
+        &self,
+        ch: Chan,
+        ident: Option<&str>,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+    ) -> Result<(String, mpsc::UnboundedReceiver<ClientEvent>)> {
+        let (msg_id, frames) = self.build(ident, msg_type, content, metadata);
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.listen(&msg_id, tx);
+        self.send_frames(ch, frames)?;
+        Ok((msg_id, rx))
+    }
+
+    /// Send a message whose replies and iopub go to an existing listener.
+    pub fn send_to(
+        &self,
+        ch: Chan,
+        ident: Option<&str>,
+        msg_type: &str,
+        content: Value,
+        tx: &mpsc::UnboundedSender<ClientEvent>,
+    ) -> Result<String> {
+        let (msg_id, frames) = self.build(ident, msg_type, content, json!({}));
+        self.listen(&msg_id, tx.clone());
+        self.send_frames(ch, frames)?;
+        Ok(msg_id)
+    }
+
+    pub fn listen(&self, msg_id: &str, tx: mpsc::UnboundedSender<ClientEvent>) {
+        self.inner
+            .listeners
+            .lock()
+            .expect("listeners")
+            .insert(msg_id.to_owned(), tx);
+    }
+
+    pub fn forget(&self, msg_id: &str) {
+        self.inner
+            .listeners
+            .lock()
+            .expect("listeners")
+            .remove(msg_id);
+    }
+
+    /// A request/reply round trip on query, mux or control.
+    pub async fn request(
+        &self,
+        ch: Chan,
+        msg_type: &str,
+        content: Value,
+        ident: Option<&str>,
+    ) -> Result<Message> {
+        let (msg_id, mut rx) = self.send_and_listen(ch, ident, msg_type, content, json!({}))?;
+        let r = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(ev) = rx.recv().await {
+                if let ClientEvent::Reply(_, m) = ev {
+                    return Ok(m);
+                }
+            }
+            bail!("the connection to the hub closed")
+        })
+        .await;
+        self.forget(&msg_id);
+        match r {
+            Ok(r) => r,
+            Err(_) => bail!("the hub did not answer {msg_type} within 10 s"),
+        }
+    }
+
+    /// Send a signal to engines through the hub's control channel.
+    pub fn signal(&self, uuids: &[String], sig: i32) -> Result<()> {
+        for u in uuids {
+            self.send(
+                Chan::Control,
+                Some(u),
+                "signal_request",
+                json!({"sig": sig}),
+                json!({}),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `queue_request`: per-engine queue, completed and tasks counts.
+    pub async fn queue_status(&self) -> Result<Value> {
+        let m = self
+            .request(
+                Chan::Query,
+                "queue_request",
+                json!({"targets": null, "verbose": false}),
+                None,
+            )
+            .await?;
+        if m.content.get("status").and_then(Value::as_str) != Some("ok") {
+            bail!("queue_request failed: {}", m.content);
+        }
+        Ok(m.content)
+    }
+}
+
+async fn sender<S: SocketSend>(ch: Chan, mut s: S, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
+    while let Some(frames) = rx.recv().await {
+        let Ok(msg) = ZmqMessage::try_from(frames) else {
+            continue;
+        };
+        if let Err(e) = s.send(msg).await {
+            warn!(channel = ?ch, error = %e, "send to the hub failed");
+        }
+    }
+}
+
+async fn receiver<S: SocketRecv>(
+    ch: Chan,
+    mut s: S,
+    inner: std::sync::Weak<Inner>,
+    signer: Signer,
+) {
+    let limits = Limits::default();
+    let mut auth = Authenticator::new(signer);
+    loop {
+        let msg = match s.recv().await {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(channel = ?ch, error = %e, "hub socket closed");
+                return;
+            }
+        };
+        let Some(inner) = inner.upgrade() else { return };
+        let frames: Vec<Bytes> = msg.into_vec();
+        // Verify on the raw frames before parsing any JSON; a bad message is
+        // dropped and the loop goes on.
+        let raw = match RawMessage::from_frames(frames, &limits) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(channel = ?ch, error = %e, "malformed message from the hub dropped");
+                continue;
+            }
+        };
+        if let Err(e) = auth.check(&raw) {
+            warn!(channel = ?ch, error = %e, "message with a bad signature dropped");
+            continue;
+        }
+        let m = match Message::decode(&raw) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(channel = ?ch, error = %e, "undecodable message dropped");
+                continue;
+            }
+        };
+        if ch == Chan::Notification {
+            handle_notification(&inner, &m);
+            continue;
+        }
+        let Some(parent) = m.parent_msg_id().map(str::to_owned) else {
+            continue;
+        };
+        let tx = inner
+            .listeners
+            .lock()
+            .expect("listeners")
+            .get(&parent)
+            .cloned();
+        if let Some(tx) = tx {
+            let ev = if ch == Chan::Iopub {
+                ClientEvent::Iopub(m)
+            } else {
+                ClientEvent::Reply(ch, m)
+            };
+            if tx.send(ev).is_err() {
+                inner.listeners.lock().expect("listeners").remove(&parent);
+            }
+        }
+    }
+}
+
+fn handle_notification(inner: &Inner, m: &Message) {
+    let id = m.content.get("id").and_then(Value::as_i64);
+    let uuid = m.content.get("uuid").and_then(Value::as_str);
+    let change = match (m.msg_type(), id) {
+        ("registration_notification", Some(id)) => {
+            if let Some(u) = uuid {
+                inner
+                    .engines
+                    .lock()
+                    .expect("engines")
+                    .insert(id, u.to_owned());
+            }
+            EngineChange::Registered(id)
+        }
+        ("unregistration_notification", Some(id)) => {
+            inner.engines.lock().expect("engines").remove(&id);
+            EngineChange::Unregistered(id)
+        }
+        _ => return,
+    };
+    inner.change_log.lock().expect("change log").push(change);
+    inner.changes.send_modify(|v| *v += 1);
+}

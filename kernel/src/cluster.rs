@@ -1,0 +1,314 @@
+//! The embedded cluster: the hub as a task in the kernel process and N local
+//! engine processes (`parallax engine`, this same binary).
+//!
+//! Invariants:
+//! * Engines run in their own process group, so a SIGINT that jupyter_client
+//!   sends to the kernel's group never reaches them (the kernel forwards
+//!   interrupts through the hub), and they get SIGTERM if the kernel dies
+//!   (`PR_SET_PDEATHSIG`; engines are spawned from runtime worker threads,
+//!   which live as long as the kernel).
+//! * Each engine asks for its id (`--id`), so the kernel knows which process
+//!   is which engine; when one exits, the kernel unregisters it at once, so
+//!   its running requests fail with EngineError instead of waiting for
+//!   heartbeats to lapse.
+//! * Everything started here is stopped by [`EmbeddedCluster::shutdown`]
+//!   (SIGTERM, then SIGKILL after a deadline) and the profile directory with
+//!   the connection files is removed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use parallax_hub::HubArgs;
+use parallax_hub::driver::Bound;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::client::HubClient;
+
+/// How to start engines.
+#[derive(Debug, Clone)]
+pub struct EngineSpec {
+    pub exe: PathBuf,
+    pub python: PathBuf,
+    pub language: String,
+}
+
+/// An engine process this kernel started.
+#[derive(Debug)]
+struct EngineProc {
+    pid: u32,
+    /// The child's reaper task; it reports the exit on `exits`.
+    reaper: JoinHandle<()>,
+}
+
+#[derive(Parser)]
+struct HubCli {
+    #[command(flatten)]
+    args: HubArgs,
+}
+
+pub struct EmbeddedCluster {
+    pub bound: Bound,
+    profile_dir: PathBuf,
+    hub_stop: CancellationToken,
+    hub_task: Option<JoinHandle<Result<()>>>,
+    spec: EngineSpec,
+    engines: BTreeMap<i64, EngineProc>,
+    next_id: i64,
+    exit_tx: mpsc::UnboundedSender<(i64, u32, String)>,
+    /// (engine id, pid, how it ended) of engine processes that exited.
+    pub exits: mpsc::UnboundedReceiver<(i64, u32, String)>,
+    pub started: Instant,
+}
+
+fn private_dir() -> Result<PathBuf> {
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(format!(
+        "parallax-kernel-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
+}
+
+impl EmbeddedCluster {
+    /// Start the hub task and `n` engines; returns once the hub is bound
+    /// (engines register in the background: see [`wait_for_engines`]).
+    pub async fn start(n: usize, spec: EngineSpec) -> Result<EmbeddedCluster> {
+        let started = Instant::now();
+        if spec.language != "python" {
+            bail!(
+                "--language {}: only python engines are available in this build",
+                spec.language
+            );
+        }
+        let profile_dir = private_dir()?;
+        let hub_args = HubCli::try_parse_from([
+            "hub".to_owned(),
+            format!("--profile-dir={}", profile_dir.display()),
+            "--ip=127.0.0.1".into(),
+            // Local engines: a dead one is normally seen at once (its
+            // process exits); heartbeats are the fallback.
+            "--ping=1000".into(),
+            "--max-heartbeat-misses=10".into(),
+        ])
+        .map_err(|e| anyhow!("hub options: {e}"))?
+        .args;
+        let hub_stop = CancellationToken::new();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let hub_task = tokio::spawn(parallax_hub::driver::run_notify(
+            hub_args,
+            hub_stop.clone(),
+            Some(ready_tx),
+        ));
+        let bound = match ready_rx.await {
+            Ok(b) => b,
+            Err(_) => {
+                let r = hub_task.await;
+                let _ = std::fs::remove_dir_all(&profile_dir);
+                return Err(match r {
+                    Ok(Err(e)) => e.context("the embedded hub failed to start"),
+                    _ => anyhow!("the embedded hub failed to start"),
+                });
+            }
+        };
+        let (exit_tx, exits) = mpsc::unbounded_channel();
+        let mut c = EmbeddedCluster {
+            bound,
+            profile_dir,
+            hub_stop,
+            hub_task: Some(hub_task),
+            spec,
+            engines: BTreeMap::new(),
+            next_id: 0,
+            exit_tx,
+            exits,
+            started,
+        };
+        c.add_engines(n)?;
+        Ok(c)
+    }
+
+    pub fn client_file(&self) -> &Path {
+        &self.bound.client_file
+    }
+
+    pub fn engine_ids(&self) -> Vec<i64> {
+        self.engines.keys().copied().collect()
+    }
+
+    pub fn owns(&self, id: i64) -> bool {
+        self.engines.contains_key(&id)
+    }
+
+    pub fn pid(&self, id: i64) -> Option<u32> {
+        self.engines.get(&id).map(|e| e.pid)
+    }
+
+    /// Start `n` more engines with fresh ids.
+    pub fn add_engines(&mut self, n: usize) -> Result<Vec<i64>> {
+        let mut ids = Vec::new();
+        for _ in 0..n {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.spawn_engine(id)?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    fn spawn_engine(&mut self, id: i64) -> Result<()> {
+        let total = (self.engines.len() + 1).max(self.next_id as usize);
+        let mut cmd = tokio::process::Command::new(&self.spec.exe);
+        cmd.arg("engine")
+            .arg(format!("--file={}", self.bound.engine_file.display()))
+            .arg(format!("--id={id}"))
+            .arg(format!("--n-engines={total}"))
+            .arg(format!("--python={}", self.spec.python.display()))
+            .arg("--log-level=WARN")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: setpgid and prctl are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setpgid(0, 0);
+                #[cfg(target_os = "linux")]
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting engine {id} ({})", self.spec.exe.display()))?;
+        let pid = child.id().unwrap_or(0);
+        let tx = self.exit_tx.clone();
+        let reaper = tokio::spawn(async move {
+            let how = match child.wait().await {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("could not be waited for: {e}"),
+            };
+            let _ = tx.send((id, pid, how));
+        });
+        info!(engine = id, pid, "engine started");
+        self.engines.insert(id, EngineProc { pid, reaper });
+        Ok(())
+    }
+
+    /// Forget an engine whose process exited (its reaper reported it).
+    pub fn reaped(&mut self, id: i64, pid: u32) {
+        if self.engines.get(&id).map(|e| e.pid) == Some(pid) {
+            self.engines.remove(&id);
+        }
+    }
+
+    /// Stop engines (SIGTERM, SIGKILL after `grace`); waits for them to exit.
+    pub async fn stop_engines(&mut self, ids: &[i64], grace: Duration) {
+        let procs: Vec<(i64, EngineProc)> = ids
+            .iter()
+            .filter_map(|id| self.engines.remove(id).map(|p| (*id, p)))
+            .collect();
+        for (_, p) in &procs {
+            signal(p.pid, libc::SIGTERM);
+        }
+        let deadline = tokio::time::Instant::now() + grace;
+        for (id, p) in procs {
+            let mut reaper = p.reaper;
+            if tokio::time::timeout_at(deadline, &mut reaper).await.is_err() {
+                warn!(engine = id, pid = p.pid, "engine ignored SIGTERM; killing it");
+                signal(p.pid, libc::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(2), reaper).await;
+            }
+        }
+    }
+
+    /// Restart engines in place: stop them, start them again with the same ids.
+    pub async fn restart_engines(&mut self, ids: &[i64]) -> Result<()> {
+        self.stop_engines(ids, Duration::from_secs(3)).await;
+        for &id in ids {
+            self.spawn_engine(id)?;
+        }
+        Ok(())
+    }
+
+    /// Stop everything this cluster started.
+    pub async fn shutdown(&mut self) {
+        let ids = self.engine_ids();
+        self.stop_engines(&ids, Duration::from_secs(3)).await;
+        self.hub_stop.cancel();
+        if let Some(t) = self.hub_task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.profile_dir);
+    }
+}
+
+impl Drop for EmbeddedCluster {
+    fn drop(&mut self) {
+        // Last resort (e.g. a panic): no engine may outlive the kernel.
+        for p in self.engines.values() {
+            signal(p.pid, libc::SIGKILL);
+        }
+        self.hub_stop.cancel();
+        let _ = std::fs::remove_dir_all(&self.profile_dir);
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: plain kill(2) on a child we started and have not reaped.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+}
+
+fn describe_exit(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        _ => "exited".into(),
+    }
+}
+
+/// Wait until the hub has at least `n` engines registered, failing early if
+/// engine processes of `cluster` exit while we wait.
+pub async fn wait_for_engines(
+    client: &HubClient,
+    n: usize,
+    timeout: Duration,
+    mut cluster: Option<&mut EmbeddedCluster>,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut changes = client.watch_engines();
+    loop {
+        if client.engines().len() >= n {
+            return Ok(());
+        }
+        if let Some(c) = cluster.as_deref_mut() {
+            if let Ok((id, pid, how)) = c.exits.try_recv() {
+                c.reaped(id, pid);
+                bail!("engine {id} (pid {pid}) {how} before it registered; see the kernel's log");
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => { r.map_err(|_| anyhow!("hub connection closed"))?; }
+            _ = tokio::time::sleep_until(deadline) => {
+                bail!("only {} of {n} engines registered within {:?}", client.engines().len(), timeout);
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}

@@ -1,0 +1,902 @@
+//! The kernel's interpreter: a cell becomes items ([`crate::magics`]); code
+//! items are sent to the selected engines through the hub and their outputs
+//! merged live ([`crate::merge`]); magics run here.
+//!
+//! Every `%px` execution is kept as a [`Pending`] result (the last one for
+//! `%pxresult`, named ones for `--out NAME`); non-blocking ones keep
+//! collecting in a background task.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::client::{Chan, ClientEvent, HubClient};
+use crate::cluster::{EmbeddedCluster, EngineSpec, wait_for_engines};
+use crate::frontend::Publisher;
+use crate::magics::{
+    ClusterCommand, GroupBy, Item, PxConfig, PxOptions, Targets, parse_cell, signal_number,
+};
+use crate::merge::{
+    CellError, EngineEvent, Out, RemoteError, Results, Streamer, already_displayed_error,
+    composite_error, display_outputs,
+};
+
+const NO_LAST_RESULT: &str = "%pxresult recalls last %px result, which has not yet been used.";
+/// How long to wait for an engine's `idle` after its reply (ipyparallel's
+/// `wait_for_output(1)`).
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+/// How long engines get to return after an interrupt before the cell ends.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+
+pub struct SessionConfig {
+    pub engines: usize,
+    pub cluster_file: Option<PathBuf>,
+    pub python: PathBuf,
+    pub language: String,
+    pub exe: PathBuf,
+    pub engine_timeout: Duration,
+}
+
+/// How a cell ended.
+#[derive(Debug)]
+pub enum CellOutcome {
+    /// `result` is the cell's own execute_result (e.g. a pending AsyncResult).
+    Ok { result: Option<Value> },
+    Error(CellError),
+}
+
+impl CellOutcome {
+    pub fn error(ename: &str, evalue: &str) -> CellOutcome {
+        CellOutcome::Error(CellError {
+            ename: ename.into(),
+            evalue: evalue.into(),
+            traceback: evalue.lines().map(|l| l.to_owned()).collect(),
+        })
+    }
+    fn usage(msg: &str) -> CellOutcome {
+        let msg = msg.strip_prefix("UsageError: ").unwrap_or(msg);
+        CellOutcome::Error(CellError {
+            ename: "UsageError".into(),
+            evalue: msg.into(),
+            traceback: vec![format!("UsageError: {msg}")],
+        })
+    }
+}
+
+/// The results of one `%px` execution, filled in as messages arrive.
+pub struct Pending {
+    results: Mutex<Results>,
+    done: watch::Sender<bool>,
+    started: Instant,
+}
+
+impl Pending {
+    fn is_done(&self) -> bool {
+        *self.done.borrow()
+    }
+}
+
+/// Turns hub messages into [`Results`] updates.
+struct Collector {
+    idx_of: HashMap<String, usize>,
+    reply_at: Vec<Option<Instant>>,
+}
+
+impl Collector {
+    fn new(results: &Results) -> Collector {
+        Collector {
+            idx_of: results
+                .engines
+                .iter()
+                .enumerate()
+                .map(|(i, e)| (e.msg_id.clone(), i))
+                .collect(),
+            reply_at: vec![None; results.engines.len()],
+        }
+    }
+
+    /// Record a message; returns the engine index and the output event, if any.
+    fn handle(&mut self, results: &mut Results, ev: ClientEvent) -> Option<(usize, Option<EngineEvent>)> {
+        let (m, is_reply) = match ev {
+            ClientEvent::Reply(Chan::Mux, m) => (m, true),
+            ClientEvent::Reply(_, _) => return None,
+            ClientEvent::Iopub(m) => (m, false),
+        };
+        let idx = *self.idx_of.get(m.parent_msg_id()?)?;
+        let eid = results.engines[idx].engine_id;
+        if is_reply {
+            results.apply_reply(idx, &m.content);
+            self.reply_at[idx] = Some(Instant::now());
+            return Some((idx, None));
+        }
+        let c = &m.content;
+        let ev = match m.msg_type() {
+            "stream" => EngineEvent::Stream {
+                name: c.get("name").and_then(Value::as_str).unwrap_or("stdout").to_owned(),
+                text: c.get("text").and_then(Value::as_str).unwrap_or("").to_owned(),
+            },
+            "display_data" => EngineEvent::Display(c.clone()),
+            "update_display_data" => EngineEvent::UpdateDisplay(c.clone()),
+            "clear_output" => EngineEvent::ClearOutput {
+                wait: c.get("wait").and_then(Value::as_bool).unwrap_or(false),
+            },
+            "execute_result" => EngineEvent::Result {
+                execution_count: c.get("execution_count").and_then(Value::as_i64).unwrap_or(0),
+                data: c.get("data").cloned().unwrap_or(json!({})),
+                metadata: c.get("metadata").cloned().unwrap_or(json!({})),
+            },
+            "error" => EngineEvent::Error(RemoteError::from_content(c, eid)),
+            "status" => {
+                if c.get("execution_state").and_then(Value::as_str) == Some("idle") {
+                    results.engines[idx].output_done = true;
+                }
+                return Some((idx, None));
+            }
+            _ => return None,
+        };
+        results.apply(idx, &ev);
+        Some((idx, Some(ev)))
+    }
+
+    /// Engines whose reply came long ago but whose `idle` never did.
+    fn expire(&self, results: &mut Results) {
+        for (i, t) in self.reply_at.iter().enumerate() {
+            if let Some(t) = t {
+                if t.elapsed() >= OUTPUT_GRACE {
+                    results.engines[i].output_done = true;
+                }
+            }
+        }
+    }
+}
+
+pub struct Session {
+    client: HubClient,
+    cluster: Option<EmbeddedCluster>,
+    config: PxConfig,
+    autopx: bool,
+    last: Option<Arc<Pending>>,
+    named: HashMap<String, Arc<Pending>>,
+    color: bool,
+    spec: EngineSpec,
+    engine_timeout: Duration,
+}
+
+impl Session {
+    /// Start the embedded cluster (or connect to `cluster_file`) and wait for
+    /// the engines.
+    pub async fn start(cfg: SessionConfig) -> Result<Session> {
+        let t0 = Instant::now();
+        let spec = EngineSpec {
+            exe: cfg.exe.clone(),
+            python: cfg.python.clone(),
+            language: cfg.language.clone(),
+        };
+        let (client, cluster) = match &cfg.cluster_file {
+            Some(f) => (HubClient::connect_file(f).await?, None),
+            None => {
+                let mut c = EmbeddedCluster::start(cfg.engines, spec.clone()).await?;
+                let client = HubClient::connect(c.bound.client.clone()).await?;
+                wait_for_engines(&client, cfg.engines, cfg.engine_timeout, Some(&mut c)).await?;
+                (client, Some(c))
+            }
+        };
+        info!(
+            engines = client.engines().len(),
+            elapsed_ms = t0.elapsed().as_millis() as u64,
+            "cluster ready"
+        );
+        Ok(Session {
+            client,
+            cluster,
+            config: PxConfig::default(),
+            autopx: true,
+            last: None,
+            named: HashMap::new(),
+            color: std::env::var_os("NO_COLOR").is_none(),
+            spec,
+            engine_timeout: cfg.engine_timeout,
+        })
+    }
+
+    /// Between cells: unregister engines whose processes exited.
+    pub async fn idle_housekeeping(&mut self) {
+        match self.cluster.as_mut() {
+            Some(c) => {
+                if let Some((id, pid, how)) = c.exits.recv().await {
+                    self.engine_exited(id, pid, &how);
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn engine_exited(&mut self, id: i64, pid: u32, how: &str) {
+        let Some(c) = self.cluster.as_mut() else { return };
+        let was_ours = c.pid(id) == Some(pid);
+        c.reaped(id, pid);
+        if !was_ours {
+            return;
+        }
+        warn!(engine = id, pid, how, "engine process exited");
+        // The hub would notice only after heartbeats lapse; tell it now so
+        // the engine's running requests fail with EngineError at once.
+        if self.client.engines().contains_key(&id) {
+            let _ = self.client.send(
+                Chan::Query,
+                None,
+                "unregistration_request",
+                json!({"id": id}),
+                json!({}),
+            );
+        }
+    }
+
+    /// Stop interrupting engines of a cell abandoned at shutdown.
+    pub fn interrupt_running(&self) {}
+
+    pub async fn shutdown(&mut self) {
+        if let Some(mut c) = self.cluster.take() {
+            c.shutdown().await;
+        }
+    }
+
+    /// Run one cell.
+    pub async fn execute(
+        &mut self,
+        code: &str,
+        _count: i64,
+        p: &Publisher,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        let items = match parse_cell(code) {
+            Ok(i) => i,
+            Err(e) => return CellOutcome::usage(&e.0),
+        };
+        let mut result = None;
+        for item in items {
+            let o = match item {
+                Item::Code(code) => {
+                    if !self.autopx {
+                        CellOutcome::usage(
+                            "%autopx is disabled, so this cell ran nowhere: the Parallax kernel has no local interpreter. Use %%px / %px, or %autopx to fan unmarked cells out again.",
+                        )
+                    } else {
+                        self.px(&code, &PxOptions::default(), p, interrupts).await
+                    }
+                }
+                Item::Px { code, options } => self.px(&code, &options, p, interrupts).await,
+                Item::PxConfig(o) => self.pxconfig(&o, p),
+                Item::PxResult { group_by, name } => self.pxresult(group_by, name, p, interrupts).await,
+                Item::Autopx => {
+                    self.autopx = !self.autopx;
+                    p.stream(
+                        "stdout",
+                        if self.autopx {
+                            "%autopx enabled\n"
+                        } else {
+                            "%autopx disabled\n"
+                        },
+                    );
+                    CellOutcome::Ok { result: None }
+                }
+                Item::Engines => self.engines(p).await,
+                Item::Cluster(c) => self.cluster_magic(c, p).await,
+            };
+            match o {
+                CellOutcome::Error(_) => return o,
+                CellOutcome::Ok { result: r } => {
+                    if r.is_some() {
+                        result = r;
+                    }
+                }
+            }
+        }
+        CellOutcome::Ok { result }
+    }
+
+    fn targets(&self, spec: &Targets) -> Result<Vec<(i64, String)>, String> {
+        let engines = self.client.engines();
+        if engines.is_empty() {
+            return Err("no engines are registered (see %engines, %cluster add N)".into());
+        }
+        let ids: Vec<i64> = engines.keys().copied().collect();
+        let chosen = spec.resolve(&ids)?;
+        Ok(chosen
+            .into_iter()
+            .map(|id| (id, engines[&id].clone()))
+            .collect())
+    }
+
+    async fn px(
+        &mut self,
+        code: &str,
+        o: &PxOptions,
+        p: &Publisher,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        let cfg = self.config.with(o);
+        let targets = match self.targets(&cfg.targets) {
+            Ok(t) => t,
+            Err(e) => return CellOutcome::Error(CellError {
+                ename: "NoEnginesRegistered".into(),
+                evalue: e.clone(),
+                traceback: vec![e],
+            }),
+        };
+        if cfg.verbose {
+            let ids: Vec<i64> = targets.iter().map(|t| t.0).collect();
+            let base = if cfg.block { "Parallel" } else { "Async parallel" };
+            p.stream("stdout", format!("{base} execution on engine(s): {}\n", fmt_ids(&ids)));
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut sent = Vec::new();
+        for (id, uuid) in &targets {
+            let content = json!({"code": code, "silent": false, "store_history": true,
+                                 "user_expressions": {}, "allow_stdin": false, "stop_on_error": false});
+            match self.client.send_to(Chan::Mux, Some(uuid), "execute_request", content, &tx) {
+                Ok(msg_id) => sent.push((*id, msg_id)),
+                Err(e) => {
+                    for (_, m) in &sent {
+                        self.client.forget(m);
+                    }
+                    return CellOutcome::error("HubError", &format!("{e:#}"));
+                }
+            }
+        }
+        drop(tx);
+        let results = Results::new(&sent, cfg.targets.is_single());
+        let (done_tx, _) = watch::channel(false);
+        let pending = Arc::new(Pending {
+            results: Mutex::new(results),
+            done: done_tx,
+            started: Instant::now(),
+        });
+        self.last = Some(pending.clone());
+        if let Some(name) = &o.out {
+            self.named.insert(name.clone(), pending.clone());
+        }
+        if !cfg.block {
+            let client = self.client.clone();
+            let pend = pending.clone();
+            tokio::spawn(async move {
+                let mut col = Collector::new(&pend.results.lock().expect("results"));
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    tokio::select! {
+                        ev = rx.recv() => match ev {
+                            Some(ev) => { col.handle(&mut pend.results.lock().expect("results"), ev); }
+                            None => break,
+                        },
+                        _ = tick.tick() => col.expire(&mut pend.results.lock().expect("results")),
+                    }
+                    if pend.results.lock().expect("results").done() {
+                        break;
+                    }
+                }
+                for m in col.idx_of.keys() {
+                    client.forget(m);
+                }
+                pend.done.send_replace(true);
+            });
+            return CellOutcome::Ok {
+                result: Some(json!({"text/plain": "<AsyncResult(%px): pending>"})),
+            };
+        }
+        let outcome = self.wait_blocking(&pending, &mut rx, &cfg, p, interrupts).await;
+        let ids: Vec<String> = pending.results.lock().expect("results").engines.iter().map(|e| e.msg_id.clone()).collect();
+        for m in &ids {
+            self.client.forget(m);
+        }
+        pending.done.send_replace(true);
+        outcome
+    }
+
+    async fn wait_blocking(
+        &mut self,
+        pending: &Pending,
+        rx: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        cfg: &PxConfig,
+        p: &Publisher,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        let mut col = Collector::new(&pending.results.lock().expect("results"));
+        let mut streamer = Streamer::new(self.color);
+        let stream = cfg.stream;
+        let progress_id = format!("{}-progress", pending.results.lock().expect("results").engines[0].msg_id);
+        let mut progress_shown = false;
+        let mut last_progress: Option<(usize, Instant)> = None;
+        let show_progress_at = (cfg.progress_after >= 0.0)
+            .then(|| pending.started + Duration::from_secs_f64(cfg.progress_after));
+        let mut interrupted: Option<Instant> = None;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let publish = |outs: Vec<Out>| {
+            for o in outs {
+                p.publish(o.msg_type, o.content);
+            }
+        };
+        loop {
+            {
+                let r = pending.results.lock().expect("results");
+                if r.done() {
+                    break;
+                }
+            }
+            if let Some(t) = interrupted {
+                if t.elapsed() >= INTERRUPT_GRACE {
+                    break;
+                }
+            }
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    let mut r = pending.results.lock().expect("results");
+                    if let Some((idx, ev)) = col.handle(&mut r, ev) {
+                        if stream {
+                            if let Some(ev) = ev {
+                                publish(streamer.on_event(&mut r, idx, &ev));
+                            }
+                            // An error that will not come on iopub (a dead
+                            // engine): show it from the reply.
+                            if r.engines[idx].done() {
+                                publish(streamer.show_error(&mut r, idx));
+                            }
+                        }
+                    }
+                }
+                r = interrupts.changed() => {
+                    if r.is_err() { continue; }
+                    if interrupted.is_none() {
+                        interrupted = Some(Instant::now());
+                        let sig = signal_number(&cfg.signal_on_interrupt).unwrap_or(2);
+                        let running: Vec<(i64, String)> = {
+                            let r = pending.results.lock().expect("results");
+                            let engines = self.client.engines();
+                            r.engines.iter().filter(|e| e.reply.is_none())
+                                .filter_map(|e| engines.get(&e.engine_id).map(|u| (e.engine_id, u.clone())))
+                                .collect()
+                        };
+                        p.stream("stderr", format!("Received Keyboard Interrupt. Sending signal {} to engines...\n", cfg.signal_on_interrupt));
+                        let uuids: Vec<String> = running.iter().map(|r| r.1.clone()).collect();
+                        if let Err(e) = self.client.signal(&uuids, sig) {
+                            p.stream("stderr", format!("could not signal the engines: {e:#}\n"));
+                        }
+                    }
+                }
+                exit = async {
+                    match self.cluster.as_mut() {
+                        Some(c) => c.exits.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((id, pid, how)) = exit {
+                        self.engine_exited(id, pid, &how);
+                    }
+                }
+                _ = tick.tick() => {
+                    let mut r = pending.results.lock().expect("results");
+                    col.expire(&mut r);
+                    if stream {
+                        for i in 0..r.engines.len() {
+                            if r.engines[i].done() {
+                                publish(streamer.show_error(&mut r, i));
+                            }
+                        }
+                    }
+                    if let Some(at) = show_progress_at {
+                        let now = Instant::now();
+                        let n = r.finished();
+                        let due = last_progress.is_none_or(|(k, t)| k != n || now - t >= Duration::from_millis(500));
+                        if now >= at && due && !r.done() {
+                            let text = progress_text(n, r.engines.len(), pending.started.elapsed());
+                            p.publish(if progress_shown { "update_display_data" } else { "display_data" },
+                                json!({"data": {"text/plain": text}, "metadata": {}, "transient": {"display_id": progress_id}}));
+                            progress_shown = true;
+                            last_progress = Some((n, now));
+                        }
+                    }
+                }
+            }
+        }
+        if progress_shown {
+            p.publish(
+                "update_display_data",
+                json!({"data": {"text/plain": ""}, "metadata": {}, "transient": {"display_id": progress_id}}),
+            );
+        }
+        let mut r = pending.results.lock().expect("results");
+        if stream {
+            for i in 0..r.engines.len() {
+                if r.engines[i].reply.is_some() {
+                    publish(streamer.show_error(&mut r, i));
+                }
+            }
+        } else {
+            publish(display_outputs(&r, cfg.group_by, false, self.color));
+        }
+        if let Some(_t) = interrupted {
+            let waiting: Vec<i64> = r.engines.iter().filter(|e| e.reply.is_none()).map(|e| e.engine_id).collect();
+            let mut msg = format!(
+                "interrupted: sent {} to the engines running the cell",
+                cfg.signal_on_interrupt
+            );
+            if !waiting.is_empty() {
+                msg.push_str(&format!("; engines {} did not return within {} s (their results will be dropped)",
+                    fmt_ids(&waiting), INTERRUPT_GRACE.as_secs()));
+            }
+            return CellOutcome::Error(CellError {
+                ename: "KeyboardInterrupt".into(),
+                evalue: msg.clone(),
+                traceback: vec![format!("KeyboardInterrupt: {msg}")],
+            });
+        }
+        let errors = r.errors();
+        if errors.is_empty() {
+            return CellOutcome::Ok { result: None };
+        }
+        if stream {
+            CellOutcome::Error(already_displayed_error(errors.len()))
+        } else {
+            CellOutcome::Error(composite_error(&errors).expect("errors"))
+        }
+    }
+
+    fn pxconfig(&mut self, o: &PxOptions, p: &Publisher) -> CellOutcome {
+        if *o == PxOptions::default() {
+            let c = &self.config;
+            p.stream(
+                "stdout",
+                format!(
+                    "targets: {}\nblock: {}\nstream: {}\ngroup-outputs: {}\nprogress-after: {}\nverbose: {}\nsignal-on-interrupt: {}\nautopx: {}\n",
+                    c.targets, c.block, c.stream, c.group_by.name(), c.progress_after, c.verbose,
+                    c.signal_on_interrupt, self.autopx
+                ),
+            );
+            return CellOutcome::Ok { result: None };
+        }
+        if let Some(t) = &o.targets {
+            // Check the spec now, so a typo fails here, not in a later cell.
+            if let Err(e) = t.resolve(&self.client.ids()) {
+                return CellOutcome::usage(&e);
+            }
+        }
+        self.config = self.config.with(o);
+        CellOutcome::Ok { result: None }
+    }
+
+    async fn pxresult(
+        &mut self,
+        group_by: Option<GroupBy>,
+        name: Option<String>,
+        p: &Publisher,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        let pending = match &name {
+            Some(n) => match self.named.get(n) {
+                Some(x) => x.clone(),
+                None => {
+                    let mut names: Vec<&String> = self.named.keys().collect();
+                    names.sort();
+                    return CellOutcome::usage(&format!(
+                        "no %px result named {n:?} (saved with --out: {names:?})"
+                    ));
+                }
+            },
+            None => match &self.last {
+                Some(x) => x.clone(),
+                None => return CellOutcome::usage(NO_LAST_RESULT),
+            },
+        };
+        let mut done = pending.done.subscribe();
+        interrupts.borrow_and_update();
+        while !pending.is_done() {
+            tokio::select! {
+                _ = done.changed() => {}
+                _ = interrupts.changed() => {
+                    return CellOutcome::error("KeyboardInterrupt", "interrupted while waiting for the result (the engines keep running; %pxresult again later)");
+                }
+            }
+        }
+        let r = pending.results.lock().expect("results");
+        let outs = display_outputs(&r, group_by.unwrap_or(self.config.group_by), false, self.color);
+        for o in outs {
+            p.publish(o.msg_type, o.content);
+        }
+        match composite_error(&r.errors()) {
+            Some(e) => CellOutcome::Error(e),
+            None => CellOutcome::Ok { result: None },
+        }
+    }
+
+    async fn engines(&mut self, p: &Publisher) -> CellOutcome {
+        let status = match self.client.queue_status().await {
+            Ok(s) => s,
+            Err(e) => return CellOutcome::error("HubError", &format!("{e:#}")),
+        };
+        let engines = self.client.engines();
+        let mut out = format!("{:<4} {:<10} {:<7} {:>5} {:>5} {:>9} {:>8}\n", "ID", "UUID", "STATUS", "QUEUE", "TASKS", "COMPLETED", "PID");
+        for (id, uuid) in &engines {
+            let s = status.get(id.to_string()).cloned().unwrap_or(json!({}));
+            let n = |k: &str| s.get(k).and_then(Value::as_i64).unwrap_or(0);
+            let queue = n("queue");
+            let pid = self
+                .cluster
+                .as_ref()
+                .and_then(|c| c.pid(*id))
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into());
+            out.push_str(&format!(
+                "{:<4} {:<10} {:<7} {:>5} {:>5} {:>9} {:>8}\n",
+                id,
+                &uuid[..uuid.len().min(8)],
+                if queue > 0 { "busy" } else { "idle" },
+                queue,
+                n("tasks"),
+                n("completed"),
+                pid
+            ));
+        }
+        out.push_str(&format!(
+            "{} engine{} registered; {}\n",
+            engines.len(),
+            if engines.len() == 1 { "" } else { "s" },
+            self.where_()
+        ));
+        p.stream("stdout", out);
+        CellOutcome::Ok { result: None }
+    }
+
+    fn where_(&self) -> String {
+        match &self.cluster {
+            Some(c) => format!(
+                "embedded cluster (hub in the kernel, client file {})",
+                c.client_file().display()
+            ),
+            None => format!(
+                "connected to the hub at {}:{}",
+                self.client.info().interface,
+                self.client.info().registration
+            ),
+        }
+    }
+
+    async fn wait_registered(&self, ids: &[i64]) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + self.engine_timeout;
+        let mut w = self.client.watch_engines();
+        loop {
+            let have = self.client.engines();
+            if ids.iter().all(|i| have.contains_key(i)) {
+                return Ok(());
+            }
+            tokio::select! {
+                r = w.changed() => { r.map_err(|_| anyhow!("hub connection closed"))?; }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(anyhow!("engines {} did not register within {:?}", fmt_ids(ids), self.engine_timeout));
+                }
+            }
+        }
+    }
+
+    async fn wait_unregistered(&self, ids: &[i64], timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut w = self.client.watch_engines();
+        loop {
+            let have = self.client.engines();
+            if ids.iter().all(|i| !have.contains_key(i)) {
+                return;
+            }
+            tokio::select! {
+                r = w.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    async fn cluster_magic(&mut self, cmd: ClusterCommand, p: &Publisher) -> CellOutcome {
+        let _ = self.client.take_changes();
+        match cmd {
+            ClusterCommand::Show => {
+                let ids = self.client.ids();
+                let mut s = format!("{}\nengines: {}\n", self.where_(), fmt_ids(&ids));
+                if let Some(c) = &self.cluster {
+                    s.push_str(&format!(
+                        "engine processes: {}\nengine python: {}\n",
+                        c.engine_ids()
+                            .iter()
+                            .map(|i| format!("{i} (pid {})", c.pid(*i).unwrap_or(0)))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        self.spec.python.display()
+                    ));
+                }
+                p.stream("stdout", s);
+                CellOutcome::Ok { result: None }
+            }
+            ClusterCommand::Add(n) => {
+                let Some(c) = self.cluster.as_mut() else {
+                    return CellOutcome::usage("%cluster add works on the embedded cluster; add engines to an external cluster with `parallax cluster` / `ipcluster engines` or `parallax engine --file=…`");
+                };
+                let ids = match c.add_engines(n) {
+                    Ok(ids) => ids,
+                    Err(e) => return CellOutcome::error("ClusterError", &format!("{e:#}")),
+                };
+                if let Err(e) = self.wait_registered(&ids).await {
+                    return CellOutcome::error("ClusterError", &format!("{e:#}"));
+                }
+                p.stream("stdout", format!("Started engines {}; now {} engines\n", fmt_ids(&ids), self.client.ids().len()));
+                CellOutcome::Ok { result: None }
+            }
+            ClusterCommand::Stop(ids) => {
+                let all = self.client.ids();
+                let ids = ids.unwrap_or_else(|| all.clone());
+                if let Some(bad) = ids.iter().find(|i| !all.contains(i)) {
+                    return CellOutcome::usage(&format!("no engine with id {bad}: engines are {}", fmt_ids(&all)));
+                }
+                let (ours, theirs): (Vec<i64>, Vec<i64>) = ids.iter().partition(|i| self.cluster.as_ref().is_some_and(|c| c.owns(**i)));
+                if let Some(c) = self.cluster.as_mut() {
+                    c.stop_engines(&ours, Duration::from_secs(3)).await;
+                }
+                let engines = self.client.engines();
+                for id in &theirs {
+                    if let Some(u) = engines.get(id) {
+                        let _ = self.client.send(Chan::Control, Some(u), "shutdown_request", json!({"restart": false}), json!({}));
+                    }
+                }
+                self.wait_unregistered(&ids, Duration::from_secs(5)).await;
+                p.stream("stdout", format!("Stopped engines {}; {} engines left\n", fmt_ids(&ids), self.client.ids().len()));
+                CellOutcome::Ok { result: None }
+            }
+            ClusterCommand::Restart(ids) => {
+                let Some(c) = self.cluster.as_mut() else {
+                    return CellOutcome::usage("%cluster restart works on the embedded cluster's engines; this kernel is connected to an external cluster");
+                };
+                let owned = c.engine_ids();
+                let ids = ids.unwrap_or_else(|| owned.clone());
+                if let Some(bad) = ids.iter().find(|i| !owned.contains(i)) {
+                    return CellOutcome::usage(&format!("engine {bad} is not an engine of this kernel's cluster (engines: {})", fmt_ids(&owned)));
+                }
+                if let Err(e) = c.restart_engines(&ids).await {
+                    return CellOutcome::error("ClusterError", &format!("{e:#}"));
+                }
+                // The old registrations go first; then the same ids come back.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Err(e) = self.wait_registered(&ids).await {
+                    return CellOutcome::error("ClusterError", &format!("{e:#}"));
+                }
+                p.stream("stdout", format!("Restarted engines {} (fresh namespaces)\n", fmt_ids(&ids)));
+                CellOutcome::Ok { result: None }
+            }
+            ClusterCommand::Connect(file) => {
+                let client = match HubClient::connect_file(std::path::Path::new(&file)).await {
+                    Ok(c) => c,
+                    Err(e) => return CellOutcome::error("ClusterError", &format!("{e:#}")),
+                };
+                if let Some(mut c) = self.cluster.take() {
+                    c.shutdown().await;
+                }
+                self.client = client;
+                self.last = None;
+                self.named.clear();
+                self.config.targets = Targets::All;
+                p.stream("stdout", format!("Connected to {file}: engines {}\n", fmt_ids(&self.client.ids())));
+                CellOutcome::Ok { result: None }
+            }
+        }
+    }
+
+    /// complete/inspect/is_complete: forwarded to the first target engine.
+    pub async fn forward(&mut self, msg_type: &str, content: &Value) -> Option<Value> {
+        let code = content.get("code").and_then(Value::as_str).unwrap_or("");
+        let mut content = content.clone();
+        // Magic lines are the kernel's: complete the code after a %%px line.
+        if msg_type == "is_complete_request" {
+            if code.lines().next().is_some_and(|l| l.starts_with('%')) && !code.starts_with("%%") {
+                return Some(json!({"status": "complete"}));
+            }
+            if let Some(rest) = code.strip_prefix("%%") {
+                let body = rest.split_once('\n').map(|x| x.1).unwrap_or("");
+                if body.trim().is_empty() {
+                    return Some(json!({"status": "incomplete", "indent": ""}));
+                }
+                content["code"] = json!(body);
+            }
+        }
+        let (id, uuid) = self.targets(&self.config.targets).ok()?.into_iter().next()?;
+        let r = tokio::time::timeout(Duration::from_secs(5), self.client.request(Chan::Mux, msg_type, content, Some(&uuid))).await;
+        match r {
+            Ok(Ok(m)) => {
+                let mut c = m.content;
+                if let Some(o) = c.as_object_mut() {
+                    o.remove("engine_info");
+                }
+                Some(c)
+            }
+            Ok(Err(e)) => {
+                warn!(engine = id, error = %e, msg_type, "forwarded request failed");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+}
+
+fn fmt_ids(ids: &[i64]) -> String {
+    let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+    format!("[{}]", s.join(", "))
+}
+
+/// tqdm's text bar: `%px:  50%|#####     | 2/4 [00:03<00:03,  0.66tasks/s]`.
+pub fn progress_text(n: usize, total: usize, elapsed: Duration) -> String {
+    let frac = if total == 0 { 1.0 } else { n as f64 / total as f64 };
+    let width = 10;
+    let filled = ((frac * width as f64).floor() as usize).min(width);
+    let bar: String = "█".repeat(filled) + &" ".repeat(width - filled);
+    let secs = elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { n as f64 / secs } else { 0.0 };
+    let remaining = if n > 0 && rate > 0.0 {
+        fmt_mmss((total - n) as f64 / rate)
+    } else {
+        "?".into()
+    };
+    format!(
+        "%px: {:>3.0}%|{bar}| {n}/{total} [{}<{remaining}, {rate:>5.2}tasks/s]",
+        frac * 100.0,
+        fmt_mmss(secs)
+    )
+}
+
+fn fmt_mmss(s: f64) -> String {
+    let s = s.round() as u64;
+    format!("{:02}:{:02}", s / 60, s % 60)
+}
+
+/// is_complete without an engine: brackets and a trailing colon.
+pub fn is_complete_fallback(code: &str) -> Value {
+    let mut depth = 0i32;
+    for c in code.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    if depth < 0 {
+        json!({"status": "invalid"})
+    } else if depth > 0 || code.trim_end().ends_with(':') || code.trim_end().ends_with('\\') {
+        json!({"status": "incomplete", "indent": "    "})
+    } else {
+        json!({"status": "complete"})
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_bar_text() {
+        assert_eq!(
+            progress_text(2, 4, Duration::from_secs(3)),
+            "%px:  50%|█████     | 2/4 [00:03<00:03,  0.67tasks/s]"
+        );
+        assert_eq!(
+            progress_text(0, 4, Duration::from_secs(2)),
+            "%px:   0%|          | 0/4 [00:02<?,  0.00tasks/s]"
+        );
+    }
+
+    #[test]
+    fn fallback_is_complete() {
+        assert_eq!(is_complete_fallback("x = (1,")["status"], "incomplete");
+        assert_eq!(is_complete_fallback("for i in x:")["status"], "incomplete");
+        assert_eq!(is_complete_fallback("x = 1")["status"], "complete");
+        assert_eq!(is_complete_fallback("x)")["status"], "invalid");
+    }
+}
