@@ -81,7 +81,7 @@ def cell_text(cell, color: bool) -> str:
             lines.append("")
             lines.append(outputs.rstrip("\n"))
     elif cell.cell_type == "markdown":
-        lines.append(textwrap.indent(cell.source, "  │ "))
+        lines.append(textwrap.indent(cell.source, "  │ ", lambda line: True))
     return "\n".join(lines) + "\n"
 
 

@@ -25,7 +25,9 @@ validation, assertions on the merged format). The others run unchanged.
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 from queue import Empty
 
@@ -262,3 +264,81 @@ class ParallaxKernelTests(jkt.KernelTests):
         reply, output_msgs = self.execute_helper("print(kept)")
         self.assertEqual(reply["content"]["status"], "ok")
         self.assertEqual(stream_displays(output_msgs, "stdout"), {e: "7\n" for e in ENGINES})
+
+
+# -- the kernel's process tree ---------------------------------------------
+
+
+def _start_kernel():
+    from jupyter_client.manager import start_new_kernel
+
+    return start_new_kernel(kernel_name=KERNEL_NAME, startup_timeout=60)
+
+
+def _engine_ids_run(kc) -> dict[int, str]:
+    """Run a cell that prints each engine's pid; engine id → pid text."""
+    out = []
+    reply = kc.execute_interactive(
+        "import os; print(os.getpid())", timeout=60, output_hook=out.append
+    )
+    assert reply["content"]["status"] == "ok", reply["content"]
+    return stream_displays([m for m in out if m["msg_type"] != "status"], "stdout")
+
+
+def _descendants(pid: int) -> list:
+    import psutil
+
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def test_kernel_killed_takes_its_cluster_along():
+    """SIGKILL of the kernel (what a frontend does to a hung kernel) leaves
+    no engine or engine Python behind: the conftest's orphan check fails the
+    test if anything outlives it."""
+    import psutil
+
+    km, kc = _start_kernel()
+    try:
+        pids = _engine_ids_run(kc)
+        assert set(pids) == ENGINES
+        tree = _descendants(km.provisioner.process.pid)
+        assert {int(p.strip()) for p in pids.values()} <= {p.pid for p in tree}, (
+            "the engines' Python processes are not the kernel's descendants"
+        )
+        kc.stop_channels()
+        os.kill(km.provisioner.process.pid, signal.SIGKILL)  # the kernel alone
+        gone, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+    finally:
+        if km.is_alive():
+            km.shutdown_kernel(now=True)
+        else:
+            km.cleanup_resources()
+
+
+def test_restart_replaces_the_cluster():
+    """A kernel restart (shutdown_request restart=true, then a new kernel
+    process) starts fresh engines: new namespaces, the old engines gone."""
+    import psutil
+
+    km, kc = _start_kernel()
+    try:
+        kc.execute_interactive("survivor = 1", timeout=60)
+        old_tree = _descendants(km.provisioner.process.pid)
+        assert old_tree, "the kernel has no child processes"
+        km.restart_kernel(now=False)
+        kc.wait_for_ready(timeout=60)
+        gone, alive = psutil.wait_procs(old_tree, timeout=15)
+        assert not alive, [f"{p.pid} {p.name()}" for p in alive]
+        out = []
+        reply = kc.execute_interactive(
+            "print('survivor' in dir())", timeout=60, output_hook=out.append
+        )
+        assert reply["content"]["status"] == "ok"
+        assert stream_displays(out, "stdout") == {e: "False\n" for e in ENGINES}
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
