@@ -70,7 +70,8 @@ impl Publisher {
 struct Shared {
     session: Arc<Mutex<Session>>,
     iopub: mpsc::UnboundedSender<Vec<Bytes>>,
-    language_info: LanguageInfo,
+    /// The version is filled in once the engines' Python has told it.
+    language_info: Mutex<LanguageInfo>,
     banner: String,
 }
 
@@ -103,7 +104,7 @@ impl Shared {
             protocol_version: PROTOCOL_VERSION.into(),
             implementation: "parallax".into(),
             implementation_version: env!("CARGO_PKG_VERSION").into(),
-            language_info: self.language_info.clone(),
+            language_info: self.language_info.lock().expect("language_info").clone(),
             banner: self.banner.clone(),
             help_links: vec![HelpLink {
                 text: "ipyparallel magics".into(),
@@ -135,10 +136,26 @@ fn python_language_info() -> LanguageInfo {
     }
 }
 
-/// The engines' Python version, as its kernel_info would report it; filled
-/// in by the session once an engine answers, "3" until then.
+/// "3" until the engines' interpreter has told its exact version.
 fn python_version() -> String {
     "3".into()
+}
+
+/// Ask the engines' interpreter for its version (runs while the cluster starts).
+async fn probe_python_version(python: std::path::PathBuf, shared: Arc<Shared>) {
+    let out = tokio::process::Command::new(&python)
+        .args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
+        .stdin(std::process::Stdio::null())
+        .output();
+    match tokio::time::timeout(Duration::from_secs(10), out).await {
+        Ok(Ok(o)) if o.status.success() => {
+            let v = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            if !v.is_empty() {
+                shared.language_info.lock().expect("language_info").version = v;
+            }
+        }
+        _ => debug!(python = %python.display(), "could not ask the engines' python for its version"),
+    }
 }
 
 fn verify(
@@ -232,9 +249,10 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     let shared = Arc::new(Shared {
         session: session.clone(),
         iopub: iopub_tx.clone(),
-        language_info: python_language_info(),
+        language_info: Mutex::new(python_language_info()),
         banner,
     });
+    tokio::spawn(probe_python_version(args.python(), shared.clone()));
 
     // Interrupts: a counter bumped by interrupt_request and SIGINT; a cell
     // reacts to changes made while it runs.

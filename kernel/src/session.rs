@@ -166,6 +166,8 @@ pub struct Session {
     color: bool,
     spec: EngineSpec,
     engine_timeout: Duration,
+    /// Engines (uuids) running the current blocking cell.
+    running: Vec<String>,
 }
 
 impl Session {
@@ -202,6 +204,7 @@ impl Session {
             color: std::env::var_os("NO_COLOR").is_none(),
             spec,
             engine_timeout: cfg.engine_timeout,
+            running: Vec::new(),
         })
     }
 
@@ -238,8 +241,14 @@ impl Session {
         }
     }
 
-    /// Stop interrupting engines of a cell abandoned at shutdown.
-    pub fn interrupt_running(&self) {}
+    /// A cell is abandoned (the kernel shuts down): interrupt the engines
+    /// still running it, so an external cluster's engines do not run on.
+    pub fn interrupt_running(&mut self) {
+        let uuids = std::mem::take(&mut self.running);
+        if !uuids.is_empty() {
+            let _ = self.client.signal(&uuids, libc::SIGINT);
+        }
+    }
 
     pub async fn shutdown(&mut self) {
         if let Some(mut c) = self.cluster.take() {
@@ -389,7 +398,9 @@ impl Session {
                 result: Some(json!({"text/plain": "<AsyncResult(%px): pending>"})),
             };
         }
+        self.running = targets.iter().map(|t| t.1.clone()).collect();
         let outcome = self.wait_blocking(&pending, &mut rx, &cfg, p, interrupts).await;
+        self.running.clear();
         let ids: Vec<String> = pending.results.lock().expect("results").engines.iter().map(|e| e.msg_id.clone()).collect();
         for m in &ids {
             self.client.forget(m);
@@ -438,6 +449,8 @@ impl Session {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     let mut r = pending.results.lock().expect("results");
+                    let what = match &ev { ClientEvent::Iopub(m) => m.msg_type().to_owned(), ClientEvent::Reply(_, m) => m.msg_type().to_owned() };
+                    tracing::debug!(us = pending.started.elapsed().as_micros() as u64, what, "cell event");
                     if let Some((idx, ev)) = col.handle(&mut r, ev) {
                         if stream {
                             if let Some(ev) = ev {
