@@ -17,6 +17,10 @@ APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --n
 # the venv's python3 and jupyter first on PATH: engines run user code with
 # the first python3 on PATH, and the kernelspec is installed into the venv
 VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
+# the Parallax kernelspec in the venv; its engines run the venv's Python
+# however Jupyter was started
+KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
+	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
 .PHONY: all venv build run demo-hub lab lab-deps test test-rust test-python bench lint clean
 
@@ -35,7 +39,7 @@ build:
 # the Parallax kernel in the venv's Jupyter, then notebooks/overview.ipynb
 # executed headless (nbclient) with its outputs printed as text
 run: venv build
-	$(VENV_ENV) $(BIN) kernelspec install --sys-prefix
+	$(KERNELSPEC_INSTALL)
 	$(VENV_ENV) $(PY) scripts/run_notebook.py notebooks/overview.ipynb
 
 # the earlier demo: parallax hub + 4 parallax engines driven by the stock
@@ -44,10 +48,12 @@ demo-hub: venv build
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) scripts/demo_hub.py
 
 # JupyterLab on notebooks/ with the Parallax kernel installed into the venv
+# (extra options: make lab LAB_ARGS="--no-browser --port=9999")
+LAB_ARGS ?=
 lab: venv build
-	$(VENV_ENV) $(BIN) kernelspec install --sys-prefix
+	$(KERNELSPEC_INSTALL)
 	$(VENV_ENV) $(VENV)/bin/jupyter lab --ServerApp.root_dir=$(abspath notebooks) $(LAB_ROOT_FLAG) \
-		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate
+		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate $(LAB_ARGS)
 
 lab-deps: $(STAMPS)/chromium $(STAMPS)/lab-node
 
@@ -75,8 +81,9 @@ test-python: venv build lab-deps
 	PARALLAX_ENGINES=parallax PARALLAX_HUB_CMD=$(abspath $(VENV))/bin/ipcontroller PARALLAX_BIN=$(abspath $(BIN)) \
 		$(PY) -m pytest tests/interop -q -p no:cacheprovider
 
+# BENCH=hub or BENCH=kernel runs one of the two (default: both, hub first)
 bench: venv build
-	PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_hub.py
+	for b in $(or $(BENCH),hub kernel); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
 
 lint:
 	$(CARGO) fmt --all -- --check
