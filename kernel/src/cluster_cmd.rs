@@ -1,0 +1,1319 @@
+//! `parallax cluster start|stop|list`: local clusters (one `parallax hub`
+//! and N `parallax engine` processes), like `ipcluster`.
+//!
+//! State lives in `<profile_dir>/security/cluster-<cluster_id>.json` in
+//! ipyparallel's cluster-file format (`Cluster.to_dict` with the `local`
+//! controller and engine-set launchers), so `ipcluster list`,
+//! `ipcluster stop` and `ipyparallel.Cluster.from_file()` understand the
+//! clusters started here, and `parallax cluster list|stop` understand
+//! clusters started by `ipcluster` with local launchers.
+//!
+//! `start` runs the hub, waits for its connection files, runs the engines,
+//! and waits until the hub reports all of them registered (a signed
+//! `connection_request` on the registration port). Without `--daemonize` it
+//! then stays in the foreground and stops everything on SIGINT/SIGTERM/SIGHUP.
+//! The processes run in their own sessions, so a terminal's Ctrl-C reaches
+//! only `parallax cluster start`, which then stops them in order: engines
+//! first (SIGTERM, SIGKILL after a grace period), then the hub.
+
+use std::path::{Component, Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use parallax_wire::connection::{ClientConnectionInfo, connection_file_names, resolve_profile_dir};
+use parallax_wire::{Authenticator, Limits, Message, RawMessage, Session, Signer, format_date};
+use serde_json::{Value, json};
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Start a hub and N engines; wait until every engine is registered.
+    Start(StartArgs),
+    /// Stop a cluster: engines, then the hub; remove its cluster file.
+    Stop(StopArgs),
+    /// List clusters (running ones; stale cluster files are removed).
+    List(ListArgs),
+}
+
+/// Which profile directory, as ipcluster chooses it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ProfileArgs {
+    /// IPython profile name (default: "default"): IPYTHONDIR/profile_NAME.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Profile directory (overrides --profile; env IPP_PROFILE_DIR).
+    #[arg(long = "profile-dir")]
+    pub profile_dir: Option<PathBuf>,
+    /// IPython directory holding profiles (default $IPYTHONDIR or ~/.ipython).
+    #[arg(long = "ipython-dir")]
+    pub ipython_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StartArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// Cluster id (default: $IPP_CLUSTER_ID, else ""): names the connection
+    /// and cluster files.
+    #[arg(long = "cluster-id")]
+    pub cluster_id: Option<String>,
+    /// Number of engines (default: the number of CPUs).
+    #[arg(short = 'n', long = "n", visible_alias = "engines")]
+    pub n: Option<u32>,
+    /// Return once the engines are registered and leave the cluster running.
+    #[arg(long, visible_alias = "daemon")]
+    pub daemonize: bool,
+    /// Extra arguments for each `parallax engine` (split on whitespace;
+    /// repeatable), e.g. --engine-args=--python=/venv/bin/python3.
+    #[arg(long = "engine-args", allow_hyphen_values = true, value_name = "ARGS")]
+    pub engine_args: Vec<String>,
+    /// Extra arguments for `parallax hub` (split on whitespace; repeatable),
+    /// e.g. --hub-args='--scheme=lru --hwm=0'.
+    #[arg(
+        long = "hub-args",
+        visible_alias = "controller-args",
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
+    pub hub_args: Vec<String>,
+    /// Seconds to wait for the hub and for the engines to register.
+    #[arg(long, default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Seconds between SIGTERM and SIGKILL when stopping (foreground mode).
+    #[arg(long = "stop-timeout", default_value_t = 5.0)]
+    pub stop_timeout: f64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StopArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// Cluster id (default: $IPP_CLUSTER_ID, else "").
+    #[arg(long = "cluster-id")]
+    pub cluster_id: Option<String>,
+    /// Stop every cluster of the profile.
+    #[arg(long, conflicts_with = "cluster_id")]
+    pub all: bool,
+    /// Seconds between SIGTERM and SIGKILL.
+    #[arg(long = "stop-timeout", default_value_t = 5.0)]
+    pub stop_timeout: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ListArgs {
+    /// Only this profile (default: every profile in the IPython directory).
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// Output format: a table (text) or the cluster files' contents (json).
+    #[arg(short = 'o', long = "output-format", value_enum, default_value_t = OutputFormat::Text)]
+    pub output_format: OutputFormat,
+}
+
+pub fn run(cmd: ClusterCommand) -> Result<()> {
+    match cmd {
+        ClusterCommand::Start(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(start(args))
+        }
+        ClusterCommand::Stop(args) => stop(&args),
+        ClusterCommand::List(args) => list(&args),
+    }
+}
+
+// ----------------------------------------------------------------- paths
+
+fn env_var(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+/// `os.path.abspath`: absolute and lexically normalised (symlinks kept).
+fn abspath(p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(p)
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn ipython_dir(p: &ProfileArgs) -> PathBuf {
+    p.ipython_dir
+        .clone()
+        .or_else(|| {
+            env_var("IPYTHONDIR")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| {
+            PathBuf::from(env_var("HOME").unwrap_or_else(|| ".".into())).join(".ipython")
+        })
+}
+
+fn profile_dir(p: &ProfileArgs) -> PathBuf {
+    abspath(&resolve_profile_dir(
+        p.profile_dir.as_deref(),
+        p.ipython_dir.as_deref(),
+        p.profile.as_deref().unwrap_or("default"),
+        env_var,
+    ))
+}
+
+fn cluster_id(explicit: &Option<String>) -> String {
+    explicit
+        .clone()
+        .or_else(|| env_var("IPP_CLUSTER_ID"))
+        .unwrap_or_default()
+}
+
+/// `<profile_dir>/security/cluster-<id>.json`, as `Cluster.cluster_file`.
+pub fn cluster_file_path(profile_dir: &Path, cluster_id: &str) -> PathBuf {
+    profile_dir
+        .join("security")
+        .join(format!("cluster-{cluster_id}.json"))
+}
+
+/// ipyparallel's `abbreviate_profile_dir`: the profile name when the
+/// directory is `IPYTHONDIR/profile_NAME`.
+fn abbreviate_profile_dir(profile_dir: &Path, ipython_dir: &Path) -> String {
+    let prefix = format!("{}/profile_", abspath(ipython_dir).display());
+    let s = profile_dir.display().to_string();
+    match s.strip_prefix(&prefix) {
+        Some(name) => name.to_owned(),
+        None => s,
+    }
+}
+
+// ------------------------------------------------------------- processes
+
+/// Is `pid` a live process (not a zombie)?
+fn pid_alive(pid: i64) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 only checks for existence/permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    if r != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// Does `pid` look like a hub or engine (ours or ipyparallel's)? Guards
+/// against signalling an unrelated process that reused a stale pid. Where
+/// `/proc` is not available the answer is yes.
+fn looks_like_cluster_process(pid: i64) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return !Path::new("/proc/self/cmdline").exists();
+    };
+    let args: Vec<String> = raw
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    cmdline_is_cluster_process(&args)
+}
+
+fn cmdline_is_cluster_process(args: &[String]) -> bool {
+    let Some(argv0) = args.first() else {
+        return false;
+    };
+    let base = |s: &str| {
+        Path::new(s)
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    if base(argv0).starts_with("parallax")
+        && args.get(1).is_some_and(|a| a == "hub" || a == "engine")
+    {
+        return true;
+    }
+    args.iter().any(|a| {
+        let b = base(a);
+        a.starts_with("ipyparallel.") || b.starts_with("ipcontroller") || b.starts_with("ipengine")
+    })
+}
+
+/// A process of the cluster: our child (foreground start) or a pid from a
+/// cluster file.
+struct Proc {
+    label: String,
+    pid: i64,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn alive(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => pid_alive(self.pid),
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Ok(pid) = i32::try_from(self.pid)
+            && pid > 0
+        {
+            // SAFETY: plain kill(2) on a pid we checked belongs to the cluster.
+            unsafe {
+                libc::kill(pid, sig);
+            }
+        }
+    }
+}
+
+/// SIGTERM every live process, wait up to `grace`, SIGKILL the rest and wait
+/// for them. Returns the labels of the processes that needed SIGKILL.
+fn terminate(procs: &mut [Proc], grace: Duration) -> Vec<String> {
+    let mut killed = Vec::new();
+    for p in procs.iter_mut() {
+        if p.alive() {
+            if p.child.is_none() && !looks_like_cluster_process(p.pid) {
+                eprintln!(
+                    "warning: pid {} ({}) is not a hub or engine process any more; not signalling it",
+                    p.pid, p.label
+                );
+                p.pid = -1;
+                continue;
+            }
+            p.signal(libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while procs.iter_mut().any(Proc::alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in procs.iter_mut() {
+        if p.alive() {
+            p.signal(libc::SIGKILL);
+            killed.push(format!("{} (pid {})", p.label, p.pid));
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while procs.iter_mut().any(Proc::alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// Spawn `exe args…` in a new session (so a terminal's signals do not reach
+/// it), stdin from /dev/null, stdout and stderr appended to `log`.
+fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
+    use std::os::unix::process::CommandExt;
+    let out = log_file(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe; nothing else runs in the child
+    // between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("starting {} {}", exe.display(), args.join(" ")))
+}
+
+/// The last lines of a log, for error messages.
+fn log_tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let tail = all[all.len().saturating_sub(lines)..].join("\n");
+    if tail.is_empty() {
+        format!("(no output in {})", path.display())
+    } else {
+        format!("last lines of {}:\n{tail}", path.display())
+    }
+}
+
+fn split_args(values: &[String]) -> Vec<String> {
+    values
+        .iter()
+        .flat_map(|v| v.split_whitespace().map(str::to_owned))
+        .collect()
+}
+
+// ----------------------------------------------------------- cluster file
+
+/// A launched process as ipyparallel's `LocalProcessLauncher.to_dict`.
+fn launcher_state(
+    profile_dir: &Path,
+    cluster_id: &str,
+    pid: i64,
+    output_file: &Path,
+    n: Option<u32>,
+) -> Value {
+    let mut d = json!({
+        "cluster_id": cluster_id,
+        "output_file": output_file.to_string_lossy(),
+        "pid": pid,
+        "profile_dir": profile_dir.to_string_lossy(),
+        "state": "running",
+    });
+    if let Some(n) = n {
+        d["n"] = json!(n);
+    }
+    d
+}
+
+/// What `start` launched, serialised as `Cluster.to_dict()` would.
+struct ClusterState {
+    profile_dir: PathBuf,
+    cluster_id: String,
+    n: u32,
+    hub_args: Vec<String>,
+    hub: (i64, PathBuf),
+    engine_set_id: String,
+    engines: Vec<(i64, PathBuf)>,
+}
+
+impl ClusterState {
+    fn to_value(&self) -> Value {
+        let pd = &self.profile_dir;
+        let cid = self.cluster_id.as_str();
+        let mut sets = serde_json::Map::new();
+        if !self.engines.is_empty() {
+            let engines: serde_json::Map<String, Value> = self
+                .engines
+                .iter()
+                .enumerate()
+                .map(|(i, (pid, log))| (i.to_string(), launcher_state(pd, cid, *pid, log, Some(1))))
+                .collect();
+            sets.insert(
+                self.engine_set_id.clone(),
+                json!({
+                    "cluster_id": cid,
+                    "n": self.engines.len(),
+                    "pid": -1,
+                    "profile_dir": pd.to_string_lossy(),
+                    "state": "running",
+                    "engines": engines,
+                }),
+            );
+        }
+        json!({
+            "cluster": {
+                "cluster_id": cid,
+                "controller_args": self.hub_args,
+                "controller_ip": "",
+                "controller_location": "",
+                "delay": 1.0,
+                "n": self.n,
+                "profile_dir": pd.to_string_lossy(),
+                "class": "ipyparallel.cluster.cluster.Cluster",
+            },
+            "controller": {
+                "class": "local",
+                "state": launcher_state(pd, cid, self.hub.0, &self.hub.1, None),
+            },
+            "engines": {"class": "local", "sets": sets},
+        })
+    }
+}
+
+fn write_json_atomic(path: &Path, v: &Value) -> Result<()> {
+    let tmp = path.with_extension(format!("json.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(v)?)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// A cluster file as read back (ours or ipcluster's).
+#[derive(Debug)]
+struct LoadedCluster {
+    file: PathBuf,
+    raw: Value,
+    profile_dir: PathBuf,
+    cluster_id: String,
+    hub_pid: Option<i64>,
+    hub_log: Option<PathBuf>,
+    /// (label, pid, log) of every engine process recorded.
+    engines: Vec<(String, i64, Option<PathBuf>)>,
+    /// Engines in sets without per-process pids (batch launchers): n each.
+    unverifiable_engines: u64,
+    engine_class: String,
+}
+
+fn pid_of(v: &Value) -> Option<i64> {
+    v.get("pid").and_then(Value::as_i64).filter(|p| *p > 0)
+}
+
+fn path_of(v: &Value) -> Option<PathBuf> {
+    v.get("output_file")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+}
+
+fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
+    let info = raw.get("cluster").context("no \"cluster\" section")?;
+    let cluster_id = info
+        .get("cluster_id")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let profile_dir = info
+        .get("profile_dir")
+        .and_then(Value::as_str)
+        .map(PathBuf::from)
+        .or_else(|| file.parent()?.parent().map(Path::to_path_buf))
+        .context("no profile_dir")?;
+    let state = raw.get("controller").and_then(|c| c.get("state"));
+    let hub_pid = state.and_then(pid_of);
+    let hub_log = state.and_then(path_of);
+    let mut engines = Vec::new();
+    let mut unverifiable_engines = 0;
+    let engine_info = raw.get("engines");
+    let engine_class = engine_info
+        .and_then(|e| e.get("class"))
+        .and_then(Value::as_str)
+        .unwrap_or("local")
+        .to_owned();
+    if let Some(sets) = engine_info
+        .and_then(|e| e.get("sets"))
+        .and_then(Value::as_object)
+    {
+        for (set_id, set) in sets {
+            if let Some(members) = set.get("engines").and_then(Value::as_object) {
+                for (i, e) in members {
+                    if let Some(pid) = pid_of(e) {
+                        engines.push((format!("engine {set_id}/{i}"), pid, path_of(e)));
+                    }
+                }
+            } else if let Some(pid) = pid_of(set) {
+                engines.push((format!("engine set {set_id}"), pid, path_of(set)));
+            } else {
+                unverifiable_engines += set.get("n").and_then(Value::as_u64).unwrap_or(0);
+            }
+        }
+    }
+    Ok(LoadedCluster {
+        file: file.to_path_buf(),
+        raw,
+        profile_dir,
+        cluster_id,
+        hub_pid,
+        hub_log,
+        engines,
+        unverifiable_engines,
+        engine_class,
+    })
+}
+
+fn load_cluster(file: &Path) -> Result<LoadedCluster> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let raw: Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    parse_cluster(file, raw).with_context(|| format!("reading {}", file.display()))
+}
+
+impl LoadedCluster {
+    fn hub_alive(&self) -> bool {
+        self.hub_pid.is_some_and(pid_alive)
+    }
+
+    fn engines_alive(&self) -> u64 {
+        self.engines
+            .iter()
+            .filter(|(_, p, _)| pid_alive(*p))
+            .count() as u64
+    }
+
+    /// Nothing recorded is running any more (and everything was checkable).
+    fn is_stale(&self) -> bool {
+        !self.hub_alive() && self.engines_alive() == 0 && self.unverifiable_engines == 0
+    }
+
+    fn launcher_name(&self) -> String {
+        launcher_display_name(&self.engine_class)
+    }
+}
+
+/// ipcluster's LAUNCHER column: the engine-set launcher class without
+/// `EngineSetLauncher`.
+fn launcher_display_name(class: &str) -> String {
+    let known = [
+        ("local", "Local"),
+        ("mpi", "MPI"),
+        ("mpiexec", "MPI"),
+        ("ssh", "SSH"),
+        ("sshproxy", "SSHProxy"),
+        ("slurm", "Slurm"),
+        ("pbs", "PBS"),
+        ("sge", "SGE"),
+        ("lsf", "LSF"),
+        ("htcondor", "HTCondor"),
+        ("condor", "HTCondor"),
+        ("windowshpc", "WindowsHPC"),
+    ];
+    if let Some((_, n)) = known.iter().find(|(k, _)| k.eq_ignore_ascii_case(class)) {
+        return (*n).to_owned();
+    }
+    let last = class.rsplit(['.', ':']).next().unwrap_or(class);
+    last.strip_suffix("EngineSetLauncher")
+        .filter(|s| !s.is_empty())
+        .unwrap_or(last)
+        .to_owned()
+}
+
+// ------------------------------------------------------------ hub queries
+
+/// A query connection to the hub's registration (query) ROUTER.
+struct HubQuery {
+    sock: DealerSocket,
+    session: Session,
+    auth: Authenticator,
+    limits: Limits,
+}
+
+impl HubQuery {
+    async fn connect(info: &ClientConnectionInfo, timeout: Duration) -> Result<HubQuery> {
+        let interface =
+            if info.interface.ends_with("://*") || info.interface.ends_with("://0.0.0.0") {
+                format!("tcp://{}", info.location)
+            } else {
+                info.interface.clone()
+            };
+        let url = format!("{interface}:{}", info.registration);
+        let mut sock = DealerSocket::new();
+        tokio::time::timeout(timeout, sock.connect(&url))
+            .await
+            .map_err(|_| anyhow::anyhow!("could not reach the hub at {url}"))?
+            .with_context(|| format!("connecting to the hub at {url}"))?;
+        let signer = Signer::new(info.key.as_bytes());
+        Ok(HubQuery {
+            sock,
+            session: Session::new(
+                signer.clone(),
+                uuid::Uuid::new_v4().to_string(),
+                "parallax-cluster".into(),
+                std::process::id(),
+            ),
+            auth: Authenticator::new(signer),
+            limits: Limits::default(),
+        })
+    }
+
+    /// The registered engines (`{id: uuid}`), or `None` if the hub did not
+    /// answer within `wait`.
+    async fn engines(&mut self, wait: Duration) -> Result<Option<serde_json::Map<String, Value>>> {
+        let header = self
+            .session
+            .header("connection_request", &format_date(chrono::Utc::now()));
+        let frames =
+            self.session
+                .serialize(vec![], &header, &json!({}), &json!({}), &json!({}), vec![]);
+        self.sock
+            .send(ZmqMessage::try_from(frames).expect("non-empty"))
+            .await?;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let Ok(reply) = tokio::time::timeout_at(deadline, self.sock.recv()).await else {
+                return Ok(None);
+            };
+            let raw = RawMessage::from_frames(reply?.into_vec(), &self.limits)?;
+            self.auth.check(&raw).context("hub reply")?;
+            let msg = Message::decode(&raw)?;
+            if msg.parent_msg_id() != Some(header.msg_id.as_str()) {
+                continue; // a late reply to an earlier request
+            }
+            let engines = msg
+                .content
+                .get("engines")
+                .and_then(Value::as_object)
+                .cloned()
+                .unwrap_or_default();
+            return Ok(Some(engines));
+        }
+    }
+}
+
+// ------------------------------------------------------------------ start
+
+/// Stop signals for the foreground `start`.
+struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// The processes `start` launched, for cleanup.
+struct Launched {
+    hub: Option<Proc>,
+    hub_log: PathBuf,
+    engines: Vec<Proc>,
+    engine_logs: Vec<PathBuf>,
+    cluster_file: PathBuf,
+    grace: Duration,
+}
+
+impl Launched {
+    /// Stop engines then hub; remove the cluster file if it is still ours.
+    fn shutdown(&mut self, remove_logs: bool) {
+        let killed = terminate(&mut self.engines, self.grace);
+        let mut hub_killed = Vec::new();
+        if let Some(hub) = &mut self.hub {
+            hub_killed = terminate(std::slice::from_mut(hub), self.grace);
+        }
+        for k in killed.iter().chain(&hub_killed) {
+            eprintln!("warning: {k} did not stop after SIGTERM; killed");
+        }
+        let ours = self.hub.as_ref().map(|h| h.pid);
+        if let Ok(c) = load_cluster(&self.cluster_file)
+            && c.hub_pid == ours
+        {
+            let _ = std::fs::remove_file(&self.cluster_file);
+        }
+        if remove_logs {
+            for log in self.engine_logs.iter().chain([&self.hub_log]) {
+                let _ = std::fs::remove_file(log);
+            }
+        }
+    }
+}
+
+/// `(device, inode)` of a file, if it exists: a connection file is "new"
+/// when its identity changed (the hub writes a temp file and renames it).
+fn file_identity(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()))
+}
+
+enum Interrupted {
+    Signal(&'static str),
+}
+
+async fn start(args: StartArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let n = match args.n {
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
+    if n == 0 {
+        bail!("-n must be at least 1");
+    }
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
+    let profile_dir = profile_dir(&args.profile);
+    let cid = cluster_id(&args.cluster_id);
+    let security = profile_dir.join("security");
+    let log_dir = profile_dir.join("log");
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&security)
+            .with_context(|| format!("creating {}", security.display()))?;
+        std::fs::create_dir_all(&log_dir)
+            .with_context(|| format!("creating {}", log_dir.display()))?;
+    }
+    let cluster_file = cluster_file_path(&profile_dir, &cid);
+    let stop_hint = stop_command(&profile_dir, &cid);
+    if cluster_file.exists() {
+        match load_cluster(&cluster_file) {
+            Ok(c) if !c.is_stale() => bail!(
+                "cluster {:?} is already running in {} (stop it with: {stop_hint})",
+                cid,
+                profile_dir.display()
+            ),
+            _ => {
+                let _ = std::fs::remove_file(&cluster_file);
+            }
+        }
+    }
+    let (client_name, engine_name) = connection_file_names(&cid);
+    let client_file = security.join(client_name);
+    let engine_file = security.join(engine_name);
+    let before = (file_identity(&client_file), file_identity(&engine_file));
+
+    let mut signals = StopSignals::new()?;
+    let exe = std::env::current_exe().context("finding the parallax executable")?;
+    let id_part = if cid.is_empty() {
+        String::new()
+    } else {
+        format!("-{cid}")
+    };
+    let hub_log = log_dir.join(format!("parallax-hub{id_part}-{}.log", std::process::id()));
+    let mut hub_cmd = vec![
+        "hub".to_owned(),
+        format!("--profile-dir={}", profile_dir.display()),
+        format!("--cluster-id={cid}"),
+    ];
+    let hub_args = split_args(&args.hub_args);
+    hub_cmd.extend(hub_args.iter().cloned());
+    let hub_child = spawn(&exe, &hub_cmd, &hub_log)?;
+    let mut launched = Launched {
+        hub: Some(Proc {
+            label: "hub".into(),
+            pid: hub_child.id() as i64,
+            child: Some(hub_child),
+        }),
+        hub_log: hub_log.clone(),
+        engines: Vec::new(),
+        engine_logs: Vec::new(),
+        cluster_file: cluster_file.clone(),
+        grace: Duration::from_secs_f64(args.stop_timeout.max(0.0)),
+    };
+    let engine_set_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
+    let mut state = ClusterState {
+        profile_dir: profile_dir.clone(),
+        cluster_id: cid.clone(),
+        n,
+        hub_args,
+        hub: (launched.hub.as_ref().map_or(-1, |h| h.pid), hub_log.clone()),
+        engine_set_id,
+        engines: Vec::new(),
+    };
+
+    let ready = async {
+        // --- the hub: wait for fresh connection files
+        let deadline = Instant::now() + timeout;
+        loop {
+            let hub = launched.hub.as_mut().expect("hub");
+            if !hub.alive() {
+                let status = hub.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                bail!(
+                    "the hub exited ({}) before writing its connection files; {}",
+                    status.map_or("unknown status".into(), |s| s.to_string()),
+                    log_tail(&hub_log, 20)
+                );
+            }
+            let now = (file_identity(&client_file), file_identity(&engine_file));
+            let fresh =
+                |old: Option<(u64, u64)>, new: Option<(u64, u64)>| new.is_some() && new != old;
+            if fresh(before.0, now.0) && fresh(before.1, now.1) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the hub did not write {} within {:?}; {}",
+                    client_file.display(),
+                    timeout,
+                    log_tail(&hub_log, 20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        write_json_atomic(&cluster_file, &state.to_value())?;
+        let info: ClientConnectionInfo = serde_json::from_str(
+            &std::fs::read_to_string(&client_file)
+                .with_context(|| format!("reading {}", client_file.display()))?,
+        )
+        .with_context(|| format!("parsing {}", client_file.display()))?;
+
+        // --- the engines
+        let mut engine_cmd = vec![
+            "engine".to_owned(),
+            format!("--file={}", engine_file.display()),
+            format!("--n-engines={n}"),
+        ];
+        engine_cmd.extend(split_args(&args.engine_args));
+        for i in 0..n {
+            let log = log_dir.join(format!(
+                "parallax-engine{id_part}-{}-{i}.log",
+                state.engine_set_id
+            ));
+            let child = spawn(&exe, &engine_cmd, &log)?;
+            let pid = child.id() as i64;
+            launched.engines.push(Proc {
+                label: format!("engine {i}"),
+                pid,
+                child: Some(child),
+            });
+            launched.engine_logs.push(log.clone());
+            state.engines.push((pid, log));
+        }
+        write_json_atomic(&cluster_file, &state.to_value())?;
+
+        // --- wait for the registrations
+        let mut query = HubQuery::connect(&info, timeout).await?;
+        loop {
+            let hub = launched.hub.as_mut().expect("hub");
+            if !hub.alive() {
+                bail!(
+                    "the hub exited while engines were registering; {}",
+                    log_tail(&hub_log, 20)
+                );
+            }
+            for (p, log) in launched.engines.iter_mut().zip(&launched.engine_logs) {
+                if !p.alive() {
+                    let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    bail!(
+                        "{} exited ({}) before registering; {}",
+                        p.label,
+                        status.map_or("unknown status".into(), |s| s.to_string()),
+                        log_tail(log, 20)
+                    );
+                }
+            }
+            let registered = query
+                .engines(Duration::from_millis(500))
+                .await?
+                .map_or(0, |e| e.len());
+            if registered >= n as usize {
+                return Ok(registered);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{registered} of {n} engines registered within {timeout:?}; engine logs are in {}",
+                    log_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let outcome: Result<Result<usize>, Interrupted> = tokio::select! {
+        r = ready => Ok(r),
+        s = signals.recv() => Err(Interrupted::Signal(s)),
+    };
+    let registered = match outcome {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            launched.shutdown(false);
+            return Err(e.context("starting the cluster failed; everything started was stopped"));
+        }
+        Err(Interrupted::Signal(s)) => {
+            eprintln!("{s} received before the cluster was ready: stopping it");
+            launched.shutdown(true);
+            bail!("interrupted by {s}");
+        }
+    };
+    let elapsed = t0.elapsed();
+    println!(
+        "Cluster {} started in {:.2} s: hub pid {}, {registered} engines registered",
+        if cid.is_empty() {
+            "''".to_owned()
+        } else {
+            cid.clone()
+        },
+        elapsed.as_secs_f64(),
+        state.hub.0,
+    );
+    println!("Client connection file: {}", client_file.display());
+    println!("Cluster file: {}", cluster_file.display());
+    if args.daemonize {
+        println!("Stop it with: {stop_hint}");
+        // The children run in their own sessions and outlive us.
+        return Ok(());
+    }
+    println!("Press Ctrl-C to stop the cluster");
+
+    // --- foreground: until a signal or the hub exits
+    let mut dead_engines = vec![false; launched.engines.len()];
+    let reason = loop {
+        tokio::select! {
+            s = signals.recv() => break format!("{s} received"),
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        let hub = launched.hub.as_mut().expect("hub");
+        if !hub.alive() {
+            let status = hub.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            break format!(
+                "the hub exited ({})",
+                status.map_or("unknown status".into(), |s| s.to_string())
+            );
+        }
+        for (i, p) in launched.engines.iter_mut().enumerate() {
+            if !dead_engines[i] && !p.alive() {
+                dead_engines[i] = true;
+                let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                eprintln!(
+                    "warning: {} (pid {}) exited ({})",
+                    p.label,
+                    p.pid,
+                    status.map_or("unknown status".into(), |s| s.to_string())
+                );
+            }
+        }
+    };
+    println!("{reason}: stopping the cluster");
+    launched.shutdown(true);
+    println!("Cluster stopped");
+    Ok(())
+}
+
+fn stop_command(profile_dir: &Path, cid: &str) -> String {
+    let mut s = format!(
+        "parallax cluster stop --profile-dir={}",
+        profile_dir.display()
+    );
+    if !cid.is_empty() {
+        s.push_str(&format!(" --cluster-id={cid}"));
+    }
+    s
+}
+
+// ------------------------------------------------------------------- stop
+
+fn cluster_files_in(profile_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(profile_dir.join("security")) else {
+        return Vec::new();
+    };
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .map(|f| f.to_string_lossy())
+                .is_some_and(|f| f.starts_with("cluster-") && f.ends_with(".json"))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn stop(args: &StopArgs) -> Result<()> {
+    let profile_dir = profile_dir(&args.profile);
+    let files = if args.all {
+        let files = cluster_files_in(&profile_dir);
+        if files.is_empty() {
+            println!("No clusters in {}", profile_dir.display());
+        }
+        files
+    } else {
+        let cid = cluster_id(&args.cluster_id);
+        let file = cluster_file_path(&profile_dir, &cid);
+        if !file.exists() {
+            bail!(
+                "no cluster {cid:?} in {} ({} does not exist; see parallax cluster list)",
+                profile_dir.display(),
+                file.display()
+            );
+        }
+        vec![file]
+    };
+    let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
+    let mut failed = 0;
+    for file in files {
+        if let Err(e) = stop_cluster(&file, grace) {
+            eprintln!("error: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} cluster(s) could not be stopped");
+    }
+    Ok(())
+}
+
+fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
+    let c = load_cluster(file)?;
+    let name = if c.cluster_id.is_empty() {
+        "''".to_owned()
+    } else {
+        c.cluster_id.clone()
+    };
+    let mut engines: Vec<Proc> = c
+        .engines
+        .iter()
+        .map(|(label, pid, _)| Proc {
+            label: label.clone(),
+            pid: *pid,
+            child: None,
+        })
+        .collect();
+    let live = engines.iter_mut().map(Proc::alive).filter(|a| *a).count();
+    let hub_alive = c.hub_alive();
+    println!(
+        "Stopping cluster {name}: {live} engine(s){}",
+        match (c.hub_pid, hub_alive) {
+            (Some(p), true) => format!(", hub (pid {p})"),
+            _ => ", hub not running".to_owned(),
+        }
+    );
+    if c.unverifiable_engines > 0 {
+        eprintln!(
+            "warning: {} engine(s) of launcher {:?} have no pid here; stop them with their launcher",
+            c.unverifiable_engines, c.engine_class
+        );
+    }
+    let mut killed = terminate(&mut engines, grace);
+    if let Some(pid) = c.hub_pid {
+        let mut hub = [Proc {
+            label: "hub".into(),
+            pid,
+            child: None,
+        }];
+        let hub_killed = terminate(&mut hub, grace);
+        if !hub_killed.is_empty() {
+            // A killed hub leaves its connection files behind.
+            let (client, engine) = connection_file_names(&c.cluster_id);
+            for f in [client, engine] {
+                let _ = std::fs::remove_file(c.profile_dir.join("security").join(f));
+            }
+        }
+        killed.extend(hub_killed);
+    }
+    for k in &killed {
+        eprintln!("warning: {k} did not stop after SIGTERM; killed");
+    }
+    std::fs::remove_file(&c.file).or_else(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })?;
+    for log in c
+        .hub_log
+        .iter()
+        .chain(c.engines.iter().filter_map(|(_, _, l)| l.as_ref()))
+    {
+        let _ = std::fs::remove_file(log);
+    }
+    println!("Stopped cluster {name}");
+    Ok(())
+}
+
+// ------------------------------------------------------------------- list
+
+fn list(args: &ListArgs) -> Result<()> {
+    let ipy = ipython_dir(&args.profile);
+    let profile_dirs: Vec<PathBuf> =
+        if args.profile.profile_dir.is_some() || args.profile.profile.is_some() {
+            vec![profile_dir(&args.profile)]
+        } else {
+            let mut dirs: Vec<PathBuf> = std::fs::read_dir(&ipy)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .filter(|e| e.file_name().to_string_lossy().starts_with("profile_"))
+                        .map(|e| abspath(&e.path()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if let Some(p) = env_var("IPP_PROFILE_DIR").filter(|p| !p.is_empty()) {
+                dirs.push(abspath(Path::new(&p)));
+            }
+            dirs.sort();
+            dirs.dedup();
+            dirs
+        };
+    let mut clusters = Vec::new();
+    for dir in &profile_dirs {
+        for file in cluster_files_in(dir) {
+            match load_cluster(&file) {
+                Ok(c) if c.is_stale() => {
+                    // Like ipyparallel: a cluster with nothing running is forgotten.
+                    let _ = std::fs::remove_file(&file);
+                }
+                Ok(c) => clusters.push(c),
+                Err(e) => eprintln!(
+                    "warning: failed to load cluster from {}: {e:#}",
+                    file.display()
+                ),
+            }
+        }
+    }
+    clusters.sort_by(|a, b| (&a.profile_dir, &a.cluster_id).cmp(&(&b.profile_dir, &b.cluster_id)));
+    match args.output_format {
+        OutputFormat::Json => {
+            let all: Vec<&Value> = clusters.iter().map(|c| &c.raw).collect();
+            println!("{}", serde_json::to_string(&all)?);
+        }
+        OutputFormat::Text => {
+            println!(
+                "{:16} {:32} {:7} {:7} LAUNCHER",
+                "PROFILE", "CLUSTER ID", "RUNNING", "ENGINES"
+            );
+            for c in &clusters {
+                let profile = abbreviate_profile_dir(&c.profile_dir, &ipy);
+                let id = if c.cluster_id.is_empty() {
+                    "''".to_owned()
+                } else {
+                    c.cluster_id.clone()
+                };
+                let running = if c.hub_alive() { "True" } else { "False" };
+                let engines = c.engines_alive() + c.unverifiable_engines;
+                println!(
+                    "{profile:16} {id:32} {running:7} {engines:7} {}",
+                    c.launcher_name()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cluster_file_round_trip() {
+        let state = ClusterState {
+            profile_dir: "/p/profile_x".into(),
+            cluster_id: "abc".into(),
+            n: 2,
+            hub_args: vec!["--scheme=lru".into()],
+            hub: (100, "/p/profile_x/log/hub.log".into()),
+            engine_set_id: "1700000000".into(),
+            engines: vec![(101, "/l/e0.log".into()), (102, "/l/e1.log".into())],
+        };
+        let v = state.to_value();
+        // The fields ipyparallel's Cluster.to_dict() writes, and no others.
+        assert_eq!(v["cluster"]["class"], "ipyparallel.cluster.cluster.Cluster");
+        assert_eq!(v["cluster"]["delay"], 1.0);
+        assert_eq!(v["controller"]["class"], "local");
+        assert_eq!(
+            v["controller"]["state"],
+            json!({"cluster_id": "abc", "output_file": "/p/profile_x/log/hub.log",
+                   "pid": 100, "profile_dir": "/p/profile_x", "state": "running"})
+        );
+        let set = &v["engines"]["sets"]["1700000000"];
+        assert_eq!(set["n"], 2);
+        assert_eq!(set["pid"], -1);
+        assert_eq!(set["engines"]["1"]["pid"], 102);
+        assert_eq!(set["engines"]["1"]["n"], 1);
+
+        let c = parse_cluster(Path::new("/p/profile_x/security/cluster-abc.json"), v).unwrap();
+        assert_eq!(c.cluster_id, "abc");
+        assert_eq!(c.hub_pid, Some(100));
+        assert_eq!(c.engines.len(), 2);
+        assert_eq!(c.engines[0].1, 101);
+        assert_eq!(c.engines[1].2.as_deref(), Some(Path::new("/l/e1.log")));
+        assert_eq!(c.launcher_name(), "Local");
+    }
+
+    #[test]
+    fn batch_launcher_sets_are_unverifiable() {
+        let v = json!({"cluster": {"cluster_id": "", "profile_dir": "/p"},
+                       "controller": {"class": "slurm", "state": {"job_id": "9"}},
+                       "engines": {"class": "slurm", "sets": {"1": {"n": 8, "job_id": "10"}}}});
+        let c = parse_cluster(Path::new("/p/security/cluster-.json"), v).unwrap();
+        assert_eq!(c.hub_pid, None);
+        assert_eq!(c.unverifiable_engines, 8);
+        assert!(!c.is_stale());
+        assert_eq!(c.launcher_name(), "Slurm");
+        assert_eq!(
+            launcher_display_name("my.module:FancyEngineSetLauncher"),
+            "Fancy"
+        );
+    }
+
+    #[test]
+    fn cluster_process_cmdlines() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(cmdline_is_cluster_process(&v(&[
+            "/x/parallax",
+            "hub",
+            "--profile-dir=/p"
+        ])));
+        assert!(cmdline_is_cluster_process(&v(&[
+            "parallax",
+            "engine",
+            "--file=/f"
+        ])));
+        assert!(cmdline_is_cluster_process(&v(&[
+            "/v/bin/python",
+            "-m",
+            "ipyparallel.engine"
+        ])));
+        assert!(cmdline_is_cluster_process(&v(&[
+            "/usr/bin/python3",
+            "/v/bin/ipcontroller"
+        ])));
+        assert!(!cmdline_is_cluster_process(&v(&["/x/parallax", "kernel"])));
+        assert!(!cmdline_is_cluster_process(&v(&["sleep", "100"])));
+        assert!(!cmdline_is_cluster_process(&[]));
+    }
+
+    #[test]
+    fn paths() {
+        assert_eq!(abspath(Path::new("/a/./b/../c")), Path::new("/a/c"));
+        assert_eq!(
+            cluster_file_path(Path::new("/p"), ""),
+            Path::new("/p/security/cluster-.json")
+        );
+        assert_eq!(
+            abbreviate_profile_dir(
+                Path::new("/h/.ipython/profile_foo"),
+                Path::new("/h/.ipython")
+            ),
+            "foo"
+        );
+        assert_eq!(
+            abbreviate_profile_dir(Path::new("/tmp/prof"), Path::new("/h/.ipython")),
+            "/tmp/prof"
+        );
+        assert_eq!(
+            split_args(&["--a=1  --b".into(), "c".into()]),
+            ["--a=1", "--b", "c"]
+        );
+    }
+
+    #[test]
+    fn own_pid_is_alive_and_bogus_pids_are_not() {
+        assert!(pid_alive(std::process::id() as i64));
+        assert!(!pid_alive(-1));
+        assert!(!pid_alive(0));
+        assert!(!pid_alive(i64::MAX));
+    }
+}
