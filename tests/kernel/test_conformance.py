@@ -342,3 +342,38 @@ def test_restart_replaces_the_cluster():
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
+
+
+def test_kernel_exits_when_its_frontend_dies(tmp_path):
+    """The process that started the kernel (a Jupyter server, nbclient) is
+    killed: the kernel must notice and exit with its cluster, as ipykernel
+    does (it polls its parent: JPY_PARENT_PID / reparenting to init), rather
+    than stay behind as an orphan with N engines."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    starter = tmp_path / "starter.py"
+    starter.write_text(
+        "import sys, time\n"
+        "from jupyter_client.manager import start_new_kernel\n"
+        f"km, kc = start_new_kernel(kernel_name={KERNEL_NAME!r}, startup_timeout=60)\n"
+        "kc.execute_interactive('x = 1', timeout=60)\n"
+        "print(km.provisioner.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(starter)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.strip().isdigit(), f"starter printed {line!r}"
+        kernel = psutil.Process(int(line))
+        tree = [kernel, *kernel.children(recursive=True)]
+        assert len(tree) > N_ENGINES, [p.pid for p in tree]
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    gone, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, "still running 20 s after the frontend died: " + ", ".join(
+        f"{p.pid} {' '.join(p.cmdline()[:2])}" for p in alive if p.is_running()
+    )
