@@ -27,6 +27,23 @@ use parallax_wire::{Authenticator, Limits, Message, RawMessage, Session, Signer,
 use serde_json::{Value, json};
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
 
+/// `println!` that ignores a closed stdout (`parallax … | head`) instead of
+/// panicking halfway through a command.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// The same for stderr.
+macro_rules! esay {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Start a hub and N engines; wait until every engine is registered.
@@ -300,9 +317,10 @@ fn terminate(procs: &mut [Proc], grace: Duration) -> Vec<String> {
     for p in procs.iter_mut() {
         if p.alive() {
             if p.child.is_none() && !looks_like_cluster_process(p.pid) {
-                eprintln!(
+                esay!(
                     "warning: pid {} ({}) is not a hub or engine process any more; not signalling it",
-                    p.pid, p.label
+                    p.pid,
+                    p.label
                 );
                 p.pid = -1;
                 continue;
@@ -718,7 +736,7 @@ impl Launched {
             hub_killed = terminate(std::slice::from_mut(hub), self.grace);
         }
         for k in killed.iter().chain(&hub_killed) {
-            eprintln!("warning: {k} did not stop after SIGTERM; killed");
+            esay!("warning: {k} did not stop after SIGTERM; killed");
         }
         let ours = self.hub.as_ref().map(|h| h.pid);
         if let Ok(c) = load_cluster(&self.cluster_file)
@@ -939,13 +957,13 @@ async fn start(args: StartArgs) -> Result<()> {
             return Err(e.context("starting the cluster failed; everything started was stopped"));
         }
         Err(Interrupted::Signal(s)) => {
-            eprintln!("{s} received before the cluster was ready: stopping it");
+            esay!("{s} received before the cluster was ready: stopping it");
             launched.shutdown(true);
             bail!("interrupted by {s}");
         }
     };
     let elapsed = t0.elapsed();
-    println!(
+    say!(
         "Cluster {} started in {:.2} s: hub pid {}, {registered} engines registered",
         if cid.is_empty() {
             "''".to_owned()
@@ -955,14 +973,14 @@ async fn start(args: StartArgs) -> Result<()> {
         elapsed.as_secs_f64(),
         state.hub.0,
     );
-    println!("Client connection file: {}", client_file.display());
-    println!("Cluster file: {}", cluster_file.display());
+    say!("Client connection file: {}", client_file.display());
+    say!("Cluster file: {}", cluster_file.display());
     if args.daemonize {
-        println!("Stop it with: {stop_hint}");
+        say!("Stop it with: {stop_hint}");
         // The children run in their own sessions and outlive us.
         return Ok(());
     }
-    println!("Press Ctrl-C to stop the cluster");
+    say!("Press Ctrl-C to stop the cluster");
 
     // --- foreground: until a signal or the hub exits
     let mut dead_engines = vec![false; launched.engines.len()];
@@ -983,7 +1001,7 @@ async fn start(args: StartArgs) -> Result<()> {
             if !dead_engines[i] && !p.alive() {
                 dead_engines[i] = true;
                 let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                eprintln!(
+                esay!(
                     "warning: {} (pid {}) exited ({})",
                     p.label,
                     p.pid,
@@ -992,9 +1010,9 @@ async fn start(args: StartArgs) -> Result<()> {
             }
         }
     };
-    println!("{reason}: stopping the cluster");
+    say!("{reason}: stopping the cluster");
     launched.shutdown(true);
-    println!("Cluster stopped");
+    say!("Cluster stopped");
     Ok(())
 }
 
@@ -1033,7 +1051,7 @@ fn stop(args: &StopArgs) -> Result<()> {
     let files = if args.all {
         let files = cluster_files_in(&profile_dir);
         if files.is_empty() {
-            println!("No clusters in {}", profile_dir.display());
+            say!("No clusters in {}", profile_dir.display());
         }
         files
     } else {
@@ -1052,7 +1070,7 @@ fn stop(args: &StopArgs) -> Result<()> {
     let mut failed = 0;
     for file in files {
         if let Err(e) = stop_cluster(&file, grace) {
-            eprintln!("error: {e:#}");
+            esay!("error: {e:#}");
             failed += 1;
         }
     }
@@ -1080,7 +1098,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         .collect();
     let live = engines.iter_mut().map(Proc::alive).filter(|a| *a).count();
     let hub_alive = c.hub_alive();
-    println!(
+    say!(
         "Stopping cluster {name}: {live} engine(s){}",
         match (c.hub_pid, hub_alive) {
             (Some(p), true) => format!(", hub (pid {p})"),
@@ -1088,9 +1106,10 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         }
     );
     if c.unverifiable_engines > 0 {
-        eprintln!(
+        esay!(
             "warning: {} engine(s) of launcher {:?} have no pid here; stop them with their launcher",
-            c.unverifiable_engines, c.engine_class
+            c.unverifiable_engines,
+            c.engine_class
         );
     }
     let mut killed = terminate(&mut engines, grace);
@@ -1111,7 +1130,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         killed.extend(hub_killed);
     }
     for k in &killed {
-        eprintln!("warning: {k} did not stop after SIGTERM; killed");
+        esay!("warning: {k} did not stop after SIGTERM; killed");
     }
     std::fs::remove_file(&c.file).or_else(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -1127,7 +1146,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     {
         let _ = std::fs::remove_file(log);
     }
-    println!("Stopped cluster {name}");
+    say!("Stopped cluster {name}");
     Ok(())
 }
 
@@ -1165,7 +1184,7 @@ fn list(args: &ListArgs) -> Result<()> {
                     let _ = std::fs::remove_file(&file);
                 }
                 Ok(c) => clusters.push(c),
-                Err(e) => eprintln!(
+                Err(e) => esay!(
                     "warning: failed to load cluster from {}: {e:#}",
                     file.display()
                 ),
@@ -1176,12 +1195,15 @@ fn list(args: &ListArgs) -> Result<()> {
     match args.output_format {
         OutputFormat::Json => {
             let all: Vec<&Value> = clusters.iter().map(|c| &c.raw).collect();
-            println!("{}", serde_json::to_string(&all)?);
+            say!("{}", serde_json::to_string(&all)?);
         }
         OutputFormat::Text => {
-            println!(
+            say!(
                 "{:16} {:32} {:7} {:7} LAUNCHER",
-                "PROFILE", "CLUSTER ID", "RUNNING", "ENGINES"
+                "PROFILE",
+                "CLUSTER ID",
+                "RUNNING",
+                "ENGINES"
             );
             for c in &clusters {
                 let profile = abbreviate_profile_dir(&c.profile_dir, &ipy);
@@ -1192,7 +1214,7 @@ fn list(args: &ListArgs) -> Result<()> {
                 };
                 let running = if c.hub_alive() { "True" } else { "False" };
                 let engines = c.engines_alive() + c.unverifiable_engines;
-                println!(
+                say!(
                     "{profile:16} {id:32} {running:7} {engines:7} {}",
                     c.launcher_name()
                 );

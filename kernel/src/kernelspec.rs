@@ -14,6 +14,15 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 
+/// `println!` that ignores a closed stdout (`parallax … | head`) instead of
+/// panicking halfway through a command.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The logos, drawn by `kernelspec/make_logos.py`.
 const LOGO_32: &[u8] = include_bytes!("../../kernelspec/logo-32x32.png");
 const LOGO_64: &[u8] = include_bytes!("../../kernelspec/logo-64x64.png");
@@ -123,7 +132,7 @@ pub fn run(cmd: KernelspecCommand) -> Result<()> {
     match cmd {
         KernelspecCommand::Install(args) => {
             for (name, dir) in install(&args)? {
-                println!("Installed kernelspec {name} in {}", dir.display());
+                say!("Installed kernelspec {name} in {}", dir.display());
             }
             Ok(())
         }
@@ -345,14 +354,14 @@ fn remove(args: &RemoveArgs) -> Result<()> {
         let dir = kernels.join(name);
         if dir.join("kernel.json").is_file() {
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            println!("Removed {}", dir.display());
+            say!("Removed {}", dir.display());
             removed += 1;
         } else if !args.names.is_empty() {
             bail!("no kernelspec {name} in {}", kernels.display());
         }
     }
     if removed == 0 {
-        println!("No Parallax kernelspecs in {}", kernels.display());
+        say!("No Parallax kernelspecs in {}", kernels.display());
     }
     Ok(())
 }
@@ -424,18 +433,18 @@ fn list(args: &ListArgs) -> Result<()> {
                 )
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
+        say!("{}", serde_json::to_string_pretty(&Value::Object(out))?);
         return Ok(());
     }
     if found.is_empty() {
-        println!("No Parallax kernelspecs found (parallax kernelspec install)");
+        say!("No Parallax kernelspecs found (parallax kernelspec install)");
         return Ok(());
     }
     let width = found.keys().map(String::len).max().unwrap_or(0).max(4);
-    println!("{:width$}  {:30}  DIRECTORY", "NAME", "DISPLAY NAME");
+    say!("{:width$}  {:30}  DIRECTORY", "NAME", "DISPLAY NAME");
     for (name, (dir, spec)) in &found {
         let display = spec["display_name"].as_str().unwrap_or("");
-        println!("{name:width$}  {display:30}  {}", dir.display());
+        say!("{name:width$}  {display:30}  {}", dir.display());
     }
     Ok(())
 }

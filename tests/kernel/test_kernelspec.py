@@ -31,6 +31,8 @@ def env(tmp_path):
         e.pop(k, None)
     e["JUPYTER_DATA_DIR"] = str(tmp_path / "user-data")
     e["JUPYTER_CONFIG_DIR"] = str(tmp_path / "user-config")
+    # in a venv Jupyter would otherwise look in sys.prefix before the user dir
+    e["JUPYTER_PREFER_ENV_PATH"] = "0"
     return e
 
 
@@ -139,8 +141,14 @@ def test_all_languages_user_and_sys_prefix(tmp_path, env):
     # remove (default names) from --user
     r = parallax(env, "remove", "--user")
     assert "parallax-python" in r.stdout and "parallax-rust" in r.stdout
-    specs = jupyter_specs(env)
-    assert "parallax-python" not in specs and "parallax-rust" not in specs
+    assert not (kernels / "parallax-python").exists()
+    assert not (kernels / "parallax-rust").exists()
+    # (a Jupyter-wide install, e.g. `make run`'s in the venv, may still be listed)
+    user_dirs = [
+        s["resource_dir"] for s in jupyter_specs(env).values()
+        if s["resource_dir"].startswith(str(kernels))
+    ]
+    assert user_dirs == []
 
 
 def test_bad_arguments_are_refused(tmp_path, env):
