@@ -37,7 +37,16 @@ enum Command {
 }
 
 fn init_tracing(level: &str) -> Result<()> {
-    let default = parallax_hub::cli::log_filter(level).map_err(anyhow::Error::msg)?;
+    init_tracing_with(level, "")
+}
+
+/// `extra` appends filter directives (the kernel silences zmq.rs's
+/// reconnection warnings, which it causes itself when it stops its hub).
+fn init_tracing_with(level: &str, extra: &str) -> Result<()> {
+    let default = format!(
+        "{}{extra}",
+        parallax_hub::cli::log_filter(level).map_err(anyhow::Error::msg)?
+    );
     let filter = tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -60,7 +69,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Kernel(args) => {
-            init_tracing(&args.log_level)?;
+            init_tracing_with(&args.log_level, ",zeromq=error")?;
             runtime()?.block_on(parallax_kernel::frontend::run(args))
         }
         Command::Kernelspec { cmd } => parallax_kernel::kernelspec::run(cmd),

@@ -1276,13 +1276,34 @@ def _describe(name, obj, level):
     return "\n".join(lines)
 
 
+_transformer_manager = []
+
+
 def _is_complete(code):
-    """ipykernel-like is_complete_reply content, via codeop."""
+    """is_complete_reply content: IPython's check_complete (what ipykernel
+    answers) when IPython is installed, else codeop with console rules."""
     import codeop
     import warnings
 
     if not code.strip():
         return {"status": "complete"}
+    if not _transformer_manager:
+        try:
+            from IPython.core.inputtransformer2 import TransformerManager
+
+            _transformer_manager.append(TransformerManager())
+        except Exception:
+            _transformer_manager.append(None)
+    tm = _transformer_manager[0]
+    if tm is not None:
+        try:
+            status, indent_spaces = tm.check_complete(code)
+            reply = {"status": status}
+            if status == "incomplete":
+                reply["indent"] = " " * (indent_spaces or 0)
+            return reply
+        except Exception:
+            pass
     lines = code.split("\n")
     last = lines[-1]
     nonblank = [ln for ln in lines if ln.strip()]

@@ -159,18 +159,19 @@ impl EmbeddedCluster {
 
     /// Start `n` more engines with fresh ids.
     pub fn add_engines(&mut self, n: usize) -> Result<Vec<i64>> {
+        // PARALLAX_N_ENGINES: how many engines the cluster has once these run.
+        let total = self.engines.len() + n;
         let mut ids = Vec::new();
         for _ in 0..n {
             let id = self.next_id;
             self.next_id += 1;
-            self.spawn_engine(id)?;
+            self.spawn_engine(id, total)?;
             ids.push(id);
         }
         Ok(ids)
     }
 
-    fn spawn_engine(&mut self, id: i64) -> Result<()> {
-        let total = (self.engines.len() + 1).max(self.next_id as usize);
+    fn spawn_engine(&mut self, id: i64, total: usize) -> Result<()> {
         let mut cmd = tokio::process::Command::new(&self.spec.exe);
         cmd.arg("engine")
             .arg(format!("--file={}", self.bound.engine_file.display()))
@@ -236,8 +237,9 @@ impl EmbeddedCluster {
     /// Restart engines in place: stop them, start them again with the same ids.
     pub async fn restart_engines(&mut self, ids: &[i64]) -> Result<()> {
         self.stop_engines(ids, Duration::from_secs(3)).await;
+        let total = self.engines.len() + ids.len();
         for &id in ids {
-            self.spawn_engine(id)?;
+            self.spawn_engine(id, total)?;
         }
         Ok(())
     }

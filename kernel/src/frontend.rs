@@ -297,6 +297,30 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         shutdown.clone(),
     ));
 
+    // Like ipykernel's ParentPollerUnix: when the process that started us
+    // dies (we are re-parented), shut down rather than run on as an orphan
+    // with the engines.
+    {
+        let parent = std::os::unix::process::parent_id();
+        let sd = shutdown.clone();
+        if parent > 1 {
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = t.tick() => {}
+                        _ = sd.cancelled() => return,
+                    }
+                    if std::os::unix::process::parent_id() != parent {
+                        warn!(parent, "the process that started the kernel is gone; shutting down");
+                        sd.cancel();
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
     // Signals.
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -414,7 +438,17 @@ impl History {
             .and_then(Value::as_str)
             .unwrap_or("tail");
         let n = c.get("n").and_then(Value::as_i64).unwrap_or(10).max(0) as usize;
-        let entry = |(line, input): &(usize, String)| json!([0, line, input]);
+        // Outputs are not kept: with output=True each entry is
+        // [session, line, [input, null]], as IPython's history gives when it
+        // has no stored output.
+        let output = c.get("output").and_then(Value::as_bool).unwrap_or(false);
+        let entry = |(line, input): &(usize, String)| {
+            if output {
+                json!([0, line, [input, null]])
+            } else {
+                json!([0, line, input])
+            }
+        };
         let items: Vec<Value> = match kind {
             "tail" => {
                 let skip = self.entries.len().saturating_sub(n);
@@ -535,15 +569,7 @@ async fn shell_worker(
                     );
                 }
                 // The cluster must be up before the first cell runs.
-                if session.is_none() && start_error.is_none() {
-                    if let Some(h) = starting.take() {
-                        match h.await {
-                            Ok(Ok(s)) => session = Some(s),
-                            Ok(Err(e)) => start_error = Some(format!("{e:#}")),
-                            Err(e) => start_error = Some(format!("cluster start panicked: {e}")),
-                        }
-                    }
-                }
+                ensure_started(&mut session, &mut starting, &mut start_error).await;
                 let mut p = pubr.clone();
                 p.silent = silent;
                 interrupts.borrow_and_update();
@@ -599,6 +625,8 @@ async fn shell_worker(
                 continue;
             }
             "complete_request" | "inspect_request" => {
+                // Answered by an engine: wait for the cluster if it is still starting.
+                ensure_started(&mut session, &mut starting, &mut start_error).await;
                 let c = match &mut session {
                     Some(s) => s.forward(&msg_type, &msg.content).await,
                     None => None,
@@ -607,6 +635,7 @@ async fn shell_worker(
                 (msg_type.replace("_request", "_reply"), c)
             }
             "is_complete_request" => {
+                ensure_started(&mut session, &mut starting, &mut start_error).await;
                 let c = match &mut session {
                     Some(s) => s.forward(&msg_type, &msg.content).await,
                     None => None,
@@ -659,6 +688,24 @@ async fn shell_worker(
     }
     if let Some(mut s) = session {
         s.shutdown().await;
+    }
+}
+
+/// Wait for the background cluster start, once; its error is kept.
+async fn ensure_started(
+    session: &mut Option<PxSession>,
+    starting: &mut Option<tokio::task::JoinHandle<Result<PxSession>>>,
+    start_error: &mut Option<String>,
+) {
+    if session.is_some() || start_error.is_some() {
+        return;
+    }
+    if let Some(h) = starting.take() {
+        match h.await {
+            Ok(Ok(s)) => *session = Some(s),
+            Ok(Err(e)) => *start_error = Some(format!("{e:#}")),
+            Err(e) => *start_error = Some(format!("cluster start panicked: {e}")),
+        }
     }
 }
 

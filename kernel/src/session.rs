@@ -872,6 +872,11 @@ fn fmt_mmss(s: f64) -> String {
 
 /// is_complete without an engine: brackets and a trailing colon.
 pub fn is_complete_fallback(code: &str) -> Value {
+    // An indented last line continues a block, as in a console.
+    let last = code.lines().last().unwrap_or("");
+    if last.starts_with([' ', '\t']) && !last.trim().is_empty() {
+        return json!({"status": "incomplete", "indent": last[..last.len() - last.trim_start().len()]});
+    }
     let mut depth = 0i32;
     for c in code.chars() {
         match c {

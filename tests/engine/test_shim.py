@@ -968,7 +968,11 @@ def test_inspect(shim):
         ("x = (", "incomplete", ""),
         ("x = [1,\n     2", "incomplete", "     "),
         ("if x:\n    if y:", "incomplete", "        "),
-        ("if x:\n\tif y:", "incomplete", "\t    "),
+        # IPython's check_complete (what ipykernel answers) counts a tab as one
+        # column and answers in spaces
+        ("if x:\n\tif y:", "incomplete", "     "),
+        ("x = [1,\n     2]", "complete", None),
+        ("1+", "invalid", None),
         ("x = )", "invalid", None),
         ("", "complete", None),
     ],
