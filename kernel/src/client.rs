@@ -164,7 +164,11 @@ impl HubClient {
         let mut send = HashMap::new();
         let mut handles = Vec::new();
         let mut dealers = Vec::new();
-        for (ch, s) in [(Chan::Query, query), (Chan::Mux, mux), (Chan::Control, control)] {
+        for (ch, s) in [
+            (Chan::Query, query),
+            (Chan::Mux, mux),
+            (Chan::Control, control),
+        ] {
             let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
             send.insert(ch, tx);
             dealers.push((ch, s, rx));

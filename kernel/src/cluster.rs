@@ -226,8 +226,15 @@ impl EmbeddedCluster {
         let deadline = tokio::time::Instant::now() + grace;
         for (id, p) in procs {
             let mut reaper = p.reaper;
-            if tokio::time::timeout_at(deadline, &mut reaper).await.is_err() {
-                warn!(engine = id, pid = p.pid, "engine ignored SIGTERM; killing it");
+            if tokio::time::timeout_at(deadline, &mut reaper)
+                .await
+                .is_err()
+            {
+                warn!(
+                    engine = id,
+                    pid = p.pid,
+                    "engine ignored SIGTERM; killing it"
+                );
                 signal(p.pid, libc::SIGKILL);
                 let _ = tokio::time::timeout(Duration::from_secs(2), reaper).await;
             }
@@ -299,11 +306,11 @@ pub async fn wait_for_engines(
         if client.engines().len() >= n {
             return Ok(());
         }
-        if let Some(c) = cluster.as_deref_mut() {
-            if let Ok((id, pid, how)) = c.exits.try_recv() {
-                c.reaped(id, pid);
-                bail!("engine {id} (pid {pid}) {how} before it registered; see the kernel's log");
-            }
+        if let Some(c) = cluster.as_deref_mut()
+            && let Ok((id, pid, how)) = c.exits.try_recv()
+        {
+            c.reaped(id, pid);
+            bail!("engine {id} (pid {pid}) {how} before it registered; see the kernel's log");
         }
         tokio::select! {
             r = changes.changed() => { r.map_err(|_| anyhow!("hub connection closed"))?; }

@@ -154,7 +154,9 @@ async fn probe_python_version(python: std::path::PathBuf, shared: Arc<Shared>) {
                 shared.language_info.lock().expect("language_info").version = v;
             }
         }
-        _ => debug!(python = %python.display(), "could not ask the engines' python for its version"),
+        _ => {
+            debug!(python = %python.display(), "could not ask the engines' python for its version")
+        }
     }
 }
 
@@ -312,7 +314,10 @@ pub async fn run(args: KernelArgs) -> Result<()> {
                         _ = sd.cancelled() => return,
                     }
                     if std::os::unix::process::parent_id() != parent {
-                        warn!(parent, "the process that started the kernel is gone; shutting down");
+                        warn!(
+                            parent,
+                            "the process that started the kernel is gone; shutting down"
+                        );
                         sd.cancel();
                         return;
                     }
@@ -364,10 +369,10 @@ pub async fn run(args: KernelArgs) -> Result<()> {
 
 async fn iopub_sender(mut s: PubSocket, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
     while let Some(frames) = rx.recv().await {
-        if let Ok(m) = ZmqMessage::try_from(frames) {
-            if let Err(e) = s.send(m).await {
-                warn!(error = %e, "iopub send failed");
-            }
+        if let Ok(m) = ZmqMessage::try_from(frames)
+            && let Err(e) = s.send(m).await
+        {
+            warn!(error = %e, "iopub send failed");
         }
     }
 }
@@ -407,10 +412,10 @@ async fn shell_reader(
                 continue;
             }
         };
-        if let Some(m) = verify(frames, &mut auth, &limits, "shell") {
-            if queue.send(m).is_err() {
-                return;
-            }
+        if let Some(m) = verify(frames, &mut auth, &limits, "shell")
+            && queue.send(m).is_err()
+        {
+            return;
         }
     }
 }
@@ -418,10 +423,10 @@ async fn shell_reader(
 type ShellSend = Arc<tokio::sync::Mutex<zeromq::RouterSendHalf>>;
 
 async fn send_frames(sock: &ShellSend, frames: Vec<Bytes>) {
-    if let Ok(m) = ZmqMessage::try_from(frames) {
-        if let Err(e) = sock.lock().await.send(m).await {
-            warn!(error = %e, "reply not sent");
-        }
+    if let Ok(m) = ZmqMessage::try_from(frames)
+        && let Err(e) = sock.lock().await.send(m).await
+    {
+        warn!(error = %e, "reply not sent");
     }
 }
 
@@ -551,7 +556,15 @@ async fn shell_worker(
                     Ok(r) => r,
                     Err(e) => {
                         let c = error_content("ValueError", &format!("bad execute_request: {e}"));
-                        finish(&shared, &sock, &msg, "execute_reply", with_count(c, execution_count), &pubr).await;
+                        finish(
+                            &shared,
+                            &sock,
+                            &msg,
+                            "execute_reply",
+                            with_count(c, execution_count),
+                            &pubr,
+                        )
+                        .await;
                         continue;
                     }
                 };
@@ -560,7 +573,9 @@ async fn shell_worker(
                 let store = req.store_history && !silent && !req.code.trim().is_empty();
                 if store {
                     execution_count += 1;
-                    history.entries.push((execution_count as usize, req.code.clone()));
+                    history
+                        .entries
+                        .push((execution_count as usize, req.code.clone()));
                 }
                 if !silent {
                     pubr.publish(
@@ -603,13 +618,13 @@ async fn shell_worker(
                 } else {
                     false
                 };
-                if let CellOutcome::Ok { result: Some(data) } = &outcome {
-                    if !silent {
-                        p.publish(
-                            "execute_result",
-                            json!({"execution_count": execution_count, "data": data, "metadata": {}}),
-                        );
-                    }
+                if let CellOutcome::Ok { result: Some(data) } = &outcome
+                    && !silent
+                {
+                    p.publish(
+                        "execute_result",
+                        json!({"execution_count": execution_count, "data": data, "metadata": {}}),
+                    );
                 }
                 // Requests queued behind a failed cell are aborted (ipykernel's
                 // stop_on_error), so "run all" stops at the first error. Only
@@ -641,7 +656,11 @@ async fn shell_worker(
                     None => None,
                 };
                 let c = c.unwrap_or_else(|| {
-                    let code = msg.content.get("code").and_then(Value::as_str).unwrap_or("");
+                    let code = msg
+                        .content
+                        .get("code")
+                        .and_then(Value::as_str)
+                        .unwrap_or("");
                     crate::session::is_complete_fallback(code)
                 });
                 ("is_complete_reply".into(), c)
@@ -664,7 +683,11 @@ async fn shell_worker(
                 continue;
             }
             "shutdown_request" => {
-                let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                let restart = msg
+                    .content
+                    .get("restart")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 let c = json!({"status": "ok", "restart": restart});
                 finish(&shared, &sock, &msg, "shutdown_reply", c, &pubr).await;
                 shutdown.cancel();
@@ -679,12 +702,11 @@ async fn shell_worker(
         finish(&shared, &sock, &msg, &reply_type, content, &pubr).await;
     }
     // Stop what we started.
-    if session.is_none() {
-        if let Some(h) = starting.take() {
-            if let Ok(Ok(s)) = h.await {
-                session = Some(s);
-            }
-        }
+    if session.is_none()
+        && let Some(h) = starting.take()
+        && let Ok(Ok(s)) = h.await
+    {
+        session = Some(s);
     }
     if let Some(mut s) = session {
         s.shutdown().await;
@@ -800,7 +822,11 @@ async fn control_loop(
                 ("interrupt_reply", json!({"status": "ok"}))
             }
             "shutdown_request" => {
-                let restart = msg.content.get("restart").and_then(Value::as_bool).unwrap_or(false);
+                let restart = msg
+                    .content
+                    .get("restart")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
                 let c = json!({"status": "ok", "restart": restart});
                 finish(&shared, &send, &msg, "shutdown_reply", c, &pubr).await;
                 shutdown.cancel();
@@ -835,7 +861,11 @@ mod tests {
     #[test]
     fn history() {
         let h = History {
-            entries: vec![(1, "a = 1".into()), (2, "print(a)".into()), (3, "a = 1".into())],
+            entries: vec![
+                (1, "a = 1".into()),
+                (2, "print(a)".into()),
+                (3, "a = 1".into()),
+            ],
         };
         let r = h.reply(&json!({"hist_access_type": "tail", "n": 2}));
         assert_eq!(r["history"], json!([[0, 2, "print(a)"], [0, 3, "a = 1"]]));

@@ -82,7 +82,9 @@ impl Targets {
             };
             let step = num(parts.get(2))?;
             if step == Some(0) {
-                return Err(MagicError::new("invalid --targets: slice step cannot be zero"));
+                return Err(MagicError::new(
+                    "invalid --targets: slice step cannot be zero",
+                ));
             }
             return Ok(Targets::Slice {
                 start: num(parts.first())?,
@@ -118,7 +120,9 @@ impl Targets {
             let n = ids.len() as i64;
             let j = if i < 0 { i + n } else { i };
             if j < 0 || j >= n {
-                Err(format!("engine index {i} out of range: engines are {ids:?}"))
+                Err(format!(
+                    "engine index {i} out of range: engines are {ids:?}"
+                ))
             } else {
                 Ok(ids[j as usize])
             }
@@ -139,7 +143,9 @@ impl Targets {
             Targets::Slice { start, stop, step } => py_slice(ids, *start, *stop, *step),
         };
         if out.is_empty() {
-            return Err(format!("--targets {self} selects no engine: engines are {ids:?}"));
+            return Err(format!(
+                "--targets {self} selects no engine: engines are {ids:?}"
+            ));
         }
         Ok(out)
     }
@@ -282,11 +288,17 @@ struct Accepts {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     /// Code for the engines, with per-execution options.
-    Px { code: String, options: PxOptions },
+    Px {
+        code: String,
+        options: PxOptions,
+    },
     /// Code without magic: runs with the defaults if `%autopx` is on.
     Code(String),
     PxConfig(PxOptions),
-    PxResult { group_by: Option<GroupBy>, name: Option<String> },
+    PxResult {
+        group_by: Option<GroupBy>,
+        name: Option<String>,
+    },
     Autopx,
     Engines,
     Cluster(ClusterCommand),
@@ -366,8 +378,8 @@ pub fn parse_cell(cell: &str) -> Result<Vec<Item>, MagicError> {
         code.clear();
     };
     for line in lines {
-        if line.starts_with("%%") {
-            let (name, _) = split_name(&line[2..]);
+        if let Some(rest) = line.strip_prefix("%%") {
+            let (name, _) = split_name(rest);
             return Err(MagicError::new(format!(
                 "UsageError: %%{name} must be on the first line of the cell"
             )));
@@ -608,9 +620,16 @@ fn parse_options(args: &str, acc: Accepts, magic: &str) -> Result<PxOptions, Mag
             }
             "--progress-after" => {
                 let v = value("--progress-after")?;
-                o.progress_after = Some(v.parse::<f64>().ok().filter(|x| x.is_finite()).ok_or_else(
-                    || usage(format!("argument --progress-after: invalid float value: {v:?}")),
-                )?)
+                o.progress_after = Some(
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|x| x.is_finite())
+                        .ok_or_else(|| {
+                            usage(format!(
+                                "argument --progress-after: invalid float value: {v:?}"
+                            ))
+                        })?,
+                )
             }
             "--signal-on-interrupt" => {
                 let v = value("--signal-on-interrupt")?;
@@ -624,7 +643,8 @@ fn parse_options(args: &str, acc: Accepts, magic: &str) -> Result<PxOptions, Mag
             "-r" => o.group_by = Some(GroupBy::Order),
             "-e" => o.group_by = Some(GroupBy::Engine),
             "-g" | "--group-outputs" => {
-                o.group_by = Some(GroupBy::parse(&value("--group-outputs")?).map_err(|e| usage(e.0))?)
+                o.group_by =
+                    Some(GroupBy::parse(&value("--group-outputs")?).map_err(|e| usage(e.0))?)
             }
             "-o" | "--out" => {
                 let v = value("--out")?;
@@ -750,11 +770,20 @@ mod tests {
     #[test]
     fn bad_magics_say_what_is_valid() {
         let e = parse_cell("%%bash\nls").unwrap_err().0;
-        assert!(e.contains("Cell magic %%bash not found") && e.contains("%%px"), "{e}");
+        assert!(
+            e.contains("Cell magic %%bash not found") && e.contains("%%px"),
+            "{e}"
+        );
         let e = parse_cell("%timeit x").unwrap_err().0;
-        assert!(e.contains("%timeit not found") && e.contains("%px %timeit"), "{e}");
+        assert!(
+            e.contains("%timeit not found") && e.contains("%px %timeit"),
+            "{e}"
+        );
         let e = parse_cell("%%px --targets\nx").unwrap_err().0;
-        assert!(e.contains("--targets: expected one argument") && e.contains("--group-outputs"), "{e}");
+        assert!(
+            e.contains("--targets: expected one argument") && e.contains("--group-outputs"),
+            "{e}"
+        );
         let e = parse_cell("%%px --group-outputs=bogus\nx").unwrap_err().0;
         assert!(e.contains("invalid choice"), "{e}");
         let e = parse_cell("%%px --frobnicate\nx").unwrap_err().0;
@@ -781,7 +810,10 @@ mod tests {
         assert_eq!(c("%cluster"), ClusterCommand::Show);
         assert_eq!(c("%cluster add 2"), ClusterCommand::Add(2));
         assert_eq!(c("%cluster add"), ClusterCommand::Add(1));
-        assert_eq!(c("%cluster stop 1 2"), ClusterCommand::Stop(Some(vec![1, 2])));
+        assert_eq!(
+            c("%cluster stop 1 2"),
+            ClusterCommand::Stop(Some(vec![1, 2]))
+        );
         assert_eq!(c("%cluster restart all"), ClusterCommand::Restart(None));
         assert_eq!(
             c("%cluster connect '/tmp/a b.json'"),

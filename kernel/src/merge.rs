@@ -287,7 +287,10 @@ impl Results {
     /// Record the engine's reply.
     pub fn apply_reply(&mut self, idx: usize, content: &Value) {
         let e = &mut self.engines[idx];
-        let status = content.get("status").and_then(Value::as_str).unwrap_or("error");
+        let status = content
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("error");
         if let Some(c) = content.get("execution_count").and_then(Value::as_i64) {
             e.execution_count = Some(c);
         }
@@ -324,7 +327,10 @@ impl Results {
     }
 
     pub fn errors(&self) -> Vec<&RemoteError> {
-        self.engines.iter().filter_map(|e| e.error.as_ref()).collect()
+        self.engines
+            .iter()
+            .filter_map(|e| e.error.as_ref())
+            .collect()
     }
 }
 
@@ -422,7 +428,11 @@ impl Streamer {
         match ev {
             EngineEvent::Stream { name, .. } => {
                 let name = if name == "stderr" { "stderr" } else { "stdout" };
-                let full = if name == "stderr" { &e.stderr } else { &e.stdout };
+                let full = if name == "stderr" {
+                    &e.stderr
+                } else {
+                    &e.stdout
+                };
                 let id = format!("{}-{name}", e.msg_id);
                 let update = !self.already_streamed.insert(id.clone());
                 vec![Out {
@@ -439,7 +449,10 @@ impl Streamer {
                 }]
             }
             EngineEvent::Display(c) => {
-                vec![Out::raw_text(format!("[output:{eid}]")), republish(c, eid, false)]
+                vec![
+                    Out::raw_text(format!("[output:{eid}]")),
+                    republish(c, eid, false),
+                ]
             }
             EngineEvent::UpdateDisplay(c) => vec![republish(c, eid, true)],
             EngineEvent::ClearOutput { .. } => vec![],
@@ -768,7 +781,12 @@ mod tests {
         let mut s = Streamer::new(true);
         let mut outs = vec![];
         for i in 0..6 {
-            outs.extend(feed(&mut r, &mut s, i, EngineEvent::Error(err(i as i64, "ZeroDivisionError"))));
+            outs.extend(feed(
+                &mut r,
+                &mut s,
+                i,
+                EngineEvent::Error(err(i as i64, "ZeroDivisionError")),
+            ));
         }
         check(
             &outs,
@@ -784,8 +802,10 @@ mod tests {
         // The reply's error is the same one: not shown twice.
         r.apply_reply(0, &json!({"status": "error", "ename": "ZeroDivisionError", "evalue": "boom", "traceback": []}));
         assert!(s.show_error(&mut r, 0).is_empty());
-        assert_eq!(already_displayed_error(r.errors().len()).content(),
-            json!({"ename": "AlreadyDisplayedError", "evalue": "6 errors", "traceback": ["6 errors"]}));
+        assert_eq!(
+            already_displayed_error(r.errors().len()).content(),
+            json!({"ename": "AlreadyDisplayedError", "evalue": "6 errors", "traceback": ["6 errors"]})
+        );
     }
 
     #[test]
@@ -812,8 +832,18 @@ mod tests {
         for i in 0..2 {
             r.apply(i, &stream("stdout", &format!("out{i}\n")));
             r.apply(i, &stream("stderr", &format!("err{i}")));
-            r.apply(i, &EngineEvent::Display(json!({"data": {"text/html": format!("<p>{i}a</p>")}, "metadata": {}})));
-            r.apply(i, &EngineEvent::Display(json!({"data": {"text/html": format!("<p>{i}b</p>")}, "metadata": {}})));
+            r.apply(
+                i,
+                &EngineEvent::Display(
+                    json!({"data": {"text/html": format!("<p>{i}a</p>")}, "metadata": {}}),
+                ),
+            );
+            r.apply(
+                i,
+                &EngineEvent::Display(
+                    json!({"data": {"text/html": format!("<p>{i}b</p>")}, "metadata": {}}),
+                ),
+            );
             r.apply(
                 i,
                 &EngineEvent::Result {

@@ -47,7 +47,9 @@ pub struct SessionConfig {
 #[derive(Debug)]
 pub enum CellOutcome {
     /// `result` is the cell's own execute_result (e.g. a pending AsyncResult).
-    Ok { result: Option<Value> },
+    Ok {
+        result: Option<Value>,
+    },
     Error(CellError),
 }
 
@@ -102,7 +104,11 @@ impl Collector {
     }
 
     /// Record a message; returns the engine index and the output event, if any.
-    fn handle(&mut self, results: &mut Results, ev: ClientEvent) -> Option<(usize, Option<EngineEvent>)> {
+    fn handle(
+        &mut self,
+        results: &mut Results,
+        ev: ClientEvent,
+    ) -> Option<(usize, Option<EngineEvent>)> {
         let (m, is_reply) = match ev {
             ClientEvent::Reply(Chan::Mux, m) => (m, true),
             ClientEvent::Reply(_, _) => return None,
@@ -118,8 +124,16 @@ impl Collector {
         let c = &m.content;
         let ev = match m.msg_type() {
             "stream" => EngineEvent::Stream {
-                name: c.get("name").and_then(Value::as_str).unwrap_or("stdout").to_owned(),
-                text: c.get("text").and_then(Value::as_str).unwrap_or("").to_owned(),
+                name: c
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("stdout")
+                    .to_owned(),
+                text: c
+                    .get("text")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned(),
             },
             "display_data" => EngineEvent::Display(c.clone()),
             "update_display_data" => EngineEvent::UpdateDisplay(c.clone()),
@@ -127,7 +141,10 @@ impl Collector {
                 wait: c.get("wait").and_then(Value::as_bool).unwrap_or(false),
             },
             "execute_result" => EngineEvent::Result {
-                execution_count: c.get("execution_count").and_then(Value::as_i64).unwrap_or(0),
+                execution_count: c
+                    .get("execution_count")
+                    .and_then(Value::as_i64)
+                    .unwrap_or(0),
                 data: c.get("data").cloned().unwrap_or(json!({})),
                 metadata: c.get("metadata").cloned().unwrap_or(json!({})),
             },
@@ -147,10 +164,10 @@ impl Collector {
     /// Engines whose reply came long ago but whose `idle` never did.
     fn expire(&self, results: &mut Results) {
         for (i, t) in self.reply_at.iter().enumerate() {
-            if let Some(t) = t {
-                if t.elapsed() >= OUTPUT_GRACE {
-                    results.engines[i].output_done = true;
-                }
+            if let Some(t) = t
+                && t.elapsed() >= OUTPUT_GRACE
+            {
+                results.engines[i].output_done = true;
             }
         }
     }
@@ -221,7 +238,9 @@ impl Session {
     }
 
     fn engine_exited(&mut self, id: i64, pid: u32, how: &str) {
-        let Some(c) = self.cluster.as_mut() else { return };
+        let Some(c) = self.cluster.as_mut() else {
+            return;
+        };
         let was_ours = c.pid(id) == Some(pid);
         c.reaped(id, pid);
         if !was_ours {
@@ -282,7 +301,9 @@ impl Session {
                 }
                 Item::Px { code, options } => self.px(&code, &options, p, interrupts).await,
                 Item::PxConfig(o) => self.pxconfig(&o, p),
-                Item::PxResult { group_by, name } => self.pxresult(group_by, name, p, interrupts).await,
+                Item::PxResult { group_by, name } => {
+                    self.pxresult(group_by, name, p, interrupts).await
+                }
                 Item::Autopx => {
                     self.autopx = !self.autopx;
                     p.stream(
@@ -333,23 +354,35 @@ impl Session {
         let cfg = self.config.with(o);
         let targets = match self.targets(&cfg.targets) {
             Ok(t) => t,
-            Err(e) => return CellOutcome::Error(CellError {
-                ename: "NoEnginesRegistered".into(),
-                evalue: e.clone(),
-                traceback: vec![e],
-            }),
+            Err(e) => {
+                return CellOutcome::Error(CellError {
+                    ename: "NoEnginesRegistered".into(),
+                    evalue: e.clone(),
+                    traceback: vec![e],
+                });
+            }
         };
         if cfg.verbose {
             let ids: Vec<i64> = targets.iter().map(|t| t.0).collect();
-            let base = if cfg.block { "Parallel" } else { "Async parallel" };
-            p.stream("stdout", format!("{base} execution on engine(s): {}\n", fmt_ids(&ids)));
+            let base = if cfg.block {
+                "Parallel"
+            } else {
+                "Async parallel"
+            };
+            p.stream(
+                "stdout",
+                format!("{base} execution on engine(s): {}\n", fmt_ids(&ids)),
+            );
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut sent = Vec::new();
         for (id, uuid) in &targets {
             let content = json!({"code": code, "silent": false, "store_history": true,
                                  "user_expressions": {}, "allow_stdin": false, "stop_on_error": false});
-            match self.client.send_to(Chan::Mux, Some(uuid), "execute_request", content, &tx) {
+            match self
+                .client
+                .send_to(Chan::Mux, Some(uuid), "execute_request", content, &tx)
+            {
                 Ok(msg_id) => sent.push((*id, msg_id)),
                 Err(e) => {
                     for (_, m) in &sent {
@@ -399,9 +432,18 @@ impl Session {
             };
         }
         self.running = targets.iter().map(|t| t.1.clone()).collect();
-        let outcome = self.wait_blocking(&pending, &mut rx, &cfg, p, interrupts).await;
+        let outcome = self
+            .wait_blocking(&pending, &mut rx, &cfg, p, interrupts)
+            .await;
         self.running.clear();
-        let ids: Vec<String> = pending.results.lock().expect("results").engines.iter().map(|e| e.msg_id.clone()).collect();
+        let ids: Vec<String> = pending
+            .results
+            .lock()
+            .expect("results")
+            .engines
+            .iter()
+            .map(|e| e.msg_id.clone())
+            .collect();
         for m in &ids {
             self.client.forget(m);
         }
@@ -420,7 +462,10 @@ impl Session {
         let mut col = Collector::new(&pending.results.lock().expect("results"));
         let mut streamer = Streamer::new(self.color);
         let stream = cfg.stream;
-        let progress_id = format!("{}-progress", pending.results.lock().expect("results").engines[0].msg_id);
+        let progress_id = format!(
+            "{}-progress",
+            pending.results.lock().expect("results").engines[0].msg_id
+        );
         let mut progress_shown = false;
         let mut last_progress: Option<(usize, Instant)> = None;
         let show_progress_at = (cfg.progress_after >= 0.0)
@@ -440,10 +485,10 @@ impl Session {
                     break;
                 }
             }
-            if let Some(t) = interrupted {
-                if t.elapsed() >= INTERRUPT_GRACE {
-                    break;
-                }
+            if let Some(t) = interrupted
+                && t.elapsed() >= INTERRUPT_GRACE
+            {
+                break;
             }
             tokio::select! {
                 ev = rx.recv() => {
@@ -451,8 +496,8 @@ impl Session {
                     let mut r = pending.results.lock().expect("results");
                     let what = match &ev { ClientEvent::Iopub(m) => m.msg_type().to_owned(), ClientEvent::Reply(_, m) => m.msg_type().to_owned() };
                     tracing::debug!(us = pending.started.elapsed().as_micros() as u64, what, "cell event");
-                    if let Some((idx, ev)) = col.handle(&mut r, ev) {
-                        if stream {
+                    if let Some((idx, ev)) = col.handle(&mut r, ev)
+                        && stream {
                             if let Some(ev) = ev {
                                 publish(streamer.on_event(&mut r, idx, &ev));
                             }
@@ -462,7 +507,6 @@ impl Session {
                                 publish(streamer.show_error(&mut r, idx));
                             }
                         }
-                    }
                 }
                 r = interrupts.changed() => {
                     if r.is_err() { continue; }
@@ -535,14 +579,22 @@ impl Session {
             publish(display_outputs(&r, cfg.group_by, false, self.color));
         }
         if let Some(_t) = interrupted {
-            let waiting: Vec<i64> = r.engines.iter().filter(|e| e.reply.is_none()).map(|e| e.engine_id).collect();
+            let waiting: Vec<i64> = r
+                .engines
+                .iter()
+                .filter(|e| e.reply.is_none())
+                .map(|e| e.engine_id)
+                .collect();
             let mut msg = format!(
                 "interrupted: sent {} to the engines running the cell",
                 cfg.signal_on_interrupt
             );
             if !waiting.is_empty() {
-                msg.push_str(&format!("; engines {} did not return within {} s (their results will be dropped)",
-                    fmt_ids(&waiting), INTERRUPT_GRACE.as_secs()));
+                msg.push_str(&format!(
+                    "; engines {} did not return within {} s (their results will be dropped)",
+                    fmt_ids(&waiting),
+                    INTERRUPT_GRACE.as_secs()
+                ));
             }
             return CellOutcome::Error(CellError {
                 ename: "KeyboardInterrupt".into(),
@@ -618,7 +670,12 @@ impl Session {
             }
         }
         let r = pending.results.lock().expect("results");
-        let outs = display_outputs(&r, group_by.unwrap_or(self.config.group_by), false, self.color);
+        let outs = display_outputs(
+            &r,
+            group_by.unwrap_or(self.config.group_by),
+            false,
+            self.color,
+        );
         for o in outs {
             p.publish(o.msg_type, o.content);
         }
@@ -634,7 +691,10 @@ impl Session {
             Err(e) => return CellOutcome::error("HubError", &format!("{e:#}")),
         };
         let engines = self.client.engines();
-        let mut out = format!("{:<4} {:<10} {:<7} {:>5} {:>5} {:>9} {:>8}\n", "ID", "UUID", "STATUS", "QUEUE", "TASKS", "COMPLETED", "PID");
+        let mut out = format!(
+            "{:<4} {:<10} {:<7} {:>5} {:>5} {:>9} {:>8}\n",
+            "ID", "UUID", "STATUS", "QUEUE", "TASKS", "COMPLETED", "PID"
+        );
         for (id, uuid) in &engines {
             let s = status.get(id.to_string()).cloned().unwrap_or(json!({}));
             let n = |k: &str| s.get(k).and_then(Value::as_i64).unwrap_or(0);
@@ -734,7 +794,9 @@ impl Session {
             }
             ClusterCommand::Add(n) => {
                 let Some(c) = self.cluster.as_mut() else {
-                    return CellOutcome::usage("%cluster add works on the embedded cluster; add engines to an external cluster with `parallax cluster` / `ipcluster engines` or `parallax engine --file=…`");
+                    return CellOutcome::usage(
+                        "%cluster add works on the embedded cluster; add engines to an external cluster with `parallax cluster` / `ipcluster engines` or `parallax engine --file=…`",
+                    );
                 };
                 let ids = match c.add_engines(n) {
                     Ok(ids) => ids,
@@ -743,37 +805,67 @@ impl Session {
                 if let Err(e) = self.wait_registered(&ids).await {
                     return CellOutcome::error("ClusterError", &format!("{e:#}"));
                 }
-                p.stream("stdout", format!("Started engines {}; now {} engines\n", fmt_ids(&ids), self.client.ids().len()));
+                p.stream(
+                    "stdout",
+                    format!(
+                        "Started engines {}; now {} engines\n",
+                        fmt_ids(&ids),
+                        self.client.ids().len()
+                    ),
+                );
                 CellOutcome::Ok { result: None }
             }
             ClusterCommand::Stop(ids) => {
                 let all = self.client.ids();
                 let ids = ids.unwrap_or_else(|| all.clone());
                 if let Some(bad) = ids.iter().find(|i| !all.contains(i)) {
-                    return CellOutcome::usage(&format!("no engine with id {bad}: engines are {}", fmt_ids(&all)));
+                    return CellOutcome::usage(&format!(
+                        "no engine with id {bad}: engines are {}",
+                        fmt_ids(&all)
+                    ));
                 }
-                let (ours, theirs): (Vec<i64>, Vec<i64>) = ids.iter().partition(|i| self.cluster.as_ref().is_some_and(|c| c.owns(**i)));
+                let (ours, theirs): (Vec<i64>, Vec<i64>) = ids
+                    .iter()
+                    .partition(|i| self.cluster.as_ref().is_some_and(|c| c.owns(**i)));
                 if let Some(c) = self.cluster.as_mut() {
                     c.stop_engines(&ours, Duration::from_secs(3)).await;
                 }
                 let engines = self.client.engines();
                 for id in &theirs {
                     if let Some(u) = engines.get(id) {
-                        let _ = self.client.send(Chan::Control, Some(u), "shutdown_request", json!({"restart": false}), json!({}));
+                        let _ = self.client.send(
+                            Chan::Control,
+                            Some(u),
+                            "shutdown_request",
+                            json!({"restart": false}),
+                            json!({}),
+                        );
                     }
                 }
                 self.wait_unregistered(&ids, Duration::from_secs(5)).await;
-                p.stream("stdout", format!("Stopped engines {}; {} engines left\n", fmt_ids(&ids), self.client.ids().len()));
+                p.stream(
+                    "stdout",
+                    format!(
+                        "Stopped engines {}; {} engines left\n",
+                        fmt_ids(&ids),
+                        self.client.ids().len()
+                    ),
+                );
                 CellOutcome::Ok { result: None }
             }
             ClusterCommand::Restart(ids) => {
                 let Some(c) = self.cluster.as_mut() else {
-                    return CellOutcome::usage("%cluster restart works on the embedded cluster's engines; this kernel is connected to an external cluster");
+                    return CellOutcome::usage(
+                        "%cluster restart works on the embedded cluster's engines; this kernel is connected to an external cluster",
+                    );
                 };
                 let owned = c.engine_ids();
                 let ids = ids.unwrap_or_else(|| owned.clone());
                 if let Some(bad) = ids.iter().find(|i| !owned.contains(i)) {
-                    return CellOutcome::usage(&format!("engine {bad} is not an engine of this kernel's cluster (engines: {})", fmt_ids(&owned)));
+                    return CellOutcome::usage(&format!(
+                        "engine {bad} is not an engine of this kernel's cluster (engines: {})",
+                        fmt_ids(&owned)
+                    ));
                 }
                 if let Err(e) = c.restart_engines(&ids).await {
                     return CellOutcome::error("ClusterError", &format!("{e:#}"));
@@ -783,7 +875,10 @@ impl Session {
                 if let Err(e) = self.wait_registered(&ids).await {
                     return CellOutcome::error("ClusterError", &format!("{e:#}"));
                 }
-                p.stream("stdout", format!("Restarted engines {} (fresh namespaces)\n", fmt_ids(&ids)));
+                p.stream(
+                    "stdout",
+                    format!("Restarted engines {} (fresh namespaces)\n", fmt_ids(&ids)),
+                );
                 CellOutcome::Ok { result: None }
             }
             ClusterCommand::Connect(file) => {
@@ -798,7 +893,13 @@ impl Session {
                 self.last = None;
                 self.named.clear();
                 self.config.targets = Targets::All;
-                p.stream("stdout", format!("Connected to {file}: engines {}\n", fmt_ids(&self.client.ids())));
+                p.stream(
+                    "stdout",
+                    format!(
+                        "Connected to {file}: engines {}\n",
+                        fmt_ids(&self.client.ids())
+                    ),
+                );
                 CellOutcome::Ok { result: None }
             }
         }
@@ -821,8 +922,17 @@ impl Session {
                 content["code"] = json!(body);
             }
         }
-        let (id, uuid) = self.targets(&self.config.targets).ok()?.into_iter().next()?;
-        let r = tokio::time::timeout(Duration::from_secs(5), self.client.request(Chan::Mux, msg_type, content, Some(&uuid))).await;
+        let (id, uuid) = self
+            .targets(&self.config.targets)
+            .ok()?
+            .into_iter()
+            .next()?;
+        let r = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client
+                .request(Chan::Mux, msg_type, content, Some(&uuid)),
+        )
+        .await;
         match r {
             Ok(Ok(m)) => {
                 let mut c = m.content;
@@ -847,7 +957,11 @@ fn fmt_ids(ids: &[i64]) -> String {
 
 /// tqdm's text bar: `%px:  50%|#####     | 2/4 [00:03<00:03,  0.66tasks/s]`.
 pub fn progress_text(n: usize, total: usize, elapsed: Duration) -> String {
-    let frac = if total == 0 { 1.0 } else { n as f64 / total as f64 };
+    let frac = if total == 0 {
+        1.0
+    } else {
+        n as f64 / total as f64
+    };
     let width = 10;
     let filled = ((frac * width as f64).floor() as usize).min(width);
     let bar: String = "█".repeat(filled) + &" ".repeat(width - filled);
