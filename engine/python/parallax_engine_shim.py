@@ -376,6 +376,8 @@ class Engine:
         self.busy = False
         self.shutting_down = False
         self.shell = None
+        # the execution count of the cell running now (for a shell created lazily)
+        self.current_count = None
         self._shell_creating = False
         self._shell_failed = False
         self._ipp_ser = None
@@ -585,6 +587,12 @@ class Engine:
         except Exception:
             pass
         self.shell = shell
+        # created in the middle of a cell: it is that cell's count, not 1
+        if self.current_count is not None:
+            try:
+                shell.execution_count = int(self.current_count)
+            except Exception:
+                pass
         if main and not prev_critical and self.pending_interrupt and self.user_running:
             self.pending_interrupt = False
             raise KeyboardInterrupt
@@ -893,6 +901,7 @@ class Engine:
         count = msg.get("execution_count")
         if count is None:
             count = 0
+        self.current_count = count
         user_expressions = msg.get("user_expressions") or {}
 
         info = None

@@ -6,7 +6,7 @@
 //! `%pxresult`, named ones for `--out NAME`); non-blocking ones keep
 //! collecting in a background task.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,10 +88,12 @@ impl Pending {
 struct Collector {
     idx_of: HashMap<String, usize>,
     reply_at: Vec<Option<Instant>>,
+    /// The uuid of each target engine (ids can be reused after a restart).
+    uuids: Vec<String>,
 }
 
 impl Collector {
-    fn new(results: &Results) -> Collector {
+    fn new(results: &Results, uuids: Vec<String>) -> Collector {
         Collector {
             idx_of: results
                 .engines
@@ -100,7 +102,34 @@ impl Collector {
                 .map(|(i, e)| (e.msg_id.clone(), i))
                 .collect(),
             reply_at: vec![None; results.engines.len()],
+            uuids,
         }
+    }
+
+    /// Requests to engines that are no longer registered will never be
+    /// answered: fail them with EngineError, as ipyparallel's Client does
+    /// for stranded messages (the hub only records the failure). Returns the
+    /// indices newly failed.
+    fn strand(&mut self, results: &mut Results, alive: &BTreeMap<i64, String>) -> Vec<usize> {
+        let mut failed = Vec::new();
+        for (i, e) in results.engines.iter().enumerate() {
+            if e.reply.is_none() && alive.get(&e.engine_id) != Some(&self.uuids[i]) {
+                failed.push(i);
+            }
+        }
+        for &i in &failed {
+            let id = results.engines[i].engine_id;
+            let msg_id = results.engines[i].msg_id.clone();
+            let evalue = format!("Engine {id} died while running task {msg_id:?}");
+            results.apply_reply(
+                i,
+                &json!({"status": "error", "ename": "EngineError", "evalue": evalue,
+                        "traceback": [format!("EngineError: {evalue}")],
+                        "engine_info": {"engine_id": id, "engine_uuid": self.uuids[i], "method": "execute"}}),
+            );
+            self.reply_at[i] = Some(Instant::now());
+        }
+        failed
     }
 
     /// Record a message; returns the engine index and the output event, if any.
@@ -117,6 +146,10 @@ impl Collector {
         let idx = *self.idx_of.get(m.parent_msg_id()?)?;
         let eid = results.engines[idx].engine_id;
         if is_reply {
+            if results.engines[idx].reply.is_some() {
+                // Already failed as stranded; a late reply changes nothing.
+                return None;
+            }
             results.apply_reply(idx, &m.content);
             self.reply_at[idx] = Some(Instant::now());
             return Some((idx, None));
@@ -354,14 +387,16 @@ impl Session {
         let cfg = self.config.with(o);
         let targets = match self.targets(&cfg.targets) {
             Ok(t) => t,
-            Err(e) => {
+            Err(e) if self.client.engines().is_empty() => {
                 return CellOutcome::Error(CellError {
                     ename: "NoEnginesRegistered".into(),
                     evalue: e.clone(),
                     traceback: vec![e],
                 });
             }
+            Err(e) => return CellOutcome::usage(&e),
         };
+        let uuids: Vec<String> = targets.iter().map(|t| t.1.clone()).collect();
         if cfg.verbose {
             let ids: Vec<i64> = targets.iter().map(|t| t.0).collect();
             let base = if cfg.block {
@@ -407,8 +442,9 @@ impl Session {
         if !cfg.block {
             let client = self.client.clone();
             let pend = pending.clone();
+            let mut engines = self.client.watch_engines();
             tokio::spawn(async move {
-                let mut col = Collector::new(&pend.results.lock().expect("results"));
+                let mut col = Collector::new(&pend.results.lock().expect("results"), uuids);
                 let mut tick = tokio::time::interval(Duration::from_millis(100));
                 loop {
                     tokio::select! {
@@ -416,6 +452,9 @@ impl Session {
                             Some(ev) => { col.handle(&mut pend.results.lock().expect("results"), ev); }
                             None => break,
                         },
+                        _ = engines.changed() => {
+                            col.strand(&mut pend.results.lock().expect("results"), &client.engines());
+                        }
                         _ = tick.tick() => col.expire(&mut pend.results.lock().expect("results")),
                     }
                     if pend.results.lock().expect("results").done() {
@@ -433,7 +472,7 @@ impl Session {
         }
         self.running = targets.iter().map(|t| t.1.clone()).collect();
         let outcome = self
-            .wait_blocking(&pending, &mut rx, &cfg, p, interrupts)
+            .wait_blocking(&pending, &mut rx, uuids, &cfg, p, interrupts)
             .await;
         self.running.clear();
         let ids: Vec<String> = pending
@@ -455,11 +494,13 @@ impl Session {
         &mut self,
         pending: &Pending,
         rx: &mut mpsc::UnboundedReceiver<ClientEvent>,
+        uuids: Vec<String>,
         cfg: &PxConfig,
         p: &Publisher,
         interrupts: &mut watch::Receiver<u64>,
     ) -> CellOutcome {
-        let mut col = Collector::new(&pending.results.lock().expect("results"));
+        let mut col = Collector::new(&pending.results.lock().expect("results"), uuids);
+        let mut engines = self.client.watch_engines();
         let mut streamer = Streamer::new(self.color);
         let stream = cfg.stream;
         let progress_id = format!(
@@ -524,6 +565,17 @@ impl Session {
                         let uuids: Vec<String> = running.iter().map(|r| r.1.clone()).collect();
                         if let Err(e) = self.client.signal(&uuids, sig) {
                             p.stream("stderr", format!("could not signal the engines: {e:#}\n"));
+                        }
+                    }
+                }
+                r = engines.changed() => {
+                    if r.is_ok() {
+                        let alive = self.client.engines();
+                        let mut r = pending.results.lock().expect("results");
+                        for idx in col.strand(&mut r, &alive) {
+                            if stream {
+                                publish(streamer.show_error(&mut r, idx));
+                            }
                         }
                     }
                 }
