@@ -1,0 +1,1431 @@
+#!/usr/bin/env python3
+"""Kernel benchmark: the Parallax Jupyter kernel vs ipykernel + ipyparallel's ``%%px``.
+
+Both sides run in the same invocation, on the same work, driven by jupyter_client's
+blocking client exactly as a notebook frontend drives a kernel:
+
+  ipyparallel  a stock ipykernel (``<venv python> -m ipykernel_launcher -f {connection_file}``)
+               in which a setup cell runs ``import ipyparallel as ipp;
+               cluster = ipp.Cluster(n=4); rc = cluster.start_and_connect_sync(activate=True)``;
+               cells are ``%%px\\nprint("hi")``.
+  parallax     ``$PARALLAX_BIN kernel -f {connection_file} --engines 4 --python <venv python>
+               --log-level INFO`` (hub task inside the kernel process + 4 engine processes);
+               cells are ``print("hi")`` (every cell runs on all engines) and, as a second
+               series, ``%%px\\nprint("hi")`` (the same thing).
+
+Measurements
+  latency  cell latency: ``time.perf_counter()`` just before ``kc.execute(code)`` to the
+           receipt of the ``status: idle`` on iopub whose parent is that request (other
+           parents are ignored).  Every cell is checked: it must produce one
+           ``[stdout:N] hi`` per engine (N = 0..3) and an ``ok`` reply; cells that do not
+           are counted as failures.  The kernels of both sides are up side by side and the
+           series alternate in chunks of --chunk cells (ABBA), after --warmup cells each.
+           Also: CPU per cell of each kernel's whole process tree and of this client,
+           and a ``kernel_info_request`` round trip (the protocol floor: no engines).
+  start    kernel launch (``km.start_kernel``) -> kernel_info reply -> first parallel cell
+           answered by all 4 engines, in a fresh kernel each time, sides alternating.
+           ipyparallel: the setup cell is timed inside the kernel too
+           (``import ipyparallel`` and ``Cluster(n=4).start_and_connect_sync()`` until
+           ``len(rc.ids) == 4``).  Parallax: the kernel's own log line
+           ``cluster ready engines=4 elapsed_ms=...``.  Then stop: ipyparallel's
+           ``cluster.stop_cluster_sync()`` cell, and kernel shutdown -> process tree gone.
+  cli      ``ipcluster start -n 4 --daemonize`` vs ``parallax cluster start -n 4 --daemonize``
+           (fresh profile dir each): launch -> the stock ``ipyparallel.Client`` sees 4
+           engines; the command's own return time; then ``ipcluster stop`` /
+           ``parallax cluster stop`` -> every process gone.
+  mem      RSS / PSS / USS of each kernel's process tree (kernel + controller + engines)
+           after the latency run.
+
+Every process started here carries a marker in its environment; every wait has a timeout;
+at the end the script looks for marked processes still alive (also daemonized clusters),
+kills them and reports them.
+
+Output: progress on stderr; a markdown report on stdout; raw samples + summary in
+``bench/results/kernel-<timestamp>.json`` (and the markdown next to it).
+
+Usage (from the repository root)::
+
+    PARALLAX_BIN=$PWD/target/release/parallax .venv/bin/python bench/bench_kernel.py
+    PARALLAX_BIN=... .venv/bin/python bench/bench_kernel.py --quick
+    PARALLAX_BIN=... .venv/bin/python bench/bench_kernel.py --parts latency --cells 500
+    make bench BENCH=kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import gc
+import json
+import os
+import platform
+import queue
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_hub import (  # noqa: E402  (shared helpers of the hub benchmark)
+    CpuSnap,
+    _cpu_model,
+    _meminfo_total,
+    _noisy,
+    cpu_delta,
+    log,
+    merge_deltas,
+    stats,
+    wait_idle,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+PARTS = ("latency", "start", "cli", "mem")
+SIDES = ("ipyparallel", "parallax")
+SIDE_LABEL = {"ipyparallel": "ipykernel + ipyparallel", "parallax": "Parallax kernel"}
+MIB = 1024.0 * 1024.0
+MARK_VAR = "PARALLAX_BENCH_KERNEL_MARK"
+RUN_MARK = uuid.uuid4().hex[:12]
+
+HI = 'print("hi")'
+PX_HI = '%%px\nprint("hi")'
+STDOUT_RE = re.compile(r"\[stdout:(\d+)\] hi")
+
+# the ipyparallel side's setup cell: timed inside the kernel as well
+IPP_SETUP = """\
+import time as _bt, json as _bj
+_bt0 = _bt.perf_counter()
+import ipyparallel as ipp
+_bt1 = _bt.perf_counter()
+cluster = ipp.Cluster(n={n})
+rc = cluster.start_and_connect_sync(activate=True)
+rc.wait_for_engines({n}, timeout={timeout}, interactive=False)
+_bt2 = _bt.perf_counter()
+assert len(rc.ids) == {n}, rc.ids
+print("BENCH " + _bj.dumps({{"import_s": _bt1 - _bt0, "start_s": _bt2 - _bt1, "ids": rc.ids,
+                           "profile_dir": cluster.profile_dir, "cluster_id": cluster.cluster_id}}))
+"""
+IPP_STOP = """\
+import time as _bt, contextlib as _bc, io as _bio
+_bt0 = _bt.perf_counter()
+rc.close()
+with _bc.redirect_stdout(_bio.StringIO()), _bc.redirect_stderr(_bio.StringIO()):
+    cluster.stop_cluster_sync()
+print("BENCH %.6f" % (_bt.perf_counter() - _bt0))
+"""
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+def marked(prefix: str) -> list[psutil.Process]:
+    """Live processes whose environment carries a marker starting with `prefix` (not us)."""
+    me = os.getpid()
+    out = []
+    for p in psutil.process_iter():
+        if p.pid == me:
+            continue
+        try:
+            v = p.environ().get(MARK_VAR)
+            if v is not None and v.startswith(prefix) and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def kill_procs(procs: list[psutil.Process], grace: float = 3.0) -> list[int]:
+    """SIGTERM, wait up to `grace` s, SIGKILL what is left; returns the pids that needed SIGKILL."""
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, still = psutil.wait_procs(procs, timeout=grace)
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(still, timeout=5)
+    return [p.pid for p in still]
+
+
+def wait_gone(prefix: str, timeout: float) -> tuple[float, list[psutil.Process]]:
+    """Wait until no process carries the marker; returns (seconds waited, survivors)."""
+    t0 = time.perf_counter()
+    while True:
+        left = marked(prefix)
+        if not left or time.perf_counter() - t0 > timeout:
+            return time.perf_counter() - t0, left
+        time.sleep(0.02)
+
+
+def proc_mem(procs: list[psutil.Process]) -> dict:
+    rss = uss = pss = 0
+    n = 0
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        rss += m.rss
+        uss += m.uss
+        pss += getattr(m, "pss", 0)
+        n += 1
+    return {"nprocs": n, "rss_mib": rss / MIB, "uss_mib": uss / MIB, "pss_mib": pss / MIB}
+
+
+def tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------
+# a kernel driven through jupyter_client
+
+
+class Kernel:
+    """One kernel (ipykernel or Parallax) started by a KernelManager from a private kernelspec."""
+
+    def __init__(self, side: str, cfg: "Config", tag: str):
+        self.side = side
+        self.cfg = cfg
+        self.tag = tag
+        self.mark = f"{RUN_MARK}:{side}-{tag}:"
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{side}-{tag}-", dir=cfg.workroot))
+        self.name = f"bench-{side}"
+        kdir = self.dir / "kernels" / self.name
+        kdir.mkdir(parents=True)
+        if side == "parallax":
+            argv = [cfg.parallax_bin, "kernel", "-f", "{connection_file}", "--engines", str(cfg.n),
+                    "--python", cfg.python, "--log-level", "INFO"]
+        else:
+            argv = [cfg.python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        self.argv = argv
+        (kdir / "kernel.json").write_text(json.dumps(
+            {"argv": argv, "display_name": self.name, "language": "python", "interrupt_mode": "signal"}))
+        self.stderr_path = self.dir / "kernel.stderr"
+        self.stdout_path = self.dir / "kernel.stdout"
+        self.km = None
+        self.kc = None
+        self.pid: int | None = None
+        self.t_launch: float | None = None
+        self.timings: dict[str, float] = {}
+        self._files = []
+
+    # -- lifecycle -------------------------------------------------------
+    def start(self) -> None:
+        from jupyter_client import KernelManager
+        from jupyter_client.kernelspec import KernelSpecManager
+
+        ksm = KernelSpecManager(kernel_dirs=[str(self.dir / "kernels")])
+        km = KernelManager(kernel_name=self.name, kernel_spec_manager=ksm)
+        km.connection_file = str(self.dir / "connection.json")
+        env = dict(self.cfg.child_env)
+        env[MARK_VAR] = self.mark
+        err = open(self.stderr_path, "wb")
+        out = open(self.stdout_path, "wb")
+        self._files += [err, out]
+        self.km = km
+        self.t_launch = time.perf_counter()
+        km.start_kernel(stderr=err, stdout=out, env=env, cwd=str(self.dir))
+        self.pid = km.provisioner.process.pid
+        kc = km.blocking_client()
+        kc.start_channels()
+        self.kc = kc
+        try:
+            kc.wait_for_ready(timeout=self.cfg.timeout)
+        except RuntimeError as e:
+            raise BenchError(f"{self.side} kernel not ready within {self.cfg.timeout}s: {e}; "
+                             f"stderr:\n{tail(self.stderr_path)}") from e
+        self.timings["kernel_ready_s"] = time.perf_counter() - self.t_launch
+        # kernel_info's reply may arrive before the kernel's startup iopub noise: drain it
+        self.drain_iopub()
+
+    def drain_iopub(self) -> None:
+        while True:
+            try:
+                self.kc.get_iopub_msg(timeout=0.05)
+            except queue.Empty:
+                return
+
+    def processes(self) -> list[psutil.Process]:
+        if self.pid is None:
+            return []
+        try:
+            root = psutil.Process(self.pid)
+            return [root] + root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def alive(self) -> bool:
+        return self.km is not None and self.km.is_alive()
+
+    def execute(self, code: str, timeout: float | None = None) -> tuple[float, list[dict], dict]:
+        """Run one cell; returns (seconds execute -> idle, iopub messages of that request, reply)."""
+        kc = self.kc
+        timeout = timeout or self.cfg.timeout
+        t0 = time.perf_counter()
+        msg_id = kc.execute(code)
+        deadline = t0 + timeout
+        outs = []
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise BenchError(f"{self.side}: no idle status within {timeout}s for {code!r}; "
+                                 f"stderr:\n{tail(self.stderr_path)}")
+            try:
+                msg = kc.get_iopub_msg(timeout=left)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status" and msg["content"].get("execution_state") == "idle":
+                dt = time.perf_counter() - t0
+                break
+            outs.append(msg)
+        reply = self.shell_reply(msg_id, max(1.0, deadline - time.perf_counter()))
+        return dt, outs, reply
+
+    def shell_reply(self, msg_id: str, timeout: float) -> dict:
+        deadline = time.perf_counter() + timeout
+        while True:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise BenchError(f"{self.side}: no shell reply for {msg_id} within {timeout:.0f}s")
+            try:
+                msg = self.kc.get_shell_msg(timeout=left)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") == msg_id:
+                return msg
+
+    def kernel_info_rtt(self) -> float:
+        t0 = time.perf_counter()
+        msg_id = self.kc.kernel_info()
+        self.shell_reply(msg_id, self.cfg.timeout)
+        return time.perf_counter() - t0
+
+    def stop(self) -> dict:
+        """shutdown_request (then SIGKILL after jupyter_client's grace) -> every marked process gone."""
+        info = {}
+        t0 = time.perf_counter()
+        if self.kc is not None:
+            with contextlib.suppress(Exception):
+                self.kc.stop_channels()
+        if self.km is not None:
+            try:
+                self.km.shutdown_kernel(now=False)
+            except Exception as e:
+                info["shutdown_error"] = repr(e)
+                with contextlib.suppress(Exception):
+                    self.km.shutdown_kernel(now=True)
+        info["shutdown_call_s"] = time.perf_counter() - t0
+        waited, left = wait_gone(self.mark, self.cfg.stop_grace)
+        info["tree_gone_s"] = time.perf_counter() - t0
+        if left:
+            info["leftovers"] = [f"{p.pid} {' '.join(p.cmdline())[:160]}" for p in left if p.is_running()]
+            info["leftovers_sigkilled"] = kill_procs(left, grace=2.0)
+            log(f"  {self.side}: {len(left)} process(es) outlived the kernel shutdown by "
+                f"{self.cfg.stop_grace:.0f}s: {info['leftovers']}")
+        for f in self._files:
+            with contextlib.suppress(Exception):
+                f.close()
+        with contextlib.suppress(Exception):
+            self.km.cleanup_resources()
+        self.km = self.kc = None
+        return info
+
+    # -- helpers ----------------------------------------------------------
+    def log_value(self, pattern: str) -> str | None:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return None
+        m = re.search(pattern, text)
+        return m.group(1) if m else None
+
+
+def engines_seen(outs: list[dict]) -> list[int]:
+    """Engine ids with a '[stdout:N] hi' among a cell's outputs (display/update/stream)."""
+    seen = set()
+    for m in outs:
+        c = m["content"]
+        if m["msg_type"] in ("display_data", "update_display_data", "execute_result"):
+            text = c.get("data", {}).get("text/plain", "")
+        elif m["msg_type"] == "stream":
+            text = c.get("text", "")
+        else:
+            continue
+        seen.update(int(x) for x in STDOUT_RE.findall(text if isinstance(text, str) else "".join(text)))
+    return sorted(seen)
+
+
+def bench_payload(outs: list[dict]) -> str | None:
+    """The 'BENCH ...' line a setup/stop cell printed."""
+    for m in outs:
+        if m["msg_type"] == "stream" and m["content"].get("name") == "stdout":
+            for line in m["content"]["text"].splitlines():
+                if line.startswith("BENCH "):
+                    return line[6:]
+    return None
+
+
+def reply_error(reply: dict, outs: list[dict]) -> str | None:
+    c = reply.get("content", {})
+    if c.get("status") == "ok":
+        return None
+    tb = "\n".join(c.get("traceback", []) or [])
+    for m in outs:
+        if m["msg_type"] == "error":
+            tb = tb or "\n".join(m["content"].get("traceback", []))
+    return f"{c.get('status')}: {c.get('ename')}: {c.get('evalue')}\n{tb[-1500:]}"
+
+
+class Cell:
+    """The verified parallel cell of a series (through the kernel's jupyter_client, or a LeanClient)."""
+
+    def __init__(self, kernel: Kernel, code: str, n: int, client: "LeanClient | None" = None):
+        self.k = kernel
+        self.code = code
+        self.n = n
+        self.client = client
+        self.bad = 0
+        self.first_bad: str | None = None
+        self.msgs: list[int] = []
+
+    def run(self) -> float:
+        dt, outs, reply = (self.client or self.k).execute(self.code)
+        err = reply_error(reply, outs)
+        seen = engines_seen(outs)
+        self.msgs.append(len(outs))
+        if err or seen != list(range(self.n)):
+            self.bad += 1
+            if self.first_bad is None:
+                self.first_bad = err or f"engines with '[stdout:N] hi': {seen}; outputs: " + repr(
+                    [(m["msg_type"], m["content"]) for m in outs])[:1500]
+        return dt
+
+
+class LeanClient:
+    """A minimal frontend for the diagnostic series: pyzmq sockets on the kernel's connection
+    file, requests signed by jupyter_client's Session, but replies read without Session's
+    deserialization (no signature check, no date parsing): only the frames it needs are
+    JSON-decoded.  What a cell costs the kernel side, with less of the client in it."""
+
+    DELIM = b"<IDS|MSG>"
+
+    def __init__(self, kernel: Kernel):
+        import zmq
+        from jupyter_client.session import Session
+
+        self.k = kernel
+        info = json.loads(Path(kernel.km.connection_file).read_text())
+        self.session = Session(key=info["key"].encode(), signature_scheme=info["signature_scheme"],
+                               username="bench")
+        self.ctx = zmq.Context()
+        url = f"{info['transport']}://{info['ip']}:"
+        self.shell = self.ctx.socket(zmq.DEALER)
+        self.shell.linger = 0
+        self.shell.connect(url + str(info["shell_port"]))
+        self.iopub = self.ctx.socket(zmq.SUB)
+        self.iopub.linger = 0
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.iopub.connect(url + str(info["iopub_port"]))
+        self.zmq = zmq
+
+    def _recv(self, sock, deadline: float) -> list[bytes]:
+        left = deadline - time.perf_counter()
+        if left <= 0 or not sock.poll(int(left * 1000) + 1):
+            raise BenchError(f"{self.k.side} (lean client): timed out")
+        return sock.recv_multipart()
+
+    def wait_subscribed(self, timeout: float) -> None:
+        """kernel_info requests until one's iopub status arrives (the SUB socket is connected)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            msg = self.session.msg("kernel_info_request", content={})
+            self.session.send(self.shell, msg)
+            t = time.perf_counter() + 0.5
+            got = False
+            while time.perf_counter() < min(t, deadline):
+                if self.iopub.poll(50):
+                    f = self.iopub.recv_multipart()
+                    i = f.index(self.DELIM)
+                    got |= json.loads(f[i + 3]).get("msg_id") == msg["header"]["msg_id"]
+                while self.shell.poll(0):
+                    self.shell.recv_multipart()
+                if got:
+                    return
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{self.k.side} (lean client): iopub never subscribed")
+
+    def drain(self) -> None:
+        for sock in (self.iopub, self.shell):
+            while sock.poll(5):
+                sock.recv_multipart()
+
+    def execute(self, code: str) -> tuple[float, list[dict], dict]:
+        timeout = self.k.cfg.timeout
+        t0 = time.perf_counter()
+        msg = self.session.msg("execute_request", content={
+            "code": code, "silent": False, "store_history": True, "user_expressions": {},
+            "allow_stdin": False, "stop_on_error": True})
+        msg_id = msg["header"]["msg_id"]
+        self.session.send(self.shell, msg)
+        deadline = t0 + timeout
+        outs = []
+        while True:
+            f = self._recv(self.iopub, deadline)
+            i = f.index(self.DELIM)
+            if json.loads(f[i + 3]).get("msg_id") != msg_id:
+                continue
+            mt = json.loads(f[i + 2])["msg_type"]
+            content = json.loads(f[i + 5])
+            if mt == "status" and content.get("execution_state") == "idle":
+                dt = time.perf_counter() - t0
+                break
+            outs.append({"msg_type": mt, "content": content})
+        while True:
+            f = self._recv(self.shell, deadline + 5)
+            i = f.index(self.DELIM)
+            if json.loads(f[i + 3]).get("msg_id") == msg_id:
+                return dt, outs, {"content": json.loads(f[i + 5])}
+
+    def close(self) -> None:
+        self.shell.close(0)
+        self.iopub.close(0)
+        self.ctx.term()
+
+
+def setup_ipp(k: Kernel, cfg: "Config") -> dict:
+    dt, outs, reply = k.execute(IPP_SETUP.format(n=cfg.n, timeout=cfg.timeout), timeout=cfg.timeout + 30)
+    err = reply_error(reply, outs)
+    if err:
+        raise BenchError(f"ipyparallel setup cell failed: {err}")
+    payload = bench_payload(outs)
+    if payload is None:
+        raise BenchError(f"ipyparallel setup cell printed nothing: {[m['msg_type'] for m in outs]}")
+    d = json.loads(payload)
+    d["cell_s"] = dt
+    return d
+
+
+def stop_ipp(k: Kernel) -> dict:
+    dt, outs, reply = k.execute(IPP_STOP, timeout=k.cfg.timeout)
+    err = reply_error(reply, outs)
+    p = bench_payload(outs)
+    return {"cell_s": dt, "stop_s": float(p) if p else None, "error": err}
+
+
+# --------------------------------------------------------------------------
+# configuration
+
+
+class Config:
+    def __init__(self, args, workroot: Path):
+        q = args.quick
+        self.quick = q
+        self.workroot = workroot
+        self.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        for p in self.parts:
+            if p not in PARTS:
+                raise SystemExit(f"unknown part {p!r}; choose from {','.join(PARTS)}")
+        self.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+        for s in self.sides:
+            if s not in SIDES:
+                raise SystemExit(f"unknown side {s!r}; choose from {','.join(SIDES)}")
+        self.sides = [s for s in SIDES if s in self.sides]
+        self.n = args.engines
+        self.cells = args.cells or (50 if q else 200)
+        self.warmup = args.warmup if args.warmup is not None else (10 if q else 20)
+        self.chunk = max(1, args.chunk)
+        self.lean = not args.no_lean
+        self.info_samples = args.info_samples if args.info_samples is not None else (50 if q else 200)
+        self.start_repeat = args.start_repeat or (2 if q else 5)
+        self.cli_repeat = args.cli_repeat or (1 if q else 3)
+        self.timeout = args.timeout
+        self.stop_grace = args.stop_grace
+        self.wait_idle = args.wait_idle
+        bindir = Path(args.venv_bin)
+        self.bindir = bindir
+        self.python = str(bindir / "python")
+        self.parallax_bin = os.environ.get("PARALLAX_BIN", "")
+        self.parallax_bin_source = self.parallax_bin
+        env = os.environ.copy()
+        env["IPYTHONDIR"] = str(workroot / "ipythondir")
+        env["JUPYTER_CONFIG_DIR"] = str(workroot / "jupyter-config")
+        env["JUPYTER_DATA_DIR"] = str(workroot / "jupyter-data")
+        env["JUPYTER_RUNTIME_DIR"] = str(workroot / "jupyter-runtime")
+        env["PYTHONUNBUFFERED"] = "1"
+        # engines run `python3` from PATH unless told otherwise: the venv's
+        env["PATH"] = str(bindir) + os.pathsep + env.get("PATH", "")
+        env["VIRTUAL_ENV"] = str(bindir.parent)
+        for k in ("IPP_CONNECTION_INFO", "IPP_SESSION_KEY", "IPP_PROFILE_DIR", "IPP_CLUSTER_ID",
+                  "PARALLAX_LOG", "PARALLAX_ENGINES", "PARALLAX_PYTHON"):
+            env.pop(k, None)
+        env[MARK_VAR] = RUN_MARK
+        self.child_env = env
+
+    def as_dict(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self).items() if k != "child_env"}
+
+
+# --------------------------------------------------------------------------
+# noise accounting
+
+
+def role_cpu(k: "Kernel") -> dict[tuple[int, float], tuple[str, float]]:
+    """CPU seconds (user + system) of each process of a kernel's tree, with its role."""
+    out = {}
+    procs = k.processes()
+    for i, p in enumerate(procs):
+        try:
+            role = "kernel process" if i == 0 else _role(p.cmdline())
+            if role == "other" and _role(p.parent().cmdline()) == "engines (Rust part)":
+                role = "engines (Python part)"
+            ct = p.cpu_times()
+            out[(p.pid, p.create_time())] = (role, ct.user + ct.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+class Acct:
+    """CPU accounting around measurement windows: every kernel tree that is up, and this client."""
+
+    def __init__(self, kernels: dict[str, Kernel]):
+        self.kernels = kernels
+        self.deltas: dict[str, list[dict]] = {}
+        self.roles: dict[str, dict[str, float]] = {}
+        self.client_cpu: dict[str, float] = {}
+
+    def groups(self) -> dict[str, list[psutil.Process]]:
+        g = {"client": [psutil.Process()]}
+        for key, k in self.kernels.items():
+            g[f"kernel/{key}"] = k.processes()
+        return g
+
+    @contextlib.contextmanager
+    def window(self, key: str, kernel: "Kernel | None" = None):
+        """CPU of everything over the window; with `kernel`, also that kernel's CPU by process role."""
+        gc.collect()
+        a = CpuSnap(self.groups())
+        ra = role_cpu(kernel) if kernel else None
+        # this process's own CPU, exactly (CLOCK_PROCESS_CPUTIME_ID, all threads), without the cost of
+        # the psutil snapshots around the window (which the tick-based group figures include)
+        c0 = time.process_time()
+        try:
+            yield
+        finally:
+            c1 = time.process_time()
+            self.client_cpu[key] = self.client_cpu.get(key, 0.0) + (c1 - c0)
+            b = CpuSnap(self.groups())
+            self.deltas.setdefault(key, []).append(cpu_delta(a, b))
+            if kernel:
+                rb = role_cpu(kernel)
+                acc = self.roles.setdefault(key, {})
+                for pid, (role, t) in rb.items():
+                    acc[role] = acc.get(role, 0.0) + max(0.0, t - ra.get(pid, (role, 0.0))[1])
+
+    def merged(self, key: str) -> dict | None:
+        ds = self.deltas.get(key)
+        return merge_deltas(ds) if ds else None
+
+
+# --------------------------------------------------------------------------
+# parts
+
+
+def run_series(cfg: Config, series: list[tuple[str, Cell]], acct: Acct, out: dict, noise: list,
+               what: str) -> None:
+    """Warm-up, then the series alternate in chunks of cfg.chunk cells (ABBA) until each has cfg.cells."""
+    log(f"{what}: warm-up {cfg.warmup} cells per series")
+    for _, cell in series:
+        for _ in range(cfg.warmup):
+            cell.run()
+        cell.bad = 0
+        cell.first_bad = None
+        cell.msgs = []
+    samples = {name: [] for name, _ in series}
+    log(f"{what}: {cfg.cells} cells per series ({', '.join(n for n, _ in series)}), "
+        f"alternating in chunks of {cfg.chunk}")
+    t0 = time.perf_counter()
+    r = 0
+    while any(len(samples[n]) < cfg.cells for n, _ in series):
+        _maybe_wait_idle(cfg)
+        for name, cell in (series if r % 2 == 0 else series[::-1]):
+            m = min(cfg.chunk, cfg.cells - len(samples[name]))
+            if m <= 0:
+                continue
+            with acct.window(name, cell.k):
+                for _ in range(m):
+                    samples[name].append(cell.run() * 1e3)
+        r += 1
+    log(f"{what}: done in {time.perf_counter() - t0:.1f}s")
+    for name, cell in series:
+        d = acct.merged(name)
+        side = cell.k.side
+        grp = d["cpu_s_by_group"] if d else {}
+        n = len(samples[name])
+        out[name] = {
+            "side": side,
+            "client": "lean" if cell.client else "jupyter_client",
+            "code": cell.code,
+            "ms": stats(samples[name]),
+            "samples_ms": samples[name],
+            "bad_cells": cell.bad,
+            "first_bad": cell.first_bad,
+            "iopub_msgs_per_cell": statistics.fmean(cell.msgs) if cell.msgs else None,
+            "kernel_tree_cpu_ms_per_cell": 1e3 * grp.get(f"kernel/{side}", 0.0) / n if n else None,
+            "cpu_ms_per_cell_by_role": {r: 1e3 * v / n for r, v in acct.roles.get(name, {}).items()} if n else {},
+            "client_cpu_ms_per_cell": 1e3 * acct.client_cpu.get(name, 0.0) / n if n else None,
+            "cpu": d,
+        }
+        if d:
+            d = dict(d)
+            d["block"] = f"latency: {name}"
+            noise.append(d)
+        ms = out[name]["ms"]
+        log(f"  {name}: p50 {ms.get('median', float('nan')):.2f} ms, p90 {ms.get('p90', float('nan')):.2f} ms"
+            + (f"; {cell.bad} cell(s) without the expected outputs; first: {cell.first_bad}" if cell.bad else ""))
+
+
+def part_latency(cfg: Config, res: dict, noise: list) -> None:
+    """Both kernels up side by side; the series alternate in chunks (ABBA)."""
+    kernels: dict[str, Kernel] = {}
+    out = res.setdefault("latency", {})
+    try:
+        for side in cfg.sides:
+            _maybe_wait_idle(cfg)
+            log(f"latency: starting the {SIDE_LABEL[side]} with {cfg.n} engines")
+            k = Kernel(side, cfg, "lat")
+            kernels[side] = k
+            k.start()
+            if side == "ipyparallel":
+                out["ipyparallel_setup"] = setup_ipp(k, cfg)
+                log(f"  ipyparallel cluster up: setup cell {out['ipyparallel_setup']['cell_s']:.2f}s")
+            else:
+                # the cluster may still be coming up: the first cell waits for it
+                Cell(k, HI, cfg.n).run()
+                out["parallax_cluster_ready_ms"] = _float(k.log_value(r"cluster ready engines=\d+ elapsed_ms=(\d+)"))
+        acct = Acct(kernels)
+        # 1. the headline: jupyter_client's blocking client, as a notebook frontend
+        series = []
+        if "ipyparallel" in kernels:
+            series.append(("ipyparallel %%px", Cell(kernels["ipyparallel"], PX_HI, cfg.n)))
+        if "parallax" in kernels:
+            series.append(("parallax", Cell(kernels["parallax"], HI, cfg.n)))
+            series.append(("parallax %%px", Cell(kernels["parallax"], PX_HI, cfg.n)))
+        run_series(cfg, series, acct, out, noise, "latency")
+        # 2. kernel_info round trips: the shell path without engines (the protocol floor)
+        info = {side: [] for side in kernels}
+        for i in range(cfg.info_samples):
+            for side in (list(kernels) if i % 2 == 0 else list(kernels)[::-1]):
+                info[side].append(kernels[side].kernel_info_rtt() * 1e3)
+        out["kernel_info_ms"] = {side: stats(v) for side, v in info.items()}
+        # 3. memory of each kernel's process tree after the run
+        if "mem" in cfg.parts:
+            mem = res.setdefault("mem", {})
+            for side, k in kernels.items():
+                mem[side] = tree_memory(k)
+        # 4. diagnostic: the same cells through a lean client (jupyter_client's channels closed meanwhile,
+        #    so that nothing queues up in them)
+        if cfg.lean:
+            lean: dict[str, LeanClient] = {}
+            try:
+                for side, k in kernels.items():
+                    k.kc.stop_channels()
+                    lean[side] = LeanClient(k)
+                    lean[side].wait_subscribed(cfg.timeout)
+                    lean[side].drain()
+                series = []
+                if "ipyparallel" in lean:
+                    series.append(("lean client: ipyparallel %%px",
+                                   Cell(kernels["ipyparallel"], PX_HI, cfg.n, lean["ipyparallel"])))
+                if "parallax" in lean:
+                    series.append(("lean client: parallax", Cell(kernels["parallax"], HI, cfg.n, lean["parallax"])))
+                run_series(cfg, series, acct, out, noise, "latency, lean client")
+            finally:
+                for side, lc in lean.items():
+                    with contextlib.suppress(Exception):
+                        lc.close()
+                for side, k in kernels.items():
+                    if k.kc is not None and not k.kc.channels_running:
+                        k.kc = k.km.blocking_client()
+                        k.kc.start_channels()
+                        with contextlib.suppress(RuntimeError):
+                            k.kc.wait_for_ready(timeout=cfg.timeout)
+                        k.drain_iopub()
+    finally:
+        for side, k in kernels.items():
+            try:
+                if side == "ipyparallel" and k.alive() and "ipyparallel_setup" in out:
+                    out["ipyparallel_stop"] = stop_ipp(k)
+            except Exception as e:
+                out["ipyparallel_stop"] = {"error": repr(e)}
+            out.setdefault("stop", {})[side] = k.stop()
+
+
+def _float(x):
+    return float(x) if x is not None else None
+
+
+def tree_memory(k: Kernel) -> dict:
+    procs = k.processes()
+    if not procs:
+        return {"error": "kernel process gone"}
+    root, kids = procs[0], procs[1:]
+    roles: dict[str, list[psutil.Process]] = {}
+    for p in kids:
+        try:
+            role = _role(p.cmdline())
+            if role == "other":
+                # the parallax engines' Python subprocesses
+                if _role(p.parent().cmdline()) == "engines (Rust part)":
+                    role = "engines (Python part)"
+        except psutil.Error:
+            continue
+        roles.setdefault(role, []).append(p)
+    out = {"kernel_process": proc_mem([root]), "tree": proc_mem(procs),
+           "by_role": {r: proc_mem(ps) for r, ps in roles.items()}}
+    try:
+        out["cmdlines"] = [" ".join(p.cmdline())[:200] for p in procs]
+    except psutil.Error:
+        pass
+    return out
+
+
+def _role(argv: list[str]) -> str:
+    """What a process of a kernel's tree is, from its command line."""
+    mod = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    if mod == "ipyparallel.controller" or any(a.endswith("/ipcontroller") for a in argv[:2]):
+        return "controller (process + forked schedulers)"
+    if mod == "ipyparallel.engine.nanny":
+        return "engine nannies"
+    if mod == "ipyparallel.engine" or any(a.endswith("/ipengine") for a in argv[:2]):
+        return "engines"
+    if len(argv) > 1 and os.path.basename(argv[0]) == "parallax" and argv[1] == "engine":
+        return "engines (Rust part)"
+    return "other"
+
+
+def part_start(cfg: Config, res: dict, noise: list) -> None:
+    """Fresh kernel per start; sides alternate (ABBA)."""
+    out = res.setdefault("start", {side: [] for side in cfg.sides})
+    for r in range(cfg.start_repeat):
+        order = cfg.sides if r % 2 == 0 else cfg.sides[::-1]
+        for side in order:
+            _maybe_wait_idle(cfg)
+            k = Kernel(side, cfg, f"start{r}")
+            rec: dict = {"rep": r}
+            acct = Acct({side: k})
+            try:
+                with acct.window("start"):
+                    k.start()
+                    rec["kernel_ready_s"] = k.timings["kernel_ready_s"]
+                    if side == "ipyparallel":
+                        rec["setup"] = setup_ipp(k, cfg)
+                        cell = Cell(k, PX_HI, cfg.n)
+                    else:
+                        cell = Cell(k, HI, cfg.n)
+                    cell.run()
+                    rec["first_cell_s"] = time.perf_counter() - k.t_launch
+                if cell.bad:
+                    rec["first_cell_error"] = cell.first_bad
+                    raise BenchError(f"first cell on {side}: {cell.first_bad}")
+                if side == "parallax":
+                    rec["cluster_ready_ms"] = _float(k.log_value(r"cluster ready engines=\d+ elapsed_ms=(\d+)"))
+                    rec["hub_ready_log"] = k.log_value(r"(hub ready[^\n]*)") is not None
+                rec["tree_nprocs"] = len(k.processes())
+                if side == "ipyparallel":
+                    rec["stop_cell"] = stop_ipp(k)
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {e}"
+                rec["traceback"] = traceback.format_exc()
+                log(f"  start {side} #{r}: FAILED: {rec['error'][:300]}")
+            finally:
+                rec["stop"] = k.stop()
+            d = acct.merged("start")
+            if d:
+                d = dict(d)
+                d["block"] = f"start: {side} #{r}"
+                noise.append(d)
+                rec["cpu"] = d
+            out[side].append(rec)
+            log(f"  start {side} #{r}: kernel ready {rec.get('kernel_ready_s', float('nan')):.3f}s, "
+                f"first cell {rec.get('first_cell_s', float('nan')):.3f}s"
+                + (f", Cluster start {rec['setup']['start_s']:.3f}s" if "setup" in rec else "")
+                + (f", cluster ready {rec['cluster_ready_ms']:.0f} ms" if rec.get("cluster_ready_ms") else "")
+                + f", stop -> tree gone {rec['stop'].get('tree_gone_s', float('nan')):.2f}s")
+
+
+def _client_sees(client_file: Path, n: int, deadline: float) -> tuple[float, list[int]]:
+    """Wait for the connection file, connect the stock Client, wait for n engines."""
+    import ipyparallel as ipp
+
+    while not _json_ok(client_file):
+        if time.perf_counter() > deadline:
+            raise BenchError(f"no {client_file.name} before the deadline")
+        time.sleep(0.01)
+    rc = ipp.Client(str(client_file), timeout=max(1.0, deadline - time.perf_counter()))
+    try:
+        rc.wait_for_engines(n, timeout=max(1.0, deadline - time.perf_counter()), interactive=False)
+        return time.perf_counter(), list(rc.ids)
+    finally:
+        rc.close(linger=0)
+
+
+def _json_ok(path: Path) -> bool:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+        return isinstance(d, dict) and bool(d)
+    except (OSError, ValueError):
+        return False
+
+
+def part_cli(cfg: Config, res: dict, noise: list) -> None:
+    """`ipcluster start -n N --daemonize` vs `parallax cluster start -n N --daemonize`."""
+    out = res.setdefault("cli", {side: [] for side in cfg.sides})
+    for r in range(cfg.cli_repeat):
+        order = cfg.sides if r % 2 == 0 else cfg.sides[::-1]
+        for side in order:
+            _maybe_wait_idle(cfg)
+            d = Path(tempfile.mkdtemp(prefix=f"cli-{side}-{r}-", dir=cfg.workroot))
+            prof = d / "profile"
+            prof.mkdir()
+            cid = f"bench{uuid.uuid4().hex[:8]}"
+            mark = f"{RUN_MARK}:cli-{side}-{r}:"
+            env = dict(cfg.child_env)
+            env[MARK_VAR] = mark
+            if side == "parallax":
+                start = [cfg.parallax_bin, "cluster", "start", "-n", str(cfg.n), "--daemonize",
+                         f"--profile-dir={prof}", f"--cluster-id={cid}", f"--engine-args=--python={cfg.python}",
+                         f"--timeout={int(cfg.timeout)}"]
+                stop = [cfg.parallax_bin, "cluster", "stop", f"--profile-dir={prof}", f"--cluster-id={cid}"]
+            else:
+                start = [str(cfg.bindir / "ipcluster"), "start", f"--n={cfg.n}", "--daemonize",
+                         f"--profile-dir={prof}", f"--cluster-id={cid}"]
+                stop = [str(cfg.bindir / "ipcluster"), "stop", f"--profile-dir={prof}", f"--cluster-id={cid}"]
+            client_file = prof / "security" / f"ipcontroller-{cid}-client.json"
+            rec: dict = {"rep": r, "start_cmd": start, "stop_cmd": stop}
+            logf = open(d / "start.log", "wb")
+            try:
+                t0 = time.perf_counter()
+                p = subprocess.Popen(start, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                                     env=env, cwd=d, start_new_session=True)
+                deadline = t0 + cfg.timeout
+                t_seen, ids = _client_sees(client_file, cfg.n, deadline)
+                rec["client_sees_n_s"] = t_seen - t0
+                rec["ids"] = ids
+                try:
+                    rc_ = p.wait(timeout=max(1.0, deadline - time.perf_counter()))
+                except subprocess.TimeoutExpired:
+                    raise BenchError(f"`{' '.join(start[:3])} ... --daemonize` did not return within {cfg.timeout}s")
+                rec["returncode"] = rc_
+                rec["processes"] = len(marked(mark))
+            except Exception as e:
+                rec["error"] = f"{type(e).__name__}: {e}"
+                log(f"  cli {side} #{r}: FAILED: {rec['error'][:300]}\n{tail(d / 'start.log', 15)}")
+            finally:
+                t1 = time.perf_counter()
+                try:
+                    sp = subprocess.run(stop, stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd=d,
+                                        timeout=cfg.timeout)
+                    rec["stop_returncode"] = sp.returncode
+                    if sp.returncode:
+                        rec["stop_output"] = (sp.stdout + sp.stderr).decode(errors="replace")[-1500:]
+                except subprocess.TimeoutExpired:
+                    rec["stop_error"] = f"stop command did not return within {cfg.timeout}s"
+                rec["stop_command_s"] = time.perf_counter() - t1
+                waited, left = wait_gone(mark, cfg.stop_grace)
+                rec["stop_tree_gone_s"] = time.perf_counter() - t1
+                if left:
+                    rec["leftovers"] = [f"{q.pid} {' '.join(q.cmdline())[:160]}" for q in left if q.is_running()]
+                    rec["leftovers_sigkilled"] = kill_procs(left, grace=2.0)
+                    log(f"  cli {side} #{r}: {len(left)} process(es) left {cfg.stop_grace:.0f}s after stop: "
+                        f"{rec['leftovers']}")
+                with contextlib.suppress(Exception):
+                    if p.poll() is None:
+                        p.kill()
+                        p.wait(5)
+                logf.close()
+                rec["start_log_tail"] = tail(d / "start.log", 8)
+            out[side].append(rec)
+            log(f"  cli {side} #{r}: Client sees {cfg.n} engines {rec.get('client_sees_n_s', float('nan')):.3f}s, "
+                f"stop -> gone {rec.get('stop_tree_gone_s', float('nan')):.2f}s")
+    # the parallax command's own return time (it returns once every engine is registered): one more
+    # measurement per repeat, timed on the command alone
+    if "parallax" in cfg.sides:
+        for r in range(cfg.cli_repeat):
+            _maybe_wait_idle(cfg)
+            d = Path(tempfile.mkdtemp(prefix=f"cli-ret-{r}-", dir=cfg.workroot))
+            prof = d / "profile"
+            prof.mkdir()
+            cid = f"bench{uuid.uuid4().hex[:8]}"
+            mark = f"{RUN_MARK}:cli-ret-{r}:"
+            env = dict(cfg.child_env)
+            env[MARK_VAR] = mark
+            start = [cfg.parallax_bin, "cluster", "start", "-n", str(cfg.n), "--daemonize", f"--profile-dir={prof}",
+                     f"--cluster-id={cid}", f"--engine-args=--python={cfg.python}", f"--timeout={int(cfg.timeout)}"]
+            stop = [cfg.parallax_bin, "cluster", "stop", f"--profile-dir={prof}", f"--cluster-id={cid}"]
+            rec = {"rep": r}
+            try:
+                t0 = time.perf_counter()
+                sp = subprocess.run(start, stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd=d,
+                                    timeout=cfg.timeout, start_new_session=True)
+                rec["command_returned_s"] = time.perf_counter() - t0
+                rec["returncode"] = sp.returncode
+                if sp.returncode:
+                    rec["output"] = (sp.stdout + sp.stderr).decode(errors="replace")[-1500:]
+            except subprocess.TimeoutExpired:
+                rec["error"] = f"did not return within {cfg.timeout}s"
+            finally:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    subprocess.run(stop, stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd=d,
+                                   timeout=cfg.timeout)
+                _, left = wait_gone(mark, cfg.stop_grace)
+                if left:
+                    rec["leftovers_sigkilled"] = kill_procs(left, grace=2.0)
+            res["cli"].setdefault("parallax_command", []).append(rec)
+            log(f"  cli parallax #{r}: `parallax cluster start -n {cfg.n} --daemonize` returned after "
+                f"{rec.get('command_returned_s', float('nan')):.3f}s (rc {rec.get('returncode')})")
+
+
+def _maybe_wait_idle(cfg: Config) -> None:
+    if cfg.wait_idle > 0:
+        wi = wait_idle(cfg.wait_idle)
+        if wi["waited_s"] > 1.5:
+            log(f"  waited {wi['waited_s']:.0f}s for an idle machine ({wi['busy_pct']:.0f} % busy)")
+
+
+# --------------------------------------------------------------------------
+# summary and report
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _ratio(base, cand):
+    if base is None or cand is None or cand <= 0:
+        return None
+    return base / cand
+
+
+def summarize(cfg: Config, res: dict) -> list[dict]:
+    """Rows: (measurement, unit, ipyparallel value, parallax value, ratio ipp/parallax (>1 = Parallax better))."""
+    rows = []
+
+    def add(what, unit, a, b, note=""):
+        rows.append({"measurement": what, "unit": unit, "ipyparallel": a, "parallax": b,
+                     "ratio": _ratio(a, b), "note": note})
+
+    lat = res.get("latency", {})
+    ipp = lat.get("ipyparallel %%px", {})
+    qn = {"median": "p50", "p90": "p90", "mean": "mean", "min": "min"}
+    for name, label, qs in (("parallax", 'Parallax `print("hi")`', ("median", "p90", "mean", "min")),
+                            ("parallax %%px", 'Parallax `%%px print("hi")`', ("median", "p90", "mean"))):
+        px = lat.get(name, {})
+        if not (ipp or px):
+            continue
+        for q in qs:
+            add(f"{'**' if q == 'median' else ''}cell latency {qn[q]}{'**' if q == 'median' else ''}, 4 engines: "
+                f"ipyparallel `%%px print(\"hi\")` vs {label}", "ms", ipp.get("ms", {}).get(q), px.get("ms", {}).get(q))
+        if name == "parallax":
+            add(f"CPU per cell: kernel process tree (kernel + controller + engines), {label}", "ms",
+                ipp.get("kernel_tree_cpu_ms_per_cell"), px.get("kernel_tree_cpu_ms_per_cell"))
+            add(f"CPU per cell: this client (jupyter_client), {label}", "ms",
+                ipp.get("client_cpu_ms_per_cell"), px.get("client_cpu_ms_per_cell"))
+    li, lp = lat.get("lean client: ipyparallel %%px", {}), lat.get("lean client: parallax", {})
+    if li or lp:
+        for q in ("median", "p90"):
+            add(f"diagnostic: cell latency {qn[q]} through a lean pyzmq client (no Session deserialization)", "ms",
+                li.get("ms", {}).get(q), lp.get("ms", {}).get(q))
+        add("diagnostic: CPU per cell, the lean client", "ms",
+            li.get("client_cpu_ms_per_cell"), lp.get("client_cpu_ms_per_cell"))
+    ki = lat.get("kernel_info_ms", {})
+    if ki:
+        add("kernel_info round trip (shell only, no engines) p50", "ms",
+            ki.get("ipyparallel", {}).get("median"), ki.get("parallax", {}).get("median"))
+    st = res.get("start", {})
+    if st:
+        ok = {s: [r for r in st.get(s, []) if "error" not in r] for s in SIDES}
+        add("kernel launch → kernel_info reply", "s",
+            _med([r.get("kernel_ready_s") for r in ok["ipyparallel"]]),
+            _med([r.get("kernel_ready_s") for r in ok["parallax"]]))
+        add("**kernel launch → first parallel cell answered by 4 engines**", "s",
+            _med([r.get("first_cell_s") for r in ok["ipyparallel"]]),
+            _med([r.get("first_cell_s") for r in ok["parallax"]]),
+            "ipyparallel: launch, setup cell (import + Cluster start), first `%%px` cell")
+        add("**cluster start → 4 engines**: `Cluster(n=4).start_and_connect_sync()` (import excluded) vs "
+            "`cluster ready elapsed_ms` (kernel log)", "s",
+            _med([r.get("setup", {}).get("start_s") for r in ok["ipyparallel"]]),
+            _med([(r.get("cluster_ready_ms") or 0) / 1e3 or None for r in ok["parallax"]]))
+        add("`import ipyparallel` in the kernel", "s",
+            _med([r.get("setup", {}).get("import_s") for r in ok["ipyparallel"]]), None)
+        add("stop: `cluster.stop_cluster_sync()` cell + kernel shutdown → every process gone", "s",
+            _med([(r.get("stop_cell", {}).get("cell_s") or 0) + r["stop"].get("tree_gone_s", 0)
+                  for r in ok["ipyparallel"]]),
+            _med([r["stop"].get("tree_gone_s") for r in ok["parallax"]]),
+            "Parallax: kernel shutdown only (it stops its engines)")
+    cli = res.get("cli", {})
+    if cli:
+        ok = {s: [r for r in cli.get(s, []) if "error" not in r] for s in SIDES}
+        add("`ipcluster start -n 4 --daemonize` vs `parallax cluster start -n 4 --daemonize`: launch → stock "
+            "Client sees 4 engines", "s",
+            _med([r.get("client_sees_n_s") for r in ok["ipyparallel"]]),
+            _med([r.get("client_sees_n_s") for r in ok["parallax"]]))
+        add("… `parallax cluster start` command returns (engines registered)", "s", None,
+            _med([r.get("command_returned_s") for r in cli.get("parallax_command", []) if "error" not in r]))
+        add("`ipcluster stop` vs `parallax cluster stop` → every process gone", "s",
+            _med([r.get("stop_tree_gone_s") for r in ok["ipyparallel"]]),
+            _med([r.get("stop_tree_gone_s") for r in ok["parallax"]]))
+    mem = res.get("mem", {})
+    if mem:
+        a, b = mem.get("ipyparallel", {}), mem.get("parallax", {})
+        for k_, label in (("pss_mib", "PSS"), ("rss_mib", "RSS"), ("uss_mib", "USS")):
+            add(f"memory after the latency run: kernel process tree {label}", "MiB",
+                a.get("tree", {}).get(k_), b.get("tree", {}).get(k_))
+        add("memory: the kernel process alone, RSS", "MiB",
+            a.get("kernel_process", {}).get("rss_mib"), b.get("kernel_process", {}).get("rss_mib"),
+            "Parallax: includes the hub")
+        add("processes in the kernel's tree", "", a.get("tree", {}).get("nprocs"), b.get("tree", {}).get("nprocs"))
+    return rows
+
+
+def _fmt(x, unit):
+    if x is None:
+        return "—"
+    if unit == "ms":
+        return f"{x:.2f}" if x < 10 else f"{x:.1f}"
+    if unit == "s":
+        return f"{x:.3f}" if x < 1 else f"{x:.2f}"
+    if unit == "MiB":
+        return f"{x:.1f}"
+    return f"{x:g}"
+
+
+def _mem3(m: dict) -> str:
+    return f"{m['rss_mib']:.1f} / {m['pss_mib']:.1f} / {m['uss_mib']:.1f} ({m['nprocs']})"
+
+
+def markdown(cfg: Config, env: dict, rows: list[dict], res: dict, noise: list, meta: dict) -> str:
+    L = []
+    L.append(f"## Kernel benchmark — {meta['date']}")
+    L.append("")
+    L.append(f"Command: `{' '.join(meta['argv_display'])}`. ipyparallel {env['ipyparallel']}, ipykernel "
+             f"{env['ipykernel']}, jupyter_client {env['jupyter_client']}, Python {env['python']}, "
+             f"{env['cpus']} CPUs ({env.get('cpu_model')}). Parallax binary: {env.get('parallax_bin')} "
+             f"(built {env.get('parallax_bin_mtime')}), git {env.get('git_head')}"
+             f"{' (dirty tree)' if env.get('git_dirty') else ''}.")
+    L.append("")
+    lat = res.get("latency", {})
+    px = lat.get("parallax", {}).get("ms", {}).get("median")
+    rdy = [r.get("cluster_ready_ms") for r in res.get("start", {}).get("parallax", []) if r.get("cluster_ready_ms")]
+    fc = [r.get("first_cell_s") for r in res.get("start", {}).get("parallax", []) if r.get("first_cell_s")]
+    tg = []
+    if px is not None:
+        tg.append(f"cell latency p50 ≤ 1.5 ms: **{px:.2f} ms — {'met' if px <= 1.5 else 'NOT met'}**")
+    if rdy:
+        m = statistics.median(rdy) / 1e3
+        tg.append(f"cluster start ≤ 0.3 s: **{m:.3f} s (kernel log) — {'met' if m <= 0.3 else 'NOT met'}**"
+                  + (f"; kernel launch → first cell with 4 outputs {statistics.median(fc):.3f} s" if fc else ""))
+    if tg:
+        L.append("Targets (reported, not asserted): " + "; ".join(tg) + ".")
+        L.append("")
+    L.append("Ratio = ipyparallel ÷ Parallax: **> 1 means Parallax is better** (faster, less CPU, less memory).")
+    L.append("")
+    L.append("| measurement | unit | ipykernel + ipyparallel | Parallax kernel | ratio | note |")
+    L.append("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.1f}×" if r["ratio"] >= 10 else f"{r['ratio']:.2f}×"
+        L.append(f"| {r['measurement']} | {r['unit']} | {_fmt(r['ipyparallel'], r['unit'])} | "
+                 f"{_fmt(r['parallax'], r['unit'])} | {ratio} | {r['note']} |")
+    L.append("")
+    cpu_lines = []
+    for name, v in lat.items():
+        if isinstance(v, dict) and v.get("cpu_ms_per_cell_by_role"):
+            parts = ", ".join(f"{r} {x:.2f}" for r, x in sorted(v["cpu_ms_per_cell_by_role"].items(),
+                                                                key=lambda kv: -kv[1]) if x >= 0.005)
+            cpu_lines.append(f"- {name}: {parts}; client {v.get('client_cpu_ms_per_cell') or 0:.2f}")
+    if cpu_lines:
+        L.append("CPU per cell by process role (ms; CPU-seconds over the timed cells ÷ cells, 10 ms clock ticks):")
+        L.append("")
+        L += cpu_lines
+        L.append("")
+    mem = res.get("mem", {})
+    if mem:
+        L.append("Memory after the latency run, by process role (RSS / PSS / USS MiB, processes):")
+        L.append("")
+        for side in SIDES:
+            m = mem.get(side)
+            if not m or "tree" not in m:
+                continue
+            parts = [f"kernel process {_mem3(m['kernel_process'])}"]
+            parts += [f"{role} {_mem3(v)}" for role, v in sorted(m.get("by_role", {}).items())]
+            L.append(f"- {SIDE_LABEL[side]}: " + "; ".join(parts) + f"; **tree {_mem3(m['tree'])}**")
+        L.append("")
+    counts = []
+    if lat:
+        counts.append(f"latency {cfg.cells} cells per series after {cfg.warmup} warm-up, series alternating in "
+                      f"chunks of {cfg.chunk} with both kernels up; kernel_info {cfg.info_samples} round trips")
+        bad = {k: v.get("bad_cells") for k, v in lat.items() if isinstance(v, dict) and "bad_cells" in v}
+        counts.append("cells without one `[stdout:N] hi` per engine: "
+                      + ", ".join(f"{k} {v}" for k, v in bad.items()))
+        msgs = {k: v.get("iopub_msgs_per_cell") for k, v in lat.items() if isinstance(v, dict) and "bad_cells" in v}
+        counts.append("iopub messages per cell (excluding idle): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in msgs.items() if v is not None))
+    if res.get("start"):
+        counts.append(f"start: {cfg.start_repeat} fresh kernels per side (median)")
+    if res.get("cli"):
+        counts.append(f"cli: {cfg.cli_repeat} clusters per side (median)")
+    if counts:
+        L.append("Counts: " + "; ".join(counts) + ".")
+        L.append("")
+    errs = []
+    for part in ("start", "cli"):
+        for side, recs in res.get(part, {}).items():
+            for r in recs if isinstance(recs, list) else []:
+                if "error" in r:
+                    errs.append(f"- {part} {side} #{r.get('rep')}: {r['error'][:300]}")
+                if r.get("leftovers") or r.get("stop", {}).get("leftovers"):
+                    errs.append(f"- {part} {side} #{r.get('rep')}: processes left after stop: "
+                                f"{r.get('leftovers') or r['stop']['leftovers']}")
+    for e in res.get("errors", []):
+        errs.append(f"- {e['part']}: {e['error'][:300]}")
+    if meta.get("leftover_processes_killed_at_end"):
+        errs.append(f"- processes still alive at the end (killed): {meta['leftover_processes_killed_at_end']}")
+    if errs:
+        L.append("**Failures / warnings:**")
+        L.append("")
+        L += errs
+        L.append("")
+    L.append("<details><summary>Noise: CPU per measurement block</summary>")
+    L.append("")
+    L.append("| block | wall s | busy % | CPU s (ours) | foreign % | steal % | load avg |")
+    L.append("|---|---|---|---|---|---|---|")
+    for d in noise:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(d["cpu_s_by_group"].items()) if v >= 0.005)
+        flag = " ⚠" if _noisy(d) else ""
+        L.append(f"| {d['block']} | {d['wall_s']:.1f} | {d['busy_pct']:.0f} | {parts} | "
+                 f"{d['foreign_pct']:.1f}{flag} | {d['steal_pct']:.1f} | {d['loadavg_end'][0]:.2f} |")
+    L.append("")
+    L.append("</details>")
+    L.append("")
+    worst = max((d["foreign_pct"] for d in noise if d["wall_s"] >= 1.0), default=0.0)
+    L.append(f"Max foreign CPU in any block of ≥ 1 s: {worst:.1f} % of the machine"
+             + (" — **noisy: rerun before quoting**" if any(_noisy(d) for d in noise) else " (quiet)")
+             + f". Load average at start {meta['loadavg_start'][0]:.2f}, at end {meta['loadavg_end'][0]:.2f}. "
+             f"Runtime {meta['runtime_s']:.0f} s.")
+    return "\n".join(L) + "\n"
+
+
+def versions(cfg: Config) -> dict:
+    import ipykernel
+    import ipyparallel
+    import IPython
+    import jupyter_client
+    import zmq
+
+    v = {
+        "python": platform.python_version(),
+        "ipyparallel": ipyparallel.__version__,
+        "ipykernel": ipykernel.__version__,
+        "jupyter_client": jupyter_client.__version__,
+        "IPython": IPython.__version__,
+        "pyzmq": zmq.pyzmq_version(),
+        "libzmq": zmq.zmq_version(),
+        "psutil": psutil.__version__,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "mem_total_kib": _meminfo_total(),
+    }
+    with contextlib.suppress(Exception):
+        v["git_head"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                       capture_output=True, text=True, timeout=5).stdout.strip()
+        v["git_dirty"] = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain",
+                                              "--untracked-files=no"], capture_output=True, text=True,
+                                             timeout=5).stdout.strip())
+    if "parallax" in cfg.sides:
+        import hashlib
+
+        v["parallax_bin"] = cfg.parallax_bin_source
+        with contextlib.suppress(Exception):
+            v["parallax_bin_sha256"] = hashlib.sha256(Path(cfg.parallax_bin).read_bytes()).hexdigest()
+            v["parallax_bin_mtime"] = _dt.datetime.fromtimestamp(
+                os.stat(cfg.parallax_bin_source).st_mtime).isoformat(timespec="seconds")
+            v["parallax"] = subprocess.run([cfg.parallax_bin, "--version"], capture_output=True, text=True,
+                                           timeout=10).stdout.strip()
+    return v
+
+
+def preflight(cfg: Config) -> None:
+    if not os.access(cfg.python, os.X_OK):
+        raise SystemExit(f"error: {cfg.python} not found (run `make venv`, or pass --venv-bin)")
+    if "parallax" in cfg.sides:
+        b = cfg.parallax_bin
+        if not b or not (os.path.isfile(b) and os.access(b, os.X_OK)):
+            raise SystemExit("error: set PARALLAX_BIN to the parallax binary (`make build`; then "
+                             "`PARALLAX_BIN=$PWD/target/release/parallax .venv/bin/python bench/bench_kernel.py`), "
+                             "or run `--sides ipyparallel`")
+        subs = ["kernel"] + (["cluster"] if "cli" in cfg.parts else [])
+        for sub in subs:
+            r = subprocess.run([b, sub, "--help"], capture_output=True, text=True, timeout=15)
+            if r.returncode != 0:
+                if sub == "cluster":
+                    log("`parallax cluster` is missing: skipping the cli part")
+                    cfg.parts.remove("cli")
+                    continue
+                raise SystemExit(f"error: `{b} {sub} --help` exited with {r.returncode}:\n{r.stderr[-1500:]}")
+    if "ipyparallel" in cfg.sides and "cli" in cfg.parts and not os.access(cfg.bindir / "ipcluster", os.X_OK):
+        raise SystemExit(f"error: {cfg.bindir / 'ipcluster'} not found")
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts, for a smoke run (~1 min)")
+    ap.add_argument("--parts", default=",".join(PARTS), help="subset of latency,start,cli,mem (default all)")
+    ap.add_argument("--sides", default=",".join(SIDES), help="ipyparallel, parallax or both (default both)")
+    ap.add_argument("--engines", type=int, default=4, help="engines per kernel/cluster (default 4)")
+    ap.add_argument("--cells", type=int, help="timed cells per latency series (default 200; quick 50)")
+    ap.add_argument("--warmup", type=int, help="warm-up cells per series (default 20; quick 10)")
+    ap.add_argument("--chunk", type=int, default=10, help="cells per series before switching (default 10)")
+    ap.add_argument("--no-lean", action="store_true",
+                    help="skip the diagnostic latency series through a lean pyzmq client")
+    ap.add_argument("--info-samples", type=int, help="kernel_info round trips per side (default 200; quick 50)")
+    ap.add_argument("--start-repeat", type=int, help="fresh kernels per side for start-up (default 5; quick 2)")
+    ap.add_argument("--cli-repeat", type=int, help="clusters per side for the cli part (default 3; quick 1)")
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds for any single wait (default 90)")
+    ap.add_argument("--stop-grace", type=float, default=15.0,
+                    help="seconds for processes to exit after a stop before they are killed (default 15)")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="before each kernel/cluster start and each round of latency chunks, wait up to "
+                         "SECONDS for machine CPU < 10%% busy over 1 s (for a shared box; default 0 = don't wait)")
+    ap.add_argument("--venv-bin", default=str(REPO / ".venv" / "bin"), help="venv bin dir (python, ipcluster)")
+    ap.add_argument("--out-dir", default=str(RESULTS_DIR), help="where the JSON/markdown results go")
+    ap.add_argument("--keep-work", action="store_true", help="keep the temporary directory (kernel logs)")
+    return ap.parse_args(argv)
+
+
+def _display_path(p: str) -> str:
+    try:
+        return str(Path(p).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return p
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_run = time.perf_counter()
+    workroot = Path(tempfile.mkdtemp(prefix="parallax-bench-kernel-"))
+    cfg = Config(args, workroot)
+    try:
+        preflight(cfg)
+    except SystemExit:
+        shutil.rmtree(workroot, ignore_errors=True)
+        raise
+    if "parallax" in cfg.sides:
+        # a private copy, so a rebuild during the run cannot mix binaries (the kernel starts its engines
+        # from its own executable)
+        snap = workroot / "parallax-bin" / "parallax"
+        snap.parent.mkdir()
+        shutil.copy2(cfg.parallax_bin, snap)
+        cfg.parallax_bin = str(snap)
+    for k in ("IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR"):
+        os.environ[k] = cfg.child_env[k]
+
+    def _on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+
+    env = versions(cfg)
+    stamp = _dt.datetime.now()
+    meta = {"date": stamp.strftime("%Y-%m-%d %H:%M:%S"), "loadavg_start": list(os.getloadavg()), "argv": sys.argv,
+            "argv_display": [_display_path(sys.executable), _display_path(sys.argv[0])] + sys.argv[1:],
+            "run_mark": RUN_MARK}
+    log(f"sides: {', '.join(cfg.sides)}; parts: {', '.join(cfg.parts)}; {cfg.n} engines; work dir {workroot}; "
+        f"load average {os.getloadavg()[0]:.2f}")
+    res: dict = {"errors": []}
+    noise: list[dict] = []
+    interrupted = False
+    funcs = {"latency": part_latency, "start": part_start, "cli": part_cli}
+    try:
+        for part in ("latency", "start", "cli"):
+            # memory is measured on the latency run's kernels
+            if part not in cfg.parts and not (part == "latency" and "mem" in cfg.parts):
+                continue
+            log(f"part: {part}")
+            try:
+                funcs[part](cfg, res, noise)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                res["errors"].append({"part": part, "error": f"{type(e).__name__}: {e}",
+                                      "traceback": traceback.format_exc()})
+                log(f"part {part} FAILED: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    except KeyboardInterrupt:
+        interrupted = True
+        log("interrupted; cleaning up and writing partial results")
+    finally:
+        left = marked(RUN_MARK)
+        if left:
+            desc = []
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    desc.append(f"{p.pid} {' '.join(p.cmdline())[:160]}")
+            log(f"killing {len(left)} leftover process(es): {desc}")
+            kill_procs(left, grace=2.0)
+            meta["leftover_processes_killed_at_end"] = desc
+        meta["leftovers_after_cleanup"] = [p.pid for p in marked(RUN_MARK)]
+        if not args.keep_work:
+            shutil.rmtree(workroot, ignore_errors=True)
+        else:
+            log(f"kept {workroot}")
+    meta["loadavg_end"] = list(os.getloadavg())
+    meta["runtime_s"] = time.perf_counter() - t_run
+    meta["interrupted"] = interrupted
+    rows = summarize(cfg, res)
+    md = markdown(cfg, env, rows, res, noise, meta)
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = stamp.strftime("%Y%m%d-%H%M%S")
+    jpath = out_dir / f"kernel-{tag}.json"
+    jpath.write_text(json.dumps({"meta": meta, "config": cfg.as_dict(), "env": env, "summary": rows,
+                                 "results": res, "noise": noise}, indent=1, default=str))
+    (out_dir / f"kernel-{tag}.md").write_text(md)
+    print(md, flush=True)
+    log(f"wrote {jpath} (and .md); runtime {meta['runtime_s']:.0f}s")
+    failed = bool(res["errors"]) or any(
+        "error" in r for part in ("start", "cli") for recs in res.get(part, {}).values()
+        if isinstance(recs, list) for r in recs) or any(
+        v.get("bad_cells") for v in res.get("latency", {}).values() if isinstance(v, dict) and "bad_cells" in v)
+    return 130 if interrupted else (1 if failed or meta.get("leftover_processes_killed_at_end") else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
