@@ -58,7 +58,9 @@ enum Event {
 struct Proc {
     child: Child,
     pid: i32,
-    cmd: tokio::fs::File,
+    /// Our end of the command pipe, driven by epoll (not tokio::fs, which
+    /// would hand every write to the blocking thread pool).
+    cmd: tokio::net::unix::pipe::Sender,
     events: mpsc::UnboundedReceiver<Event>,
     startup: Duration,
 }
@@ -112,7 +114,9 @@ fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
-async fn read_frames(mut r: tokio::fs::File, tx: mpsc::UnboundedSender<Event>) {
+async fn read_frames<R: tokio::io::AsyncRead + Unpin>(r: R, tx: mpsc::UnboundedSender<Event>) {
+    // Buffered: a frame is several small reads; one syscall usually gets all.
+    let mut r = tokio::io::BufReader::with_capacity(64 * 1024, r);
     loop {
         let mut len = [0u8; 4];
         if r.read_exact(&mut len).await.is_err() {
@@ -300,11 +304,9 @@ impl PythonInterpreter {
         let prefix: MarkerPrefix = Arc::new(OnceLock::new());
         tokio::spawn(read_stream(stdout, "stdout", tx.clone(), prefix.clone()));
         tokio::spawn(read_stream(stderr, "stderr", tx.clone(), prefix.clone()));
-        tokio::spawn(read_frames(
-            tokio::fs::File::from_std(std::fs::File::from(evt_r)),
-            tx,
-        ));
-        let cmd = tokio::fs::File::from_std(std::fs::File::from(cmd_w));
+        let events = tokio::net::unix::pipe::Receiver::from_owned_fd(evt_r)?;
+        tokio::spawn(read_frames(events, tx));
+        let cmd = tokio::net::unix::pipe::Sender::from_owned_fd(cmd_w)?;
         let mut proc = Proc {
             child,
             pid,
@@ -366,11 +368,18 @@ impl PythonInterpreter {
         frame.extend_from_slice(&(json.len() as u32).to_le_bytes());
         frame.extend_from_slice(&json);
         frame.extend_from_slice(&(buffers.len() as u32).to_le_bytes());
-        proc.cmd.write_all(&frame).await?;
+        // Small buffers go in the same write; large ones are written as they are.
         for b in buffers {
-            proc.cmd.write_all(&(b.len() as u64).to_le_bytes()).await?;
-            proc.cmd.write_all(b).await?;
+            frame.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            if b.len() <= 64 * 1024 {
+                frame.extend_from_slice(b);
+            } else {
+                proc.cmd.write_all(&frame).await?;
+                frame.clear();
+                proc.cmd.write_all(b).await?;
+            }
         }
+        proc.cmd.write_all(&frame).await?;
         proc.cmd.flush().await
     }
 
