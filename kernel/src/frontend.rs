@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use zeromq::{PubSocket, RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, XPubSocket, ZmqMessage};
 
 use crate::cli::KernelArgs;
 use crate::session::{CellOutcome, Session as PxSession, SessionConfig};
@@ -227,13 +227,14 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     let shell = bind(RouterSocket::new(), &conn.shell_url(), "shell").await?;
     let control = bind(RouterSocket::new(), &conn.control_url(), "control").await?;
     let stdin = bind(RouterSocket::new(), &conn.stdin_url(), "stdin").await?;
-    let iopub = bind(PubSocket::new(), &conn.iopub_url(), "iopub").await?;
+    // XPUB, so that each new subscriber can be greeted (JEP 65).
+    let iopub = bind(XPubSocket::new(), &conn.iopub_url(), "iopub").await?;
     let hb = bind(RepSocket::new(), &conn.hb_url(), "heartbeat").await?;
     info!(shell = %conn.shell_url(), "kernel sockets bound");
 
     let shutdown = CancellationToken::new();
     let (iopub_tx, iopub_rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
-    let iopub_task = tokio::spawn(iopub_sender(iopub, iopub_rx));
+    let iopub_task = tokio::spawn(iopub_sender(iopub, iopub_rx, session.clone()));
     tokio::spawn(heartbeat(hb, shutdown.clone()));
     // stdin: input() on engines is not forwarded; nothing is ever sent here,
     // but the socket stays bound so frontends can connect.
@@ -367,12 +368,51 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     Ok(())
 }
 
-async fn iopub_sender(mut s: PubSocket, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
-    while let Some(frames) = rx.recv().await {
-        if let Ok(m) = ZmqMessage::try_from(frames)
-            && let Err(e) = s.send(m).await
-        {
-            warn!(error = %e, "iopub send failed");
+/// Owns the iopub socket: publishes what the kernel queues and greets each
+/// new subscription with `iopub_welcome` (JEP 65, as ipykernel 7 does), so
+/// a frontend knows its subscription is live and `wait_for_ready` succeeds
+/// at its first try. zmq.rs's XPUB registers subscribers only while
+/// someone reads it: this task does.
+async fn iopub_sender(
+    mut s: XPubSocket,
+    mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
+    session: Arc<Mutex<Session>>,
+) {
+    loop {
+        tokio::select! {
+            frames = rx.recv() => {
+                let Some(frames) = frames else { return };
+                if let Ok(m) = ZmqMessage::try_from(frames)
+                    && let Err(e) = s.send(m).await
+                {
+                    warn!(error = %e, "iopub send failed");
+                }
+            }
+            sub = s.recv() => match sub {
+                Ok(m) => {
+                    let Some(first) = m.get(0) else { continue };
+                    if first.first() != Some(&1) {
+                        continue;
+                    }
+                    let topic = first.slice(1..);
+                    let frames = {
+                        let mut sess = session.lock().expect("session");
+                        let h = sess.header("iopub_welcome", &format_date(Utc::now()));
+                        let sub = String::from_utf8_lossy(&topic).into_owned();
+                        sess.serialize(vec![topic], &h, &json!({}), &json!({}),
+                                       &json!({"subscription": sub}), vec![])
+                    };
+                    if let Ok(m) = ZmqMessage::try_from(frames)
+                        && let Err(e) = s.send(m).await
+                    {
+                        debug!(error = %e, "iopub_welcome not sent");
+                    }
+                }
+                Err(e) => {
+                    debug!(error = %e, "iopub subscriber error");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            },
         }
     }
 }
