@@ -42,13 +42,6 @@ pub enum ClientEvent {
     Iopub(Message),
 }
 
-/// A change in the set of registered engines.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EngineChange {
-    Registered(i64),
-    Unregistered(i64),
-}
-
 struct Inner {
     session: Mutex<Session>,
     send: HashMap<Chan, mpsc::UnboundedSender<Vec<Bytes>>>,
@@ -57,7 +50,6 @@ struct Inner {
     listeners: Mutex<HashMap<String, mpsc::UnboundedSender<ClientEvent>>>,
     engines: Mutex<BTreeMap<i64, String>>,
     changes: watch::Sender<u64>,
-    change_log: Mutex<Vec<EngineChange>>,
     info: ClientConnectionInfo,
 }
 
@@ -179,7 +171,6 @@ impl HubClient {
             listeners: Mutex::new(HashMap::new()),
             engines: Mutex::new(BTreeMap::new()),
             changes,
-            change_log: Mutex::new(Vec::new()),
             info,
         });
         for (ch, s, rx) in dealers {
@@ -234,11 +225,6 @@ impl HubClient {
     /// A receiver that changes whenever an engine registers or unregisters.
     pub fn watch_engines(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
-    }
-
-    /// Changes since the last call.
-    pub fn take_changes(&self) -> Vec<EngineChange> {
-        std::mem::take(&mut *self.inner.change_log.lock().expect("change log"))
     }
 
     /// Ask the hub for the engine table (`connection_request`).
@@ -481,23 +467,16 @@ async fn receiver<S: SocketRecv>(
 fn handle_notification(inner: &Inner, m: &Message) {
     let id = m.content.get("id").and_then(Value::as_i64);
     let uuid = m.content.get("uuid").and_then(Value::as_str);
-    let change = match (m.msg_type(), id) {
-        ("registration_notification", Some(id)) => {
-            if let Some(u) = uuid {
-                inner
-                    .engines
-                    .lock()
-                    .expect("engines")
-                    .insert(id, u.to_owned());
-            }
-            EngineChange::Registered(id)
+    let mut engines = inner.engines.lock().expect("engines");
+    match (m.msg_type(), id, uuid) {
+        ("registration_notification", Some(id), Some(u)) => {
+            engines.insert(id, u.to_owned());
         }
-        ("unregistration_notification", Some(id)) => {
-            inner.engines.lock().expect("engines").remove(&id);
-            EngineChange::Unregistered(id)
+        ("unregistration_notification", Some(id), _) => {
+            engines.remove(&id);
         }
         _ => return,
-    };
-    inner.change_log.lock().expect("change log").push(change);
+    }
+    drop(engines);
     inner.changes.send_modify(|v| *v += 1);
 }

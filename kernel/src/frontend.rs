@@ -124,7 +124,8 @@ fn header_value(m: &Message) -> Value {
 fn python_language_info() -> LanguageInfo {
     LanguageInfo {
         name: "python".into(),
-        version: python_version(),
+        // "3" until the engines' interpreter has told its exact version.
+        version: "3".into(),
         mimetype: Some("text/x-python".into()),
         file_extension: Some(".py".into()),
         pygments_lexer: Some("ipython3".into()),
@@ -134,11 +135,6 @@ fn python_language_info() -> LanguageInfo {
         }),
         nbconvert_exporter: Some("python".into()),
     }
-}
-
-/// "3" until the engines' interpreter has told its exact version.
-fn python_version() -> String {
-    "3".into()
 }
 
 /// Ask the engines' interpreter for its version (runs while the cluster starts).
@@ -723,14 +719,7 @@ async fn shell_worker(
                 continue;
             }
             "shutdown_request" => {
-                let restart = msg
-                    .content
-                    .get("restart")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                let c = json!({"status": "ok", "restart": restart});
-                finish(&shared, &sock, &msg, "shutdown_reply", c, &pubr).await;
-                shutdown.cancel();
+                shutdown_reply(&shared, &sock, &msg, &pubr, &shutdown).await;
                 break;
             }
             other => {
@@ -814,6 +803,25 @@ async fn finish(
     pubr.status("idle");
 }
 
+/// Answer a shutdown_request (on shell or control) and start the shutdown;
+/// a restart is the frontend's business (it starts a new kernel).
+async fn shutdown_reply(
+    shared: &Shared,
+    sock: &ShellSend,
+    msg: &Message,
+    pubr: &Publisher,
+    shutdown: &CancellationToken,
+) {
+    let restart = msg
+        .content
+        .get("restart")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let c = json!({"status": "ok", "restart": restart});
+    finish(shared, sock, msg, "shutdown_reply", c, pubr).await;
+    shutdown.cancel();
+}
+
 async fn abort(shared: &Shared, sock: &ShellSend, msgs: Vec<Message>, count: i64) {
     for m in msgs {
         let pubr = shared.publisher(&m);
@@ -862,14 +870,7 @@ async fn control_loop(
                 ("interrupt_reply", json!({"status": "ok"}))
             }
             "shutdown_request" => {
-                let restart = msg
-                    .content
-                    .get("restart")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false);
-                let c = json!({"status": "ok", "restart": restart});
-                finish(&shared, &send, &msg, "shutdown_reply", c, &pubr).await;
-                shutdown.cancel();
+                shutdown_reply(&shared, &send, &msg, &pubr, &shutdown).await;
                 return;
             }
             "debug_request" => (

@@ -535,8 +535,6 @@ impl Session {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     let mut r = pending.results.lock().expect("results");
-                    let what = match &ev { ClientEvent::Iopub(m) => m.msg_type().to_owned(), ClientEvent::Reply(_, m) => m.msg_type().to_owned() };
-                    tracing::debug!(us = pending.started.elapsed().as_micros() as u64, what, "cell event");
                     if let Some((idx, ev)) = col.handle(&mut r, ev)
                         && stream {
                             if let Some(ev) = ev {
@@ -630,7 +628,7 @@ impl Session {
         } else {
             publish(display_outputs(&r, cfg.group_by, false, self.color));
         }
-        if let Some(_t) = interrupted {
+        if interrupted.is_some() {
             let waiting: Vec<i64> = r
                 .engines
                 .iter()
@@ -825,7 +823,6 @@ impl Session {
     }
 
     async fn cluster_magic(&mut self, cmd: ClusterCommand, p: &Publisher) -> CellOutcome {
-        let _ = self.client.take_changes();
         match cmd {
             ClusterCommand::Show => {
                 let ids = self.client.ids();
