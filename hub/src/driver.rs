@@ -441,12 +441,14 @@ async fn core_loop(
             }
             input = in_rx.recv() => {
                 let Some((ch, frames)) = input else { bail!("all sockets closed") };
-                let t = now();
-                hub.handle_frames(ch, frames, t);
+                hub.handle_frames(ch, frames, now());
                 // Take whatever else is ready before flushing, to batch work.
+                // Each message gets its own time: one taken before the batch
+                // would date a reply that arrived during it before the
+                // engine's `completed` stamp.
                 for _ in 0..256 {
                     match in_rx.try_recv() {
-                        Ok((ch, frames)) => hub.handle_frames(ch, frames, t),
+                        Ok((ch, frames)) => hub.handle_frames(ch, frames, now()),
                         Err(_) => break,
                     }
                 }
