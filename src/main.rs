@@ -20,7 +20,7 @@ struct Cli {
 enum Command {
     /// Run the hub: an ipyparallel-compatible controller (like ipcontroller).
     Hub(parallax_hub::HubArgs),
-    /// Run an engine that registers with a hub and runs Python code (like ipengine).
+    /// Run an engine that registers with a hub and runs Python or Rust code (like ipengine).
     Engine(parallax_engine::EngineArgs),
     /// Install, remove or list the Parallax Jupyter kernelspecs.
     /// Run the Jupyter kernel (what kernel.json starts): cells fan out to engines.
@@ -34,10 +34,6 @@ enum Command {
         #[command(subcommand)]
         cmd: parallax_kernel::cluster_cmd::ClusterCommand,
     },
-}
-
-fn init_tracing(level: &str) -> Result<()> {
-    init_tracing_with(level, "")
 }
 
 /// `extra` appends filter directives (the kernel silences zmq.rs's
@@ -66,6 +62,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> Result<()> {
+    // evcxr re-executes this binary as the runtime process that loads and
+    // runs compiled Rust cells; in that process this call never returns. It
+    // must come first, before anything else looks at the command line.
+    parallax_engine::rust::runtime_hook();
     let cli = Cli::parse();
     match cli.command {
         Command::Kernel(args) => {
@@ -75,7 +75,13 @@ fn main() -> Result<()> {
         Command::Kernelspec { cmd } => parallax_kernel::kernelspec::run(cmd),
         Command::Cluster { cmd } => parallax_kernel::cluster_cmd::run(cmd),
         Command::Engine(args) => {
-            init_tracing(&args.log_level)?;
+            if args.language == parallax_engine::cli::Language::Rust {
+                // before any thread starts: it sets environment variables
+                parallax_engine::rust::prepare_process_env();
+            }
+            // evcxr's embedded rust-analyzer (ra_ap_*, salsa) logs every
+            // query at INFO
+            init_tracing_with(&args.log_level, ",ra_ap=warn,salsa=warn")?;
             parallax_hub::driver::tune_allocator();
             runtime()?.block_on(async move {
                 // The engine handles SIGINT/SIGTERM itself (clean unregistration).
@@ -83,7 +89,7 @@ fn main() -> Result<()> {
             })
         }
         Command::Hub(args) => {
-            init_tracing(&args.log_level)?;
+            init_tracing_with(&args.log_level, "")?;
             parallax_hub::driver::tune_allocator();
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

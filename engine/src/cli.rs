@@ -2,7 +2,13 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Language {
+    Python,
+    Rust,
+}
 
 #[derive(Debug, Clone, Args)]
 #[command(about = "Run an engine (like ipengine) that executes code for a hub")]
@@ -37,6 +43,10 @@ pub struct EngineArgs {
     /// Missed controller heartbeats (of hb_period + 0.5 s) before the engine exits.
     #[arg(long = "max-heartbeat-misses", default_value_t = 50)]
     pub max_heartbeat_misses: u32,
+    /// Language of the code this engine runs: python (a persistent Python
+    /// subprocess) or rust (evcxr).
+    #[arg(long, value_enum, default_value_t = Language::Python)]
+    pub language: Language,
     /// Python interpreter to run user code in (default: the first python3 on PATH).
     #[arg(long, default_value = "python3")]
     pub python: PathBuf,

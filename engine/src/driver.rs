@@ -33,8 +33,48 @@ use zeromq::{
 };
 
 use crate::cli::EngineArgs;
+use crate::cli::Language;
 use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle};
 use crate::python::{PythonConfig, PythonInterpreter};
+use crate::rust::RustInterpreter;
+
+/// The engine's language runtime, chosen by `--language` (one per engine,
+/// so the size difference does not matter).
+#[allow(clippy::large_enum_variant)]
+enum AnyInterpreter {
+    Python(PythonInterpreter),
+    Rust(RustInterpreter),
+}
+
+impl Interpreter for AnyInterpreter {
+    async fn run(&mut self, req: Request, out: crate::interpreter::OutputSink) -> Reply {
+        match self {
+            AnyInterpreter::Python(i) => i.run(req, out).await,
+            AnyInterpreter::Rust(i) => i.run(req, out).await,
+        }
+    }
+
+    fn signal_handle(&self) -> SignalHandle {
+        match self {
+            AnyInterpreter::Python(i) => i.signal_handle(),
+            AnyInterpreter::Rust(i) => i.signal_handle(),
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        match self {
+            AnyInterpreter::Python(i) => i.shutdown().await,
+            AnyInterpreter::Rust(i) => i.shutdown().await,
+        }
+    }
+
+    fn language_info(&self) -> Value {
+        match self {
+            AnyInterpreter::Python(i) => i.language_info(),
+            AnyInterpreter::Rust(i) => i.language_info(),
+        }
+    }
+}
 
 fn now_str() -> String {
     format_date(Utc::now())
@@ -200,11 +240,16 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     if let Some(n) = args.n_engines {
         env.push(("PARALLAX_N_ENGINES".to_owned(), n.to_string()));
     }
-    let mut interp = PythonInterpreter::start(PythonConfig {
-        python: args.python.clone(),
-        env,
-    })
-    .await?;
+    let mut interp = match args.language {
+        Language::Python => AnyInterpreter::Python(
+            PythonInterpreter::start(PythonConfig {
+                python: args.python.clone(),
+                env,
+            })
+            .await?,
+        ),
+        Language::Rust => AnyInterpreter::Rust(RustInterpreter::start(env)),
+    };
 
     // --- sockets
     let mut shell = RouterSocket::with_options(identity_opts(&uuid));

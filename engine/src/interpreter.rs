@@ -100,14 +100,32 @@ impl Reply {
     }
 }
 
+/// A language's own way of delivering a signal (the Rust engine turns
+/// SIGINT into stopping cargo or its runtime process).
+pub type SignalHandler = std::sync::Arc<dyn Fn(i32) -> Result<(), String> + Send + Sync>;
+
 /// Delivers signals to the interpreter's current process.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct SignalHandle {
     pub pid: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    /// When set, signals go here instead of to `pid`.
+    pub handler: Option<SignalHandler>,
+}
+
+impl std::fmt::Debug for SignalHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalHandle")
+            .field("pid", &self.pid)
+            .field("handler", &self.handler.is_some())
+            .finish()
+    }
 }
 
 impl SignalHandle {
     pub fn send(&self, sig: i32) -> Result<(), String> {
+        if let Some(h) = &self.handler {
+            return h(sig);
+        }
         let pid = self.pid.load(std::sync::atomic::Ordering::SeqCst);
         if pid <= 0 {
             return Err("no interpreter process is running".into());

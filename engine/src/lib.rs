@@ -12,5 +12,7 @@ pub mod cli;
 pub mod driver;
 pub mod interpreter;
 pub mod python;
+pub mod rust;
+pub mod rustc_cache;
 
 pub use cli::EngineArgs;
