@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+pub use crate::kernelspec::Language;
+
 #[derive(Debug, Clone, Args)]
 #[command(about = "Run the Parallax Jupyter kernel (started by Jupyter from kernel.json)")]
 pub struct KernelArgs {
@@ -18,11 +20,12 @@ pub struct KernelArgs {
     /// or a stock ipcontroller) instead of starting an embedded one.
     #[arg(long)]
     pub cluster: Option<PathBuf>,
-    /// Language of the cells (python).
-    #[arg(long, default_value = "python")]
-    pub language: String,
+    /// Language of the cells: python (engines run IPython) or rust
+    /// (engines run evcxr; `parallax engine --language rust`).
+    #[arg(long, value_enum, default_value_t = Language::Python)]
+    pub language: Language,
     /// Python interpreter the embedded engines run code in
-    /// (default: $PARALLAX_PYTHON, else python3 on PATH).
+    /// (default: $PARALLAX_PYTHON, else python3 on PATH; python only).
     #[arg(long)]
     pub python: Option<PathBuf>,
     /// Seconds to wait for the engines to register.
@@ -55,5 +58,41 @@ impl KernelArgs {
             .clone()
             .or_else(|| std::env::var_os("PARALLAX_PYTHON").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("python3"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: KernelArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<KernelArgs, clap::Error> {
+        let mut argv = vec!["kernel", "-f", "/c.json"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).map(|c| c.a)
+    }
+
+    #[test]
+    fn languages() {
+        assert_eq!(parse(&[]).unwrap().language, Language::Python);
+        assert_eq!(
+            parse(&["--language", "rust"]).unwrap().language,
+            Language::Rust
+        );
+        assert_eq!(
+            parse(&["--language=python"]).unwrap().language,
+            Language::Python
+        );
+        let e = parse(&["--language", "go"]).unwrap_err().to_string();
+        assert!(
+            e.contains("invalid value 'go'") && e.contains("[possible values: python, rust]"),
+            "{e}"
+        );
     }
 }

@@ -30,13 +30,27 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::client::HubClient;
+use crate::kernelspec::Language;
 
 /// How to start engines.
 #[derive(Debug, Clone)]
 pub struct EngineSpec {
     pub exe: PathBuf,
+    /// The interpreter of Python engines (unused for Rust engines).
     pub python: PathBuf,
-    pub language: String,
+    pub language: Language,
+}
+
+impl EngineSpec {
+    /// The language arguments of `parallax engine`: Python engines get
+    /// `--python` (python is the engine's default language); Rust engines
+    /// `--language=rust` (evcxr finds rustc and cargo on PATH).
+    pub fn language_args(&self) -> Vec<String> {
+        match self.language {
+            Language::Python => vec![format!("--python={}", self.python.display())],
+            Language::Rust => vec!["--language=rust".into()],
+        }
+    }
 }
 
 /// An engine process this kernel started.
@@ -88,12 +102,6 @@ impl EmbeddedCluster {
     /// (engines register in the background: see [`wait_for_engines`]).
     pub async fn start(n: usize, spec: EngineSpec) -> Result<EmbeddedCluster> {
         let started = Instant::now();
-        if spec.language != "python" {
-            bail!(
-                "--language {}: only python engines are available in this build",
-                spec.language
-            );
-        }
         let profile_dir = private_dir()?;
         let hub_args = HubCli::try_parse_from([
             "hub".to_owned(),
@@ -177,7 +185,7 @@ impl EmbeddedCluster {
             .arg(format!("--file={}", self.bound.engine_file.display()))
             .arg(format!("--id={id}"))
             .arg(format!("--n-engines={total}"))
-            .arg(format!("--python={}", self.spec.python.display()))
+            .args(self.spec.language_args())
             .arg("--log-level=WARN")
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -319,5 +327,24 @@ pub async fn wait_for_engines(
             }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_language_args() {
+        let spec = |language| EngineSpec {
+            exe: "/bin/parallax".into(),
+            python: "/venv/bin/python3".into(),
+            language,
+        };
+        assert_eq!(
+            spec(Language::Python).language_args(),
+            ["--python=/venv/bin/python3"]
+        );
+        assert_eq!(spec(Language::Rust).language_args(), ["--language=rust"]);
     }
 }

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use zeromq::{RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, XPubSocket, ZmqMessage};
 
-use crate::cli::KernelArgs;
+use crate::cli::{KernelArgs, Language};
 use crate::session::{CellOutcome, Session as PxSession, SessionConfig};
 
 pub const PROTOCOL_VERSION: &str = "5.3";
@@ -70,9 +70,12 @@ impl Publisher {
 struct Shared {
     session: Arc<Mutex<Session>>,
     iopub: mpsc::UnboundedSender<Vec<Bytes>>,
-    /// The version is filled in once the engines' Python has told it.
+    /// The version is filled in once the engines' Python (or rustc) has
+    /// told it.
     language_info: Mutex<LanguageInfo>,
     banner: String,
+    help_links: Vec<HelpLink>,
+    language: Language,
 }
 
 impl Shared {
@@ -106,10 +109,7 @@ impl Shared {
             implementation_version: env!("CARGO_PKG_VERSION").into(),
             language_info: self.language_info.lock().expect("language_info").clone(),
             banner: self.banner.clone(),
-            help_links: vec![HelpLink {
-                text: "ipyparallel magics".into(),
-                url: "https://ipyparallel.readthedocs.io/en/latest/tutorial/magics.html".into(),
-            }],
+            help_links: self.help_links.clone(),
             debugger: false,
             error: None,
         };
@@ -137,23 +137,111 @@ fn python_language_info() -> LanguageInfo {
     }
 }
 
-/// Ask the engines' interpreter for its version (runs while the cluster starts).
-async fn probe_python_version(python: std::path::PathBuf, shared: Arc<Shared>) {
-    let out = tokio::process::Command::new(&python)
-        .args(["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"])
+fn rust_language_info() -> LanguageInfo {
+    LanguageInfo {
+        name: "rust".into(),
+        // Empty until rustc has told its version (evcxr_jupyter sends "").
+        version: String::new(),
+        mimetype: Some("text/rust".into()),
+        file_extension: Some(".rs".into()),
+        pygments_lexer: Some("rust".into()),
+        codemirror_mode: Some(CodeMirrorMode::Simple("rust".into())),
+        nbconvert_exporter: None,
+    }
+}
+
+fn language_info(language: Language) -> LanguageInfo {
+    match language {
+        Language::Python => python_language_info(),
+        Language::Rust => rust_language_info(),
+    }
+}
+
+fn help_links(language: Language) -> Vec<HelpLink> {
+    let mut links = vec![HelpLink {
+        text: "ipyparallel magics".into(),
+        url: "https://ipyparallel.readthedocs.io/en/latest/tutorial/magics.html".into(),
+    }];
+    if language == Language::Rust {
+        links.push(HelpLink {
+            text: "evcxr commands (:dep, :vars, …)".into(),
+            url: "https://github.com/evcxr/evcxr/blob/main/COMMON.md".into(),
+        });
+        links.push(HelpLink {
+            text: "Rust standard library".into(),
+            url: "https://doc.rust-lang.org/std/".into(),
+        });
+    }
+    links
+}
+
+fn banner(language: Language, cluster: Option<&std::path::Path>, n: usize) -> String {
+    let place = match cluster {
+        Some(f) => format!("connected to {}", f.display()),
+        None => format!("embedded, {n} engines"),
+    };
+    let (runs_in, extra) = match language {
+        Language::Python => ("", ""),
+        Language::Rust => (
+            ", each running Rust in evcxr",
+            "\nevcxr commands (:dep, :vars, :opt, …) go to the engines.",
+        ),
+    };
+    format!(
+        "Parallax {}: every cell runs on the engines of a parallel cluster ({place}{runs_in}), \
+         outputs merged as ipyparallel's %%px shows them.\n\
+         Magics: %%px, %px, %pxconfig, %pxresult, %autopx, %engines, %cluster.{extra}",
+        language.title()
+    )
+}
+
+/// Ask the engines' language for its version (runs while the cluster
+/// starts): the Python interpreter's `sys.version_info`, or the version of
+/// `rustc` on PATH (what evcxr compiles with).
+async fn probe_language_version(
+    language: Language,
+    python: std::path::PathBuf,
+    shared: Arc<Shared>,
+) {
+    let (program, args): (std::path::PathBuf, &[&str]) = match language {
+        Language::Python => (
+            python,
+            &["-c", "import sys; print('%d.%d.%d' % sys.version_info[:3])"],
+        ),
+        Language::Rust => ("rustc".into(), &["--version"]),
+    };
+    let out = tokio::process::Command::new(&program)
+        .args(args)
         .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
         .output();
     match tokio::time::timeout(Duration::from_secs(10), out).await {
         Ok(Ok(o)) if o.status.success() => {
-            let v = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-            if !v.is_empty() {
+            let out = String::from_utf8_lossy(&o.stdout);
+            let version = match language {
+                Language::Python => Some(out.trim().to_owned()).filter(|v| !v.is_empty()),
+                Language::Rust => rustc_version(&out),
+            };
+            if let Some(v) = version {
                 shared.language_info.lock().expect("language_info").version = v;
             }
         }
         _ => {
-            debug!(python = %python.display(), "could not ask the engines' python for its version")
+            debug!(program = %program.display(), %language, "could not ask the engines' language for its version")
         }
     }
+}
+
+/// The version number in `rustc --version`'s output:
+/// `rustc 1.95.0 (59807616e 2026-04-14)` → `1.95.0` (also `1.96.0-nightly`).
+fn rustc_version(out: &str) -> Option<String> {
+    let mut words = out.split_whitespace();
+    if words.next()? != "rustc" {
+        return None;
+    }
+    let v = words.next()?;
+    v.starts_with(|c: char| c.is_ascii_digit())
+        .then(|| v.to_owned())
 }
 
 fn verify(
@@ -205,12 +293,6 @@ pub async fn run(args: KernelArgs) -> Result<()> {
             conn.signature_scheme
         );
     }
-    if args.language != "python" {
-        bail!(
-            "--language {}: only python is available in this build",
-            args.language
-        );
-    }
     let n = args.engine_count()?;
     let signer = Signer::new(conn.key.as_bytes());
     let session = Arc::new(Mutex::new(Session::new(
@@ -236,22 +318,19 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     // but the socket stays bound so frontends can connect.
     let _stdin = stdin;
 
-    let banner = format!(
-        "Parallax Python: every cell runs on the engines of a parallel cluster ({}), \
-         outputs merged as ipyparallel's %%px shows them.\n\
-         Magics: %%px, %px, %pxconfig, %pxresult, %autopx, %engines, %cluster.",
-        match &args.cluster {
-            Some(f) => format!("connected to {}", f.display()),
-            None => format!("embedded, {n} engines"),
-        }
-    );
     let shared = Arc::new(Shared {
         session: session.clone(),
         iopub: iopub_tx.clone(),
-        language_info: Mutex::new(python_language_info()),
-        banner,
+        language_info: Mutex::new(language_info(args.language)),
+        banner: banner(args.language, args.cluster.as_deref(), n),
+        help_links: help_links(args.language),
+        language: args.language,
     });
-    tokio::spawn(probe_python_version(args.python(), shared.clone()));
+    tokio::spawn(probe_language_version(
+        args.language,
+        args.python(),
+        shared.clone(),
+    ));
 
     // Interrupts: a counter bumped by interrupt_request and SIGINT; a cell
     // reacts to changes made while it runs.
@@ -264,7 +343,7 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         engines: n,
         cluster_file: args.cluster.clone(),
         python: args.python(),
-        language: args.language.clone(),
+        language: args.language,
         exe: std::env::current_exe().context("locating the parallax binary")?,
         engine_timeout: Duration::from_secs_f64(args.engine_timeout.max(1.0)),
     };
@@ -697,7 +776,7 @@ async fn shell_worker(
                         .get("code")
                         .and_then(Value::as_str)
                         .unwrap_or("");
-                    crate::session::is_complete_fallback(code)
+                    crate::session::is_complete_fallback(code, shared.language)
                 });
                 ("is_complete_reply".into(), c)
             }
@@ -890,6 +969,51 @@ async fn control_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rustc_versions() {
+        assert_eq!(
+            rustc_version("rustc 1.95.0 (59807616e 2026-04-14)\n").as_deref(),
+            Some("1.95.0")
+        );
+        assert_eq!(
+            rustc_version("rustc 1.96.0-nightly (abc 2026-05-01)").as_deref(),
+            Some("1.96.0-nightly")
+        );
+        assert_eq!(rustc_version("error: no such command"), None);
+        assert_eq!(rustc_version(""), None);
+    }
+
+    #[test]
+    fn rust_kernel_info() {
+        let info = serde_json::to_value(language_info(Language::Rust)).unwrap();
+        assert_eq!(
+            info,
+            json!({"name": "rust", "version": "", "mimetype": "text/rust",
+                   "file_extension": ".rs", "codemirror_mode": "rust", "pygments_lexer": "rust"})
+        );
+        let links = help_links(Language::Rust);
+        assert!(
+            links
+                .iter()
+                .any(|l| l.url == "https://github.com/evcxr/evcxr/blob/main/COMMON.md")
+        );
+        assert_eq!(help_links(Language::Python).len(), 1);
+        let b = banner(Language::Rust, None, 4);
+        assert!(
+            b.starts_with("Parallax Rust: ")
+                && b.contains("embedded, 4 engines")
+                && b.contains(":dep"),
+            "{b}"
+        );
+        let b = banner(Language::Python, None, 2);
+        assert_eq!(
+            b,
+            "Parallax Python: every cell runs on the engines of a parallel cluster (embedded, 2 engines), \
+             outputs merged as ipyparallel's %%px shows them.\n\
+             Magics: %%px, %px, %pxconfig, %pxresult, %autopx, %engines, %cluster."
+        );
+    }
 
     #[test]
     fn glob() {

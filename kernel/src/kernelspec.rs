@@ -60,6 +60,7 @@ pub struct Location {
     pub prefix: Option<PathBuf>,
 }
 
+/// The language of a kernel's cells (and of its engines' interpreters).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Language {
     Python,
@@ -67,14 +68,16 @@ pub enum Language {
 }
 
 impl Language {
-    fn name(self) -> &'static str {
+    /// `python`, `rust`: the `--language` value and the kernelspec's language.
+    pub fn name(self) -> &'static str {
         match self {
             Language::Python => "python",
             Language::Rust => "rust",
         }
     }
 
-    fn title(self) -> &'static str {
+    /// `Python`, `Rust`: for display names and banners.
+    pub fn title(self) -> &'static str {
         match self {
             Language::Python => "Python",
             Language::Rust => "Rust",
@@ -87,6 +90,12 @@ impl Language {
     }
 }
 
+impl std::fmt::Display for Language {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct InstallArgs {
     #[command(flatten)]
@@ -94,8 +103,8 @@ pub struct InstallArgs {
     /// Number of engines the kernel starts.
     #[arg(long, default_value_t = DEFAULT_ENGINES, value_parser = clap::value_parser!(u32).range(1..))]
     pub engines: u32,
-    /// Language of the cells (the Rust engine is not built yet; its
-    /// kernelspec is installed only when asked for).
+    /// Language of the cells (the Rust kernelspec is installed only when
+    /// asked for, or with --all).
     #[arg(long, value_enum, default_value_t = Language::Python)]
     pub language: Language,
     /// Install the kernelspecs of every language.

@@ -2,7 +2,9 @@
 //!
 //! A cell is either one `%%px` cell magic followed by its body, or a sequence
 //! of line magics (`%name args`, at column 0) and code blocks. Magics are
-//! never passed to the engines' interpreters: the kernel runs them. Options
+//! never passed to the engines' interpreters: the kernel runs them. Only `%`
+//! at column 0 starts a magic: everything else (Python's `!cmd`, evcxr's
+//! `:dep`/`:vars`/`:opt` commands, Rust code) is code for the engines. Options
 //! are ipyparallel's (`client/magics.py`: `exec_args`, `output_args`).
 
 use std::fmt;
@@ -765,6 +767,39 @@ mod tests {
             }]
         );
         assert_eq!(parse_cell("%%px\n\n").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn rust_cells_and_evcxr_commands_are_code() {
+        // evcxr's `:` commands, shell-like `!` lines, attributes and `%`
+        // (remainder) inside expressions are the engines' business.
+        let cell = ":dep rand = \"0.8\"\n:vars\n!ls\n#[derive(Debug)]\nstruct P;\nlet r = 7 % 3;";
+        assert_eq!(parse_cell(cell).unwrap(), vec![Item::Code(cell.into())]);
+        assert_eq!(
+            parse_cell("%%px --targets ::2\n:opt 2\nfn f() -> i32 { 1 }").unwrap(),
+            vec![Item::Px {
+                code: ":opt 2\nfn f() -> i32 { 1 }".into(),
+                options: PxOptions {
+                    targets: Some(Targets::Slice {
+                        start: None,
+                        stop: None,
+                        step: Some(2)
+                    }),
+                    ..Default::default()
+                }
+            }]
+        );
+        assert_eq!(
+            parse_cell(":dep serde\n%px :vars\nlet x = 1;").unwrap(),
+            vec![
+                Item::Code(":dep serde".into()),
+                Item::Px {
+                    code: ":vars".into(),
+                    options: PxOptions::default()
+                },
+                Item::Code("let x = 1;".into()),
+            ]
+        );
     }
 
     #[test]

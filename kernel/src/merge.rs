@@ -13,7 +13,26 @@
 //!   `_iopub_streaming_output_callback`).
 //! * at the end or for `%pxresult` ([`display_outputs`]): grouped by type,
 //!   engine or order (`AsyncResult.display_outputs`).
-//! * the cell's error ([`composite_error`], [`already_displayed_error`]).
+//! * the cell's error ([`composite_error`], [`results_composite_error`],
+//!   [`already_displayed_error`]).
+//!
+//! One addition to ipyparallel's formats: a Rust cell that does not compile
+//! fails the same way on every engine (ename `CompileError`, rustc's
+//! diagnostics as the traceback). When every target engine (two or more)
+//! reports an identical CompileError (same ename, evalue, traceback), it is
+//! shown once, headed by the engines' ids (runs of three or more consecutive
+//! ids as `a-b`, see [`fmt_id_ranges`]) — [`SharedError`]:
+//!
+//! ```text
+//! [0-3:execute] CompileError on all 4 engines
+//! error[E0425]: cannot find value `y` in this scope
+//! ...
+//! ```
+//!
+//! While streaming, CompileErrors are held back until every target has
+//! finished (other output streams live); if they turn out not to be one
+//! identical error on all targets, each is printed as `[N:execute]` as
+//! usual. Other errors are never merged.
 
 use std::collections::HashSet;
 
@@ -23,6 +42,8 @@ use crate::magics::GroupBy;
 
 /// CompositeError.tb_limit: full tracebacks for this many errors.
 pub const TB_LIMIT: usize = 4;
+/// The ename of a Rust cell that did not compile (the Rust engine's).
+pub const COMPILE_ERROR: &str = "CompileError";
 const RED: &str = "\x1b[0;31m";
 const NORMAL: &str = "\x1b[0m";
 
@@ -401,12 +422,105 @@ fn error_text(err: &RemoteError, nth: usize) -> String {
     }
 }
 
+/// Engine ids, ascending, with runs of three or more consecutive ids as
+/// `first-last`: `[0, 1, 2, 3]` → `0-3`, `[5, 0, 2, 6, 7]` → `0,2,5-7`,
+/// `[0, 1]` → `0,1`.
+pub fn fmt_id_ranges(ids: &[i64]) -> String {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < ids.len() {
+        let mut j = i;
+        while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+            j += 1;
+        }
+        if j - i >= 2 {
+            parts.push(format!("{}-{}", ids[i], ids[j]));
+        } else {
+            parts.extend(ids[i..=j].iter().map(i64::to_string));
+        }
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// One CompileError that every target engine reported identically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SharedError<'a> {
+    /// The engines, in target order.
+    pub engine_ids: Vec<i64>,
+    /// The first target's error (all are equal but for the engine id).
+    pub error: &'a RemoteError,
+}
+
+impl SharedError<'_> {
+    /// `[0-3:execute]`.
+    pub fn label(&self) -> String {
+        format!(
+            "[{}:{}]",
+            fmt_id_ranges(&self.engine_ids),
+            self.error.method
+        )
+    }
+
+    /// `[0-3:execute] CompileError on all 4 engines`.
+    pub fn header(&self) -> String {
+        format!(
+            "{} {} on all {} engines",
+            self.label(),
+            self.error.ename,
+            self.engine_ids.len()
+        )
+    }
+
+    /// The header, then the traceback (like `RemoteError.render_traceback`).
+    pub fn render_traceback(&self) -> Vec<String> {
+        let mut v = vec![self.header()];
+        match self.error.traceback_text() {
+            Some(t) => v.extend(t.lines().map(str::to_owned)),
+            None => v.push("No traceback available".into()),
+        }
+        v
+    }
+}
+
+/// The cell's errors as one [`SharedError`], if there are two or more
+/// targets and each reported a `CompileError` with the same ename, evalue,
+/// traceback (and method).
+pub fn identical_compile_error(r: &Results) -> Option<SharedError<'_>> {
+    if r.engines.len() < 2 {
+        return None;
+    }
+    let first = r.engines[0].error.as_ref()?;
+    if first.ename != COMPILE_ERROR {
+        return None;
+    }
+    let same = |e: &RemoteError| {
+        e.ename == first.ename
+            && e.evalue == first.evalue
+            && e.traceback == first.traceback
+            && e.method == first.method
+    };
+    if !r.engines.iter().all(|e| e.error.as_ref().is_some_and(same)) {
+        return None;
+    }
+    Some(SharedError {
+        engine_ids: r.engines.iter().map(|e| e.engine_id).collect(),
+        error: first,
+    })
+}
+
 /// Live output while a blocking `%px` runs with streaming on.
 #[derive(Debug, Default)]
 pub struct Streamer {
     pub color: bool,
     already_streamed: HashSet<String>,
     streamed_errors: usize,
+    /// Engines (indices) whose CompileError waits for the other targets:
+    /// shown once for all of them if they are identical ([`SharedError`]).
+    held: Vec<usize>,
 }
 
 impl Streamer {
@@ -466,17 +580,60 @@ impl Streamer {
 
     /// Show an engine's error if it has one that was not shown yet: from
     /// iopub as it arrives, or from the reply when no iopub error came (an
-    /// engine that died, an aborted request).
+    /// engine that died, an aborted request). A CompileError of a cell with
+    /// several targets is held until every target is done (then shown once
+    /// if all are the same, else each one); see [`Streamer::finish`].
     pub fn show_error(&mut self, results: &mut Results, idx: usize) -> Vec<Out> {
+        let several = results.engines.len() > 1;
         let e = &mut results.engines[idx];
+        let mut out = vec![];
         match &e.error {
-            Some(err) if !e.error_shown => {
+            Some(err) if !e.error_shown && !self.held.contains(&idx) => {
+                if several && err.ename == COMPILE_ERROR {
+                    self.held.push(idx);
+                } else {
+                    e.error_shown = true;
+                    self.streamed_errors += 1;
+                    out.push(Out::stream("stderr", error_text(err, self.streamed_errors)));
+                }
+            }
+            _ => {}
+        }
+        if !self.held.is_empty() && results.done() {
+            out.extend(self.finish(results));
+        }
+        out
+    }
+
+    /// Release the held CompileErrors (when every target is done, or the
+    /// cell ends without them, e.g. interrupted): one block for an error
+    /// that every target reported identically, else each in target order,
+    /// counted like the others for the tb limit.
+    pub fn finish(&mut self, results: &mut Results) -> Vec<Out> {
+        if self.held.is_empty() {
+            return vec![];
+        }
+        self.held.clear();
+        if let Some(shared) = identical_compile_error(results) {
+            let text = shared.render_traceback().join("\n") + "\n";
+            for e in results.engines.iter_mut() {
+                e.error_shown = true;
+            }
+            self.streamed_errors += 1;
+            return vec![Out::stream("stderr", text)];
+        }
+        let mut out = vec![];
+        for e in results.engines.iter_mut() {
+            if let Some(err) = &e.error
+                && !e.error_shown
+                && err.ename == COMPILE_ERROR
+            {
                 e.error_shown = true;
                 self.streamed_errors += 1;
-                vec![Out::stream("stderr", error_text(err, self.streamed_errors))]
+                out.push(Out::stream("stderr", error_text(err, self.streamed_errors)));
             }
-            _ => vec![],
         }
+        out
     }
 }
 
@@ -615,24 +772,32 @@ impl CellError {
     }
 }
 
-/// `CompositeError` for results whose errors were not shown yet.
-pub fn composite_error(errors: &[&RemoteError]) -> Option<CellError> {
-    if errors.is_empty() {
+/// One entry of a CompositeError: its label (`[0:execute]`), the line
+/// heading its traceback, the error.
+struct CompositeEntry<'a> {
+    label: String,
+    heading: String,
+    error: &'a RemoteError,
+}
+
+fn composite(entries: &[CompositeEntry<'_>]) -> Option<CellError> {
+    if entries.is_empty() {
         return None;
     }
     let mut evalue = "one or more exceptions raised in: %px".to_owned();
     let mut tb = Vec::new();
-    for e in errors.iter().take(TB_LIMIT) {
-        evalue.push_str(&format!("\n{}{}: {}", e.label(), e.ename, e.evalue));
-        tb.push(format!("{}:", e.label()));
+    for c in entries.iter().take(TB_LIMIT) {
+        let e = c.error;
+        evalue.push_str(&format!("\n{}{}: {}", c.label, e.ename, e.evalue));
+        tb.push(c.heading.clone());
         match e.traceback_text() {
             Some(t) => tb.extend(t.lines().map(str::to_owned)),
             None => tb.push("No traceback available".into()),
         }
         tb.push(String::new());
     }
-    if errors.len() > TB_LIMIT {
-        let more = errors.len() - TB_LIMIT;
+    if entries.len() > TB_LIMIT {
+        let more = entries.len() - TB_LIMIT;
         evalue.push_str(&format!("\n.... {more} more exceptions ..."));
         tb.push(format!("... {more} more exceptions ..."));
     }
@@ -641,6 +806,35 @@ pub fn composite_error(errors: &[&RemoteError]) -> Option<CellError> {
         evalue,
         traceback: tb,
     })
+}
+
+/// `CompositeError` for results whose errors were not shown yet.
+pub fn composite_error(errors: &[&RemoteError]) -> Option<CellError> {
+    let entries: Vec<CompositeEntry<'_>> = errors
+        .iter()
+        .map(|e| CompositeEntry {
+            label: e.label(),
+            heading: format!("{}:", e.label()),
+            error: e,
+        })
+        .collect();
+    composite(&entries)
+}
+
+/// The `CompositeError` of a whole execution (`--no-stream`, `%pxresult`):
+/// [`composite_error`] of its errors, or one entry for a CompileError that
+/// every target reported identically
+/// (`[0-3:execute]CompileError: error[E0425]: …`, traceback headed
+/// `[0-3:execute] CompileError on all 4 engines:`).
+pub fn results_composite_error(r: &Results) -> Option<CellError> {
+    match identical_compile_error(r) {
+        Some(shared) => composite(&[CompositeEntry {
+            label: shared.label(),
+            heading: format!("{}:", shared.header()),
+            error: shared.error,
+        }]),
+        None => composite_error(&r.errors()),
+    }
 }
 
 /// `AlreadyDisplayedError`: the errors were streamed; the cell says how many.
@@ -970,6 +1164,216 @@ mod tests {
             ... 2 more exceptions ..."#]]
         .assert_eq(&e.traceback.join("\n"));
         assert!(composite_error(&[]).is_none());
+    }
+
+    fn compile_err(eid: i64, name: &str) -> RemoteError {
+        let first = format!("error[E0425]: cannot find value `{name}` in this scope");
+        RemoteError {
+            engine_id: eid,
+            method: "execute".into(),
+            ename: COMPILE_ERROR.into(),
+            evalue: first.clone(),
+            traceback: vec![
+                first,
+                " --> src/lib.rs:1:1".into(),
+                "  |".into(),
+                format!("1 | {name} + 1"),
+                "  | ^ not found in this scope".into(),
+            ],
+        }
+    }
+
+    fn compile_reply(e: &RemoteError) -> Value {
+        json!({"status": "error", "ename": e.ename, "evalue": e.evalue, "traceback": e.traceback,
+               "engine_info": {"engine_id": e.engine_id, "method": "execute"}})
+    }
+
+    /// An engine's error on iopub, then its reply and `idle` (the session
+    /// shows errors of engines that are done).
+    fn fail(r: &mut Results, s: &mut Streamer, idx: usize, e: RemoteError) -> Vec<Out> {
+        let reply = compile_reply(&e);
+        let mut outs = feed(r, s, idx, EngineEvent::Error(e));
+        outs.extend(finish_engine(r, s, idx, reply));
+        outs
+    }
+
+    fn finish_engine(r: &mut Results, s: &mut Streamer, idx: usize, reply: Value) -> Vec<Out> {
+        r.apply_reply(idx, &reply);
+        r.engines[idx].output_done = true;
+        s.show_error(r, idx)
+    }
+
+    fn ok_reply() -> Value {
+        json!({"status": "ok", "execution_count": 1})
+    }
+
+    #[test]
+    fn id_ranges() {
+        assert_eq!(fmt_id_ranges(&[0, 1, 2, 3]), "0-3");
+        assert_eq!(fmt_id_ranges(&[5, 0, 2, 6, 7]), "0,2,5-7");
+        assert_eq!(fmt_id_ranges(&[0, 1]), "0,1");
+        assert_eq!(fmt_id_ranges(&[3, 2, 1, 0, 9]), "0-3,9");
+        assert_eq!(fmt_id_ranges(&[4]), "4");
+    }
+
+    #[test]
+    fn identical_compile_errors_are_shown_once() {
+        let mut r = results(4);
+        let mut s = Streamer::new(false);
+        let mut outs = vec![];
+        for i in 0..4 {
+            outs.extend(fail(&mut r, &mut s, i, compile_err(i as i64, "y")));
+            if i == 1 {
+                // Other output keeps streaming while the errors are held.
+                outs.extend(feed(&mut r, &mut s, 2, stream("stdout", "warming up\n")));
+            }
+        }
+        assert!(r.done());
+        check(
+            &outs,
+            expect![[r#"
+                display_data [m2-stdout] {"text/plain":"[stdout:2] warming up\n"} md={}
+                stream stderr: "[0-3:execute] CompileError on all 4 engines\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+            "#]],
+        );
+        // Nothing is shown twice; the cell still counts every engine's error.
+        assert!(s.finish(&mut r).is_empty());
+        assert!((0..4).all(|i| s.show_error(&mut r, i).is_empty()));
+        assert_eq!(already_displayed_error(r.errors().len()).evalue, "4 errors");
+        // --no-stream / %pxresult: the CompositeError lists it once.
+        let e = results_composite_error(&r).unwrap();
+        expect![[r#"
+            one or more exceptions raised in: %px
+            [0-3:execute]CompileError: error[E0425]: cannot find value `y` in this scope"#]]
+        .assert_eq(&e.evalue);
+        expect![[r#"
+            [0-3:execute] CompileError on all 4 engines:
+            error[E0425]: cannot find value `y` in this scope
+             --> src/lib.rs:1:1
+              |
+            1 | y + 1
+              | ^ not found in this scope
+        "#]]
+        .assert_eq(&e.traceback.join("\n"));
+        // Two engines, listed as such.
+        let mut r = Results::new(&[(2, "a".into()), (5, "b".into())], false);
+        let mut s = Streamer::new(false);
+        let mut outs = fail(&mut r, &mut s, 0, compile_err(2, "y"));
+        outs.extend(fail(&mut r, &mut s, 1, compile_err(5, "y")));
+        check(
+            &outs,
+            expect![[r#"
+                stream stderr: "[2,5:execute] CompileError on all 2 engines\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+            "#]],
+        );
+    }
+
+    #[test]
+    fn different_compile_errors_are_shown_each() {
+        let mut r = results(3);
+        let mut s = Streamer::new(false);
+        let mut outs = vec![];
+        outs.extend(fail(&mut r, &mut s, 0, compile_err(0, "y")));
+        outs.extend(fail(&mut r, &mut s, 1, compile_err(1, "z")));
+        // A runtime error is never held or merged: it streams at once.
+        outs.extend(feed(
+            &mut r,
+            &mut s,
+            2,
+            EngineEvent::Error(err(2, "ZeroDivisionError")),
+        ));
+        outs.extend(finish_engine(&mut r, &mut s, 2, ok_reply()));
+        check(
+            &outs,
+            expect![[r#"
+                stream stderr: "[2:execute]\nTraceback (most recent call last):\n  line 1\nZeroDivisionError: boom\n"
+                stream stderr: "[0:execute]\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+                stream stderr: "[1:execute]\nerror[E0425]: cannot find value `z` in this scope\n --> src/lib.rs:1:1\n  |\n1 | z + 1\n  | ^ not found in this scope\n"
+            "#]],
+        );
+        assert!(s.finish(&mut r).is_empty());
+        // The same error text but one engine differs: each, ipyparallel's way.
+        let mut r = results(2);
+        r.apply(0, &EngineEvent::Error(compile_err(0, "y")));
+        r.apply(1, &EngineEvent::Error(compile_err(1, "z")));
+        expect![[r#"
+            one or more exceptions raised in: %px
+            [0:execute]CompileError: error[E0425]: cannot find value `y` in this scope
+            [1:execute]CompileError: error[E0425]: cannot find value `z` in this scope"#]]
+        .assert_eq(&results_composite_error(&r).unwrap().evalue);
+    }
+
+    #[test]
+    fn compile_error_on_some_engines_only_is_shown_each() {
+        let mut r = results(3);
+        let mut s = Streamer::new(false);
+        let mut outs = vec![];
+        outs.extend(fail(&mut r, &mut s, 0, compile_err(0, "y")));
+        outs.extend(fail(&mut r, &mut s, 2, compile_err(2, "y")));
+        assert!(outs.is_empty(), "held until every target is done");
+        outs.extend(feed(&mut r, &mut s, 1, stream("stdout", "ok\n")));
+        outs.extend(finish_engine(&mut r, &mut s, 1, ok_reply()));
+        check(
+            &outs,
+            expect![[r#"
+                display_data [m1-stdout] {"text/plain":"[stdout:1] ok\n"} md={}
+                stream stderr: "[0:execute]\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+                stream stderr: "[2:execute]\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+            "#]],
+        );
+        assert_eq!(already_displayed_error(r.errors().len()).evalue, "2 errors");
+        let e = results_composite_error(&r).unwrap();
+        expect![[r#"
+            [0:execute]:
+            error[E0425]: cannot find value `y` in this scope
+             --> src/lib.rs:1:1
+              |
+            1 | y + 1
+              | ^ not found in this scope
+
+            [2:execute]:
+            error[E0425]: cannot find value `y` in this scope
+             --> src/lib.rs:1:1
+              |
+            1 | y + 1
+              | ^ not found in this scope
+        "#]]
+        .assert_eq(&e.traceback.join("\n"));
+    }
+
+    #[test]
+    fn held_compile_errors_are_released_when_the_cell_ends_early() {
+        // Interrupted: engine 1 never returned; engine 0's error still shows.
+        let mut r = results(2);
+        let mut s = Streamer::new(false);
+        assert!(fail(&mut r, &mut s, 0, compile_err(0, "y")).is_empty());
+        check(
+            &s.finish(&mut r),
+            expect![[r#"
+                stream stderr: "[0:execute]\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+            "#]],
+        );
+    }
+
+    #[test]
+    fn single_target_compile_error_streams_at_once_and_others_never_merge() {
+        let mut r = results(1);
+        let mut s = Streamer::new(false);
+        check(
+            &feed(&mut r, &mut s, 0, EngineEvent::Error(compile_err(0, "y"))),
+            expect![[r#"
+                stream stderr: "[0:execute]\nerror[E0425]: cannot find value `y` in this scope\n --> src/lib.rs:1:1\n  |\n1 | y + 1\n  | ^ not found in this scope\n"
+            "#]],
+        );
+        assert!(identical_compile_error(&r).is_none());
+        // Identical runtime errors on every engine stay one per engine.
+        let mut r = results(2);
+        for i in 0..2 {
+            r.apply(i, &EngineEvent::Error(err(i as i64, "ValueError")));
+        }
+        assert!(identical_compile_error(&r).is_none());
+        let e = results_composite_error(&r).unwrap();
+        assert_eq!(e.evalue.lines().count(), 3, "{}", e.evalue);
     }
 
     #[test]

@@ -19,12 +19,13 @@ use tracing::{info, warn};
 use crate::client::{Chan, ClientEvent, HubClient};
 use crate::cluster::{EmbeddedCluster, EngineSpec, wait_for_engines};
 use crate::frontend::Publisher;
+use crate::kernelspec::Language;
 use crate::magics::{
     ClusterCommand, GroupBy, Item, PxConfig, PxOptions, Targets, parse_cell, signal_number,
 };
 use crate::merge::{
     CellError, EngineEvent, Out, RemoteError, Results, Streamer, already_displayed_error,
-    composite_error, display_outputs,
+    display_outputs, results_composite_error,
 };
 
 const NO_LAST_RESULT: &str = "%pxresult recalls last %px result, which has not yet been used.";
@@ -38,7 +39,7 @@ pub struct SessionConfig {
     pub engines: usize,
     pub cluster_file: Option<PathBuf>,
     pub python: PathBuf,
-    pub language: String,
+    pub language: Language,
     pub exe: PathBuf,
     pub engine_timeout: Duration,
 }
@@ -228,7 +229,7 @@ impl Session {
         let spec = EngineSpec {
             exe: cfg.exe.clone(),
             python: cfg.python.clone(),
-            language: cfg.language.clone(),
+            language: cfg.language,
         };
         let (client, cluster) = match &cfg.cluster_file {
             Some(f) => (HubClient::connect_file(f).await?, None),
@@ -625,6 +626,9 @@ impl Session {
                     publish(streamer.show_error(&mut r, i));
                 }
             }
+            // CompileErrors held back for a shared display (not all targets
+            // finished, e.g. interrupted): show them now.
+            publish(streamer.finish(&mut r));
         } else {
             publish(display_outputs(&r, cfg.group_by, false, self.color));
         }
@@ -659,7 +663,7 @@ impl Session {
         if stream {
             CellOutcome::Error(already_displayed_error(errors.len()))
         } else {
-            CellOutcome::Error(composite_error(&errors).expect("errors"))
+            CellOutcome::Error(results_composite_error(&r).expect("errors"))
         }
     }
 
@@ -729,7 +733,7 @@ impl Session {
         for o in outs {
             p.publish(o.msg_type, o.content);
         }
-        match composite_error(&r.errors()) {
+        match results_composite_error(&r) {
             Some(e) => CellOutcome::Error(e),
             None => CellOutcome::Ok { result: None },
         }
@@ -829,14 +833,19 @@ impl Session {
                 let mut s = format!("{}\nengines: {}\n", self.where_(), fmt_ids(&ids));
                 if let Some(c) = &self.cluster {
                     s.push_str(&format!(
-                        "engine processes: {}\nengine python: {}\n",
+                        "engine processes: {}\n",
                         c.engine_ids()
                             .iter()
                             .map(|i| format!("{i} (pid {})", c.pid(*i).unwrap_or(0)))
                             .collect::<Vec<_>>()
                             .join(", "),
-                        self.spec.python.display()
                     ));
+                    match self.spec.language {
+                        Language::Python => {
+                            s.push_str(&format!("engine python: {}\n", self.spec.python.display()))
+                        }
+                        Language::Rust => s.push_str("engine language: rust (evcxr)\n"),
+                    }
                 }
                 p.stream("stdout", s);
                 CellOutcome::Ok { result: None }
@@ -1033,11 +1042,13 @@ fn fmt_mmss(s: f64) -> String {
     format!("{:02}:{:02}", s / 60, s % 60)
 }
 
-/// is_complete without an engine: brackets and a trailing colon.
-pub fn is_complete_fallback(code: &str) -> Value {
+/// is_complete without an engine: brackets; for Python also a trailing
+/// colon or backslash and an indented last line.
+pub fn is_complete_fallback(code: &str, language: Language) -> Value {
+    let python = language == Language::Python;
     // An indented last line continues a block, as in a console.
     let last = code.lines().last().unwrap_or("");
-    if last.starts_with([' ', '\t']) && !last.trim().is_empty() {
+    if python && last.starts_with([' ', '\t']) && !last.trim().is_empty() {
         return json!({"status": "incomplete", "indent": last[..last.len() - last.trim_start().len()]});
     }
     let mut depth = 0i32;
@@ -1050,7 +1061,9 @@ pub fn is_complete_fallback(code: &str) -> Value {
     }
     if depth < 0 {
         json!({"status": "invalid"})
-    } else if depth > 0 || code.trim_end().ends_with(':') || code.trim_end().ends_with('\\') {
+    } else if depth > 0
+        || (python && (code.trim_end().ends_with(':') || code.trim_end().ends_with('\\')))
+    {
         json!({"status": "incomplete", "indent": "    "})
     } else {
         json!({"status": "complete"})
@@ -1075,9 +1088,16 @@ mod tests {
 
     #[test]
     fn fallback_is_complete() {
-        assert_eq!(is_complete_fallback("x = (1,")["status"], "incomplete");
-        assert_eq!(is_complete_fallback("for i in x:")["status"], "incomplete");
-        assert_eq!(is_complete_fallback("x = 1")["status"], "complete");
-        assert_eq!(is_complete_fallback("x)")["status"], "invalid");
+        let py = |c: &str| is_complete_fallback(c, Language::Python)["status"].clone();
+        assert_eq!(py("x = (1,"), "incomplete");
+        assert_eq!(py("for i in x:"), "incomplete");
+        assert_eq!(py("x = 1"), "complete");
+        assert_eq!(py("x)"), "invalid");
+        let rs = |c: &str| is_complete_fallback(c, Language::Rust)["status"].clone();
+        assert_eq!(rs("fn f() {"), "incomplete");
+        assert_eq!(rs("fn f() {\n    1\n}"), "complete");
+        assert_eq!(rs("let x = 1;\n    // indented"), "complete");
+        assert_eq!(rs(":dep rand"), "complete");
+        assert_eq!(rs("}"), "invalid");
     }
 }
