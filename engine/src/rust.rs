@@ -100,6 +100,12 @@ pub fn prepare_process_env() {
 /// The runtime process's output relay (see the module docs).
 struct Relay {
     out: File,
+    /// To and from the flusher thread the setup cell starts in the runtime
+    /// ([`FLUSHER_SETUP`]): user code's stdout buffer lives in the shared
+    /// libstd the cells link, out of this binary's reach.
+    flush_req: File,
+    flush_ack: File,
+    flusher_ready: bool,
     out_r: File,
     err_r: File,
     out_pending: Vec<u8>,
@@ -160,8 +166,22 @@ impl Relay {
             }
         }
         drop((out_w, err_w));
+        let (req_r, req_w) = pipe_cloexec()?;
+        let (ack_r, ack_w) = pipe_cloexec()?;
+        // SAFETY: still single-threaded (the relay thread starts below).
+        unsafe {
+            std::env::set_var(
+                FLUSH_FDS_ENV,
+                format!("{},{}", req_r.as_raw_fd(), ack_w.as_raw_fd()),
+            );
+        }
+        // The flusher owns these two ends from now on.
+        std::mem::forget((req_r, ack_w));
         let mut relay = Relay {
             out,
+            flush_req: File::from(req_w),
+            flush_ack: File::from(ack_r),
+            flusher_ready: false,
             out_r: File::from(out_r),
             err_r: File::from(err_r),
             out_pending: Vec::new(),
@@ -277,6 +297,9 @@ impl Relay {
                 if !text.is_empty() {
                     self.user_line(text);
                 }
+                if is_done {
+                    self.flush_user_stdout();
+                }
                 self.flush_err(is_done);
                 if !is_done {
                     self.write(RELAY_PANIC.as_bytes());
@@ -287,7 +310,11 @@ impl Relay {
                 return;
             }
         }
-        if line.starts_with(b"EVCXR_BEGIN_CONTENT ") {
+        if let Some(at) = find(line, b"EVCXR_BEGIN_CONTENT ") {
+            if at > 0 {
+                self.user_line(&line[..at]);
+            }
+            let line = &line[at..];
             self.flush_err(false);
             self.in_content = true;
             self.write(line);
@@ -295,6 +322,45 @@ impl Relay {
             return;
         }
         self.user_line(line);
+    }
+
+    /// At the end of a cell, have the flusher flush user code's stdout and
+    /// relay what that wrote (text the cell printed without a newline).
+    fn flush_user_stdout(&mut self) {
+        let mut b = [0u8; 16];
+        if !self.flusher_ready {
+            match read_some(&self.flush_ack, &mut b, true) {
+                Ok(n) if n > 0 => self.flusher_ready = true,
+                _ => return,
+            }
+        }
+        if self.flush_req.write_all(b"f").is_err() {
+            self.flusher_ready = false;
+            return;
+        }
+        let mut p = libc::pollfd {
+            fd: self.flush_ack.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 500) } <= 0 {
+            return;
+        }
+        let _ = read_some(&self.flush_ack, &mut b, true);
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = read_some(&self.out_r, &mut buf, true) {
+            if n == 0 {
+                break;
+            }
+            self.out_pending.extend_from_slice(&buf[..n]);
+        }
+        let rest = std::mem::take(&mut self.out_pending);
+        for l in rest.split(|&c| c == b'\n') {
+            if !l.is_empty() {
+                self.user_line(l);
+            }
+        }
     }
 
     fn user_line(&mut self, line: &[u8]) {
@@ -305,6 +371,44 @@ impl Relay {
         self.write(b"\n");
     }
 }
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Names the runtime's flush pipes (request read end, ack write end).
+const FLUSH_FDS_ENV: &str = "PARALLAX_FLUSH_FDS";
+
+/// Run in each new runtime process: a thread in user code's libstd that
+/// flushes stdout when the relay asks (after every cell).
+const FLUSHER_SETUP: &str = r#"{
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    let fds = std::env::var("PARALLAX_FLUSH_FDS").ok().and_then(|v| {
+        let (r, w) = v.split_once(',')?;
+        Some((r.parse::<i32>().ok()?, w.parse::<i32>().ok()?))
+    });
+    if let Some((r, w)) = fds {
+        std::thread::spawn(move || {
+            let mut r = unsafe { std::fs::File::from_raw_fd(r) };
+            let mut w = unsafe { std::fs::File::from_raw_fd(w) };
+            let _ = w.write_all(b"h");
+            let mut b = [0u8; 1];
+            while r.read_exact(&mut b).is_ok() {
+                let _ = std::io::stdout().flush();
+                if w.write_all(b"a").is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}"#;
+
+/// Warms evcxr's rust-analyzer (its first type inference loads the
+/// standard library, seconds of CPU) and the display path, before the
+/// first user cell; `:clear` then forgets the variable.
+const WARMUP: &str =
+    "let parallax_warmup: Vec<String> = vec![String::new()];\nparallax_warmup.len()";
 
 // ------------------------------------------------------------ the engine
 
@@ -435,7 +539,8 @@ struct Control {
     /// The runtime process (evcxr replaces it after it dies).
     child: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
     runtime_pid: AtomicI32,
-    busy: AtomicBool,
+    /// A cell is being handled (shared with the interrupt's watcher).
+    busy_flag: Arc<AtomicBool>,
     stopped: AtomicI32,
 }
 
@@ -452,7 +557,7 @@ impl Control {
                 _ => Err(std::io::Error::last_os_error().to_string()),
             };
         }
-        if !self.busy.load(Ordering::SeqCst) {
+        if !self.busy_flag.load(Ordering::SeqCst) {
             return Ok(());
         }
         // Compiling: stop cargo (and its rustc processes); the runtime and
@@ -475,9 +580,24 @@ impl Control {
             }
             return Ok(());
         }
-        // Running: evcxr can only stop a cell by ending its process.
+        // Running (or about to compile): evcxr can only stop a cell by
+        // ending its process. A compilation that starts later in this cell
+        // is stopped too, so the cell ends now rather than after it.
         self.stopped
             .store(Stopped::Runtime as i32, Ordering::SeqCst);
+        let busy = self.busy_flag.clone();
+        std::thread::spawn(move || {
+            let until = Instant::now() + Duration::from_secs(30);
+            while busy.load(Ordering::SeqCst) && Instant::now() < until {
+                for (pid, comm) in descendants(std::process::id() as i32) {
+                    if comm == "cargo" || comm.starts_with("rustc") {
+                        // SAFETY: kill has no memory-safety preconditions.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
         let child = self.child.lock().expect("child").clone();
         match child {
             Some(c) => c
@@ -542,7 +662,7 @@ impl RustInterpreter {
         let control = Arc::new(Control {
             child: Mutex::new(None),
             runtime_pid: AtomicI32::new(0),
-            busy: AtomicBool::new(false),
+            busy_flag: Arc::new(AtomicBool::new(false)),
             stopped: AtomicI32::new(0),
         });
         let language_info = Arc::new(Mutex::new(json!({
@@ -626,6 +746,8 @@ struct Worker {
     ctx: evcxr::CommandContext,
     state: Arc<Mutex<CellState>>,
     control: Arc<Control>,
+    /// The runtime process [`FLUSHER_SETUP`] last ran in.
+    setup_pid: i32,
 }
 
 fn rustc_version() -> Option<String> {
@@ -679,12 +801,21 @@ fn worker(
     let mut w = match ctx {
         Ok(ctx) => {
             info!(seconds = t0.elapsed().as_secs_f64(), "evcxr context ready");
-            let w = Worker {
+            let mut w = Worker {
                 ctx,
                 state,
                 control,
+                setup_pid: 0,
             };
             w.note_child();
+            let t1 = Instant::now();
+            for cell in [WARMUP, ":clear"] {
+                if let Err(e) = w.ctx.execute(cell) {
+                    warn!(error = %e, "evcxr warm-up cell failed");
+                }
+            }
+            w.setup_runtime();
+            info!(seconds = t1.elapsed().as_secs_f64(), "evcxr warmed up");
             w
         }
         Err(e) => {
@@ -728,6 +859,22 @@ fn char_offset(s: &str, bytes: usize) -> usize {
 }
 
 impl Worker {
+    /// Start the flusher in the current runtime process (once per process:
+    /// evcxr starts a new one after an interrupt, a crash or `:clear`).
+    fn setup_runtime(&mut self) {
+        self.note_child();
+        let pid = self.control.runtime_pid.load(Ordering::SeqCst);
+        if pid == self.setup_pid {
+            return;
+        }
+        match self.ctx.execute(FLUSHER_SETUP) {
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "runtime setup cell failed"),
+        }
+        self.note_child();
+        self.setup_pid = self.control.runtime_pid.load(Ordering::SeqCst);
+    }
+
     fn note_child(&self) {
         let handle = self.ctx.process_handle();
         let pid = handle.lock().map(|c| c.id() as i32).unwrap_or(0);
@@ -806,9 +953,10 @@ impl Worker {
             };
         }
         self.control.stopped.store(0, Ordering::SeqCst);
-        self.control.busy.store(true, Ordering::SeqCst);
+        self.control.busy_flag.store(true, Ordering::SeqCst);
+        self.setup_runtime();
         let result = self.ctx.execute(code);
-        self.control.busy.store(false, Ordering::SeqCst);
+        self.control.busy_flag.store(false, Ordering::SeqCst);
         let stopped = match self.control.stopped.swap(0, Ordering::SeqCst) {
             1 => Stopped::Compilation,
             2 => Stopped::Runtime,
@@ -843,12 +991,20 @@ impl Worker {
                 "interrupted while compiling; nothing ran and no variables were lost".into(),
                 vec!["KeyboardInterrupt: interrupted while compiling the cell; nothing ran and no variables were lost".into()],
             ),
+            Err(ref e)
+                if stopped == Stopped::Runtime
+                    && !matches!(e, evcxr::Error::SubprocessTerminated(_)) =>
+            {
+                // The runtime was stopped while evcxr was still preparing
+                // or compiling (which was stopped too).
+                let evalue = format!(
+                    "interrupted: the Rust runtime process was stopped to end the cell; {}. Functions, types and `use` items are kept; the next cell starts a fresh runtime.",
+                    lost_text(&vars_before)
+                );
+                error("KeyboardInterrupt", evalue.clone(), vec![format!("KeyboardInterrupt: {evalue}")])
+            }
             Err(evcxr::Error::SubprocessTerminated(msg)) => {
-                let lost = if vars_before.is_empty() {
-                    "no variables were defined".to_owned()
-                } else {
-                    format!("variables lost: {}", vars_before.join(", "))
-                };
+                let lost = lost_text(&vars_before);
                 let (ename, what) = if stopped == Stopped::Runtime {
                     (
                         "KeyboardInterrupt",
@@ -884,9 +1040,14 @@ impl Worker {
             Ok(outputs) => {
                 debug!(mimes = ?outputs.content_by_mime_type.keys().collect::<Vec<_>>(), "cell done");
                 if let Some(t) = outputs.timing {
+                    // `:timing`: the total and evcxr's phases, as its REPL
+                    let mut text = format!("Took {}ms\n", t.as_millis());
+                    for p in &outputs.phases {
+                        text.push_str(&format!("  {}: {}ms\n", p.name, p.duration.as_millis()));
+                    }
                     let _ = out.send(Output::Stream {
                         name: "stdout".into(),
-                        text: format!("Took {}ms\n", t.as_millis()),
+                        text,
                     });
                 }
                 if !silent && !outputs.content_by_mime_type.is_empty() {
@@ -940,6 +1101,14 @@ impl Worker {
                 error("EvcxrError", evalue.lines().next().unwrap_or("").to_owned(), tb)
             }
         }
+    }
+}
+
+fn lost_text(vars: &[String]) -> String {
+    if vars.is_empty() {
+        "no variables were defined".to_owned()
+    } else {
+        format!("variables lost: {}", vars.join(", "))
     }
 }
 

@@ -43,6 +43,8 @@ pub const CACHE_ENV: &str = "PARALLAX_RUSTC_CACHE";
 /// Upper bound of the cache's size in MiB (default 2048); least recently
 /// used entries go first.
 pub const CACHE_MB_ENV: &str = "PARALLAX_RUSTC_CACHE_MB";
+/// When set, each invocation appends `pid crate outcome ms` to this file.
+pub const LOG_ENV: &str = "PARALLAX_RUSTC_CACHE_LOG";
 
 const PLACEHOLDER: &str = "\u{1}PARALLAX_BASE\u{1}";
 const FORMAT: &str = "parallax-rustc-cache-1";
@@ -89,8 +91,25 @@ pub fn run(dir: &Path, rustc: &OsString, args: &[OsString]) -> i32 {
     let Some(plan) = Plan::new(rustc, args) else {
         exec_rustc(rustc, args);
     };
-    match plan.execute(dir) {
-        Ok(code) => code,
+    let t0 = std::time::Instant::now();
+    let result = plan.execute(dir);
+    if let Some(log) = std::env::var_os(LOG_ENV) {
+        // One line per invocation: crate, outcome, milliseconds.
+        let line = format!(
+            "{} {} {:?} {}ms\n",
+            std::process::id(),
+            plan.crate_name,
+            result.as_ref().map(|(_, how)| *how),
+            t0.elapsed().as_millis()
+        );
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+    match result {
+        Ok((code, _)) => code,
         // Nothing ran yet: fall back to rustc itself.
         Err(_) => exec_rustc(rustc, args),
     }
@@ -128,6 +147,7 @@ const VALUE_OPTIONS: &[&str] = &[
 struct Plan {
     rustc: OsString,
     args: Vec<String>,
+    crate_name: String,
     /// The engine's crate directory, replaced by [`PLACEHOLDER`] in the key
     /// and in stored text.
     base: String,
@@ -153,6 +173,17 @@ struct Meta {
     /// Files outside the crate and the registry that rustc read, with the
     /// SHA-256 of their contents.
     file_deps: Vec<(String, String)>,
+}
+
+/// How an invocation was served (for the log).
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    Hit,
+    /// Another engine was compiling the same thing; its result was used.
+    HitAfterWait,
+    Compiled,
+    /// Cached, but an `env!` value or a file differs here: compiled.
+    Differs,
 }
 
 enum Lookup {
@@ -307,6 +338,7 @@ impl Plan {
         Some(Plan {
             rustc: rustc.clone(),
             args,
+            crate_name,
             base,
             key: hex::encode(h.finalize()),
         })
@@ -321,14 +353,14 @@ impl Plan {
     }
 
     /// Errors mean nothing was compiled and the caller may run rustc itself.
-    fn execute(&self, dir: &Path) -> std::io::Result<i32> {
+    fn execute(&self, dir: &Path) -> std::io::Result<(i32, Outcome)> {
         let entries = dir.join("entries");
         let locks = dir.join("locks");
         fs::create_dir_all(&entries)?;
         fs::create_dir_all(&locks)?;
         let entry = entries.join(&self.key);
         if let Lookup::Hit(code) = self.lookup(&entry) {
-            return Ok(code);
+            return Ok((code, Outcome::Hit));
         }
         let lock = fs::OpenOptions::new()
             .create(true)
@@ -340,14 +372,14 @@ impl Plan {
             return Err(std::io::Error::last_os_error());
         }
         let store = match self.lookup(&entry) {
-            Lookup::Hit(code) => return Ok(code),
+            Lookup::Hit(code) => return Ok((code, Outcome::HitAfterWait)),
             Lookup::Miss => true,
             Lookup::Differs => false,
         };
         let (status, stdout, stderr) = self.compile()?;
         let code = match status.code() {
             Some(c) => c,
-            None => return Ok(128 + status.signal().unwrap_or(9)),
+            None => return Ok((128 + status.signal().unwrap_or(9), Outcome::Compiled)),
         };
         // 0: built; 1: compile errors. Anything else (an ICE, a crash) is
         // not worth replaying.
@@ -355,7 +387,14 @@ impl Plan {
             let _ = self.store(dir, &entry, code, &stdout, &stderr);
         }
         drop(lock);
-        Ok(code)
+        Ok((
+            code,
+            if store {
+                Outcome::Compiled
+            } else {
+                Outcome::Differs
+            },
+        ))
     }
 
     /// Run rustc; its stderr is forwarded line by line as it comes (cargo
