@@ -22,7 +22,7 @@ VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
 KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
 	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
-.PHONY: all venv build run demo-hub lab lab-deps test test-rust test-python bench lint clean
+.PHONY: all venv build run run-rust demo-hub lab lab-deps test test-rust test-python bench lint clean
 
 all: build
 
@@ -33,14 +33,26 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-build:
+build: $(STAMPS)/rust-src
 	$(CARGO) build --release --locked
+
+# Rust engines: evcxr's embedded rust-analyzer infers the types of cell
+# variables from the standard library's sources (the rust-src component)
+$(STAMPS)/rust-src:
+	mkdir -p $(STAMPS)
+	rustup component add rust-src
+	touch $@
 
 # the Parallax kernel in the venv's Jupyter, then notebooks/overview.ipynb
 # executed headless (nbclient) with its outputs printed as text
 run: venv build
-	$(KERNELSPEC_INSTALL)
+	$(KERNELSPEC_INSTALL) --all
 	$(VENV_ENV) $(PY) scripts/run_notebook.py notebooks/overview.ipynb
+
+# the Rust notebook (notebooks/rust-overview.ipynb) on the Parallax Rust kernel
+run-rust: venv build
+	$(KERNELSPEC_INSTALL) --all
+	$(VENV_ENV) $(PY) scripts/run_notebook.py notebooks/rust-overview.ipynb
 
 # the earlier demo: parallax hub + 4 parallax engines driven by the stock
 # ipyparallel Client
@@ -51,7 +63,7 @@ demo-hub: venv build
 # (extra options: make lab LAB_ARGS="--no-browser --port=9999")
 LAB_ARGS ?=
 lab: venv build
-	$(KERNELSPEC_INSTALL)
+	$(KERNELSPEC_INSTALL) --all
 	$(VENV_ENV) $(VENV)/bin/jupyter lab --ServerApp.root_dir=$(abspath notebooks) $(LAB_ROOT_FLAG) \
 		--LabApp.news_url=None --LabApp.check_for_updates_class=jupyterlab.handlers.announcements.NeverCheckForUpdate $(LAB_ARGS)
 
