@@ -13,6 +13,7 @@ pub mod driver;
 pub mod interpreter;
 pub mod python;
 pub mod rust;
+pub mod rust_syntax;
 pub mod rustc_cache;
 
 pub use cli::EngineArgs;

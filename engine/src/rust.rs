@@ -241,7 +241,15 @@ impl Relay {
             self.err_pending.extend_from_slice(&buf[..n]);
             while let Some(i) = self.err_pending.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = self.err_pending.drain(..=i).collect();
-                self.err_lines.push_back(line[..line.len() - 1].to_vec());
+                let line = line[..line.len() - 1].to_vec();
+                // The panic hook starts with a blank line: drop it.
+                if line.starts_with(b"thread '")
+                    && find(&line, b" panicked at ").is_some()
+                    && self.err_lines.back().is_some_and(|l| l.is_empty())
+                {
+                    self.err_lines.pop_back();
+                }
+                self.err_lines.push_back(line);
             }
         }
         if self.out_pending.is_empty() && !self.in_content {
@@ -256,7 +264,12 @@ impl Relay {
             self.err_lines.push_back(line);
         }
         let mut out = Vec::new();
-        while let Some(l) = self.err_lines.pop_front() {
+        // A blank last line waits (it may start a panic message), except at
+        // the end of a cell.
+        let keep =
+            usize::from(!with_partial && self.err_lines.back().is_some_and(|l| l.is_empty()));
+        while self.err_lines.len() > keep {
+            let l = self.err_lines.pop_front().expect("len checked");
             out.extend_from_slice(RELAY_STDERR.as_bytes());
             out.extend_from_slice(&l);
             out.push(b'\n');
@@ -922,7 +935,7 @@ impl Worker {
                 }
             }
             Request::IsComplete { code } => {
-                let (status, indent) = is_complete(&code);
+                let (status, indent) = crate::rust_syntax::is_complete(&code);
                 let mut r = json!({"status": status});
                 if status == "incomplete" {
                     r["indent"] = indent.into();
@@ -1152,83 +1165,9 @@ fn render_compile_errors(code: &str, errors: &[evcxr::CompilationError]) -> (Str
     (headline, lines)
 }
 
-/// A cell is complete when its brackets balance outside strings, comments
-/// and character literals (evcxr has no parser entry point for this).
-fn is_complete(code: &str) -> (&'static str, &'static str) {
-    let mut depth: i64 = 0;
-    let b = code.as_bytes();
-    let mut i = 0;
-    let mut in_block_comment = 0;
-    while i < b.len() {
-        let c = b[i];
-        if in_block_comment > 0 {
-            if b[i..].starts_with(b"*/") {
-                in_block_comment -= 1;
-                i += 2;
-                continue;
-            }
-            if b[i..].starts_with(b"/*") {
-                in_block_comment += 1;
-                i += 2;
-                continue;
-            }
-            i += 1;
-            continue;
-        }
-        match c {
-            b'/' if b[i..].starts_with(b"//") => {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-                continue;
-            }
-            b'/' if b[i..].starts_with(b"/*") => {
-                in_block_comment = 1;
-                i += 2;
-                continue;
-            }
-            b'"' => {
-                i += 1;
-                while i < b.len() && b[i] != b'"' {
-                    if b[i] == b'\\' {
-                        i += 1;
-                    }
-                    i += 1;
-                }
-                if i >= b.len() {
-                    return ("incomplete", "");
-                }
-            }
-            b'(' | b'[' | b'{' => depth += 1,
-            b')' | b']' | b'}' => depth -= 1,
-            _ => {}
-        }
-        i += 1;
-    }
-    if in_block_comment > 0 {
-        return ("incomplete", "");
-    }
-    match depth {
-        d if d < 0 => ("invalid", ""),
-        0 => ("complete", ""),
-        _ => ("incomplete", "    "),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn completeness_follows_brackets_strings_and_comments() {
-        assert_eq!(is_complete("let x = 1;").0, "complete");
-        assert_eq!(is_complete("fn f() {").0, "incomplete");
-        assert_eq!(is_complete("let s = \"{\";").0, "complete");
-        assert_eq!(is_complete("// {\nlet x = 1;").0, "complete");
-        assert_eq!(is_complete("/* { */ 1").0, "complete");
-        assert_eq!(is_complete("let s = \"abc").0, "incomplete");
-        assert_eq!(is_complete("}").0, "invalid");
-    }
 
     #[test]
     fn cell_state_claims_panic_messages_and_keeps_stream_order() {

@@ -1045,10 +1045,17 @@ fn fmt_mmss(s: f64) -> String {
 /// is_complete without an engine: brackets; for Python also a trailing
 /// colon or backslash and an indented last line.
 pub fn is_complete_fallback(code: &str, language: Language) -> Value {
-    let python = language == Language::Python;
+    if language == Language::Rust {
+        let (status, indent) = parallax_engine::rust_syntax::is_complete(code);
+        return if status == "incomplete" {
+            json!({"status": status, "indent": indent})
+        } else {
+            json!({"status": status})
+        };
+    }
     // An indented last line continues a block, as in a console.
     let last = code.lines().last().unwrap_or("");
-    if python && last.starts_with([' ', '\t']) && !last.trim().is_empty() {
+    if last.starts_with([' ', '\t']) && !last.trim().is_empty() {
         return json!({"status": "incomplete", "indent": last[..last.len() - last.trim_start().len()]});
     }
     let mut depth = 0i32;
@@ -1061,9 +1068,7 @@ pub fn is_complete_fallback(code: &str, language: Language) -> Value {
     }
     if depth < 0 {
         json!({"status": "invalid"})
-    } else if depth > 0
-        || (python && (code.trim_end().ends_with(':') || code.trim_end().ends_with('\\')))
-    {
+    } else if depth > 0 || code.trim_end().ends_with(':') || code.trim_end().ends_with('\\') {
         json!({"status": "incomplete", "indent": "    "})
     } else {
         json!({"status": "complete"})
@@ -1098,6 +1103,7 @@ mod tests {
         assert_eq!(rs("fn f() {\n    1\n}"), "complete");
         assert_eq!(rs("let x = 1;\n    // indented"), "complete");
         assert_eq!(rs(":dep rand"), "complete");
+        assert_eq!(rs("let j = r#\"{\"#;"), "complete");
         assert_eq!(rs("}"), "invalid");
     }
 }
