@@ -95,7 +95,7 @@ test-python: venv build lab-deps
 
 # BENCH=hub or BENCH=kernel runs one of the two (default: both, hub first)
 bench: venv build
-	for b in $(or $(BENCH),hub kernel); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
+	for b in $(or $(BENCH),hub kernel rust); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
 
 lint:
 	$(CARGO) fmt --all -- --check
