@@ -148,6 +148,9 @@ struct Plan {
     rustc: OsString,
     args: Vec<String>,
     crate_name: String,
+    /// SHA-256 of the cell crate's sources as written (empty for other
+    /// crates), when the key canonicalized them.
+    exact: String,
     /// The engine's crate directory, replaced by [`PLACEHOLDER`] in the key
     /// and in stored text.
     base: String,
@@ -165,6 +168,17 @@ struct Stored {
 #[derive(Debug, Serialize, Deserialize)]
 struct Meta {
     code: i32,
+    /// The `exact` sources this was compiled from.
+    #[serde(default)]
+    exact: String,
+    /// For a failed build of the cell crate: its `src/lib.rs` and the line
+    /// ranges its diagnostics point at, so an engine whose variable
+    /// statements are ordered differently can reuse the diagnostics when
+    /// none of them points at a line that differs.
+    #[serde(default)]
+    source: String,
+    #[serde(default)]
+    diag_lines: Vec<(u64, u64)>,
     stdout: String,
     stderr: String,
     files: Vec<Stored>,
@@ -290,6 +304,7 @@ impl Plan {
         let source_path = Path::new(&base).join(source);
         let normalize = |s: &str| s.replace(&base, PLACEHOLDER);
 
+        let mut exact = String::new();
         let mut h = Sha256::new();
         h.update(FORMAT);
         h.update([0]);
@@ -306,7 +321,30 @@ impl Plan {
             if crate_name != "ctx" {
                 return None;
             }
-            hash_tree(&mut h, &Path::new(&base).join("src")).ok()?;
+            let src = Path::new(&base).join("src");
+            let mut exact_h = Sha256::new();
+            hash_tree(&mut exact_h, &src).ok()?;
+            exact = hex::encode(exact_h.finalize());
+            // The key sees evcxr's variable statements in a canonical order
+            // (see `canonical_cell`); other files under src/ as they are.
+            match fs::read_to_string(src.join("lib.rs")) {
+                Ok(lib) => h.update(canonical_cell(&lib)),
+                Err(_) => h.update("no lib.rs"),
+            }
+            h.update([0]);
+            let mut others = Sha256::new();
+            for e in fs::read_dir(&src).ok()? {
+                let e = e.ok()?;
+                if e.file_name() != "lib.rs" {
+                    others.update(e.file_name().as_encoded_bytes());
+                    if e.file_type().ok()?.is_dir() {
+                        hash_tree(&mut others, &e.path()).ok()?;
+                    } else {
+                        hash_file(&mut others, &e.path()).ok()?;
+                    }
+                }
+            }
+            h.update(others.finalize());
         } else if !immutable_source(&source_path) {
             return None;
         }
@@ -340,6 +378,7 @@ impl Plan {
             args,
             crate_name,
             base,
+            exact,
             key: hex::encode(h.finalize()),
         })
     }
@@ -440,6 +479,11 @@ impl Plan {
         let Ok(meta) = serde_json::from_str::<Meta>(&text) else {
             return Lookup::Miss;
         };
+        // A differently ordered source: a build stands in for it, and so do
+        // diagnostics that point at none of the lines that differ.
+        if meta.exact != self.exact && meta.code != 0 && !self.same_diagnostics(&meta) {
+            return Lookup::Differs;
+        }
         for (name, value) in &meta.env_deps {
             let now = std::env::var(name).ok().map(|v| self.normalize(&v));
             if &now != value {
@@ -475,6 +519,25 @@ impl Plan {
         let _ = std::io::stdout().write_all(self.denormalize(&meta.stdout).as_bytes());
         let _ = std::io::stderr().write_all(self.denormalize(&meta.stderr).as_bytes());
         Lookup::Hit(meta.code)
+    }
+
+    fn same_diagnostics(&self, meta: &Meta) -> bool {
+        let Ok(mine) = fs::read_to_string(Path::new(&self.base).join("src/lib.rs")) else {
+            return false;
+        };
+        let (a, b): (Vec<&str>, Vec<&str>) =
+            (mine.lines().collect(), meta.source.lines().collect());
+        if meta.source.is_empty() || a.len() != b.len() {
+            return false;
+        }
+        let differ: Vec<u64> = (0..a.len())
+            .filter(|&i| a[i] != b[i])
+            .map(|i| i as u64 + 1)
+            .collect();
+        !meta
+            .diag_lines
+            .iter()
+            .any(|&(lo, hi)| differ.iter().any(|&l| lo <= l && l <= hi))
     }
 
     fn store(
@@ -516,8 +579,20 @@ impl Plan {
                     text: *dep_info,
                 });
             }
+            let failed_cell = code != 0 && !self.exact.is_empty();
             let meta = Meta {
                 code,
+                exact: self.exact.clone(),
+                source: if failed_cell {
+                    fs::read_to_string(Path::new(&self.base).join("src/lib.rs")).unwrap_or_default()
+                } else {
+                    String::new()
+                },
+                diag_lines: if failed_cell {
+                    diagnostic_lines(&stderr)
+                } else {
+                    Vec::new()
+                },
                 stdout: self.normalize(&String::from_utf8_lossy(stdout)),
                 stderr: self.normalize(&stderr),
                 files,
@@ -577,6 +652,64 @@ impl Plan {
         }
         Ok(())
     }
+}
+
+/// The `src/lib.rs` line ranges rustc's JSON diagnostics point at,
+/// children included.
+fn diagnostic_lines(stderr: &str) -> Vec<(u64, u64)> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<(u64, u64)>) {
+        for span in v["spans"].as_array().into_iter().flatten() {
+            let file = span["file_name"].as_str().unwrap_or("");
+            if file == "src/lib.rs" || file.ends_with("/src/lib.rs") {
+                let lo = span["line_start"].as_u64().unwrap_or(0);
+                let hi = span["line_end"].as_u64().unwrap_or(lo);
+                out.push((lo, hi));
+            }
+        }
+        for child in v["children"].as_array().into_iter().flatten() {
+            walk(child, out);
+        }
+    }
+    let mut out = Vec::new();
+    for line in stderr.lines() {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(line)
+            && v.get("spans").is_some()
+        {
+            walk(&v, &mut out);
+        }
+    }
+    out
+}
+
+/// evcxr writes the statements that check, load and store a cell's
+/// variables in the order of a `HashMap`, which differs between processes,
+/// so engines that ran the same cells generate the same code in different
+/// orders. For the key, each run of consecutive such lines is sorted: the
+/// statements are independent operations on the variable store, so builds
+/// of any order behave the same.
+fn canonical_cell(src: &str) -> String {
+    fn is_variable_line(l: &str) -> bool {
+        let t = l.trim_start();
+        t.contains("evcxr_variable_store.")
+            && t.contains("stringify!(")
+            && (t.starts_with("let ")
+                || t.starts_with("vars_ok &= evcxr_variable_store.check_variable")
+                || t.starts_with("evcxr_variable_store.put_variable"))
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut run: Vec<&str> = Vec::new();
+    for l in src.split_inclusive('\n') {
+        if is_variable_line(l) {
+            run.push(l);
+            continue;
+        }
+        run.sort_unstable();
+        out.append(&mut run);
+        out.push(l);
+    }
+    run.sort_unstable();
+    out.append(&mut run);
+    out.concat()
 }
 
 /// Make-style dependency lists escape spaces in paths with a backslash.
@@ -662,6 +795,28 @@ fn evict(dir: &Path, limit: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variable_statements_are_ordered_for_the_key() {
+        let a = "fn run() {\n\
+                 let mut x = evcxr_variable_store.take_variable::<i32>(stringify!(x));\n\
+                 let a = evcxr_variable_store.take_variable::<u8>(stringify!(a));\n\
+                 x += 1;\n\
+                 evcxr_variable_store.put_variable::<i32>(stringify!(x), x);\n\
+                 evcxr_variable_store.put_variable::<u8>(stringify!(a), a);\n}\n";
+        let b = "fn run() {\n\
+                 let a = evcxr_variable_store.take_variable::<u8>(stringify!(a));\n\
+                 let mut x = evcxr_variable_store.take_variable::<i32>(stringify!(x));\n\
+                 x += 1;\n\
+                 evcxr_variable_store.put_variable::<u8>(stringify!(a), a);\n\
+                 evcxr_variable_store.put_variable::<i32>(stringify!(x), x);\n}\n";
+        assert_ne!(a, b);
+        assert_eq!(canonical_cell(a), canonical_cell(b));
+        // user statements never move
+        let c = b.replace("x += 1;", "x += 2;");
+        assert_ne!(canonical_cell(a), canonical_cell(&c));
+        assert_eq!(canonical_cell("x\ny"), "x\ny");
+    }
 
     #[test]
     fn dep_info_paths_split_on_unescaped_spaces() {

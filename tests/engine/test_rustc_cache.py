@@ -88,3 +88,56 @@ def test_cache_off_runs_rustc_unchanged(tmp_path):
     r = build(a, Path("off"), log)
     assert r.returncode == 0, r.stderr
     assert not log.exists()
+
+
+STORE = """pub struct Store;
+impl Store {
+    pub fn take_variable<T: Default>(&mut self, _n: &str) -> T { T::default() }
+    pub fn put_variable<T>(&mut self, _n: &str, _v: T) {}
+}
+pub fn run(evcxr_variable_store: &mut Store) {
+"""
+
+
+def make_lib(root: Path, name: str, order: list[str], body: str) -> Path:
+    """A cell crate shaped like evcxr's: its variable statements in `order`."""
+    d = make_crate(root, name, "")
+    (d / "src" / "main.rs").unlink()
+    loads = "".join(
+        f"let mut {v} = evcxr_variable_store.take_variable::<i32>(stringify!({v}));\n" for v in order
+    )
+    stores = "".join(
+        f"evcxr_variable_store.put_variable::<i32>(stringify!({v}), {v});\n" for v in order
+    )
+    (d / "src" / "lib.rs").write_text(STORE + loads + body + stores + "}\n")
+    return d
+
+
+def test_variable_statements_in_another_order_share_the_build(tmp_path):
+    """evcxr orders these statements by a per-process HashMap."""
+    cache, log = tmp_path / "cache", tmp_path / "log"
+    a = make_lib(tmp_path, "a", ["x", "y"], "x += y;\n")
+    b = make_lib(tmp_path, "b", ["y", "x"], "x += y;\n")
+    assert build(a, cache, log).returncode == 0
+    assert build(b, cache, log).returncode == 0
+    assert outcomes(log) == ["Ok(Compiled)", "Ok(Hit)"]
+
+
+def test_diagnostics_are_shared_only_if_they_point_at_equal_lines(tmp_path):
+    cache, log = tmp_path / "cache", tmp_path / "log"
+    # the error is in the cell's own line, which both orders have in place
+    a = make_lib(tmp_path, "a", ["x", "y"], "x += nope;\n")
+    b = make_lib(tmp_path, "b", ["y", "x"], "x += nope;\n")
+    ra, rb = build(a, cache, log), build(b, cache, log)
+    assert ra.returncode != 0 and rb.returncode != 0 and "E0425" in rb.stderr
+    assert outcomes(log) == ["Ok(Compiled)", "Ok(Hit)"]
+    # an error on a variable line, which the orders put on different lines
+    log2 = tmp_path / "log2"
+    c = make_lib(tmp_path, "c", ["x", "q"], "x += 1;\n")
+    d = make_lib(tmp_path, "d", ["q", "x"], "x += 1;\n")
+    for crate in (c, d):
+        lib = crate / "src" / "lib.rs"
+        lib.write_text(lib.read_text().replace("take_variable::<i32>(stringify!(q))", "take_variable::<Missing>(stringify!(q))"))
+    rc_, rd = build(c, cache, log2), build(d, cache, log2)
+    assert rc_.returncode != 0 and rd.returncode != 0
+    assert outcomes(log2) == ["Ok(Compiled)", "Ok(Differs)"]
