@@ -144,6 +144,33 @@ def kernel_env(kernelspec_prefix):
 # ---------------------------------------------------------------- orphans
 
 
+#: the Rust kernel's tests: 2 engines keep its CPU on 2 cores bounded
+RUST_KERNEL_NAME = "parallax-rust"
+RUST_ENGINES = 2
+
+
+@pytest.fixture(scope="module")
+def rust_kernelspec(kernel_env, parallax_bin, tmp_path_factory):
+    """parallax-rust (RUST_ENGINES engines) in a prefix of its own, first on
+    JUPYTER_PATH for the module (the Rust notebook and conformance tests)."""
+    prefix = tmp_path_factory.mktemp("rust-kernelspec")
+    r = subprocess.run(
+        [str(parallax_bin), "kernelspec", "install", "--prefix", str(prefix),
+         "--language", "rust", "--engines", str(RUST_ENGINES)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, f"kernelspec install failed:\n{r.stdout}\n{r.stderr}"
+    spec = json.loads((prefix / "share/jupyter/kernels" / RUST_KERNEL_NAME / "kernel.json").read_text())
+    assert spec["language"] == "rust" and spec["argv"][-2:] == ["--language", "rust"], spec
+    saved = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = str(prefix / "share/jupyter") + (os.pathsep + saved if saved else "")
+    yield prefix
+    if saved is None:
+        os.environ.pop("JUPYTER_PATH", None)
+    else:
+        os.environ["JUPYTER_PATH"] = saved
+
+
 def _marked(p: psutil.Process) -> bool:
     try:
         return p.environ().get(MARK_VAR) == RUN_MARK

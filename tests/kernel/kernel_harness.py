@@ -339,3 +339,45 @@ def wait_for(pred, timeout: float, interval: float = 0.05):
         if v or time.monotonic() >= deadline:
             return v
         time.sleep(interval)
+
+
+# ------------------------------------------ what a notebook shows of a cell
+
+
+def plain(msg) -> str:
+    """text/plain of a display/result message, ANSI escapes removed."""
+    return ANSI.sub("", msg["content"].get("data", {}).get("text/plain", ""))
+
+
+def final_displays(output_msgs) -> list[dict]:
+    """The displays as a notebook ends up showing them: display_data
+    messages in order, each replaced by the last update_display_data
+    carrying the same transient display_id."""
+    shown: list[dict] = []
+    by_id: dict[str, int] = {}
+    for msg in output_msgs:
+        kind = msg["msg_type"]
+        did = msg["content"].get("transient", {}).get("display_id")
+        if kind == "display_data":
+            if did is not None:
+                if did in by_id:  # display_data with a known id: update too
+                    shown[by_id[did]] = msg
+                    continue
+                by_id[did] = len(shown)
+            shown.append(msg)
+        elif kind == "update_display_data" and did in by_id:
+            shown[by_id[did]] = msg
+    return shown
+
+
+def stream_displays(output_msgs, name: str) -> dict[int, str]:
+    """engine id → final text of its `[name:N] ` display."""
+    out: dict[int, str] = {}
+    pat = re.compile(rf"^\[{name}:(\d+)\] ", re.S)
+    for msg in final_displays(output_msgs):
+        m = pat.match(plain(msg))
+        if m:
+            eid = int(m.group(1))
+            assert eid not in out, f"two [{name}:{eid}] displays: {out[eid]!r}, {plain(msg)!r}"
+            out[eid] = plain(msg)[m.end() :]
+    return out

@@ -32,8 +32,6 @@ order, so they run last.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import time
@@ -45,10 +43,9 @@ import psutil
 import pytest
 from jupyter_kernel_test.msgspec_v5 import validate_message
 
-from kernel_harness import gone, wait_gone
+from kernel_harness import gone, plain, stream_displays, wait_gone
 
-KERNEL_NAME = "parallax-rust"
-N_ENGINES = 2
+from conftest import RUST_ENGINES as N_ENGINES, RUST_KERNEL_NAME as KERNEL_NAME  # noqa: E402
 ENGINES = set(range(N_ENGINES))
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: an execute_request's reply and output, the first cell's compile included
@@ -59,66 +56,12 @@ pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def rust_kernelspec(kernel_env, parallax_bin, tmp_path_factory):
-    """parallax-rust (2 engines) in a prefix of its own, first on
-    JUPYTER_PATH before the class's setUpClass starts the kernel."""
-    prefix = tmp_path_factory.mktemp("rust-kernelspec")
-    r = subprocess.run(
-        [str(parallax_bin), "kernelspec", "install", "--prefix", str(prefix),
-         "--language", "rust", "--engines", str(N_ENGINES)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert r.returncode == 0, f"kernelspec install failed:\n{r.stdout}\n{r.stderr}"
-    spec = json.loads((prefix / "share/jupyter/kernels" / KERNEL_NAME / "kernel.json").read_text())
-    assert spec["language"] == "rust" and spec["argv"][-2:] == ["--language", "rust"], spec
-    saved = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(prefix / "share/jupyter") + (os.pathsep + saved if saved else "")
-    yield prefix
-    if saved is None:
-        os.environ.pop("JUPYTER_PATH", None)
-    else:
-        os.environ["JUPYTER_PATH"] = saved
+def _rust_kernel_first_on_path(rust_kernelspec):
+    """parallax-rust (conftest) installed before setUpClass starts the kernel."""
+    return rust_kernelspec
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def plain(msg) -> str:
-    """text/plain of a display/result message, ANSI escapes removed."""
-    return ANSI.sub("", msg["content"].get("data", {}).get("text/plain", ""))
-
-
-def final_displays(output_msgs) -> list[dict]:
-    """display_data messages in order, each replaced by the last
-    update_display_data with the same transient display_id."""
-    shown: list[dict] = []
-    by_id: dict[str, int] = {}
-    for msg in output_msgs:
-        kind = msg["msg_type"]
-        did = msg["content"].get("transient", {}).get("display_id")
-        if kind == "display_data":
-            if did is not None:
-                if did in by_id:
-                    shown[by_id[did]] = msg
-                    continue
-                by_id[did] = len(shown)
-            shown.append(msg)
-        elif kind == "update_display_data" and did in by_id:
-            shown[by_id[did]] = msg
-    return shown
-
-
-def stream_displays(output_msgs, name: str) -> dict[int, str]:
-    """engine id → final text of its `[name:N] ` display."""
-    out: dict[int, str] = {}
-    pat = re.compile(rf"^\[{name}:(\d+)\] ", re.S)
-    for msg in final_displays(output_msgs):
-        m = pat.match(plain(msg))
-        if m:
-            eid = int(m.group(1))
-            assert eid not in out, f"two [{name}:{eid}] displays: {out[eid]!r}, {plain(msg)!r}"
-            out[eid] = plain(msg)[m.end() :]
-    return out
 
 
 def results(output_msgs) -> dict[int, str]:

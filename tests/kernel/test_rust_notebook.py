@@ -14,20 +14,15 @@ display_id, so each engine's stdout ends up as one display_data output
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import REPO
+from conftest import REPO, RUST_ENGINES as N_ENGINES, RUST_KERNEL_NAME as KERNEL_NAME
 
 NOTEBOOK = REPO / "notebooks/rust-overview.ipynb"
-KERNEL_NAME = "parallax-rust"
-N_ENGINES = 2
 ENGINES = set(range(N_ENGINES))
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 #: the rank split's N
@@ -35,27 +30,6 @@ N = 1000
 
 # the first Rust cell warms evcxr on every engine; `:dep` may download a crate
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def rust_kernelspec(kernel_env, parallax_bin, tmp_path_factory):
-    """parallax-rust (2 engines) in a prefix of its own, first on JUPYTER_PATH."""
-    prefix = tmp_path_factory.mktemp("rust-kernelspec")
-    r = subprocess.run(
-        [str(parallax_bin), "kernelspec", "install", "--prefix", str(prefix),
-         "--language", "rust", "--engines", str(N_ENGINES)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert r.returncode == 0, f"kernelspec install failed:\n{r.stdout}\n{r.stderr}"
-    spec = json.loads((prefix / "share/jupyter/kernels" / KERNEL_NAME / "kernel.json").read_text())
-    assert spec["language"] == "rust" and spec["argv"][-2:] == ["--language", "rust"], spec
-    saved = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = str(prefix / "share/jupyter") + (os.pathsep + saved if saved else "")
-    yield prefix
-    if saved is None:
-        os.environ.pop("JUPYTER_PATH", None)
-    else:
-        os.environ["JUPYTER_PATH"] = saved
 
 
 @pytest.fixture(scope="module")
