@@ -481,10 +481,6 @@ impl CellState {
 
     fn stderr_line(&mut self, line: &str) {
         if line.starts_with("thread '") && line.contains(" panicked at ") {
-            // the panic hook starts with a blank line
-            if self.stderr == "\n" {
-                self.stderr.clear();
-            }
             self.end_panic_capture();
             self.panic_lines = Some(vec![line.to_owned()]);
         } else if let Some(lines) = &mut self.panic_lines {
@@ -549,18 +545,25 @@ enum Stopped {
 }
 
 struct Control {
-    /// The runtime process (evcxr replaces it after it dies).
+    /// The runtime process (evcxr swaps a new one into the same handle
+    /// after it dies).
     child: Mutex<Option<Arc<Mutex<std::process::Child>>>>,
-    runtime_pid: AtomicI32,
     /// A cell is being handled (shared with the interrupt's watcher).
     busy_flag: Arc<AtomicBool>,
     stopped: AtomicI32,
 }
 
 impl Control {
+    /// The current runtime process (evcxr swaps a new one into the handle
+    /// after the old one died); 0 while evcxr is still starting.
+    fn runtime_pid(&self) -> i32 {
+        let child = self.child.lock().expect("child").clone();
+        child.map_or(0, |c| c.lock().map(|c| c.id() as i32).unwrap_or(0))
+    }
+
     fn interrupt(&self, sig: i32) -> Result<(), String> {
         if sig != libc::SIGINT {
-            let pid = self.runtime_pid.load(Ordering::SeqCst);
+            let pid = self.runtime_pid();
             if pid <= 0 {
                 return Err("no Rust runtime process is running".into());
             }
@@ -575,22 +578,9 @@ impl Control {
         }
         // Compiling: stop cargo (and its rustc processes); the runtime and
         // its variables are untouched.
-        let cargo = descendants(std::process::id() as i32)
-            .into_iter()
-            .filter(|(_, comm)| comm == "cargo")
-            .map(|(pid, _)| pid)
-            .collect::<Vec<_>>();
-        if !cargo.is_empty() {
+        if kill_compilers() {
             self.stopped
                 .store(Stopped::Compilation as i32, Ordering::SeqCst);
-            for pid in cargo {
-                for (p, _) in descendants(pid) {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(p, libc::SIGKILL) };
-                }
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
             return Ok(());
         }
         // Running (or about to compile): evcxr can only stop a cell by
@@ -602,12 +592,7 @@ impl Control {
         std::thread::spawn(move || {
             let until = Instant::now() + Duration::from_secs(30);
             while busy.load(Ordering::SeqCst) && Instant::now() < until {
-                for (pid, comm) in descendants(std::process::id() as i32) {
-                    if comm == "cargo" || comm.starts_with("rustc") {
-                        // SAFETY: kill has no memory-safety preconditions.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
+                kill_compilers();
                 std::thread::sleep(Duration::from_millis(100));
             }
         });
@@ -621,6 +606,25 @@ impl Control {
             None => Err("the Rust runtime is still starting".into()),
         }
     }
+}
+
+/// SIGKILL every cargo this engine started, with its rustc (and rustc
+/// wrapper) processes; whether there was one.
+fn kill_compilers() -> bool {
+    let cargo: Vec<i32> = descendants(std::process::id() as i32)
+        .into_iter()
+        .filter(|(_, comm)| comm == "cargo")
+        .map(|(pid, _)| pid)
+        .collect();
+    for &pid in &cargo {
+        for (p, _) in descendants(pid) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    !cargo.is_empty()
 }
 
 /// All descendants of `pid` (pid, command name), from /proc.
@@ -674,7 +678,6 @@ impl RustInterpreter {
     pub fn start(env: Vec<(String, String)>) -> RustInterpreter {
         let control = Arc::new(Control {
             child: Mutex::new(None),
-            runtime_pid: AtomicI32::new(0),
             busy_flag: Arc::new(AtomicBool::new(false)),
             stopped: AtomicI32::new(0),
         });
@@ -820,7 +823,8 @@ fn worker(
                 control,
                 setup_pid: 0,
             };
-            w.note_child();
+            // evcxr keeps this handle valid across runtime restarts
+            *w.control.child.lock().expect("child") = Some(w.ctx.process_handle());
             let t1 = Instant::now();
             for cell in [WARMUP, ":clear"] {
                 if let Err(e) = w.ctx.execute(cell) {
@@ -875,8 +879,7 @@ impl Worker {
     /// Start the flusher in the current runtime process (once per process:
     /// evcxr starts a new one after an interrupt, a crash or `:clear`).
     fn setup_runtime(&mut self) {
-        self.note_child();
-        let pid = self.control.runtime_pid.load(Ordering::SeqCst);
+        let pid = self.control.runtime_pid();
         if pid == self.setup_pid {
             return;
         }
@@ -884,15 +887,7 @@ impl Worker {
             Ok(_) => {}
             Err(e) => warn!(error = %e, "runtime setup cell failed"),
         }
-        self.note_child();
-        self.setup_pid = self.control.runtime_pid.load(Ordering::SeqCst);
-    }
-
-    fn note_child(&self) {
-        let handle = self.ctx.process_handle();
-        let pid = handle.lock().map(|c| c.id() as i32).unwrap_or(0);
-        self.control.runtime_pid.store(pid, Ordering::SeqCst);
-        *self.control.child.lock().expect("child") = Some(handle);
+        self.setup_pid = self.control.runtime_pid();
     }
 
     fn handle(&mut self, req: Request, out: &OutputSink) -> Reply {
@@ -975,18 +970,16 @@ impl Worker {
             2 => Stopped::Runtime,
             _ => Stopped::Nothing,
         };
-        self.note_child();
         // Everything the cell printed has been drained (see `drain`).
         let (panicked, panic_lines) = {
             let mut st = self.state.lock().expect("cell state");
-            let p = (st.panicked, st.panic_lines.take());
-            if !st.panicked && p.1.is_some() {
-                st.panic_lines = p.1.clone();
+            if !st.panicked {
                 st.end_panic_capture();
             }
+            let lines = st.panic_lines.take();
             st.flush();
             st.sink = None;
-            (p.0, if st.panicked { p.1 } else { None })
+            (st.panicked, lines)
         };
         let error = |ename: &str, evalue: String, traceback: Vec<String>| {
             let _ = out.send(Output::Error {
@@ -998,42 +991,31 @@ impl Worker {
             r.content.insert("traceback".into(), json!(traceback));
             r
         };
+        let runtime_lost = |ename: &str, what: &str| {
+            let evalue = format!(
+                "{what}; {}. Functions, types and `use` items are kept; the next cell starts a fresh runtime.",
+                lost_text(&vars_before)
+            );
+            error(ename, evalue.clone(), vec![format!("{ename}: {evalue}")])
+        };
         match result {
             _ if stopped == Stopped::Compilation => error(
                 "KeyboardInterrupt",
                 "interrupted while compiling; nothing ran and no variables were lost".into(),
                 vec!["KeyboardInterrupt: interrupted while compiling the cell; nothing ran and no variables were lost".into()],
             ),
-            Err(ref e)
-                if stopped == Stopped::Runtime
-                    && !matches!(e, evcxr::Error::SubprocessTerminated(_)) =>
-            {
-                // The runtime was stopped while evcxr was still preparing
-                // or compiling (which was stopped too).
-                let evalue = format!(
-                    "interrupted: the Rust runtime process was stopped to end the cell; {}. Functions, types and `use` items are kept; the next cell starts a fresh runtime.",
-                    lost_text(&vars_before)
-                );
-                error("KeyboardInterrupt", evalue.clone(), vec![format!("KeyboardInterrupt: {evalue}")])
+            Err(_) if stopped == Stopped::Runtime => {
+                // Ended by the interrupt, whether the runtime was running
+                // the cell or evcxr was still preparing it.
+                runtime_lost(
+                    "KeyboardInterrupt",
+                    "interrupted: the Rust runtime process was stopped to end the cell",
+                )
             }
-            Err(evcxr::Error::SubprocessTerminated(msg)) => {
-                let lost = lost_text(&vars_before);
-                let (ename, what) = if stopped == Stopped::Runtime {
-                    (
-                        "KeyboardInterrupt",
-                        "interrupted: the Rust runtime process was stopped to end the cell".to_owned(),
-                    )
-                } else {
-                    (
-                        "RuntimeDied",
-                        format!("the Rust runtime process ended ({})", msg.trim()),
-                    )
-                };
-                let evalue = format!(
-                    "{what}; {lost}. Functions, types and `use` items are kept; the next cell starts a fresh runtime."
-                );
-                error(ename, evalue.clone(), vec![format!("{ename}: {evalue}")])
-            }
+            Err(evcxr::Error::SubprocessTerminated(msg)) => runtime_lost(
+                "RuntimeDied",
+                &format!("the Rust runtime process ended ({})", msg.trim()),
+            ),
             Ok(_) if panicked => {
                 let lines = panic_lines.unwrap_or_default();
                 let message = if lines.len() > 1 {
