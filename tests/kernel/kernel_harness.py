@@ -381,3 +381,64 @@ def stream_displays(output_msgs, name: str) -> dict[int, str]:
             assert eid not in out, f"two [{name}:{eid}] displays: {out[eid]!r}, {plain(msg)!r}"
             out[eid] = plain(msg)[m.end() :]
     return out
+
+
+def engine_list(ids) -> str:
+    """The kernel's engine list in a merged error header: ids ascending,
+    runs of three or more as a-b."""
+    ids = sorted(ids)
+    parts, i = [], 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        if j - i >= 2:
+            parts.append(f"{ids[i]}-{ids[j]}")
+        else:
+            parts.extend(str(x) for x in ids[i : j + 1])
+        i = j + 1
+    return ",".join(parts)
+
+
+# ------------------------------------------ cells of a notebook nbclient ran
+
+
+def cell(nb, source_start: str):
+    found = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
+    assert len(found) == 1, f"{len(found)} code cells start with {source_start!r}"
+    return found[0]
+
+
+def text_of(output) -> str:
+    if output.output_type == "stream":
+        return ANSI.sub("", output.text)
+    return ANSI.sub("", output.get("data", {}).get("text/plain", ""))
+
+
+def stdout_displays(c, name="stdout") -> dict[int, str]:
+    """engine id → its `[name:N] ` display's text (after the prefix)."""
+    out = {}
+    for o in c.outputs:
+        if o.output_type != "display_data":
+            continue
+        m = re.match(rf"\[{name}:(\d+)\] ", text_of(o))
+        if m:
+            eid = int(m.group(1))
+            assert eid not in out, f"engine {eid}'s {name} shown twice: {c.outputs}"
+            out[eid] = text_of(o)[m.end() :]
+    return out
+
+
+def results(c) -> dict[int, str]:
+    """engine id → repr from its `Out[N:C]: repr` output."""
+    out = {}
+    for o in c.outputs:
+        if o.output_type in ("display_data", "execute_result"):
+            m = re.fullmatch(r"Out\[(\d+):(\d+)\]: (.*)", text_of(o), re.S)
+            if m:
+                out[int(m.group(1))] = m.group(3).strip()
+    return out
+
+
+def errors(c):
+    return [o for o in c.outputs if o.output_type == "error"]

@@ -18,6 +18,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import KERNEL_NAME, N_ENGINES, REPO
+from kernel_harness import cell, errors, results, stdout_displays, text_of
 
 NOTEBOOK = REPO / "notebooks/overview.ipynb"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -29,9 +30,9 @@ pytestmark = pytest.mark.timeout(600)
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type == "code":
-            assert not cell.outputs, "the committed notebook must not carry outputs"
+    for c in nb.cells:
+        if c.cell_type == "code":
+            assert not c.outputs, "the committed notebook must not carry outputs"
     workdir = tmp_path_factory.mktemp("overview")
     client = NotebookClient(
         nb,
@@ -43,32 +44,6 @@ def executed(tmp_path_factory):
     client.execute()  # raises CellExecutionError on an unexpected error
     nbformat.write(nb, workdir / "overview.ipynb")
     return nb
-
-
-def cell(nb, source_start: str):
-    found = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
-    assert len(found) == 1, f"{len(found)} code cells start with {source_start!r}"
-    return found[0]
-
-
-def text_of(output) -> str:
-    if output.output_type == "stream":
-        return ANSI.sub("", output.text)
-    return ANSI.sub("", output.get("data", {}).get("text/plain", ""))
-
-
-def stdout_displays(c, name="stdout") -> dict[int, str]:
-    """engine id → its `[stdout:N] ` display's text (after the prefix)."""
-    out = {}
-    for o in c.outputs:
-        if o.output_type != "display_data":
-            continue
-        m = re.match(rf"\[{name}:(\d+)\] ", text_of(o))
-        if m:
-            eid = int(m.group(1))
-            assert eid not in out, f"engine {eid}'s {name} shown twice: {c.outputs}"
-            out[eid] = text_of(o)[m.end() :]
-    return out
 
 
 def stdout_any(c) -> dict[int, str]:
@@ -83,21 +58,6 @@ def stdout_any(c) -> dict[int, str]:
         assert eid not in out, f"engine {eid}'s stdout shown twice: {c.outputs}"
         out[eid] = text.removeprefix("\n")
     return out
-
-
-def results(c) -> dict[int, str]:
-    """engine id → repr from its `Out[N:C]: repr` output."""
-    out = {}
-    for o in c.outputs:
-        if o.output_type in ("display_data", "execute_result"):
-            m = re.fullmatch(r"Out\[(\d+):(\d+)\]: (.*)", text_of(o), re.S)
-            if m:
-                out[int(m.group(1))] = m.group(3).strip()
-    return out
-
-
-def errors(c):
-    return [o for o in c.outputs if o.output_type == "error"]
 
 
 def test_engines_magic(executed):

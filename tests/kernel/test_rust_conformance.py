@@ -43,7 +43,7 @@ import psutil
 import pytest
 from jupyter_kernel_test.msgspec_v5 import validate_message
 
-from kernel_harness import gone, plain, stream_displays, wait_gone
+from kernel_harness import engine_list, gone, plain, stream_displays, wait_gone
 
 from conftest import RUST_ENGINES as N_ENGINES, RUST_KERNEL_NAME as KERNEL_NAME  # noqa: E402
 ENGINES = set(range(N_ENGINES))
@@ -84,23 +84,6 @@ def stderr_text(output_msgs) -> str:
             if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
         ),
     )
-
-
-def engine_list(ids) -> str:
-    """The kernel's engine list in a merged error header: ids ascending,
-    runs of three or more as a-b."""
-    ids = sorted(ids)
-    parts, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        if j - i >= 2:
-            parts.append(f"{ids[i]}-{ids[j]}")
-        else:
-            parts.extend(str(x) for x in ids[i : j + 1])
-        i = j + 1
-    return ",".join(parts)
 
 
 # ---------------------------------------------------------------- the kernel

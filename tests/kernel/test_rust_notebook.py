@@ -21,6 +21,7 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import REPO, RUST_ENGINES as N_ENGINES, RUST_KERNEL_NAME as KERNEL_NAME
+from kernel_harness import cell, engine_list, errors, results, stdout_displays, text_of
 
 NOTEBOOK = REPO / "notebooks/rust-overview.ipynb"
 ENGINES = set(range(N_ENGINES))
@@ -58,49 +59,8 @@ def executed(rust_kernelspec, tmp_path_factory):
 # ---------------------------------------------------------------- helpers
 
 
-def cell(nb, source_start: str):
-    found = [c for c in nb.cells if c.cell_type == "code" and c.source.startswith(source_start)]
-    assert len(found) == 1, f"{len(found)} code cells start with {source_start!r}"
-    return found[0]
-
-
-def text_of(output) -> str:
-    if output.output_type == "stream":
-        return ANSI.sub("", output.text)
-    return ANSI.sub("", output.get("data", {}).get("text/plain", ""))
-
-
-def displays(c, name="stdout") -> dict[int, str]:
-    """engine id → its `[name:N] ` display's text (after the prefix)."""
-    out = {}
-    for o in c.outputs:
-        if o.output_type != "display_data":
-            continue
-        m = re.match(rf"\[{name}:(\d+)\] ", text_of(o))
-        if m:
-            eid = int(m.group(1))
-            assert eid not in out, f"engine {eid}'s {name} shown twice: {c.outputs}"
-            out[eid] = text_of(o)[m.end() :]
-    return out
-
-
-def results(c) -> dict[int, str]:
-    """engine id → value from its `Out[N:C]: value` output."""
-    out = {}
-    for o in c.outputs:
-        if o.output_type in ("display_data", "execute_result"):
-            m = re.fullmatch(r"Out\[(\d+):(\d+)\]: (.*)", text_of(o), re.S)
-            if m:
-                out[int(m.group(1))] = m.group(3).strip()
-    return out
-
-
 def stderr_stream(c) -> str:
     return "".join(text_of(o) for o in c.outputs if o.output_type == "stream" and o.name == "stderr")
-
-
-def errors(c):
-    return [o for o in c.outputs if o.output_type == "error"]
 
 
 def block(e: int) -> tuple[int, int, int]:
@@ -109,28 +69,11 @@ def block(e: int) -> tuple[int, int, int]:
     return lo, hi, sum(range(lo, hi + 1))
 
 
-def engine_list(ids) -> str:
-    """The kernel's engine list in a merged error header: ids ascending,
-    runs of three or more as a-b."""
-    ids = sorted(ids)
-    parts, i = [], 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        if j - i >= 2:
-            parts.append(f"{ids[i]}-{ids[j]}")
-        else:
-            parts.extend(str(x) for x in ids[i : j + 1])
-        i = j + 1
-    return ",".join(parts)
-
-
 def assert_clean(c):
     """No error and no engine stderr in a cell that should just work."""
     assert not errors(c), c.outputs
     assert not stderr_stream(c), c.outputs
-    assert not displays(c, "stderr"), c.outputs
+    assert not stdout_displays(c, "stderr"), c.outputs
 
 
 # ---------------------------------------------------------------- tests
@@ -151,7 +94,7 @@ def test_rank_split(executed):
     for e in ENGINES:
         lo, hi, part = block(e)
         expected[e] = f"engine {e} of {N_ENGINES}: sum of {lo}..={hi} = {part}\n"
-    assert displays(c) == expected, c.outputs
+    assert stdout_displays(c) == expected, c.outputs
     assert sum(block(e)[2] for e in ENGINES) == N * (N + 1) // 2
     assert not results(c), "a cell ending in `;` has no value"
     assert_clean(c)
@@ -188,7 +131,7 @@ def test_compile_error_is_shown_once_for_all_engines(executed):
     errs = errors(c)
     assert len(errs) == 1 and c.outputs[-1] is errs[0], c.outputs
     assert (errs[0].ename, errs[0].evalue) == ("AlreadyDisplayedError", f"{N_ENGINES} errors")
-    assert not displays(c) and not results(c), "a cell that does not compile runs nowhere"
+    assert not stdout_displays(c) and not results(c), "a cell that does not compile runs nowhere"
 
 
 def test_panic_on_engine_one_only(executed):
@@ -200,11 +143,11 @@ def test_panic_on_engine_one_only(executed):
     assert "(variables defined by this cell were dropped; earlier ones are kept)" in stderr
     for e in ENGINES - {1}:
         assert f"[{e}:execute]" not in stderr, stderr
-    assert displays(c) == {e: f"engine {e}: checked = {2 * block(e)[2]}\n" for e in ENGINES - {1}}, (
+    assert stdout_displays(c) == {e: f"engine {e}: checked = {2 * block(e)[2]}\n" for e in ENGINES - {1}}, (
         c.outputs
     )
     # the panic message is the error, not engine stderr as well
-    assert displays(c, "stderr") == {}, c.outputs
+    assert stdout_displays(c, "stderr") == {}, c.outputs
     errs = errors(c)
     assert len(errs) == 1 and c.outputs[-1] is errs[0], c.outputs
     assert (errs[0].ename, errs[0].evalue) == ("AlreadyDisplayedError", "1 errors")
@@ -212,7 +155,7 @@ def test_panic_on_engine_one_only(executed):
 
 def test_engines_still_work_after_the_panic(executed):
     c = cell(executed, 'println!("engine {id} still has')
-    assert displays(c) == {
+    assert stdout_displays(c) == {
         e: f"engine {e} still has part = {block(e)[2]} and p.x = {5 * (e + 1)}\n" for e in ENGINES
     }, c.outputs
     assert_clean(c)
@@ -234,5 +177,5 @@ def test_html_display_per_engine(executed):
             assert html.startswith("<table>") and html.endswith("</table>"), html
             assert f"<tr><td>{e}</td><td>{lo}..={hi}</td><td>{part}</td></tr>" in html, html
     assert sorted(labels) == sorted(ENGINES), c.outputs
-    assert not displays(c), "the EVCXR_BEGIN_CONTENT block leaked into stdout"
+    assert not stdout_displays(c), "the EVCXR_BEGIN_CONTENT block leaked into stdout"
     assert_clean(c)
