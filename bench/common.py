@@ -28,11 +28,10 @@ from pathlib import Path
 
 import psutil
 
-from bench_hub import _cpu_model, _meminfo_total, _noisy, log, wait_idle
+from bench_hub import _cpu_model, _meminfo_total, _noisy, log, proc_mem, wait_idle  # noqa: F401  (proc_mem: re-exported)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-MIB = 1024.0 * 1024.0
 MARK_VAR = "PARALLAX_BENCH_KERNEL_MARK"
 RUN_MARK = uuid.uuid4().hex[:12]
 
@@ -82,21 +81,6 @@ def wait_gone(prefix: str, timeout: float) -> tuple[float, list[psutil.Process]]
         if not left or time.perf_counter() - t0 > timeout:
             return time.perf_counter() - t0, left
         time.sleep(0.02)
-
-
-def proc_mem(procs: list[psutil.Process]) -> dict:
-    rss = uss = pss = 0
-    n = 0
-    for p in procs:
-        try:
-            m = p.memory_full_info()
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-        rss += m.rss
-        uss += m.uss
-        pss += getattr(m, "pss", 0)
-        n += 1
-    return {"nprocs": n, "rss_mib": rss / MIB, "uss_mib": uss / MIB, "pss_mib": pss / MIB}
 
 
 def tail(path: Path, n: int = 30) -> str:
