@@ -766,14 +766,25 @@ struct Worker {
     setup_pid: i32,
 }
 
-fn rustc_version() -> Option<String> {
+/// The version number in `rustc --version`'s output:
+/// `rustc 1.95.0 (59807616e 2026-04-14)` → `1.95.0` (also `1.96.0-nightly`).
+pub fn rustc_version(out: &str) -> Option<String> {
+    let mut words = out.split_whitespace();
+    if words.next()? != "rustc" {
+        return None;
+    }
+    let v = words.next()?;
+    v.starts_with(|c: char| c.is_ascii_digit())
+        .then(|| v.to_owned())
+}
+
+fn probe_rustc_version() -> Option<String> {
     let out = std::process::Command::new("rustc")
         .arg("--version")
         .stdin(std::process::Stdio::null())
         .output()
         .ok()?;
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.split_whitespace().nth(1).map(str::to_owned)
+    rustc_version(&String::from_utf8_lossy(&out.stdout))
 }
 
 fn create_context(
@@ -808,7 +819,7 @@ fn worker(
     control: Arc<Control>,
     language_info: Arc<Mutex<Value>>,
 ) {
-    if let Some(v) = rustc_version() {
+    if let Some(v) = probe_rustc_version() {
         language_info.lock().expect("language_info")["version"] = v.into();
     }
     let state = Arc::new(Mutex::new(CellState::default()));
@@ -1181,6 +1192,20 @@ mod tests {
             got,
             ["stdout:before\n", "stderr:warning: x\n", "stdout:\x1eodd\n"]
         );
+    }
+
+    #[test]
+    fn rustc_versions() {
+        assert_eq!(
+            rustc_version("rustc 1.95.0 (59807616e 2026-04-14)\n").as_deref(),
+            Some("1.95.0")
+        );
+        assert_eq!(
+            rustc_version("rustc 1.96.0-nightly (abc 2026-05-01)").as_deref(),
+            Some("1.96.0-nightly")
+        );
+        assert_eq!(rustc_version("error: no such command"), None);
+        assert_eq!(rustc_version(""), None);
     }
 
     #[test]

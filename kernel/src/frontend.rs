@@ -220,7 +220,7 @@ async fn probe_language_version(
             let out = String::from_utf8_lossy(&o.stdout);
             let version = match language {
                 Language::Python => Some(out.trim().to_owned()).filter(|v| !v.is_empty()),
-                Language::Rust => rustc_version(&out),
+                Language::Rust => parallax_engine::rust::rustc_version(&out),
             };
             if let Some(v) = version {
                 shared.language_info.lock().expect("language_info").version = v;
@@ -230,18 +230,6 @@ async fn probe_language_version(
             debug!(program = %program.display(), %language, "could not ask the engines' language for its version")
         }
     }
-}
-
-/// The version number in `rustc --version`'s output:
-/// `rustc 1.95.0 (59807616e 2026-04-14)` → `1.95.0` (also `1.96.0-nightly`).
-fn rustc_version(out: &str) -> Option<String> {
-    let mut words = out.split_whitespace();
-    if words.next()? != "rustc" {
-        return None;
-    }
-    let v = words.next()?;
-    v.starts_with(|c: char| c.is_ascii_digit())
-        .then(|| v.to_owned())
 }
 
 fn verify(
@@ -969,20 +957,6 @@ async fn control_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rustc_versions() {
-        assert_eq!(
-            rustc_version("rustc 1.95.0 (59807616e 2026-04-14)\n").as_deref(),
-            Some("1.95.0")
-        );
-        assert_eq!(
-            rustc_version("rustc 1.96.0-nightly (abc 2026-05-01)").as_deref(),
-            Some("1.96.0-nightly")
-        );
-        assert_eq!(rustc_version("error: no such command"), None);
-        assert_eq!(rustc_version(""), None);
-    }
 
     #[test]
     fn rust_kernel_info() {
