@@ -34,6 +34,12 @@ enum Command {
         #[command(subcommand)]
         cmd: parallax_kernel::cluster_cmd::ClusterCommand,
     },
+    /// Load generators: `parallax bench engines -n N` measures a hub with N
+    /// fake engines (registration storm, heartbeat CPU, fan-out latency).
+    Bench {
+        #[command(subcommand)]
+        cmd: parallax_kernel::loadgen::BenchCommand,
+    },
 }
 
 /// `extra` appends filter directives (the kernel silences zmq.rs's
@@ -70,10 +76,15 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Kernel(args) => {
             init_tracing_with(&args.log_level, ",zeromq=error")?;
+            parallax_hub::driver::raise_fd_limit(65536);
             runtime()?.block_on(parallax_kernel::frontend::run(args))
         }
         Command::Kernelspec { cmd } => parallax_kernel::kernelspec::run(cmd),
         Command::Cluster { cmd } => parallax_kernel::cluster_cmd::run(cmd),
+        Command::Bench { cmd } => {
+            init_tracing_with("WARN", ",zeromq=error")?;
+            parallax_kernel::loadgen::run(cmd)
+        }
         Command::Engine(args) => {
             if args.language == parallax_engine::cli::Language::Rust {
                 // before any thread starts: it sets environment variables
@@ -91,6 +102,9 @@ fn main() -> Result<()> {
         Command::Hub(args) => {
             init_tracing_with(&args.log_level, "")?;
             parallax_hub::driver::tune_allocator();
+            // four connections per engine: thousands of engines need more
+            // than the usual 1024 open files
+            parallax_hub::driver::raise_fd_limit(65536);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -132,7 +132,7 @@ async fn connection_info(args: &EngineArgs) -> Result<EngineConnectionInfo> {
     }
 }
 
-fn identity_opts(uuid: &str) -> SocketOptions {
+pub fn identity_opts(uuid: &str) -> SocketOptions {
     let mut o = SocketOptions::default();
     o.peer_identity(
         zeromq::util::PeerIdentity::try_from(uuid.as_bytes().to_vec())
@@ -180,44 +180,20 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     let mut auth = Authenticator::new(signer.clone());
     let limits = Limits::default();
 
+    // The interpreter starts after registration (below); a Python that
+    // cannot be found is reported now, before the hub counts this engine.
+    if args.language == Language::Python {
+        crate::python::find_executable(&args.python)?;
+    }
+
     // --- registration
     let mut reg = DealerSocket::with_options(identity_opts(&uuid));
-    tokio::time::timeout(
-        Duration::from_secs_f64(args.timeout),
-        reg.connect(&url(info.registration)),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("could not reach the hub at {}", url(info.registration)))?
-    .context("connecting to the hub")?;
-    let mut content = json!({"uuid": uuid});
-    if let Some(id) = args.id {
-        content["id"] = json!(id);
-    }
-    let h = session.header("registration_request", &now_str());
-    let frames = session.serialize(vec![], &h, &json!({}), &json!({}), &content, vec![]);
-    reg.send(ZmqMessage::try_from(frames).expect("non-empty"))
-        .await?;
-    let reply = tokio::time::timeout(Duration::from_secs_f64(args.timeout), reg.recv())
+    let total = Duration::from_secs_f64(args.timeout.max(0.0));
+    tokio::time::timeout(total, reg.connect(&url(info.registration)))
         .await
-        .map_err(|_| anyhow::anyhow!("registration timed out after {} s", args.timeout))??;
-    let raw = RawMessage::from_frames(reply.into_vec(), &limits)?;
-    auth.check(&raw).context("registration reply")?;
-    let reply = Message::decode(&raw)?;
-    if reply.content.get("status").and_then(Value::as_str) != Some("ok") {
-        bail!(
-            "registration refused: {} {}",
-            reply
-                .content
-                .get("ename")
-                .and_then(Value::as_str)
-                .unwrap_or(""),
-            reply
-                .content
-                .get("evalue")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-        );
-    }
+        .map_err(|_| anyhow::anyhow!("could not reach the hub at {}", url(info.registration)))?
+        .context("connecting to the hub")?;
+    let reply = register(&mut reg, &mut session, &mut auth, &uuid, args.id, total).await?;
     let id = reply
         .content
         .get("id")
@@ -231,25 +207,6 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             .unwrap_or(3000),
     );
     info!(engine = id, %uuid, "registered");
-
-    // --- interpreter
-    let mut env = vec![
-        ("PARALLAX_ENGINE_ID".to_owned(), id.to_string()),
-        ("PARALLAX_ENGINE_UUID".to_owned(), uuid.clone()),
-    ];
-    if let Some(n) = args.n_engines {
-        env.push(("PARALLAX_N_ENGINES".to_owned(), n.to_string()));
-    }
-    let mut interp = match args.language {
-        Language::Python => AnyInterpreter::Python(
-            PythonInterpreter::start(PythonConfig {
-                python: args.python.clone(),
-                env,
-            })
-            .await?,
-        ),
-        Language::Rust => AnyInterpreter::Rust(RustInterpreter::start(env)),
-    };
 
     // --- sockets
     let mut shell = RouterSocket::with_options(identity_opts(&uuid));
@@ -553,6 +510,34 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         });
     }
 
+    // --- interpreter: started only now, with heartbeats already answered,
+    // so the hub completes the registration without waiting for Python (or
+    // evcxr) to start; requests that arrive meanwhile wait in the queue.
+    let mut env = vec![
+        ("PARALLAX_ENGINE_ID".to_owned(), id.to_string()),
+        ("PARALLAX_ENGINE_UUID".to_owned(), uuid.clone()),
+    ];
+    if let Some(n) = args.n_engines {
+        env.push(("PARALLAX_N_ENGINES".to_owned(), n.to_string()));
+    }
+    let started_interp = match args.language {
+        Language::Python => PythonInterpreter::start(PythonConfig {
+            python: args.python.clone(),
+            env,
+        })
+        .await
+        .map(AnyInterpreter::Python),
+        Language::Rust => Ok(AnyInterpreter::Rust(RustInterpreter::start(env))),
+    };
+    let mut interp = match started_interp {
+        Ok(i) => i,
+        Err(e) => {
+            unregister(&mut reg, &ctx, id).await;
+            stop.cancel();
+            return Err(e);
+        }
+    };
+
     // --- executor
     let mut shell_send = shell_send;
     let mut execution_count: i64 = 0;
@@ -778,21 +763,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 
     // --- leave: unregister, stop Python
     info!(engine = id, "unregistering");
-    let frames = {
-        let mut s = ctx.session.lock().expect("session lock");
-        let h = s.header("unregistration_request", &now_str());
-        s.serialize(
-            vec![],
-            &h,
-            &json!({}),
-            &json!({}),
-            &json!({"id": id}),
-            vec![],
-        )
-    };
-    let _ = reg
-        .send(ZmqMessage::try_from(frames).expect("non-empty"))
-        .await;
+    unregister(&mut reg, &ctx, id).await;
     interp.shutdown().await;
     drop(iopub_tx);
     drop(ctx);
@@ -847,7 +818,7 @@ fn reply_type(request: &str) -> String {
     }
 }
 
-fn init_metadata(msg: &Message, uuid: &str) -> Map<String, Value> {
+pub fn init_metadata(msg: &Message, uuid: &str) -> Map<String, Value> {
     let pm = &msg.metadata;
     let mut md = Map::new();
     md.insert("started".into(), json!(now_str()));
@@ -1030,4 +1001,106 @@ impl Ctx {
             warn!(error = %e, msg_type, "reply not sent");
         }
     }
+}
+
+/// How long to wait for a registration reply before asking again. A hub
+/// under a registration storm, or one still binding, may lose or delay a
+/// request; asking again is safe because the hub answers a repeated
+/// request for the same uuid with the same id.
+const REGISTRATION_RETRY: Duration = Duration::from_secs(3);
+
+/// Send `registration_request`s until one is answered or `total` has
+/// passed; returns the (verified) `ok` reply.
+pub async fn register(
+    reg: &mut DealerSocket,
+    session: &mut Session,
+    auth: &mut Authenticator,
+    uuid: &str,
+    id: Option<i64>,
+    total: Duration,
+) -> Result<Message> {
+    let limits = Limits::default();
+    let deadline = tokio::time::Instant::now() + total;
+    let mut content = json!({"uuid": uuid});
+    if let Some(id) = id {
+        content["id"] = json!(id);
+    }
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        // A fresh header each time: the hub rejects a replayed signature.
+        let h = session.header("registration_request", &now_str());
+        let frames = session.serialize(vec![], &h, &json!({}), &json!({}), &content, vec![]);
+        reg.send(ZmqMessage::try_from(frames).expect("non-empty"))
+            .await
+            .context("sending registration_request")?;
+        let wait = (tokio::time::Instant::now() + REGISTRATION_RETRY).min(deadline);
+        loop {
+            let reply = match tokio::time::timeout_at(wait, reg.recv()).await {
+                Err(_) => break,
+                Ok(r) => r.context("registration socket")?,
+            };
+            let raw = match RawMessage::from_frames(reply.into_vec(), &limits) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(reason = %e, "dropping malformed registration reply");
+                    continue;
+                }
+            };
+            if let Err(e) = auth.check(&raw) {
+                warn!(reason = %e, "dropping registration reply that failed authentication");
+                continue;
+            }
+            let reply = Message::decode(&raw).context("registration reply")?;
+            if reply.header.msg_type != "registration_reply" {
+                debug!(msg_type = %reply.header.msg_type, "ignoring a message on the registration socket");
+                continue;
+            }
+            if reply.content.get("status").and_then(Value::as_str) != Some("ok") {
+                let field = |k: &str| {
+                    reply
+                        .content
+                        .get(k)
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_owned()
+                };
+                bail!(
+                    "registration refused: {} {}",
+                    field("ename"),
+                    field("evalue")
+                );
+            }
+            if attempt > 1 {
+                info!(attempt, "registration answered after a retry");
+            }
+            return Ok(reply);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "registration timed out after {:.0} s ({attempt} requests unanswered)",
+                total.as_secs_f64()
+            );
+        }
+        warn!(attempt, "no registration reply yet; asking again");
+    }
+}
+
+/// Tell the hub this engine is leaving.
+async fn unregister(reg: &mut DealerSocket, ctx: &Ctx, id: i64) {
+    let frames = {
+        let mut s = ctx.session.lock().expect("session lock");
+        let h = s.header("unregistration_request", &now_str());
+        s.serialize(
+            vec![],
+            &h,
+            &json!({}),
+            &json!({}),
+            &json!({"id": id}),
+            vec![],
+        )
+    };
+    let _ = reg
+        .send(ZmqMessage::try_from(frames).expect("non-empty"))
+        .await;
 }

@@ -42,6 +42,35 @@ pub struct PythonConfig {
     pub env: Vec<(String, String)>,
 }
 
+/// Resolve `python` as `execvp` would (a path, or a name searched on
+/// PATH) and check that it is an executable file.
+pub fn find_executable(python: &std::path::Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let ok = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if python.components().count() > 1 || python.is_absolute() {
+        if ok(python) {
+            return Ok(python.to_path_buf());
+        }
+        anyhow::bail!(
+            "cannot start Python ({}): not an executable file",
+            python.display()
+        );
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(python);
+        if ok(&p) {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!(
+        "cannot start Python ({}): not found on PATH",
+        python.display()
+    )
+}
+
 /// Something read from the subprocess.
 #[derive(Debug)]
 enum Event {

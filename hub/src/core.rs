@@ -204,6 +204,35 @@ struct Incoming {
     id: i64,
 }
 
+/// uuid → id of purged registrations, oldest forgotten first (bounded, so
+/// engines that really are gone cost nothing for long).
+#[derive(Default)]
+struct StalledRegistrations {
+    ids: HashMap<String, i64>,
+    order: VecDeque<String>,
+}
+
+impl StalledRegistrations {
+    const LIMIT: usize = 4096;
+
+    fn insert(&mut self, uuid: String, id: i64) {
+        if self.ids.insert(uuid.clone(), id).is_none() {
+            self.order.push_back(uuid);
+        }
+        while self.order.len() > Self::LIMIT {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn take(&mut self, uuid: &str) -> Option<i64> {
+        let id = self.ids.remove(uuid)?;
+        self.order.retain(|u| u != uuid);
+        Some(id)
+    }
+}
+
 /// A broadcast waiting for its replies. Coalescing broadcasts also collect
 /// the replies' buffers, to send them to the client as one reply.
 struct Broadcast {
@@ -235,6 +264,10 @@ pub struct Hub {
     id_counter: i64,
     beat: u64,
     reg_ping_armed: bool,
+    /// Registrations purged for want of a first heartbeat, remembered so a
+    /// slow engine's late heartbeat (or repeated request) still completes
+    /// its registration.
+    stalled: StalledRegistrations,
     /// In-flight msg_ids of every queue.
     pub(crate) pending: HashSet<String>,
     /// Load-balanced tasks not yet given to an engine.
@@ -304,6 +337,7 @@ impl Hub {
             id_counter: 0,
             beat: 0,
             reg_ping_armed: false,
+            stalled: StalledRegistrations::default(),
             pending: HashSet::new(),
             unassigned: HashSet::new(),
             db,
@@ -494,6 +528,7 @@ impl Hub {
                     if self.incoming.get(&uuid).is_some_and(|inc| inc.id == id) {
                         self.incoming.remove(&uuid);
                         warn!(engine = id, uuid = %uuid, "purging stalled registration: no heartbeat arrived");
+                        self.stalled.insert(uuid, id);
                     }
                 }
                 Timer::StrandedMux { id, uuid, msg_ids } => {
@@ -587,6 +622,22 @@ impl Hub {
             self.finish_registration(&uuid, now);
             return;
         }
+        if let Some(id) = self.stalled.take(&uuid) {
+            // A heartbeat after the registration was purged: the engine is
+            // alive after all (it was slow, not gone), so register it with
+            // the id it was given if that is still free, rather than leave
+            // it answering beats that count for nothing.
+            let taken =
+                self.engines.contains_key(&id) || self.incoming.values().any(|i| i.id == id);
+            if taken {
+                warn!(engine = id, uuid = %uuid, "late heartbeat from a purged registration whose id is taken since; ignored");
+            } else {
+                info!(engine = id, uuid = %uuid, "late first heartbeat: completing a purged registration");
+                self.incoming.insert(uuid.clone(), Incoming { id });
+                self.finish_registration(&uuid, now);
+            }
+            return;
+        }
         if let Some(&id) = self.by_uuid.get(&uuid) {
             let beat = self.beat;
             let e = self
@@ -630,28 +681,23 @@ impl Hub {
             }
         };
         let uuid = req.uuid;
-        let content = if self.by_uuid.contains_key(&uuid) || self.incoming.contains_key(&uuid) {
-            warn!(uuid = %uuid, "registration refused: uuid in use");
-            ErrorContent::new("KeyError", format!("uuid {uuid:?} in use")).to_value()
+        // The same uuid again is the same engine asking again (its first
+        // reply was late or lost): answer with the id it already has. A uuid
+        // is a random 128-bit value chosen by the engine, and every request
+        // is signed with the cluster's key, so it cannot be someone else's.
+        let known = self
+            .incoming
+            .get(&uuid)
+            .map(|i| i.id)
+            .or_else(|| self.by_uuid.get(&uuid).copied());
+        let content = if let Some(id) = known {
+            info!(engine = id, uuid = %uuid, "repeated registration_request: same id");
+            self.registration_reply_content(id)
+        } else if let Some(id) = self.stalled.take(&uuid) {
+            // Purged for want of a heartbeat, now back: keep its id if free.
+            self.accept_registration(&uuid, req.id.or(Some(id)), now)
         } else {
-            let id = self.new_engine_id(req.id);
-            info!(engine = id, uuid = %uuid, "accepting registration");
-            self.incoming.insert(uuid.clone(), Incoming { id });
-            let at = now.mono + self.cfg.registration_timeout;
-            self.schedule(
-                at,
-                Timer::StalledRegistration {
-                    uuid: uuid.clone(),
-                    id,
-                },
-            );
-            self.arm_registration_ping(now);
-            json!({
-                "id": id,
-                "status": "ok",
-                "hb_period": self.cfg.hb_period.as_millis() as u64,
-                "connection_info": self.cfg.engine_info,
-            })
+            self.accept_registration(&uuid, req.id, now)
         };
         // ipyparallel sends registration_reply without a parent header.
         self.send_msg(
@@ -664,6 +710,33 @@ impl Hub {
             vec![],
             now,
         );
+    }
+
+    /// Give `uuid` an id (the requested one if free) and wait for its first
+    /// heartbeat; returns the reply's content.
+    fn accept_registration(&mut self, uuid: &str, requested: Option<i64>, now: Now) -> Value {
+        let id = self.new_engine_id(requested);
+        info!(engine = id, uuid = %uuid, "accepting registration");
+        self.incoming.insert(uuid.to_owned(), Incoming { id });
+        let at = now.mono + self.cfg.registration_timeout;
+        self.schedule(
+            at,
+            Timer::StalledRegistration {
+                uuid: uuid.to_owned(),
+                id,
+            },
+        );
+        self.arm_registration_ping(now);
+        self.registration_reply_content(id)
+    }
+
+    fn registration_reply_content(&self, id: i64) -> Value {
+        json!({
+            "id": id,
+            "status": "ok",
+            "hb_period": self.cfg.hb_period.as_millis() as u64,
+            "connection_info": self.cfg.engine_info,
+        })
     }
 
     fn finish_registration(&mut self, uuid: &str, now: Now) {

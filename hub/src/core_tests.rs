@@ -640,28 +640,38 @@ fn registration_assigns_increasing_ids_and_never_reuses_them() {
 }
 
 #[test]
-fn duplicate_uuid_is_refused() {
+fn repeated_registration_request_gets_the_same_id() {
+    // An engine whose reply was late or lost asks again with its uuid: the
+    // hub answers with the id it already gave, and nothing else changes.
     let mut sim = Sim::new(base_config());
-    assert_eq!(sim.add_engine("dup"), 0);
-    // Registered already.
-    let r = sim.register("dup", None);
-    assert_eq!(r.content()["status"], "error");
-    assert_eq!(r.ename(), "KeyError");
-    assert!(r.content()["evalue"].as_str().unwrap().contains("dup"));
-    // Registration pending (no pong yet).
-    assert_eq!(sim.register("pending", None).content()["id"], 1);
-    let r = sim.register("pending", None);
-    assert_eq!(r.content()["status"], "error");
-    assert_eq!(r.ename(), "KeyError");
+    assert_eq!(sim.add_engine("done"), 0);
+    let r = sim.register("done", None);
+    assert_eq!(r.content()["status"], "ok");
+    assert_eq!(r.content()["id"], 0, "registered already: same id");
+    assert!(
+        sim.take(Channel::Notification).is_empty(),
+        "no second notification"
+    );
+    // Registration pending (no pong yet), asked three times.
+    assert_eq!(sim.register("pending", Some(7)).content()["id"], 7);
+    for _ in 0..2 {
+        let r = sim.register("pending", Some(7));
+        assert_eq!(r.content()["status"], "ok");
+        assert_eq!(r.content()["id"], 7);
+    }
     sim.assert_quiet();
-    // Neither refusal disturbed the engines.
-    assert_eq!(sim.connected_engines(), json!({"0": "dup"}));
+    assert_eq!(sim.connected_engines(), json!({"0": "done"}));
     sim.pong("pending", "0");
     assert_eq!(
         sim.take_one(Channel::Notification).content(),
-        &json!({"id": 1, "uuid": "pending"})
+        &json!({"id": 7, "uuid": "pending"})
     );
-    assert_eq!(sim.connected_engines(), json!({"0": "dup", "1": "pending"}));
+    assert_eq!(
+        sim.connected_engines(),
+        json!({"0": "done", "7": "pending"})
+    );
+    // The id counter moved once, not once per request.
+    assert_eq!(sim.add_engine("next"), 8);
 }
 
 #[test]
@@ -724,21 +734,56 @@ fn stalled_registration_is_purged_after_registration_timeout() {
         pings,
         "registration pings stop with the purge (no beat due yet)"
     );
-
-    // A late pong does not register it.
-    sim.pong("slow", "5");
-    assert!(sim.take(Channel::Notification).is_empty());
     assert!(sim.hub.engine_ids().is_empty());
     assert_eq!(sim.connected_engines(), json!({}));
 
-    // The uuid is free again; the old id is not reused.
-    let r = sim.register("slow", None);
-    assert_eq!(r.content()["status"], "ok");
-    assert_eq!(r.content()["id"], 1);
+    // A late first pong: the engine was slow, not gone. It is registered
+    // with the id it was given.
     sim.pong("slow", "5");
     assert_eq!(
         sim.take_one(Channel::Notification).content(),
-        &json!({"id": 1, "uuid": "slow"})
+        &json!({"id": 0, "uuid": "slow"})
+    );
+    assert_eq!(sim.connected_engines(), json!({"0": "slow"}));
+}
+
+#[test]
+fn purged_registration_asked_again_keeps_its_id_unless_taken() {
+    let mut sim = Sim::new(base_config());
+    assert_eq!(sim.register("a", None).content()["id"], 0);
+    assert_eq!(sim.register("b", Some(5)).content()["id"], 5);
+    sim.advance(Duration::from_millis(5_200)); // both purged
+    assert!(sim.hub.engine_ids().is_empty());
+
+    // "a" asks again: same id, registration pending again.
+    let r = sim.register("a", None);
+    assert_eq!(r.content()["id"], 0);
+    sim.pong("a", "5");
+    assert_eq!(
+        sim.take_one(Channel::Notification).content(),
+        &json!({"id": 0, "uuid": "a"})
+    );
+    sim.engine("a").heart = true;
+
+    // Id 5 is taken by a newcomer meanwhile: "b"'s late pong is ignored,
+    // and its repeated request gets a fresh id.
+    assert_eq!(sim.register("c", Some(5)).content()["id"], 5);
+    sim.pong("c", "5");
+    sim.take_one(Channel::Notification);
+    sim.engine("c").heart = true;
+    sim.pong("b", "5");
+    assert!(sim.take(Channel::Notification).is_empty());
+    assert_eq!(sim.connected_engines(), json!({"0": "a", "5": "c"}));
+    let r = sim.register("b", Some(5));
+    assert_eq!(
+        r.content()["id"],
+        6,
+        "the requested id is taken: a fresh one"
+    );
+    sim.pong("b", "6");
+    assert_eq!(
+        sim.take_one(Channel::Notification).content(),
+        &json!({"id": 6, "uuid": "b"})
     );
 }
 

@@ -491,6 +491,45 @@ async fn core_loop(
 /// arena (the core task does nearly all allocation, so more arenas only
 /// fragment), and hand freed pages back to the OS. Without this, glibc keeps
 /// the peak of a burst (e.g. 100k queued tasks) as resident memory forever.
+/// The hub holds four connections per engine (a load generator four per
+/// fake engine): raise the soft limit on open files to `want`, as servers
+/// expecting many peers do — within the hard limit, or beyond it where the
+/// process may raise that (root). Returns the soft limit in force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    // SAFETY: getrlimit/setrlimit on local structs.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return 0;
+        }
+        let want = want as libc::rlim_t;
+        if r.rlim_cur >= want {
+            return r.rlim_cur as u64;
+        }
+        if r.rlim_max < want {
+            let both = libc::rlimit {
+                rlim_cur: want,
+                rlim_max: want,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &both) == 0 {
+                return want as u64;
+            }
+        }
+        let soft = libc::rlimit {
+            rlim_cur: want.min(r.rlim_max),
+            rlim_max: r.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &soft) == 0 {
+            soft.rlim_cur as u64
+        } else {
+            r.rlim_cur as u64
+        }
+    }
+}
+
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any

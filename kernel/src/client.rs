@@ -49,6 +49,15 @@ struct Inner {
     /// the listener's receiver is dropped and a message finds it closed).
     listeners: Mutex<HashMap<String, mpsc::UnboundedSender<ClientEvent>>>,
     engines: Mutex<BTreeMap<i64, String>>,
+    /// Notifications received while a `connection_request` is in flight,
+    /// replayed over its reply: the reply and the notifications travel on
+    /// different sockets, so a registration notified after the hub built the
+    /// reply may be read before it — and a reply that simply replaced the
+    /// table would lose that engine for good. `None`: no refresh running.
+    /// Lock order: `engines`, then `journal`.
+    journal: Mutex<Option<Vec<EngineChange>>>,
+    /// One refresh at a time (each owns the journal while it runs).
+    refreshing: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
     info: ClientConnectionInfo,
 }
@@ -170,6 +179,8 @@ impl HubClient {
             send,
             listeners: Mutex::new(HashMap::new()),
             engines: Mutex::new(BTreeMap::new()),
+            journal: Mutex::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
             changes,
             info,
         });
@@ -228,10 +239,17 @@ impl HubClient {
     }
 
     /// Ask the hub for the engine table (`connection_request`).
+    /// Notifications that arrive meanwhile are replayed over the reply, so
+    /// no registration is lost to the race between the two sockets.
     pub async fn refresh_engines(&self) -> Result<()> {
+        let _one = self.inner.refreshing.lock().await;
+        *self.inner.journal.lock().expect("journal") = Some(Vec::new());
         let reply = self
             .request(Chan::Query, "connection_request", json!({}), None)
-            .await?;
+            .await;
+        let mut engines = self.inner.engines.lock().expect("engines");
+        let journal = self.inner.journal.lock().expect("journal").take();
+        let reply = reply?;
         let mut table = BTreeMap::new();
         if let Some(m) = reply.content.get("engines").and_then(Value::as_object) {
             for (k, v) in m {
@@ -240,7 +258,11 @@ impl HubClient {
                 }
             }
         }
-        *self.inner.engines.lock().expect("engines") = table;
+        for change in journal.unwrap_or_default() {
+            change.apply(&mut table);
+        }
+        *engines = table;
+        drop(engines);
         self.inner.changes.send_modify(|v| *v += 1);
         Ok(())
     }
@@ -467,16 +489,62 @@ async fn receiver<S: SocketRecv>(
 fn handle_notification(inner: &Inner, m: &Message) {
     let id = m.content.get("id").and_then(Value::as_i64);
     let uuid = m.content.get("uuid").and_then(Value::as_str);
-    let mut engines = inner.engines.lock().expect("engines");
-    match (m.msg_type(), id, uuid) {
+    let change = match (m.msg_type(), id, uuid) {
         ("registration_notification", Some(id), Some(u)) => {
-            engines.insert(id, u.to_owned());
+            EngineChange::Registered(id, u.to_owned())
         }
-        ("unregistration_notification", Some(id), _) => {
-            engines.remove(&id);
-        }
+        ("unregistration_notification", Some(id), _) => EngineChange::Unregistered(id),
         _ => return,
+    };
+    let mut engines = inner.engines.lock().expect("engines");
+    change.apply(&mut engines);
+    if let Some(j) = inner.journal.lock().expect("journal").as_mut() {
+        j.push(change);
     }
     drop(engines);
     inner.changes.send_modify(|v| *v += 1);
+}
+
+/// A change of the engine table, as notified by the hub.
+#[derive(Debug, Clone, PartialEq)]
+enum EngineChange {
+    Registered(i64, String),
+    Unregistered(i64),
+}
+
+impl EngineChange {
+    fn apply(&self, table: &mut BTreeMap<i64, String>) {
+        match self {
+            EngineChange::Registered(id, uuid) => {
+                table.insert(*id, uuid.clone());
+            }
+            EngineChange::Unregistered(id) => {
+                table.remove(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The race that lost engines: the hub builds a connection_reply
+    /// without engine 2, then registers 2 and notifies; the notification
+    /// is read first. Replaying the journal over the reply keeps engine 2,
+    /// and an unregistration seen meanwhile stays applied too.
+    #[test]
+    fn notifications_during_a_refresh_survive_its_reply() {
+        let reply: BTreeMap<i64, String> = [(0, "a".to_owned()), (1, "b".to_owned())].into();
+        let journal = [
+            EngineChange::Registered(2, "c".into()),
+            EngineChange::Unregistered(1),
+            EngineChange::Registered(0, "a".into()), // already in the reply
+        ];
+        let mut table = reply;
+        for c in &journal {
+            c.apply(&mut table);
+        }
+        assert_eq!(table, [(0, "a".to_owned()), (2, "c".to_owned())].into());
+    }
 }

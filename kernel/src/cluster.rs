@@ -179,7 +179,7 @@ impl EmbeddedCluster {
         Ok(ids)
     }
 
-    fn spawn_engine(&mut self, id: i64, total: usize) -> Result<()> {
+    pub(crate) fn spawn_engine(&mut self, id: i64, total: usize) -> Result<()> {
         let mut cmd = tokio::process::Command::new(&self.spec.exe);
         cmd.arg("engine")
             .arg(format!("--file={}", self.bound.engine_file.display()))
@@ -300,31 +300,105 @@ fn describe_exit(s: std::process::ExitStatus) -> String {
     }
 }
 
-/// Wait until the hub has at least `n` engines registered, failing early if
-/// engine processes of `cluster` exit while we wait.
+/// How many times an engine that exits before it registers is started again
+/// while the cluster starts.
+const START_RETRIES: u32 = 2;
+
+/// With some engines registered, how long to wait for the next one before
+/// starting without the stragglers (they join when they register).
+const STRAGGLER_PATIENCE: Duration = Duration::from_secs(15);
+
+/// Wait until the hub has `n` engines registered. Engines of `cluster` that
+/// exit before registering are started again (up to [`START_RETRIES`]
+/// times each). If some engines are registered but not all, this returns
+/// once `timeout` has passed, or [`STRAGGLER_PATIENCE`] has passed without a
+/// new registration: a working cluster is never discarded because a few
+/// engines are late. Fails only if no engine registered at all. Returns the
+/// number registered.
 pub async fn wait_for_engines(
     client: &HubClient,
     n: usize,
     timeout: Duration,
     mut cluster: Option<&mut EmbeddedCluster>,
-) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + timeout;
+) -> Result<usize> {
+    let start = tokio::time::Instant::now();
+    let deadline = start + timeout;
     let mut changes = client.watch_engines();
+    let mut retries: BTreeMap<i64, u32> = BTreeMap::new();
+    let mut failures: Vec<String> = Vec::new();
+    let mut last_count = client.engines().len();
+    let mut last_progress = start;
+    let mut last_refresh = start;
     loop {
-        if client.engines().len() >= n {
-            return Ok(());
+        let have = client.engines();
+        if have.len() >= n {
+            return Ok(have.len());
         }
-        if let Some(c) = cluster.as_deref_mut()
-            && let Ok((id, pid, how)) = c.exits.try_recv()
-        {
-            c.reaped(id, pid);
-            bail!("engine {id} (pid {pid}) {how} before it registered; see the kernel's log");
+        if have.len() != last_count {
+            last_count = have.len();
+            last_progress = tokio::time::Instant::now();
+        }
+        if let Some(c) = cluster.as_deref_mut() {
+            while let Ok((id, pid, how)) = c.exits.try_recv() {
+                let ours = c.pid(id) == Some(pid);
+                c.reaped(id, pid);
+                if !ours || have.contains_key(&id) {
+                    continue;
+                }
+                let tries = retries.entry(id).or_default();
+                if *tries < START_RETRIES {
+                    *tries += 1;
+                    warn!(
+                        engine = id,
+                        pid,
+                        how,
+                        attempt = *tries,
+                        "engine exited before it registered; starting it again"
+                    );
+                    c.spawn_engine(id, n)?;
+                } else {
+                    warn!(
+                        engine = id,
+                        pid, how, "engine exited before it registered; giving up on it"
+                    );
+                    failures.push(format!("engine {id} (pid {pid}) {how}"));
+                }
+            }
+            if have.is_empty() && !failures.is_empty() && c.engines.is_empty() {
+                bail!(
+                    "no engine could start: {}; see the kernel's log",
+                    failures.join("; ")
+                );
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if !have.is_empty() && (now >= deadline || now >= last_progress + STRAGGLER_PATIENCE) {
+            warn!(
+                registered = have.len(),
+                expected = n,
+                "starting with the engines registered so far; the others join when they register"
+            );
+            return Ok(have.len());
+        }
+        if now >= deadline {
+            let why = if failures.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", failures.join("; "))
+            };
+            bail!("no engine registered within {timeout:?}{why}; see the kernel's log");
+        }
+        // A notification published before the hub saw our subscription is
+        // lost to us; ask for the table now and then while waiting.
+        if now >= last_refresh + Duration::from_secs(2) {
+            last_refresh = now;
+            if let Err(e) = client.refresh_engines().await {
+                warn!(error = %e, "refreshing the engine table failed");
+            }
+            continue;
         }
         tokio::select! {
             r = changes.changed() => { r.map_err(|_| anyhow!("hub connection closed"))?; }
-            _ = tokio::time::sleep_until(deadline) => {
-                bail!("only {} of {n} engines registered within {:?}", client.engines().len(), timeout);
-            }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }

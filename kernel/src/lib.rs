@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod cluster_cmd;
 pub mod frontend;
 pub mod kernelspec;
+pub mod loadgen;
 pub mod magics;
 pub mod merge;
 pub mod session;

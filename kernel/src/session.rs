@@ -219,6 +219,9 @@ pub struct Session {
     engine_timeout: Duration,
     /// Engines (uuids) running the current blocking cell.
     running: Vec<String>,
+    /// The last "k of n engines registered" note a cell showed (shown again
+    /// only when the count changes).
+    noted_registered: Option<usize>,
 }
 
 impl Session {
@@ -256,6 +259,7 @@ impl Session {
             spec,
             engine_timeout: cfg.engine_timeout,
             running: Vec::new(),
+            noted_registered: None,
         })
     }
 
@@ -398,6 +402,9 @@ impl Session {
             Err(e) => return CellOutcome::usage(&e),
         };
         let uuids: Vec<String> = targets.iter().map(|t| t.1.clone()).collect();
+        if let Some(note) = self.starting_note() {
+            p.stream("stderr", note);
+        }
         if cfg.verbose {
             let ids: Vec<i64> = targets.iter().map(|t| t.0).collect();
             let base = if cfg.block {
@@ -776,8 +783,49 @@ impl Session {
             if engines.len() == 1 { "" } else { "s" },
             self.where_()
         ));
+        let missing = self.unregistered_engines();
+        if !missing.is_empty() {
+            out.push_str(&format!(
+                "{} more started but not registered yet: engines {}\n",
+                missing.len(),
+                fmt_ids(&missing)
+            ));
+        }
         p.stream("stdout", out);
         CellOutcome::Ok { result: None }
+    }
+
+    /// Engines of the embedded cluster whose processes run but which have
+    /// not registered (yet).
+    fn unregistered_engines(&self) -> Vec<i64> {
+        let Some(c) = &self.cluster else {
+            return Vec::new();
+        };
+        let have = self.client.engines();
+        c.engine_ids()
+            .into_iter()
+            .filter(|id| !have.contains_key(id))
+            .collect()
+    }
+
+    /// A note for the cell's output while some of the embedded cluster's
+    /// engines have not registered: once per change of the count.
+    fn starting_note(&mut self) -> Option<String> {
+        let missing = self.unregistered_engines();
+        let registered = self.client.engines().len();
+        if missing.is_empty() {
+            self.noted_registered = None;
+            return None;
+        }
+        if self.noted_registered == Some(registered) {
+            return None;
+        }
+        self.noted_registered = Some(registered);
+        Some(format!(
+            "[parallax] {registered} of {} engines registered; running on those. Engines {} are still starting and join when they register (%engines shows them).\n",
+            registered + missing.len(),
+            fmt_ids(&missing)
+        ))
     }
 
     fn where_(&self) -> String {

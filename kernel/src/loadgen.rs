@@ -1,0 +1,482 @@
+//! `parallax bench engines -n N`: a load generator for the hub, as `wrk` is
+//! for HTTP servers. It opens N *fake* engines — the engine side of the
+//! protocol with nothing behind it: each registers (with the real engine's
+//! registration code, retries included), echoes heartbeats from its own
+//! sockets and answers every request on its shell at once — so the hub's
+//! own limits are measured apart from Python's cost.
+//!
+//! Measured, in this order: the registration storm (N engines asking at
+//! once → all replies, → all registered as the hub's notifications say),
+//! the hub's memory per engine, the hub's CPU while it only heartbeats the
+//! N engines, and fan-out + gather latency through the MUX (one
+//! `execute_request` per engine, all N replies back, as `dv.execute` does).
+//!
+//! By default the hub is a `parallax hub` process of this binary in a
+//! private profile (so its CPU and memory can be read from /proc);
+//! `--file` points at an existing hub's engine connection file instead.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use parallax_wire::connection::EngineConnectionInfo;
+use parallax_wire::{Authenticator, Limits, Message, RawMessage, Session, Signer, format_date};
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+use crate::client::{Chan, ClientEvent, HubClient};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Fake engines against a hub: registration storm, heartbeat CPU,
+    /// memory per engine, fan-out/gather latency.
+    Engines(EnginesArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EnginesArgs {
+    /// How many fake engines to connect.
+    #[arg(short = 'n', long = "engines", default_value_t = 1000)]
+    pub n: usize,
+    /// An existing hub's engine connection file (ipcontroller-engine.json;
+    /// its -client.json beside it). Default: start `parallax hub` here.
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Fan-out rounds (one execute_request to every engine, all replies).
+    #[arg(long, default_value_t = 20)]
+    pub rounds: usize,
+    /// Seconds over which the idle hub's heartbeat CPU is measured.
+    #[arg(long, default_value_t = 5.0)]
+    pub idle: f64,
+    /// Heartbeat period of the hub this command starts, in ms.
+    #[arg(long, default_value_t = 3000)]
+    pub ping: u64,
+    /// Seconds to wait for every engine to register.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+    /// Print the figures as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Engines(a) => {
+            // four sockets per fake engine here, four per engine in the hub
+            parallax_hub::driver::raise_fd_limit(8 * a.n as u64 + 4096);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(engines(a.clone()))?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            // Thousands of sockets: leave without waiting for each to close.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            Ok(())
+        }
+    }
+}
+
+/// The hub process this command started (stopped on drop).
+struct HubProc {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(5) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn start_hub(ping_ms: u64) -> Result<(HubProc, PathBuf)> {
+    // the hub inherits this process's (raised) limit on open files
+    let dir = std::env::temp_dir().join(format!(
+        "parallax-bench-engines-{}-{}",
+        std::process::id(),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let child = Command::new(exe)
+        .arg("hub")
+        .arg(format!("--profile-dir={}", dir.display()))
+        .arg("--ip=127.0.0.1")
+        .arg(format!("--ping={ping_ms}"))
+        .arg("--log-level=WARN")
+        .stdin(Stdio::null())
+        .spawn()
+        .context("starting parallax hub")?;
+    let hub = HubProc { child, dir };
+    let file = hub.dir.join("security/ipcontroller-engine.json");
+    let t = Instant::now();
+    while !(file.exists() && hub.dir.join("security/ipcontroller-client.json").exists()) {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the hub wrote no connection files within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((hub, file))
+}
+
+/// /proc/<pid>: (user+system CPU seconds, resident bytes).
+fn proc_usage(pid: u32) -> Option<(f64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    // fields 14 and 15 (utime, stime) are at 11 and 12 after the comm
+    let ticks = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf is always safe to call.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse::<u64>()
+        .ok()?;
+    Some((ticks / hz, rss_kb * 1024))
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+async fn engines(a: EnginesArgs) -> Result<Value> {
+    if a.n == 0 {
+        bail!("-n must be at least 1");
+    }
+    let (hub, engine_file) = match &a.file {
+        Some(f) => (None, f.clone()),
+        None => {
+            let (h, f) = start_hub(a.ping)?;
+            (Some(h), f)
+        }
+    };
+    let hub_pid = hub.as_ref().map(|h| h.child.id());
+    let info: EngineConnectionInfo = serde_json::from_str(
+        &std::fs::read_to_string(&engine_file)
+            .with_context(|| format!("reading {}", engine_file.display()))?,
+    )
+    .with_context(|| format!("{} is not an engine connection file", engine_file.display()))?;
+    let client_file = client_file_beside(&engine_file)?;
+    let client = HubClient::connect_file(&client_file).await?;
+    let base_usage = hub_pid.and_then(proc_usage);
+
+    // --- registration storm
+    let stop = CancellationToken::new();
+    let info = Arc::new(info);
+    let (reg_tx, mut reg_rx) = mpsc::unbounded_channel::<Result<i64>>();
+    let t0 = Instant::now();
+    let mut changes = client.watch_engines();
+    for _ in 0..a.n {
+        tokio::spawn(fake_engine(info.clone(), stop.clone(), reg_tx.clone()));
+    }
+    drop(reg_tx);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(a.timeout);
+    let mut replies = 0usize;
+    let mut replies_at = None;
+    let mut failures = Vec::new();
+    let registered_at = loop {
+        let have = client.engines().len();
+        if have >= a.n && replies_at.is_some() {
+            break t0.elapsed();
+        }
+        tokio::select! {
+            r = reg_rx.recv(), if replies_at.is_none() => match r {
+                Some(Ok(_)) => {
+                    replies += 1;
+                    if replies + failures.len() == a.n { replies_at = Some(t0.elapsed()); }
+                }
+                Some(Err(e)) => {
+                    failures.push(format!("{e:#}"));
+                    if replies + failures.len() == a.n { replies_at = Some(t0.elapsed()); }
+                }
+                None => { replies_at.get_or_insert(t0.elapsed()); }
+            },
+            r = changes.changed() => { r.map_err(|_| anyhow!("the connection to the hub closed"))?; }
+            _ = tokio::time::sleep_until(deadline) => {
+                bail!(
+                    "only {} of {} fake engines registered within {} s ({} registration replies; {} failed{})",
+                    client.engines().len(), a.n, a.timeout, replies, failures.len(),
+                    failures.first().map(|f| format!(": {f}")).unwrap_or_default()
+                );
+            }
+        }
+        if !failures.is_empty() {
+            bail!(
+                "{} fake engines failed to register: {}",
+                failures.len(),
+                failures[0]
+            );
+        }
+    };
+    let replies_at = replies_at.unwrap_or(registered_at);
+    // let the hub's queues settle before reading its memory
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reg_usage = hub_pid.and_then(proc_usage);
+
+    // --- idle heartbeats
+    let idle = Duration::from_secs_f64(a.idle.max(0.0));
+    let before = hub_pid.and_then(proc_usage);
+    tokio::time::sleep(idle).await;
+    let after = hub_pid.and_then(proc_usage);
+    let registered_after_idle = client.engines().len();
+
+    // --- fan-out and gather through the MUX
+    let engines: Vec<String> = client.engines().into_values().collect();
+    let mut times = Vec::with_capacity(a.rounds);
+    for _ in 0..a.rounds {
+        times.push(fan_out(&client, &engines).await?);
+    }
+    times.sort_by(|x, y| x.total_cmp(y));
+    let end_usage = hub_pid.and_then(proc_usage);
+    stop.cancel();
+
+    let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut r = Map::new();
+    r.insert("engines".into(), json!(a.n));
+    r.insert(
+        "registration_replies_s".into(),
+        json!(replies_at.as_secs_f64()),
+    );
+    r.insert(
+        "all_registered_s".into(),
+        json!(registered_at.as_secs_f64()),
+    );
+    r.insert("registered_after_idle".into(), json!(registered_after_idle));
+    if let (Some((_, rss0)), Some((_, rss1))) = (base_usage, reg_usage) {
+        r.insert("hub_rss_idle_mib".into(), json!(mb(rss0)));
+        r.insert("hub_rss_registered_mib".into(), json!(mb(rss1)));
+        r.insert(
+            "hub_kib_per_engine".into(),
+            json!((rss1.saturating_sub(rss0)) as f64 / 1024.0 / a.n as f64),
+        );
+    }
+    if let (Some((c0, _)), Some((c1, _))) = (before, after)
+        && idle > Duration::ZERO
+    {
+        r.insert(
+            "hub_heartbeat_cpu_percent".into(),
+            json!(100.0 * (c1 - c0) / idle.as_secs_f64()),
+        );
+        r.insert("heartbeat_period_ms".into(), json!(a.ping));
+    }
+    if let Some((_, rss)) = end_usage {
+        r.insert("hub_rss_after_fanout_mib".into(), json!(mb(rss)));
+    }
+    r.insert("fanout_rounds".into(), json!(a.rounds));
+    r.insert("fanout_p50_ms".into(), json!(percentile(&times, 0.5) * 1e3));
+    r.insert("fanout_p90_ms".into(), json!(percentile(&times, 0.9) * 1e3));
+    r.insert(
+        "fanout_max_ms".into(),
+        json!(times.last().copied().unwrap_or(f64::NAN) * 1e3),
+    );
+    drop(hub);
+    Ok(Value::Object(r))
+}
+
+fn client_file_beside(engine_file: &Path) -> Result<PathBuf> {
+    let name = engine_file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("engine connection file name")?;
+    let Some(stem) = name.strip_suffix("-engine.json") else {
+        bail!("{name}: expected a file named …-engine.json");
+    };
+    Ok(engine_file.with_file_name(format!("{stem}-client.json")))
+}
+
+/// One `execute_request` to every engine through the MUX; seconds until
+/// every reply is back.
+async fn fan_out(client: &HubClient, engines: &[String]) -> Result<f64> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let t = Instant::now();
+    let mut ids = Vec::with_capacity(engines.len());
+    for u in engines {
+        ids.push(client.send_to(
+            Chan::Mux,
+            Some(u),
+            "execute_request",
+            json!({"code": "a=1", "silent": false, "store_history": true,
+                   "user_expressions": {}, "allow_stdin": false}),
+            &tx,
+        )?);
+    }
+    let mut got = 0;
+    let r = tokio::time::timeout(Duration::from_secs(60), async {
+        while got < engines.len() {
+            match rx.recv().await {
+                Some(ClientEvent::Reply(..)) => got += 1,
+                Some(_) => {}
+                None => break,
+            }
+        }
+    })
+    .await;
+    let dt = t.elapsed().as_secs_f64();
+    for id in &ids {
+        client.forget(id);
+    }
+    if r.is_err() || got < engines.len() {
+        bail!("fan-out: {got} of {} replies within 60 s", engines.len());
+    }
+    Ok(dt)
+}
+
+/// One fake engine: registers, echoes heartbeats, answers every shell
+/// request with an `ok` reply at once, until `stop`.
+async fn fake_engine(
+    info: Arc<EngineConnectionInfo>,
+    stop: CancellationToken,
+    registered: mpsc::UnboundedSender<Result<i64>>,
+) {
+    let r = fake_engine_inner(&info, &stop, &registered).await;
+    if let Err(e) = r {
+        let _ = registered.send(Err(e));
+    }
+}
+
+async fn fake_engine_inner(
+    info: &EngineConnectionInfo,
+    stop: &CancellationToken,
+    registered: &mpsc::UnboundedSender<Result<i64>>,
+) -> Result<()> {
+    let host = info
+        .interface
+        .strip_prefix("tcp://")
+        .unwrap_or(&info.interface);
+    let host = if host == "*" || host == "0.0.0.0" {
+        info.location.as_str()
+    } else {
+        host
+    };
+    let url = |port: u16| format!("tcp://{host}:{port}");
+    let uuid = uuid::Uuid::new_v4().to_string();
+    let signer = Signer::new(info.key.as_bytes());
+    let mut session = Session::new(
+        signer.clone(),
+        uuid.clone(),
+        "parallax-bench".into(),
+        std::process::id(),
+    );
+    let mut auth = Authenticator::new(signer);
+    let opts = || parallax_engine::driver::identity_opts(&uuid);
+    let total = Duration::from_secs(120);
+
+    let mut reg = DealerSocket::with_options(opts());
+    tokio::time::timeout(total, reg.connect(&url(info.registration)))
+        .await
+        .map_err(|_| anyhow!("timed out connecting to the registration socket"))??;
+    let reply =
+        parallax_engine::driver::register(&mut reg, &mut session, &mut auth, &uuid, None, total)
+            .await?;
+    let id = reply
+        .content
+        .get("id")
+        .and_then(Value::as_i64)
+        .context("registration reply without id")?;
+
+    let mut ping = SubSocket::new();
+    ping.subscribe("").await?;
+    ping.connect(&url(info.hb_ping)).await?;
+    let mut pong = DealerSocket::with_options(opts());
+    pong.connect(&url(info.hb_pong)).await?;
+    let mut shell = RouterSocket::with_options(opts());
+    shell.connect(&url(info.mux)).await?;
+    let _ = registered.send(Ok(id));
+
+    let limits = Limits::default();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            m = ping.recv() => {
+                if let Ok(m) = m && pong.send(m).await.is_err() {
+                    debug!(engine = id, "heartbeat reply failed");
+                }
+            }
+            m = shell.recv() => {
+                let Ok(m) = m else { continue };
+                let Ok(raw) = RawMessage::from_frames(m.into_vec(), &limits) else { continue };
+                let Ok(msg) = Message::decode(&raw) else { continue };
+                let reply_type = msg.header.msg_type.replace("_request", "_reply");
+                let mut md = parallax_engine::driver::init_metadata(&msg, &uuid);
+                md.insert("status".into(), json!("ok"));
+                md.insert("completed".into(), json!(format_date(chrono::Utc::now())));
+                let content = json!({"status": "ok", "execution_count": 1, "user_expressions": {},
+                                     "engine_info": {"engine_uuid": uuid, "engine_id": id}});
+                let h = session.header(&reply_type, &format_date(chrono::Utc::now()));
+                let parent = serde_json::to_value(&msg.header).unwrap_or(Value::Null);
+                let frames = session.serialize(raw.idents.clone(), &h, &parent, &Value::Object(md), &content, vec![]);
+                let frames: Vec<Bytes> = frames;
+                if let Ok(z) = ZmqMessage::try_from(frames)
+                    && shell.send(z).await.is_err()
+                {
+                    warn!(engine = id, "shell reply failed");
+                }
+            }
+        }
+    }
+}
+
+fn print_report(r: &Value) {
+    let f = |k: &str| r.get(k).and_then(Value::as_f64);
+    let n = r["engines"].as_u64().unwrap_or(0);
+    println!("parallax bench engines: {n} fake engines");
+    if let (Some(a), Some(b)) = (f("registration_replies_s"), f("all_registered_s")) {
+        println!("  registration storm: all replies {a:.3} s, all registered {b:.3} s");
+    }
+    if let Some(k) = f("hub_kib_per_engine") {
+        println!(
+            "  hub memory: {:.1} MiB idle, {:.1} MiB with {n} engines ({k:.1} KiB per engine)",
+            f("hub_rss_idle_mib").unwrap_or(0.0),
+            f("hub_rss_registered_mib").unwrap_or(0.0)
+        );
+    }
+    if let Some(c) = f("hub_heartbeat_cpu_percent") {
+        println!(
+            "  hub CPU while heartbeating ({} ms period): {c:.1} % of one core",
+            r["heartbeat_period_ms"]
+        );
+    }
+    println!(
+        "  registered after the idle period: {}",
+        r["registered_after_idle"]
+    );
+    println!(
+        "  fan-out + gather through the MUX ({} rounds): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+        r["fanout_rounds"],
+        f("fanout_p50_ms").unwrap_or(f64::NAN),
+        f("fanout_p90_ms").unwrap_or(f64::NAN),
+        f("fanout_max_ms").unwrap_or(f64::NAN)
+    );
+}

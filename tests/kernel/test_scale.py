@@ -1,0 +1,75 @@
+"""Many engines, bounded for `make test` (the figures are `make bench
+BENCH=scale`'s job, never asserted here):
+
+* a kernel with 32 engines starts, runs a cell on every engine and stops
+  cleanly, several times in a row, with no engine lost or left behind;
+* `parallax bench engines -n 1000` (the load generator: fake engines that
+  register, heartbeat and answer) gets every one of 1,000 engines
+  registered in one storm, and fans a request out to all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import PARALLAX_BIN
+from kernel_harness import Kernel, strip_ansi, wait_gone
+
+N = 32
+ROUNDS = 3
+
+
+@pytest.mark.timeout(600)
+def test_kernel_with_32_engines_starts_runs_and_stops_repeatedly():
+    for round_ in range(ROUNDS):
+        k = Kernel(engines=N, ready_timeout=120)
+        try:
+            r = k.execute("%%px\nimport os\nprint('engine', os.environ['PARALLAX_ENGINE_ID'])", timeout=180)
+            assert r.status == "ok", f"round {round_}: {r.describe()}"
+            by_engine = r.stdout_by_engine()
+            assert sorted(by_engine) == list(range(N)), f"round {round_}: engines {sorted(by_engine)}"
+            for i, text in by_engine.items():
+                assert text.strip() == f"engine {i}", (round_, i, text)
+            assert "still starting" not in r.stderr(), f"round {round_}: {r.stderr()}"
+            e = k.execute("%engines", timeout=60)
+            out = strip_ansi(e.stdout())
+            assert f"{N} engines registered" in out, out
+            assert "not registered yet" not in out, out
+            pids = [k.pid] + [p.pid for p in k.descendants()]
+            # kernel + N engines + N Python workers
+            assert len(pids) >= 1 + 2 * N, f"round {round_}: {len(pids)} processes"
+        finally:
+            k.stop()
+        assert wait_gone(pids, 30) == [], f"round {round_}: processes left behind"
+
+
+@pytest.mark.timeout(300)
+def test_load_generator_registers_1000_engines():
+    r = subprocess.run(
+        [str(PARALLAX_BIN), "bench", "engines", "-n", "1000", "--rounds", "3", "--idle", "1",
+         "--timeout", "200", "--json"],
+        capture_output=True, text=True, timeout=280,
+    )  # fmt: skip
+    assert r.returncode == 0, f"stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    report = json.loads(r.stdout)
+    assert report["engines"] == 1000
+    assert report["registered_after_idle"] == 1000, report
+    assert report["fanout_rounds"] == 3
+    assert report["fanout_max_ms"] > 0, report
+    assert report["hub_kib_per_engine"] > 0, report
+
+
+def test_load_generator_rejects_bad_input(tmp_path):
+    r = subprocess.run([str(PARALLAX_BIN), "bench", "engines", "-n", "0"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0
+    assert "-n must be at least 1" in r.stderr
+    bogus = tmp_path / "ipcontroller-engine.json"
+    bogus.write_text("{}")
+    r = subprocess.run([str(PARALLAX_BIN), "bench", "engines", "-n", "3", "--file", str(bogus)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode != 0
+    assert "is not an engine connection file" in r.stderr
