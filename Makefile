@@ -93,9 +93,9 @@ test-python: venv build lab-deps
 	PARALLAX_ENGINES=parallax PARALLAX_HUB_CMD=$(abspath $(VENV))/bin/ipcontroller PARALLAX_BIN=$(abspath $(BIN)) \
 		$(PY) -m pytest tests/interop -q -p no:cacheprovider
 
-# BENCH=hub or BENCH=kernel runs one of the two (default: both, hub first)
+# BENCH=hub|kernel|rust|scale runs one of them (default: all, in that order)
 bench: venv build
-	for b in $(or $(BENCH),hub kernel rust); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
+	for b in $(or $(BENCH),hub kernel rust scale); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
 
 lint:
 	$(CARGO) fmt --all -- --check

@@ -618,17 +618,23 @@ async fn xpub_sender(
 ) {
     loop {
         tokio::select! {
+            // Subscriptions first: a client subscribes to notifications and
+            // then asks for the engine table; if a registration completes in
+            // between, its notification must find the new subscriber (the
+            // stock Client learns of engines from notifications alone).
+            // Unbiased, the publish could win the race half of the time.
+            biased;
+            sub = sock.recv() => {
+                if let Err(e) = sub {
+                    debug!(channel = ch.name(), error = %e, "subscriber error");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
             frames = rx.recv() => {
                 let Some(frames) = frames else { return };
                 let Ok(msg) = ZmqMessage::try_from(frames) else { continue };
                 if let Err(e) = sock.send(msg).await {
                     debug!(channel = ch.name(), error = %e, "publish failed");
-                }
-            }
-            sub = sock.recv() => {
-                if let Err(e) = sub {
-                    debug!(channel = ch.name(), error = %e, "subscriber error");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }

@@ -254,6 +254,7 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
 
     // --- fan-out and gather through the MUX
     let engines: Vec<String> = client.engines().into_values().collect();
+    let fan_before = hub_pid.and_then(proc_usage);
     let mut times = Vec::with_capacity(a.rounds);
     for _ in 0..a.rounds {
         times.push(fan_out(&client, &engines).await?);
@@ -293,6 +294,17 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
     }
     if let Some((_, rss)) = end_usage {
         r.insert("hub_rss_after_fanout_mib".into(), json!(mb(rss)));
+    }
+    // The hub's own CPU per round: its side of fan-out + gather (relaying N
+    // requests and N replies, recording them), apart from this process's
+    // cost of signing and answering as the client and the N engines.
+    if let (Some((c0, _)), Some((c1, _))) = (fan_before, end_usage)
+        && a.rounds > 0
+    {
+        r.insert(
+            "hub_cpu_ms_per_fanout".into(),
+            json!(1e3 * (c1 - c0) / a.rounds as f64),
+        );
     }
     r.insert("fanout_rounds".into(), json!(a.rounds));
     r.insert("fanout_p50_ms".into(), json!(percentile(&times, 0.5) * 1e3));
@@ -479,4 +491,7 @@ fn print_report(r: &Value) {
         f("fanout_p90_ms").unwrap_or(f64::NAN),
         f("fanout_max_ms").unwrap_or(f64::NAN)
     );
+    if let Some(c) = f("hub_cpu_ms_per_fanout") {
+        println!("  hub CPU per fan-out + gather: {c:.1} ms");
+    }
 }
