@@ -53,7 +53,7 @@ pub struct EnginesArgs {
     #[arg(long, default_value_t = 20)]
     pub rounds: usize,
     /// Seconds over which the idle hub's heartbeat CPU is measured.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 10.0)]
     pub idle: f64,
     /// Heartbeat period of the hub this command starts, in ms.
     #[arg(long, default_value_t = 3000)]
@@ -70,7 +70,17 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engines(a) => {
             // four sockets per fake engine here, four per engine in the hub
-            parallax_hub::driver::raise_fd_limit(8 * a.n as u64 + 4096);
+            let need = 4 * a.n as u64 + 1024;
+            let have = parallax_hub::driver::raise_fd_limit(need);
+            if have < need {
+                bail!(
+                    "{} fake engines need about {need} open files, here and in the hub, but the limit is {have} \
+                     (and this process may not raise it: `ulimit -Hn`, or run as root where allowed); \
+                     use at most -n {}",
+                    a.n,
+                    have.saturating_sub(1024) / 4
+                );
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -241,8 +251,9 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
         }
     };
     let replies_at = replies_at.unwrap_or(registered_at);
-    // let the hub's queues settle before reading its memory
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // let the hub finish the storm's work (notifications, the registration
+    // pings' tail, compaction) before reading its memory and idle CPU
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let reg_usage = hub_pid.and_then(proc_usage);
 
     // --- idle heartbeats
