@@ -364,30 +364,25 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     ));
 
     // Like ipykernel's ParentPollerUnix: when the process that started us
-    // dies (we are re-parented), shut down rather than run on as an orphan
-    // with the engines.
-    {
-        let parent = std::os::unix::process::parent_id();
+    // dies, shut down (and stop the engines) rather than run on as an
+    // orphan. Cancel first, log after: the log may go to a terminal that is
+    // gone.
+    if let Some(watch) = crate::parent::ParentWatch::from_env() {
         let sd = shutdown.clone();
-        if parent > 1 {
-            tokio::spawn(async move {
-                let mut t = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = t.tick() => {}
-                        _ = sd.cancelled() => return,
-                    }
-                    if std::os::unix::process::parent_id() != parent {
-                        warn!(
-                            parent,
-                            "the process that started the kernel is gone; shutting down"
-                        );
-                        sd.cancel();
-                        return;
-                    }
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = sd.cancelled() => return,
                 }
-            });
-        }
+                if let Some(why) = watch.check() {
+                    sd.cancel();
+                    warn!(reason = %why, "the process that started the kernel is gone; shutting down");
+                    return;
+                }
+            }
+        });
     }
 
     // Signals.
