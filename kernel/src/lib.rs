@@ -10,6 +10,7 @@
 //!   results.
 //! * [`magics`] — parsing of `%%px`, `%px`, `%pxconfig`, … (pure).
 //! * [`merge`] — the `[stdout:N]`, `Out[N:C]`, `[N:execute]` formats (pure).
+//! * [`syntax`] — is_complete from the text alone (pure).
 //! * [`parent`] — whether the process that started the kernel is still there.
 //! * [`client`] — the hub's client protocol (query, mux, control, iopub).
 //! * [`cluster`] — the embedded cluster: hub task + local engine processes.
@@ -26,3 +27,4 @@ pub mod magics;
 pub mod merge;
 pub mod parent;
 pub mod session;
+pub mod syntax;
