@@ -18,7 +18,9 @@ polled, every wait with a deadline. Each step checks the screen:
   the next cell runs;
 * the end: the Python console is killed with its terminal (`tmux
   kill-session`, which SIGHUPs jupyter console) and the kernel and every
-  engine must exit on their own; the Rust console exits with Ctrl-D.
+  engine must exit on their own; the Rust console exits with Ctrl-D (its
+  kernel and engines must be gone, and must have written nothing on the
+  way out), then its terminal is killed.
 
 At every step the screen must hold nothing but the console's and the
 kernel's own output: no "did not respond to an is_complete_request"
@@ -75,6 +77,8 @@ class Terminal:
             env=env,
         )  # fmt: skip
         self._tmux("set-option", "-g", "history-limit", "20000")
+        # a console that exits leaves its last screen to read
+        self._tmux("set-option", "-wg", "remain-on-exit", "on")
         self.pid = int(self._tmux("display-message", "-p", "-t", self.target, "#{pane_pid}").strip())
 
     def _tmux(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
@@ -85,10 +89,10 @@ class Terminal:
             raise RuntimeError(f"tmux {' '.join(args)}: {r.stderr.strip()}")
         return r.stdout
 
-    def alive(self) -> bool:
-        r = subprocess.run([TMUX, "-L", self.socket, "has-session", "-t", self.target],
-                           capture_output=True, timeout=30)  # fmt: skip
-        return r.returncode == 0
+    def exited(self) -> bool:
+        """Whether the command in the window has exited."""
+        out = self._tmux("display-message", "-p", "-t", self.target, "#{pane_dead}", check=False)
+        return out.strip() == "1"
 
     def type(self, text: str) -> None:
         """Type `text` literally (no Enter)."""
@@ -321,13 +325,13 @@ def test_rust_console(rust_kernelspec, tmp_path):
         start = s.prompt_at()
         term.keys("C-d")
         term.wait_for(r"Do you really want to exit", 10, "the exit question", start)
-        term.keep("console-rust.txt")
         term.line("y")
         assert_all_exit(procs, "jupyter console exited")
-        deadline = time.monotonic() + 10
-        while term.alive() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not term.alive(), "the console's window is still open"
+        assert term.exited(), "jupyter console is gone but its window is not dead"
+        # nothing written by the kernel or engines while they stopped
+        s.clean()
+        term.keep("console-rust.txt")
+        term._tmux("kill-session", "-t", term.target)
     finally:
         term.kill()
         for p in procs:
