@@ -27,6 +27,11 @@ kernel's own output: no "did not respond to an is_complete_request"
 warning (a late is_complete reply puts the console out of step for good),
 no log lines of the engines' sockets.
 
+Two more tests without a terminal: what a console asks while the user
+types (is_complete, kernel_info, complete, inspect) is answered right after
+start and while a cell runs; and an engine at WARN (as kernels start them)
+does not log its sockets' reconnection attempts when its hub goes away.
+
 The last screens are kept in tests/artifacts/console-{python,rust}.txt.
 Needs tmux (`make console-deps`).
 """
@@ -399,3 +404,52 @@ def test_console_requests_never_wait(kernel_env):
     finally:
         kc.stop_channels()
         km.shutdown_kernel()
+
+
+def _wait_file_text(path: Path, pattern: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and re.search(pattern, path.read_text(errors="replace")):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_engines_do_not_log_reconnects_at_warn(parallax_bin, tmp_path):
+    """An engine's stderr is its kernel's, which under jupyter console is the
+    user's terminal: at --log-level=WARN (what the kernel starts engines
+    with) a hub that goes away must not fill it with zmq.rs's reconnection
+    warnings. At INFO they show, and give the time the WARN engine is
+    watched for."""
+    env = {k: v for k, v in os.environ.items() if k != "PARALLAX_LOG"}
+    logs = {}
+    for level in ("INFO", "WARN"):
+        prof = tmp_path / f"profile-{level}"
+        hub_log, eng_log = tmp_path / f"hub-{level}.log", tmp_path / f"engine-{level}.log"
+        with open(hub_log, "w") as h, open(eng_log, "w") as e:
+            hub = subprocess.Popen([str(parallax_bin), "hub", f"--profile-dir={prof}", "--log-level=INFO"],
+                                   stdout=h, stderr=h, env=env)  # fmt: skip
+            engine = None
+            try:
+                assert _wait_file_text(hub_log, r"hub ready", 30), hub_log.read_text()
+                engine = subprocess.Popen([str(parallax_bin), "engine", f"--profile-dir={prof}",
+                                           f"--log-level={level}"], stdout=e, stderr=e, env=env)  # fmt: skip
+                assert _wait_file_text(hub_log, r"engine registered", 30), hub_log.read_text()
+                t0 = time.monotonic()
+                hub.kill()
+                hub.wait(timeout=10)
+                if level == "INFO":
+                    assert _wait_file_text(eng_log, r"Reconnection attempt \d+ to tcp://\S+ failed", 30), (
+                        eng_log.read_text()
+                    )
+                    # a few more attempts' worth
+                    watch = max(1.0, 3 * (time.monotonic() - t0))
+                else:
+                    time.sleep(watch)
+            finally:
+                for p in (engine, hub):
+                    if p is not None and p.poll() is None:
+                        p.kill()
+                        p.wait(timeout=10)
+        logs[level] = eng_log.read_text()
+    assert "Reconnection attempt" not in logs["WARN"], logs["WARN"]
