@@ -203,6 +203,8 @@ class Session:
 
 
 def start_console(kernel: str, tmp_path: Path) -> tuple[Terminal, Session]:
+    if not os.access(TMUX, os.X_OK):
+        pytest.fail(f"{TMUX} missing: run `make console-deps`")
     env = dict(os.environ)
     # the console's own state in the test's dirs, not the user's
     for var, sub in (("JUPYTER_RUNTIME_DIR", "runtime"), ("JUPYTER_CONFIG_DIR", "config"),
