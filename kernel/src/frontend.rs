@@ -16,6 +16,7 @@
 //! Every message is verified on its raw frames before any JSON is parsed; a
 //! bad one is logged and dropped, and the loop goes on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,6 +87,12 @@ struct Shared {
     banner: String,
     help_links: Vec<HelpLink>,
     language: Language,
+    /// Set while the shell worker handles a request (a cell). The shell
+    /// reader's answers then publish no busy/idle of their own: JupyterLab
+    /// shows the kernel's state from any status message, and an idle
+    /// parented to a completion would show the kernel idle while the cell
+    /// runs.
+    worker_busy: AtomicBool,
 }
 
 impl Shared {
@@ -323,6 +330,7 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         banner: banner(args.language, args.cluster.as_deref(), n),
         help_links: help_links(args.language),
         language: args.language,
+        worker_busy: AtomicBool::new(false),
     });
     tokio::spawn(probe_language_version(
         args.language,
@@ -529,44 +537,27 @@ impl FastPath {
         let msg_type = msg.msg_type().to_owned();
         match msg_type.as_str() {
             "kernel_info_request" => {
-                let pubr = self.shared.publisher(&msg);
-                pubr.status("busy");
                 let c = self.shared.kernel_info();
-                finish(
-                    &self.shared,
-                    &self.sock,
-                    &msg,
-                    "kernel_info_reply",
-                    c,
-                    &pubr,
-                )
-                .await;
+                answer(&self.shared, &self.sock, &msg, "kernel_info_reply", c).await;
             }
             "is_complete_request" => {
-                let pubr = self.shared.publisher(&msg);
-                pubr.status("busy");
                 let code = msg
                     .content
                     .get("code")
                     .and_then(Value::as_str)
                     .unwrap_or("");
                 let c = crate::syntax::is_complete_reply(code, self.shared.language);
-                finish(
-                    &self.shared,
-                    &self.sock,
-                    &msg,
-                    "is_complete_reply",
-                    c,
-                    &pubr,
-                )
-                .await;
+                answer(&self.shared, &self.sock, &msg, "is_complete_reply", c).await;
             }
             "complete_request" | "inspect_request" => {
                 let (shared, sock) = (self.shared.clone(), self.sock.clone());
                 let mut assist = self.assist.clone();
                 tokio::spawn(async move {
+                    let status = !shared.worker_busy.load(Ordering::Relaxed);
                     let pubr = shared.publisher(&msg);
-                    pubr.status("busy");
+                    if status {
+                        pubr.status("busy");
+                    }
                     let asked = async {
                         let a = assist.wait_for(Option::is_some).await.ok()?.clone()?;
                         a.forward(&msg_type, &msg.content).await
@@ -580,12 +571,34 @@ impl FastPath {
                         }
                     };
                     let rt = msg_type.replace("_request", "_reply");
-                    finish(&shared, &sock, &msg, &rt, c, &pubr).await;
+                    send_frames(&sock, shared.reply(&msg, &rt, c)).await;
+                    if status {
+                        pubr.status("idle");
+                    }
                 });
             }
             _ => return Some(msg),
         }
         None
+    }
+}
+
+/// Reply to `req` with busy/idle around it, unless the worker is busy.
+async fn answer(
+    shared: &Shared,
+    sock: &ShellSend,
+    req: &Message,
+    reply_type: &str,
+    content: Value,
+) {
+    let status = !shared.worker_busy.load(Ordering::Relaxed);
+    let pubr = shared.publisher(req);
+    if status {
+        pubr.status("busy");
+    }
+    send_frames(sock, shared.reply(req, reply_type, content)).await;
+    if status {
+        pubr.status("idle");
     }
 }
 
@@ -729,6 +742,7 @@ async fn shell_worker(
     let mut session: Option<PxSession> = None;
     let mut start_error: Option<String> = None;
     loop {
+        shared.worker_busy.store(false, Ordering::Relaxed);
         let msg = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -742,6 +756,7 @@ async fn shell_worker(
                 }
             } => continue,
         };
+        shared.worker_busy.store(true, Ordering::Relaxed);
         let pubr = shared.publisher(&msg);
         let msg_type = msg.msg_type().to_owned();
         pubr.status("busy");

@@ -378,7 +378,8 @@ def test_console_requests_never_wait(kernel_env):
         kc.wait_for_ready(timeout=60)
         timings = {}
         # right after start: the cluster is still starting
-        r, timings["is_complete at start"] = _reply(kc, kc.is_complete("for i in range(3):"), 10)
+        first = kc.is_complete("for i in range(3):")
+        r, timings["is_complete at start"] = _reply(kc, first, 10)
         assert r["content"] == {"status": "incomplete", "indent": "    "}, r["content"]
         r, timings["complete at start"] = _reply(kc, kc.complete("isinstanc"), 10)
         assert r["content"]["status"] == "ok", r["content"]
@@ -386,18 +387,32 @@ def test_console_requests_never_wait(kernel_env):
         # a cell that runs for a while
         cell = kc.execute("import time; time.sleep(6)")
         time.sleep(0.5)  # let it reach the engines
+        asked_while_busy = []
         for what, ask in [
             ("is_complete while busy", lambda: kc.is_complete("%%px --targets ::2\nx = 1\n")),
             ("kernel_info while busy", kc.kernel_info),
             ("complete while busy", lambda: kc.complete("isinstanc")),
             ("inspect while busy", lambda: kc.inspect("print")),
         ]:
-            r, timings[what] = _reply(kc, ask(), 10)
+            asked_while_busy.append(msg_id := ask())
+            r, timings[what] = _reply(kc, msg_id, 10)
             assert r["content"]["status"] in ("ok", "complete"), (what, r["content"])
         _, cell_t = _reply(kc, cell, 60)
         assert cell_t > 2, "the cell ended before the requests were answered"
         assert timings["is_complete while busy"] < CONSOLE_IS_COMPLETE_PATIENCE, timings
         assert timings["is_complete at start"] < CONSOLE_IS_COMPLETE_PATIENCE, timings
+        # busy/idle for each request, but none for those answered while the
+        # cell ran: JupyterLab would show the kernel idle
+        statuses = {}
+        deadline = time.monotonic() + 30
+        while statuses.get(cell, [])[-1:] != ["idle"]:
+            assert time.monotonic() < deadline, statuses
+            m = kc.get_iopub_msg(timeout=30)
+            if m["header"]["msg_type"] == "status":
+                statuses.setdefault(m["parent_header"].get("msg_id"), []).append(m["content"]["execution_state"])
+        assert statuses[cell] == ["busy", "idle"], statuses
+        assert statuses[first] == ["busy", "idle"], statuses
+        assert not [statuses[m] for m in asked_while_busy if m in statuses], statuses
 
         # idle engines answer completions
         r, timings["complete when idle"] = _reply(kc, kc.complete("isinstanc"), 10)
