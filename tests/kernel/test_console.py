@@ -85,6 +85,7 @@ class Terminal:
         # a console that exits leaves its last screen to read
         self._tmux("set-option", "-wg", "remain-on-exit", "on")
         self.pid = int(self._tmux("display-message", "-p", "-t", self.target, "#{pane_pid}").strip())
+        self.socket_path = Path(self._tmux("display-message", "-p", "#{socket_path}").strip())
 
     def _tmux(self, *args: str, env: dict[str, str] | None = None, check: bool = True) -> str:
         r = subprocess.run(
@@ -144,7 +145,9 @@ class Terminal:
             (ARTIFACTS / name).write_text(text + "\n")
 
     def kill(self) -> None:
+        """Stop the server (if still there) and remove its socket file."""
         self._tmux("kill-server", check=False)
+        self.socket_path.unlink(missing_ok=True)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
