@@ -7,9 +7,11 @@ CARGO ?= cargo
 STAMP := $(VENV)/.requirements.stamp
 BIN := target/release/parallax
 # one-time installs outside the venv (Debian chromium, node modules for the
-# JupyterLab browser test), recorded by stamp files so they are not redone
+# JupyterLab browser test, tmux for the jupyter console test), recorded by
+# stamp files so they are not redone
 STAMPS := .stamps
 CHROMIUM := /usr/bin/chromium
+TMUX := /usr/bin/tmux
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # JupyterLab refuses to run as root without --allow-root
 LAB_ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
@@ -22,7 +24,7 @@ VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
 KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
 	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
-.PHONY: all venv build run run-rust demo-hub lab lab-deps test test-rust test-python bench lint clean
+.PHONY: all venv build run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python bench lint clean
 
 all: build
 
@@ -75,6 +77,22 @@ $(STAMPS)/chromium:
 	test -x $(CHROMIUM)
 	touch $@
 
+# jupyter console on the Parallax kernel (extra options: make console
+# CONSOLE_ARGS="--kernel parallax-rust")
+CONSOLE_ARGS ?= --kernel parallax-python
+console: venv build
+	$(KERNELSPEC_INSTALL) --all
+	$(VENV_ENV) $(VENV)/bin/jupyter console $(CONSOLE_ARGS)
+
+# the jupyter console test drives the console in a real terminal: tmux
+console-deps: $(STAMPS)/tmux
+
+$(STAMPS)/tmux:
+	mkdir -p $(STAMPS)
+	test -x $(TMUX) || $(APT_INSTALL) tmux || { $(SUDO) apt-get update && $(APT_INSTALL) tmux; }
+	test -x $(TMUX)
+	touch $@
+
 $(STAMPS)/lab-node: tests/lab/package.json tests/lab/package-lock.json
 	mkdir -p $(STAMPS)
 	cd tests/lab && npm ci --no-audit --no-fund --loglevel=error
@@ -85,7 +103,7 @@ test: venv build test-rust test-python
 test-rust:
 	$(CARGO) test --release --locked --workspace
 
-test-python: venv build lab-deps
+test-python: venv build lab-deps console-deps
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
 	# the interop suite again, with Parallax engines in place of ipengine,
 	# against our hub and against stock ipcontroller

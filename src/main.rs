@@ -42,13 +42,23 @@ enum Command {
     },
 }
 
-/// `extra` appends filter directives (the kernel silences zmq.rs's
-/// reconnection warnings, which it causes itself when it stops its hub).
+/// `extra` appends filter directives. At the default level (WARN) and
+/// quieter, zmq.rs's reconnection warnings are silenced: a peer that went
+/// away (a stopped hub, the kernel's engines while it shuts down) is
+/// expected, and an engine's stderr is the terminal of the kernel's frontend
+/// (jupyter console). `--log-level=INFO` or `PARALLAX_LOG` shows them.
+///
+/// Internal errors of the subscriber are not reported: when stderr is gone
+/// (the frontend's terminal closed) that report's `eprintln!` would panic
+/// the logging task — the kernel's parent watch among them.
 fn init_tracing_with(level: &str, extra: &str) -> Result<()> {
-    let default = format!(
-        "{}{extra}",
-        parallax_hub::cli::log_filter(level).map_err(anyhow::Error::msg)?
-    );
+    let base = parallax_hub::cli::log_filter(level).map_err(anyhow::Error::msg)?;
+    let quiet = if matches!(base, "warn" | "error") {
+        ",zeromq=error"
+    } else {
+        ""
+    };
+    let default = format!("{base}{quiet}{extra}");
     let filter = tracing_subscriber::EnvFilter::try_from_env("PARALLAX_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
@@ -56,6 +66,7 @@ fn init_tracing_with(level: &str, extra: &str) -> Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
         .init();
     Ok(())
 }
@@ -75,14 +86,14 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Kernel(args) => {
-            init_tracing_with(&args.log_level, ",zeromq=error")?;
+            init_tracing_with(&args.log_level, "")?;
             parallax_hub::driver::raise_fd_limit(65536);
             runtime()?.block_on(parallax_kernel::frontend::run(args))
         }
         Command::Kernelspec { cmd } => parallax_kernel::kernelspec::run(cmd),
         Command::Cluster { cmd } => parallax_kernel::cluster_cmd::run(cmd),
         Command::Bench { cmd } => {
-            init_tracing_with("WARN", ",zeromq=error")?;
+            init_tracing_with("WARN", "")?;
             parallax_kernel::loadgen::run(cmd)
         }
         Command::Engine(args) => {

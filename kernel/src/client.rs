@@ -62,6 +62,15 @@ struct Inner {
     info: ClientConnectionInfo,
 }
 
+/// Forgets a request's listener when dropped.
+struct Forget<'a>(&'a HubClient, &'a str);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.forget(self.1);
+    }
+}
+
 /// A connection to a hub. Cheap to clone; the sockets close when the last
 /// clone is dropped (the tasks end when their queues close).
 #[derive(Clone)]
@@ -364,6 +373,9 @@ impl HubClient {
         ident: Option<&str>,
     ) -> Result<Message> {
         let (msg_id, mut rx) = self.send_and_listen(ch, ident, msg_type, content, json!({}))?;
+        // The listener goes however this future ends: a caller's own
+        // timeout (complete/inspect) drops it before the reply.
+        let _forget = Forget(self, &msg_id);
         let r = tokio::time::timeout(Duration::from_secs(10), async {
             while let Some(ev) = rx.recv().await {
                 if let ClientEvent::Reply(_, m) = ev {
@@ -373,7 +385,6 @@ impl HubClient {
             bail!("the connection to the hub closed")
         })
         .await;
-        self.forget(&msg_id);
         match r {
             Ok(r) => r,
             Err(_) => bail!("the hub did not answer {msg_type} within 10 s"),

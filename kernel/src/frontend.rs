@@ -5,13 +5,18 @@
 //!
 //! Tasks: heartbeat (REP echo), iopub (owns the PUB socket, drains a queue),
 //! control (interrupt, shutdown, kernel_info — never waits behind a cell),
-//! a shell reader that only verifies and queues, and the shell worker that
-//! runs requests one at a time. A SIGINT to the kernel is an interrupt; a
-//! SIGTERM a shutdown.
+//! a shell reader that verifies, answers kernel_info and is_complete itself
+//! (from the text: [`crate::syntax`]) and complete/inspect on a task of their
+//! own (an engine's answer within [`ASSIST_PATIENCE`], else an empty reply),
+//! and queues the rest for the shell worker that runs requests one at a
+//! time. So nothing a console asks while the user types waits behind a cell
+//! or a starting cluster. A SIGINT to the kernel is an interrupt; a SIGTERM
+//! a shutdown.
 //!
 //! Every message is verified on its raw frames before any JSON is parsed; a
 //! bad one is logged and dropped, and the loop goes on.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,9 +35,15 @@ use tracing::{debug, info, warn};
 use zeromq::{RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, XPubSocket, ZmqMessage};
 
 use crate::cli::{KernelArgs, Language};
-use crate::session::{CellOutcome, Session as PxSession, SessionConfig};
+use crate::session::{Assist, CellOutcome, Session as PxSession, SessionConfig};
 
 pub const PROTOCOL_VERSION: &str = "5.3";
+
+/// The longest a complete/inspect request waits (for the cluster to start,
+/// then for the engine): a frontend asks while the user types, and a late
+/// reply is worse than an empty one (jupyter console reads the next shell
+/// message as the answer to whatever it asked last).
+const ASSIST_PATIENCE: Duration = Duration::from_secs(1);
 
 /// Publishes iopub messages parented to one request.
 #[derive(Clone)]
@@ -76,6 +87,12 @@ struct Shared {
     banner: String,
     help_links: Vec<HelpLink>,
     language: Language,
+    /// Set while the shell worker handles a request (a cell). The shell
+    /// reader's answers then publish no busy/idle of their own: JupyterLab
+    /// shows the kernel's state from any status message, and an idle
+    /// parented to a completion would show the kernel idle while the cell
+    /// runs.
+    worker_busy: AtomicBool,
 }
 
 impl Shared {
@@ -313,6 +330,7 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         banner: banner(args.language, args.cluster.as_deref(), n),
         help_links: help_links(args.language),
         language: args.language,
+        worker_busy: AtomicBool::new(false),
     });
     tokio::spawn(probe_language_version(
         args.language,
@@ -325,8 +343,9 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     let (interrupt_tx, interrupt_rx) = watch::channel(0u64);
     let interrupt_tx = Arc::new(interrupt_tx);
 
-    // Start the cluster in the background: kernel_info is answered at once;
-    // the first execute waits for the engines.
+    // Start the cluster in the background: kernel_info and is_complete are
+    // answered at once; the first execute waits for the engines.
+    let (assist_tx, assist_rx) = watch::channel(None);
     let cfg = SessionConfig {
         engines: n,
         cluster_file: args.cluster.clone(),
@@ -334,10 +353,12 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         language: args.language,
         exe: std::env::current_exe().context("locating the parallax binary")?,
         engine_timeout: Duration::from_secs_f64(args.engine_timeout.max(1.0)),
+        assist: assist_tx,
     };
     let starting = tokio::spawn(PxSession::start(cfg));
 
-    // Shell: a reader that verifies and queues, a worker that runs.
+    // Shell: a reader that verifies, answers what needs no cell (kernel_info,
+    // is_complete, complete/inspect) and queues the rest for the worker.
     let (shell_send, shell_recv) = shell.split();
     let shell_send = Arc::new(tokio::sync::Mutex::new(shell_send));
     let (queue_tx, queue_rx) = mpsc::unbounded_channel::<Message>();
@@ -345,6 +366,11 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         shell_recv,
         Authenticator::new(signer.clone()),
         queue_tx,
+        FastPath {
+            shared: shared.clone(),
+            sock: shell_send.clone(),
+            assist: assist_rx,
+        },
     ));
     let worker = tokio::spawn(shell_worker(
         shared.clone(),
@@ -364,30 +390,25 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     ));
 
     // Like ipykernel's ParentPollerUnix: when the process that started us
-    // dies (we are re-parented), shut down rather than run on as an orphan
-    // with the engines.
-    {
-        let parent = std::os::unix::process::parent_id();
+    // dies, shut down (and stop the engines) rather than run on as an
+    // orphan. Cancel first, log after: the log may go to a terminal that is
+    // gone.
+    if let Some(watch) = crate::parent::ParentWatch::from_env() {
         let sd = shutdown.clone();
-        if parent > 1 {
-            tokio::spawn(async move {
-                let mut t = tokio::time::interval(Duration::from_secs(1));
-                loop {
-                    tokio::select! {
-                        _ = t.tick() => {}
-                        _ = sd.cancelled() => return,
-                    }
-                    if std::os::unix::process::parent_id() != parent {
-                        warn!(
-                            parent,
-                            "the process that started the kernel is gone; shutting down"
-                        );
-                        sd.cancel();
-                        return;
-                    }
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = t.tick() => {}
+                    _ = sd.cancelled() => return,
                 }
-            });
-        }
+                if let Some(why) = watch.check() {
+                    sd.cancel();
+                    warn!(reason = %why, "the process that started the kernel is gone; shutting down");
+                    return;
+                }
+            }
+        });
     }
 
     // Signals.
@@ -500,10 +521,92 @@ async fn heartbeat(mut s: RepSocket, shutdown: CancellationToken) {
     }
 }
 
+/// What the shell reader needs to answer requests itself.
+struct FastPath {
+    shared: Arc<Shared>,
+    sock: ShellSend,
+    /// The session's complete/inspect handle; None until the cluster is up.
+    assist: watch::Receiver<Option<Assist>>,
+}
+
+impl FastPath {
+    /// Answer `msg` here if it needs no cell and no worker: kernel_info and
+    /// is_complete at once, complete/inspect on a task of their own within
+    /// [`ASSIST_PATIENCE`]. Returns the message back otherwise.
+    async fn handle(&self, msg: Message) -> Option<Message> {
+        let msg_type = msg.msg_type().to_owned();
+        match msg_type.as_str() {
+            "kernel_info_request" => {
+                let c = self.shared.kernel_info();
+                answer(&self.shared, &self.sock, &msg, "kernel_info_reply", c).await;
+            }
+            "is_complete_request" => {
+                let code = msg
+                    .content
+                    .get("code")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let c = crate::syntax::is_complete_reply(code, self.shared.language);
+                answer(&self.shared, &self.sock, &msg, "is_complete_reply", c).await;
+            }
+            "complete_request" | "inspect_request" => {
+                let (shared, sock) = (self.shared.clone(), self.sock.clone());
+                let mut assist = self.assist.clone();
+                tokio::spawn(async move {
+                    let status = !shared.worker_busy.load(Ordering::Relaxed);
+                    let pubr = shared.publisher(&msg);
+                    if status {
+                        pubr.status("busy");
+                    }
+                    let asked = async {
+                        let a = assist.wait_for(Option::is_some).await.ok()?.clone()?;
+                        a.forward(&msg_type, &msg.content).await
+                    };
+                    let c = match tokio::time::timeout(ASSIST_PATIENCE, asked).await {
+                        Ok(Some(c)) => c,
+                        Ok(None) => empty_reply(&msg_type, &msg.content),
+                        Err(_) => {
+                            debug!(msg_type, "no answer from an engine in time: empty reply");
+                            empty_reply(&msg_type, &msg.content)
+                        }
+                    };
+                    let rt = msg_type.replace("_request", "_reply");
+                    send_frames(&sock, shared.reply(&msg, &rt, c)).await;
+                    if status {
+                        pubr.status("idle");
+                    }
+                });
+            }
+            _ => return Some(msg),
+        }
+        None
+    }
+}
+
+/// Reply to `req` with busy/idle around it, unless the worker is busy.
+async fn answer(
+    shared: &Shared,
+    sock: &ShellSend,
+    req: &Message,
+    reply_type: &str,
+    content: Value,
+) {
+    let status = !shared.worker_busy.load(Ordering::Relaxed);
+    let pubr = shared.publisher(req);
+    if status {
+        pubr.status("busy");
+    }
+    send_frames(sock, shared.reply(req, reply_type, content)).await;
+    if status {
+        pubr.status("idle");
+    }
+}
+
 async fn shell_reader(
     mut recv: zeromq::RouterRecvHalf,
     mut auth: Authenticator,
     queue: mpsc::UnboundedSender<Message>,
+    fast: FastPath,
 ) {
     let limits = Limits::default();
     loop {
@@ -515,7 +618,10 @@ async fn shell_reader(
                 continue;
             }
         };
-        if let Some(m) = verify(frames, &mut auth, &limits, "shell")
+        let Some(m) = verify(frames, &mut auth, &limits, "shell") else {
+            continue;
+        };
+        if let Some(m) = fast.handle(m).await
             && queue.send(m).is_err()
         {
             return;
@@ -636,6 +742,7 @@ async fn shell_worker(
     let mut session: Option<PxSession> = None;
     let mut start_error: Option<String> = None;
     loop {
+        shared.worker_busy.store(false, Ordering::Relaxed);
         let msg = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -649,11 +756,11 @@ async fn shell_worker(
                 }
             } => continue,
         };
+        shared.worker_busy.store(true, Ordering::Relaxed);
         let pubr = shared.publisher(&msg);
         let msg_type = msg.msg_type().to_owned();
         pubr.status("busy");
-        let (reply_type, content) = match msg_type.as_str() {
-            "kernel_info_request" => ("kernel_info_reply".to_owned(), shared.kernel_info()),
+        let (reply_type, content): (&str, Value) = match msg_type.as_str() {
             "execute_request" => {
                 let req: ExecuteRequest = match serde_json::from_value(fill_execute(&msg.content)) {
                     Ok(r) => r,
@@ -742,37 +849,8 @@ async fn shell_worker(
                 abort(&shared, &sock, to_abort, execution_count).await;
                 continue;
             }
-            "complete_request" | "inspect_request" => {
-                // Answered by an engine: wait for the cluster if it is still starting.
-                ensure_started(&mut session, &mut starting, &mut start_error).await;
-                let c = match &mut session {
-                    Some(s) => s.forward(&msg_type, &msg.content).await,
-                    None => None,
-                };
-                let c = c.unwrap_or_else(|| empty_reply(&msg_type, &msg.content));
-                (msg_type.replace("_request", "_reply"), c)
-            }
-            "is_complete_request" => {
-                ensure_started(&mut session, &mut starting, &mut start_error).await;
-                let c = match &mut session {
-                    Some(s) => s.forward(&msg_type, &msg.content).await,
-                    None => None,
-                };
-                let c = c.unwrap_or_else(|| {
-                    let code = msg
-                        .content
-                        .get("code")
-                        .and_then(Value::as_str)
-                        .unwrap_or("");
-                    crate::session::is_complete_fallback(code, shared.language)
-                });
-                ("is_complete_reply".into(), c)
-            }
-            "history_request" => ("history_reply".into(), history.reply(&msg.content)),
-            "comm_info_request" => (
-                "comm_info_reply".into(),
-                json!({"status": "ok", "comms": {}}),
-            ),
+            "history_request" => ("history_reply", history.reply(&msg.content)),
+            "comm_info_request" => ("comm_info_reply", json!({"status": "ok", "comms": {}})),
             "comm_open" => {
                 // No kernel-side comm targets: close it so the frontend knows.
                 if let Some(id) = msg.content.get("comm_id") {
@@ -795,7 +873,7 @@ async fn shell_worker(
                 continue;
             }
         };
-        finish(&shared, &sock, &msg, &reply_type, content, &pubr).await;
+        finish(&shared, &sock, &msg, reply_type, content, &pubr).await;
     }
     // Stop what we started.
     if session.is_none()

@@ -10,6 +10,8 @@
 //!   results.
 //! * [`magics`] — parsing of `%%px`, `%px`, `%pxconfig`, … (pure).
 //! * [`merge`] — the `[stdout:N]`, `Out[N:C]`, `[N:execute]` formats (pure).
+//! * [`syntax`] — is_complete from the text alone (pure).
+//! * [`parent`] — whether the process that started the kernel is still there.
 //! * [`client`] — the hub's client protocol (query, mux, control, iopub).
 //! * [`cluster`] — the embedded cluster: hub task + local engine processes.
 //! * [`kernelspec`] — `parallax kernelspec install`.
@@ -24,4 +26,6 @@ pub mod kernelspec;
 pub mod loadgen;
 pub mod magics;
 pub mod merge;
+pub mod parent;
 pub mod session;
+pub mod syntax;

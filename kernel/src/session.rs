@@ -42,6 +42,9 @@ pub struct SessionConfig {
     pub language: Language,
     pub exe: PathBuf,
     pub engine_timeout: Duration,
+    /// Where the session publishes its [`Assist`] (at start and after each
+    /// cell: `%pxconfig` and `%cluster connect` change it).
+    pub assist: watch::Sender<Option<Assist>>,
 }
 
 /// How a cell ended.
@@ -222,6 +225,7 @@ pub struct Session {
     /// The last "k of n engines registered" note a cell showed (shown again
     /// only when the count changes).
     noted_registered: Option<usize>,
+    assist: watch::Sender<Option<Assist>>,
 }
 
 impl Session {
@@ -248,7 +252,7 @@ impl Session {
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "cluster ready"
         );
-        Ok(Session {
+        let s = Session {
             client,
             cluster,
             config: PxConfig::default(),
@@ -260,7 +264,10 @@ impl Session {
             engine_timeout: cfg.engine_timeout,
             running: Vec::new(),
             noted_registered: None,
-        })
+            assist: cfg.assist,
+        };
+        s.publish_assist();
+        Ok(s)
     }
 
     /// Between cells: unregister engines whose processes exited.
@@ -315,6 +322,18 @@ impl Session {
 
     /// Run one cell.
     pub async fn execute(
+        &mut self,
+        code: &str,
+        count: i64,
+        p: &Publisher,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        let o = self.run_items(code, count, p, interrupts).await;
+        self.publish_assist();
+        o
+    }
+
+    async fn run_items(
         &mut self,
         code: &str,
         _count: i64,
@@ -1011,47 +1030,50 @@ impl Session {
         }
     }
 
-    /// complete/inspect/is_complete: forwarded to the first target engine.
-    pub async fn forward(&mut self, msg_type: &str, content: &Value) -> Option<Value> {
-        let code = content.get("code").and_then(Value::as_str).unwrap_or("");
-        let mut content = content.clone();
-        // Magic lines are the kernel's: complete the code after a %%px line.
-        if msg_type == "is_complete_request" {
-            if code.lines().next().is_some_and(|l| l.starts_with('%')) && !code.starts_with("%%") {
-                return Some(json!({"status": "complete"}));
-            }
-            if let Some(rest) = code.strip_prefix("%%") {
-                let body = rest.split_once('\n').map(|x| x.1).unwrap_or("");
-                if body.trim().is_empty() {
-                    return Some(json!({"status": "incomplete", "indent": ""}));
-                }
-                content["code"] = json!(body);
-            }
-        }
-        let (id, uuid) = self
-            .targets(&self.config.targets)
-            .ok()?
-            .into_iter()
-            .next()?;
-        let r = tokio::time::timeout(
-            Duration::from_secs(5),
-            self.client
-                .request(Chan::Mux, msg_type, content, Some(&uuid)),
-        )
-        .await;
-        match r {
-            Ok(Ok(m)) => {
+    /// Hand the frontend what complete/inspect need (the hub client and the
+    /// current targets), so they never wait for the shell worker.
+    fn publish_assist(&self) {
+        self.assist.send_replace(Some(Assist {
+            client: self.client.clone(),
+            targets: self.config.targets.clone(),
+        }));
+    }
+}
+
+/// complete/inspect for the frontend: forwarded to the first target engine
+/// of the session's current targets. A copy of the session's hub client, so
+/// a request goes out while a cell runs or the worker waits; the engine
+/// answers it between its own requests.
+#[derive(Clone)]
+pub struct Assist {
+    client: HubClient,
+    targets: Targets,
+}
+
+impl Assist {
+    /// The engine's reply content, or None if there is no engine to ask or
+    /// it failed. The caller bounds the wait.
+    pub async fn forward(&self, msg_type: &str, content: &Value) -> Option<Value> {
+        let engines = self.client.engines();
+        let ids: Vec<i64> = engines.keys().copied().collect();
+        let id = *self.targets.resolve(&ids).ok()?.first()?;
+        let uuid = engines.get(&id)?;
+        match self
+            .client
+            .request(Chan::Mux, msg_type, content.clone(), Some(uuid))
+            .await
+        {
+            Ok(m) => {
                 let mut c = m.content;
                 if let Some(o) = c.as_object_mut() {
                     o.remove("engine_info");
                 }
                 Some(c)
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 warn!(engine = id, error = %e, msg_type, "forwarded request failed");
                 None
             }
-            Err(_) => None,
         }
     }
 }
@@ -1090,39 +1112,6 @@ fn fmt_mmss(s: f64) -> String {
     format!("{:02}:{:02}", s / 60, s % 60)
 }
 
-/// is_complete without an engine: brackets; for Python also a trailing
-/// colon or backslash and an indented last line.
-pub fn is_complete_fallback(code: &str, language: Language) -> Value {
-    if language == Language::Rust {
-        let (status, indent) = parallax_engine::rust_syntax::is_complete(code);
-        return if status == "incomplete" {
-            json!({"status": status, "indent": indent})
-        } else {
-            json!({"status": status})
-        };
-    }
-    // An indented last line continues a block, as in a console.
-    let last = code.lines().last().unwrap_or("");
-    if last.starts_with([' ', '\t']) && !last.trim().is_empty() {
-        return json!({"status": "incomplete", "indent": last[..last.len() - last.trim_start().len()]});
-    }
-    let mut depth = 0i32;
-    for c in code.chars() {
-        match c {
-            '(' | '[' | '{' => depth += 1,
-            ')' | ']' | '}' => depth -= 1,
-            _ => {}
-        }
-    }
-    if depth < 0 {
-        json!({"status": "invalid"})
-    } else if depth > 0 || code.trim_end().ends_with(':') || code.trim_end().ends_with('\\') {
-        json!({"status": "incomplete", "indent": "    "})
-    } else {
-        json!({"status": "complete"})
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1137,21 +1126,5 @@ mod tests {
             progress_text(0, 4, Duration::from_secs(2)),
             "%px:   0%|          | 0/4 [00:02<?,  0.00tasks/s]"
         );
-    }
-
-    #[test]
-    fn fallback_is_complete() {
-        let py = |c: &str| is_complete_fallback(c, Language::Python)["status"].clone();
-        assert_eq!(py("x = (1,"), "incomplete");
-        assert_eq!(py("for i in x:"), "incomplete");
-        assert_eq!(py("x = 1"), "complete");
-        assert_eq!(py("x)"), "invalid");
-        let rs = |c: &str| is_complete_fallback(c, Language::Rust)["status"].clone();
-        assert_eq!(rs("fn f() {"), "incomplete");
-        assert_eq!(rs("fn f() {\n    1\n}"), "complete");
-        assert_eq!(rs("let x = 1;\n    // indented"), "complete");
-        assert_eq!(rs(":dep rand"), "complete");
-        assert_eq!(rs("let j = r#\"{\"#;"), "complete");
-        assert_eq!(rs("}"), "invalid");
     }
 }

@@ -46,8 +46,21 @@ class ParallaxKernelTests(jkt.KernelTests):
     language_name = "python"
     file_extension = ".py"
 
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        # complete and inspect are answered by an engine within 1 s, or empty
+        # (while the cluster starts, too): the engines must be up first
+        try:
+            reply = cls.kc.execute_interactive("pass", timeout=120, output_hook=lambda m: None)
+            assert reply["content"]["status"] == "ok", reply["content"]
+        except BaseException:
+            cls.tearDownClass()  # unittest skips it when setUpClass fails
+            raise
+
     # -- run unchanged --------------------------------------------------
-    # complete and inspect are forwarded to one engine (IPython's completer)
+    # complete and inspect are forwarded to one engine (rlcompleter,
+    # pydoc); is_complete is the kernel's own lexical check
     completion_samples = [
         {"text": "isinstanc", "matches": {"isinstance"}},
         {"text": "pri"},
