@@ -232,6 +232,7 @@ pub struct PxOptions {
     pub out: Option<String>,
     pub verbose: Option<bool>,
     pub signal_on_interrupt: Option<String>,
+    pub merge: Option<bool>,
 }
 
 /// The defaults `%pxconfig` changes.
@@ -244,6 +245,8 @@ pub struct PxConfig {
     pub progress_after: f64,
     pub verbose: bool,
     pub signal_on_interrupt: String,
+    /// Show identical streams of many engines once (`[stdout:0-63] done`).
+    pub merge: bool,
 }
 
 impl Default for PxConfig {
@@ -256,6 +259,7 @@ impl Default for PxConfig {
             progress_after: 2.0,
             verbose: false,
             signal_on_interrupt: "SIGINT".into(),
+            merge: true,
         }
     }
 }
@@ -274,6 +278,7 @@ impl PxConfig {
                 .signal_on_interrupt
                 .clone()
                 .unwrap_or_else(|| self.signal_on_interrupt.clone()),
+            merge: o.merge.unwrap_or(self.merge),
         }
     }
 }
@@ -320,7 +325,7 @@ pub const LINE_MAGICS: &[&str] = &[
 ];
 pub const CELL_MAGICS: &[&str] = &["px"];
 
-const PX_HELP: &str = "%%px options: --targets/-t SPEC (id, list, slice like ::2, all), --block/-b, --noblock/-a, --stream, --no-stream, --group-outputs/-g type|engine|order (-e, -r), --progress-after SECONDS, --out NAME, --verbose, --no-verbose, --signal-on-interrupt SIG";
+const PX_HELP: &str = "%%px options: --targets/-t SPEC (id, list, slice like ::2, all), --block/-b, --noblock/-a, --stream, --no-stream, --group-outputs/-g type|engine|order (-e, -r), --progress-after SECONDS, --out NAME, --verbose, --no-verbose, --signal-on-interrupt SIG, --merge/--no-merge (identical output of 9+ engines shown once)";
 
 fn unknown_magic(prefix: &str, name: &str) -> MagicError {
     let list = if prefix == "%%" {
@@ -604,6 +609,8 @@ fn parse_options(args: &str, acc: Accepts, magic: &str) -> Result<PxOptions, Mag
                 | "--no-verbose"
                 | "--progress-after"
                 | "--signal-on-interrupt"
+                | "--merge"
+                | "--no-merge"
         );
         let output_flag = matches!(flag.as_str(), "-r" | "-e" | "-g" | "--group-outputs");
         let out_flag = matches!(flag.as_str(), "-o" | "--out");
@@ -616,6 +623,8 @@ fn parse_options(args: &str, acc: Accepts, magic: &str) -> Result<PxOptions, Mag
             "--stream" => o.stream = Some(true),
             "--no-stream" => o.stream = Some(false),
             "--verbose" => o.verbose = Some(true),
+            "--merge" => o.merge = Some(true),
+            "--no-merge" => o.merge = Some(false),
             "--no-verbose" => o.verbose = Some(false),
             "-t" | "--targets" => {
                 o.targets = Some(Targets::parse(&value("--targets")?).map_err(|e| usage(e.0))?)

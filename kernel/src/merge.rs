@@ -34,7 +34,7 @@
 //! identical error on all targets, each is printed as `[N:execute]` as
 //! usual. Other errors are never merged.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use serde_json::{Map, Value, json};
 
@@ -521,6 +521,47 @@ pub struct Streamer {
     /// Engines (indices) whose CompileError waits for the other targets:
     /// shown once for all of them if they are identical ([`SharedError`]).
     held: Vec<usize>,
+    /// Streams of many engines as one display per stream, engines with
+    /// identical text merged ([`merged_stream_text`]).
+    pub merge: bool,
+}
+
+/// From how many targets on identical outputs are merged (`[stdout:0-63]
+/// done`); fewer keep ipyparallel's exact per-engine format.
+pub const MERGE_MIN_TARGETS: usize = 9;
+
+/// One stream of every engine, engines whose text is identical shown once
+/// under their id ranges, groups in the order of their first engine:
+/// `[stdout:0-62] done\n[stdout:63] failed\n`. Engines that wrote nothing
+/// are left out.
+pub fn merged_stream_text(r: &Results, name: &str) -> String {
+    let mut groups: Vec<(&str, Vec<i64>)> = Vec::new();
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    for e in &r.engines {
+        let t = if name == "stderr" {
+            &e.stderr
+        } else {
+            &e.stdout
+        };
+        if t.is_empty() {
+            continue;
+        }
+        match index.get(t.as_str()) {
+            Some(&i) => groups[i].1.push(e.engine_id),
+            None => {
+                index.insert(t.as_str(), groups.len());
+                groups.push((t.as_str(), vec![e.engine_id]));
+            }
+        }
+    }
+    let mut out = String::new();
+    for (text, ids) in groups {
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&format!("[{name}:{}] {text}", fmt_id_ranges(&ids)));
+    }
+    out
 }
 
 impl Streamer {
@@ -540,6 +581,23 @@ impl Streamer {
         let e = &results.engines[idx];
         let eid = e.engine_id;
         match ev {
+            EngineEvent::Stream { name, .. } if self.merge => {
+                let name = if name == "stderr" { "stderr" } else { "stdout" };
+                let id = format!("{}-merged-{name}", results.engines[0].msg_id);
+                let update = !self.already_streamed.insert(id.clone());
+                vec![Out {
+                    msg_type: if update {
+                        "update_display_data"
+                    } else {
+                        "display_data"
+                    },
+                    content: json!({
+                        "data": {"text/plain": merged_stream_text(results, name)},
+                        "metadata": {},
+                        "transient": {"display_id": id},
+                    }),
+                }]
+            }
             EngineEvent::Stream { name, .. } => {
                 let name = if name == "stderr" { "stderr" } else { "stdout" };
                 let full = if name == "stderr" {
@@ -676,7 +734,16 @@ impl StreamPrinter {
 }
 
 /// `AsyncResult.display_outputs(groupby, result_only)`.
-pub fn display_outputs(r: &Results, group: GroupBy, result_only: bool, color: bool) -> Vec<Out> {
+///
+/// With `merge` (many targets, see [`MERGE_MIN_TARGETS`]) and grouping by
+/// type or order, the engines' streams are shown as [`merged_stream_text`].
+pub fn display_outputs(
+    r: &Results,
+    group: GroupBy,
+    result_only: bool,
+    color: bool,
+    merge: bool,
+) -> Vec<Out> {
     let mut out = Vec::new();
     let mut sp = StreamPrinter::new();
     if r.single && r.engines.len() == 1 {
@@ -715,7 +782,14 @@ pub fn display_outputs(r: &Results, group: GroupBy, result_only: bool, color: bo
             }
         }
         GroupBy::Type | GroupBy::Order => {
-            if !result_only {
+            if !result_only && merge {
+                for name in ["stdout", "stderr"] {
+                    let t = merged_stream_text(r, name);
+                    if !t.is_empty() {
+                        out.push(Out::stream(name, t));
+                    }
+                }
+            } else if !result_only {
                 for e in &r.engines {
                     let p = format!("[stdout:{}] ", e.engine_id);
                     sp.print(&mut out, "stdout", &e.stdout, &p);
@@ -724,6 +798,8 @@ pub fn display_outputs(r: &Results, group: GroupBy, result_only: bool, color: bo
                     let p = format!("[stderr:{}] ", e.engine_id);
                     sp.print(&mut out, "stderr", &e.stderr, &p);
                 }
+            }
+            if !result_only {
                 if group == GroupBy::Order {
                     // ipyparallel shows the i-th output only of engines that
                     // have the maximum number of outputs; we show every
@@ -909,6 +985,50 @@ mod tests {
     }
 
     #[test]
+    fn many_engines_stream_into_one_display_with_identical_text_merged() {
+        let mut r = results(12);
+        let mut s = Streamer::new(false);
+        s.merge = true;
+        let mut outs = vec![];
+        for i in 0..12 {
+            outs.extend(feed(&mut r, &mut s, i, stream("stdout", "done\n")));
+        }
+        // the last update shows the whole picture: one line for 12 engines
+        check(
+            &outs[11..],
+            expect![[r#"
+                update_display_data [m0-merged-stdout] {"text/plain":"[stdout:0-11] done\n"} md={}
+            "#]],
+        );
+        // engine 5 writes more: it leaves the group, in engine order; a
+        // line without a newline is ended before the next group
+        let o = feed(&mut r, &mut s, 5, stream("stdout", "and more"));
+        let o2 = feed(&mut r, &mut s, 7, stream("stderr", "warn\n"));
+        check(
+            &[o, o2].concat(),
+            expect![[r#"
+                update_display_data [m0-merged-stdout] {"text/plain":"[stdout:0-4,6-11] done\n[stdout:5] done\nand more"} md={}
+                display_data [m0-merged-stderr] {"text/plain":"[stderr:7] warn\n"} md={}
+            "#]],
+        );
+        assert_eq!(
+            merged_stream_text(&r, "stdout"),
+            "[stdout:0-4,6-11] done\n[stdout:5] done\nand more"
+        );
+        // --no-stream: the same grouping in the final display
+        check(
+            &display_outputs(&r, GroupBy::Type, false, false, true),
+            expect![[r#"
+                stream stdout: "[stdout:0-4,6-11] done\n[stdout:5] done\nand more"
+                stream stderr: "[stderr:7] warn\n"
+            "#]],
+        );
+        // grouped by engine, every engine keeps its own block
+        let by_engine = render(&display_outputs(&r, GroupBy::Engine, false, false, true));
+        assert!(by_engine.contains("[stdout:11]"), "{by_engine}");
+    }
+
+    #[test]
     fn streaming_updates_one_display_per_engine_and_stream() {
         let mut r = results(2);
         let mut s = Streamer::new(true);
@@ -1053,7 +1173,7 @@ mod tests {
     #[test]
     fn group_by_type() {
         check(
-            &display_outputs(&sample(), GroupBy::Type, false, false),
+            &display_outputs(&sample(), GroupBy::Type, false, false, false),
             expect![[r#"
                 stream stdout: "[stdout:0] \nout0\n"
                 stream stdout: "[stdout:1] \nout1\n"
@@ -1074,7 +1194,7 @@ mod tests {
     #[test]
     fn group_by_engine() {
         check(
-            &display_outputs(&sample(), GroupBy::Engine, false, false),
+            &display_outputs(&sample(), GroupBy::Engine, false, false, false),
             expect![[r#"
                 stream stdout: "[stdout:0] \nout0\n"
                 stream stderr: "[stderr:0] \nerr0"
@@ -1095,7 +1215,7 @@ mod tests {
     #[test]
     fn group_by_order() {
         check(
-            &display_outputs(&sample(), GroupBy::Order, false, false),
+            &display_outputs(&sample(), GroupBy::Order, false, false, false),
             expect![[r#"
                 stream stdout: "[stdout:0] \nout0\n"
                 stream stdout: "[stdout:1] \nout1\n"
@@ -1120,7 +1240,7 @@ mod tests {
         let mut r = Results::new(&[(3, "m".into())], true);
         r.apply(0, &stream("stdout", "x\n"));
         check(
-            &display_outputs(&r, GroupBy::Type, false, true),
+            &display_outputs(&r, GroupBy::Type, false, true, false),
             expect![[r#"
                 stream stdout: "x\n"
             "#]],

@@ -24,8 +24,8 @@ use crate::magics::{
     ClusterCommand, GroupBy, Item, PxConfig, PxOptions, Targets, parse_cell, signal_number,
 };
 use crate::merge::{
-    CellError, EngineEvent, Out, RemoteError, Results, Streamer, already_displayed_error,
-    display_outputs, results_composite_error,
+    CellError, EngineEvent, MERGE_MIN_TARGETS, Out, RemoteError, Results, Streamer,
+    already_displayed_error, display_outputs, results_composite_error,
 };
 
 const NO_LAST_RESULT: &str = "%pxresult recalls last %px result, which has not yet been used.";
@@ -529,6 +529,9 @@ impl Session {
         let mut col = Collector::new(&pending.results.lock().expect("results"), uuids);
         let mut engines = self.client.watch_engines();
         let mut streamer = Streamer::new(self.color);
+        let n_targets = pending.results.lock().expect("results").engines.len();
+        let merge = cfg.merge && n_targets >= MERGE_MIN_TARGETS;
+        streamer.merge = merge;
         let stream = cfg.stream;
         let progress_id = format!(
             "{}-progress",
@@ -656,7 +659,7 @@ impl Session {
             // finished, e.g. interrupted): show them now.
             publish(streamer.finish(&mut r));
         } else {
-            publish(display_outputs(&r, cfg.group_by, false, self.color));
+            publish(display_outputs(&r, cfg.group_by, false, self.color, merge));
         }
         if interrupted.is_some() {
             let waiting: Vec<i64> = r
@@ -699,9 +702,9 @@ impl Session {
             p.stream(
                 "stdout",
                 format!(
-                    "targets: {}\nblock: {}\nstream: {}\ngroup-outputs: {}\nprogress-after: {}\nverbose: {}\nsignal-on-interrupt: {}\nautopx: {}\n",
+                    "targets: {}\nblock: {}\nstream: {}\ngroup-outputs: {}\nprogress-after: {}\nverbose: {}\nsignal-on-interrupt: {}\nmerge: {}\nautopx: {}\n",
                     c.targets, c.block, c.stream, c.group_by.name(), c.progress_after, c.verbose,
-                    c.signal_on_interrupt, self.autopx
+                    c.signal_on_interrupt, c.merge, self.autopx
                 ),
             );
             return CellOutcome::Ok { result: None };
@@ -755,6 +758,7 @@ impl Session {
             group_by.unwrap_or(self.config.group_by),
             false,
             self.color,
+            self.config.merge && r.engines.len() >= MERGE_MIN_TARGETS,
         );
         for o in outs {
             p.publish(o.msg_type, o.content);

@@ -29,11 +29,17 @@ def test_kernel_with_32_engines_starts_runs_and_stops_repeatedly():
         try:
             r = k.execute("%%px\nimport os\nprint('engine', os.environ['PARALLAX_ENGINE_ID'])", timeout=180)
             assert r.status == "ok", f"round {round_}: {r.describe()}"
-            by_engine = r.stdout_by_engine()
-            assert sorted(by_engine) == list(range(N)), f"round {round_}: engines {sorted(by_engine)}"
-            for i, text in by_engine.items():
-                assert text.strip() == f"engine {i}", (round_, i, text)
+            # 32 engines: one merged display; all texts differ, so one
+            # "[stdout:i] engine i" line per engine, in engine order
+            texts = r.final_texts()
+            assert len(texts) == 1, texts
+            assert texts[0] == "".join(f"[stdout:{i}] engine {i}\n" for i in range(N)), texts[0]
             assert "still starting" not in r.stderr(), f"round {round_}: {r.stderr()}"
+            # identical output of every engine: shown once with its range
+            same = k.execute("%%px\nprint('done')", timeout=60)
+            assert same.final_texts() == [f"[stdout:0-{N - 1}] done\n"], same.describe()
+            plain = k.execute("%%px --no-merge --no-stream\nprint('done')", timeout=60)
+            assert plain.stdout().count("done") == N, plain.describe()
             e = k.execute("%engines", timeout=60)
             out = strip_ansi(e.stdout())
             assert f"{N} engines registered" in out, out
