@@ -240,6 +240,10 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     pong.connect(&url(info.hb_pong))
         .await
         .context("connecting heartbeat")?;
+    // A first pong at once: the hub completes a registration on any pong
+    // of that uuid, so this one needs no ping (which every engine would
+    // answer); for an engine already registered it is a harmless stale beat.
+    first_pong(&mut pong).await;
 
     let stop = shutdown.child_token();
     let last_ping = Arc::new(AtomicU64::new(0));
@@ -1103,4 +1107,15 @@ async fn unregister(reg: &mut DealerSocket, ctx: &Ctx, id: i64) {
     let _ = reg
         .send(ZmqMessage::try_from(frames).expect("non-empty"))
         .await;
+}
+
+/// The unsolicited first heartbeat reply that completes the registration.
+pub async fn first_pong(pong: &mut DealerSocket) {
+    if pong
+        .send(ZmqMessage::from(Bytes::from_static(b"0")))
+        .await
+        .is_err()
+    {
+        debug!("first heartbeat reply failed; the hub's pings will do");
+    }
 }

@@ -566,9 +566,21 @@ impl Hub {
     fn arm_registration_ping(&mut self, now: Now) {
         if !self.reg_ping_armed {
             self.reg_ping_armed = true;
-            let at = now.mono + self.cfg.registration_ping;
+            let at = now.mono + self.registration_ping_interval();
             self.schedule(at, Timer::RegistrationPing);
         }
+    }
+
+    /// Every ping goes to every engine and comes back as one pong each: at
+    /// a fixed 20 ms, a registration storm of thousands of engines made the
+    /// hub relay hundreds of thousands of pongs a second (the storm slowed
+    /// itself down). The interval grows with the engines pinged — one more
+    /// `registration_ping` per 64 engines — and never exceeds the beat.
+    /// Parallax engines do not need these pings at all (each sends a first
+    /// pong as soon as its heartbeat socket is connected); ipengine does.
+    fn registration_ping_interval(&self) -> Duration {
+        let pinged = (self.engines.len() + self.incoming.len()) as u32;
+        (self.cfg.registration_ping * (1 + pinged / 64)).min(self.cfg.hb_period)
     }
 
     fn beat(&mut self, now: Now, due: Instant) {

@@ -224,6 +224,8 @@ impl Sim {
 
     fn feed(&mut self, channel: Channel, frames: Vec<Bytes>) {
         self.hub.handle_frames(channel, frames, self.now);
+        // under cfg(test) this checks the running-task count kept in step
+        let _ = self.hub.task_counts();
         self.pump();
     }
 
@@ -242,6 +244,7 @@ impl Sim {
                 self.now = self.at(t);
             }
             self.hub.handle_timeout(self.now);
+            let _ = self.hub.task_counts();
             self.pump();
         }
         self.now = self.at(target);

@@ -64,6 +64,10 @@ pub(crate) struct TaskState {
     graph: HashMap<String, HashSet<String>>,
     /// engine uuid → tasks running there.
     running: HashMap<String, HashMap<String, Job>>,
+    /// Sum of the `running` maps' lengths, kept in step: the driver asks
+    /// after every batch of input, and summing over thousands of engines
+    /// there made every heartbeat and reply cost O(engines).
+    running_total: usize,
     /// Finished tasks (bounded, oldest forgotten first).
     done: DoneSet,
     /// Engine uuids shared by the outcomes in `done`.
@@ -82,6 +86,7 @@ impl TaskState {
             queue: VecDeque::new(),
             graph: HashMap::new(),
             running: HashMap::new(),
+            running_total: 0,
             done: DoneSet::new(done_cap),
             engine_names: HashMap::new(),
             work: VecDeque::new(),
@@ -134,10 +139,13 @@ impl TaskState {
 
     /// Number of waiting and running tasks (for tests and status).
     pub(crate) fn outstanding(&self) -> (usize, usize) {
-        (
-            self.waiting.len(),
-            self.running.values().map(HashMap::len).sum(),
-        )
+        #[cfg(test)]
+        assert_eq!(
+            self.running_total,
+            self.running.values().map(HashMap::len).sum::<usize>(),
+            "running_total out of step"
+        );
+        (self.waiting.len(), self.running_total)
     }
 
     /// Lengths of the waiting queue, the dependency graph, the finished-task
@@ -201,6 +209,7 @@ impl Hub {
         let Some(lost) = self.tasks.running.remove(uuid) else {
             return;
         };
+        self.tasks.running_total -= lost.len();
         let mut lost: Vec<Job> = lost.into_values().collect();
         lost.sort_by_key(|j| j.seq);
         for mut job in lost {
@@ -396,10 +405,14 @@ impl Hub {
         frames.extend(job.body.iter().cloned());
         debug!(msg_id = %job.msg_id, engine = %uuid, "task assigned");
         let msg_id = job.msg_id.clone();
-        t.running
+        if t.running
             .entry(uuid.clone())
             .or_default()
-            .insert(msg_id.clone(), job);
+            .insert(msg_id.clone(), job)
+            .is_none()
+        {
+            t.running_total += 1;
+        }
         self.send(Channel::TaskEngine, frames);
         self.unassigned.remove(&msg_id);
         if let Some(e) = self
@@ -548,6 +561,7 @@ impl Hub {
             debug!(msg_id = %msg_id, engine = %uuid, "reply for a task the scheduler no longer tracks");
             return;
         };
+        self.tasks.running_total -= 1;
         if let Some(e) = self
             .by_uuid
             .get(&uuid)

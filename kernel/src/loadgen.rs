@@ -434,6 +434,7 @@ async fn fake_engine_inner(
     ping.connect(&url(info.hb_ping)).await?;
     let mut pong = DealerSocket::with_options(opts());
     pong.connect(&url(info.hb_pong)).await?;
+    parallax_engine::driver::first_pong(&mut pong).await;
     let mut shell = RouterSocket::with_options(opts());
     shell.connect(&url(info.mux)).await?;
     let _ = registered.send(Ok(id));
