@@ -343,6 +343,22 @@ def _create_shell(engine):
     class ParallaxShell(InteractiveShell):
         display_pub_class = Type(ParallaxDisplayPublisher)
 
+        def enable_gui(self, gui=None):
+            # ipykernel's ZMQInteractiveShell hands the toolkit's event loop
+            # to the kernel; an engine has no display and no event loop
+            # integration, so only the inline backend (gui None / "inline")
+            # is meaningful: figures come back as display_data at the end of
+            # each request (matplotlib_inline's post_execute hook)
+            if gui in (None, "", "inline", "agg"):
+                self.active_eventloop = gui
+                return
+            from IPython.core.error import UsageError
+
+            raise UsageError(
+                "GUI event loop %r is not available on a Parallax engine (no "
+                "display): use %%matplotlib inline" % (gui,)
+            )
+
     cfg = Config()
     cfg.HistoryManager.enabled = False  # no sqlite file, no saving thread
     cfg.IPCompleter.use_jedi = False  # keep completion cheap
@@ -351,6 +367,16 @@ def _create_shell(engine):
     return ParallaxShell.instance(
         config=cfg, user_module=engine.main_mod, user_ns=engine.ns
     )
+
+
+class _DataPub:
+    """``get_ipython().data_pub`` as on ipengine (ZMQDataPublisher)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def publish_data(self, data):
+        self._engine.publish_data(data)
 
 
 class _NSHolder:
@@ -586,6 +612,11 @@ class Engine:
             )
         except Exception:
             pass
+        try:
+            # ipykernel's shell attribute, used by ipyparallel's publish_data
+            shell.data_pub = _DataPub(self)
+        except Exception:
+            pass
         self.shell = shell
         # created in the middle of a cell: it is that cell's count, not 1
         if self.current_count is not None:
@@ -603,6 +634,36 @@ class Engine:
             self.ensure_shell()
         except Exception:
             pass
+
+    def publish_data(self, data):
+        """ipyparallel's ``publish_data``: a ``data_message`` on iopub whose
+        buffers are ``serialize_object(data)``; the client merges them into
+        ``AsyncResult.data`` (ipengine's ``ZMQDataPublisher``)."""
+        ser = self._ipyparallel()
+        bufs = ser.serialize_object(
+            data,
+            buffer_threshold=_DEFAULT_BUFFER_THRESHOLD,
+            item_threshold=_DEFAULT_ITEM_THRESHOLD,
+        )
+        self._flush_std()
+        self.send_event(
+            {"ev": "data_pub", "id": self.current_id, "keys": [str(k) for k in data]},
+            bufs,
+        )
+
+    def _on_datapub_imported(self, module):
+        # ipyparallel's publish_data goes through
+        # ``ZMQInteractiveShell.instance().data_pub``: ipykernel's shell, which
+        # an engine without ipykernel does not have.  Replace it (by the same
+        # name, so functions that refer to it still pickle by reference).
+        engine = self
+
+        def publish_data(data):
+            """publish a data_message on the IOPub channel (Parallax engine)"""
+            engine.publish_data(data)
+
+        publish_data.__module__ = module.__name__
+        module.publish_data = publish_data
 
     def _before_matplotlib(self, module):
         # like ipykernel: default to the inline backend (lower priority than
@@ -1394,6 +1455,7 @@ def main():
     sys.meta_path.insert(0, _ImportWatcher({
         "IPython": (None, engine._on_ipython_imported),
         "matplotlib": (engine._before_matplotlib, None),
+        "ipyparallel.engine.datapub": (None, engine._on_datapub_imported),
     }))
 
     # exit promptly if the engine dies, even while user code is running:

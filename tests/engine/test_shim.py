@@ -561,6 +561,31 @@ def test_real_matplotlib_gets_the_inline_backend(shim):
     assert "inline" in backend, backend
 
 
+@pytest.mark.parametrize(
+    "magic", ["%matplotlib inline", "%matplotlib", "%pylab inline"]
+)
+def test_matplotlib_magics_give_inline_png(shim, magic):
+    # ipykernel's shell implements enable_gui; IPython's base class raises
+    # NotImplementedError ("Implement enable_gui in a subclass")
+    res = shim.execute(magic)
+    assert res.content["status"] == "ok", res.content
+    res = shim.execute(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.title('x')\nNone"
+    )
+    assert res.content["status"] == "ok", res.content
+    pngs = [e for e in res.of("display_data") if "image/png" in e["data"]]
+    assert len(pngs) == 1, res.events
+    assert base64.b64decode(pngs[0]["data"]["image/png"])[:4] == b"\x89PNG"
+
+
+def test_matplotlib_gui_backend_is_a_clear_error(shim):
+    # IPython prints a magic's UsageError instead of failing the cell
+    res = shim.execute("%gui tk")
+    assert "not available on a Parallax engine" in res.stderr + res.stdout + str(
+        res.content
+    ), (res.content, res.stderr)
+
+
 _FAKE_MPL = {
     "__init__.py": "import os\nseen_backend = os.environ.get('MPLBACKEND')\n",
     "pyplot.py": (
@@ -1087,3 +1112,25 @@ def test_python_without_ipython():
         assert s.execute("get_ipython()").of("execute_result") == []
     finally:
         s.close()
+
+
+def test_publish_data_sends_a_data_pub_event(shim):
+    # ipyparallel.datapub.publish_data needs ipykernel's shell on ipengine;
+    # here it becomes a data_pub event with serialize_object's buffers
+    @_remote
+    def task():
+        from ipyparallel.datapub import publish_data
+
+        publish_data({"i": 1})
+        publish_data({"i": 2, "name": "x"})
+        return "done"
+
+    res = shim.apply(task)
+    assert res.content["status"] == "ok", res.content
+    evs = res.of("data_pub")
+    assert [e["keys"] for e in evs] == [["i"], ["i", "name"]], res.events
+    assert all(e["id"] == res.reply["id"] for e in evs)
+    # also through the shell, as get_ipython().data_pub
+    res = shim.execute("get_ipython().data_pub.publish_data({'k': 3})")
+    assert res.content["status"] == "ok", res.content
+    assert [e["keys"] for e in res.of("data_pub")] == [["k"]]
