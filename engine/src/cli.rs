@@ -78,6 +78,12 @@ pub struct EngineArgs {
     /// false makes the engine unregister and exit, as ipengine does.
     #[arg(long = "restart-on-crash", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub restart_on_crash: bool,
+    /// Import IPython and ipyparallel in a background thread of the Python
+    /// process right after it starts, so the first apply does not pay for
+    /// them (costs their memory, ~40 MiB, on idle engines); false imports
+    /// them on first need.
+    #[arg(long = "warm-imports", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub warm_imports: bool,
     /// Log level: DEBUG, INFO, WARN, ERROR or 10…50.
     #[arg(long = "log-level", default_value = "INFO")]
     pub log_level: String,

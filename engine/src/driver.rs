@@ -538,6 +538,9 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     if let Some(n) = args.n_engines {
         env.push(("PARALLAX_N_ENGINES".to_owned(), n.to_string()));
     }
+    if !args.warm_imports {
+        env.push(("PARALLAX_WARMUP".to_owned(), "0".to_owned()));
+    }
     let started_interp = match args.language {
         Language::Python => PythonInterpreter::start(PythonConfig {
             python: args.python.clone(),

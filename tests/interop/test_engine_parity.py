@@ -189,3 +189,14 @@ def test_crashed_interpreter_makes_the_engine_leave(kind, make_cluster):
         ar.get(30)
     wait_until(lambda: rc.ids == [], 30, msg=f"engine still registered: {rc.ids}")
     wait_until(lambda: not c.engines[0].alive(), 30, msg="engine process did not exit")
+
+
+def test_input_is_stdin_not_implemented(one):
+    """No request to an engine allows stdin: ipykernel raises
+    StdinNotImplementedError, and so does a Parallax engine (it used to be a
+    bare EOFError from /dev/null)."""
+    e = one.client[0]
+    with raises_remote("StdinNotImplementedError") as info:
+        e.execute("input('name? ')", block=True, silent=False)
+    assert "does not support input requests" in info.errors[0].evalue
+    assert e.apply_sync(lambda: 3) == 3
