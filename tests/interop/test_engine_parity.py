@@ -200,3 +200,24 @@ def test_input_is_stdin_not_implemented(one):
         e.execute("input('name? ')", block=True, silent=False)
     assert "does not support input requests" in info.errors[0].evalue
     assert e.apply_sync(lambda: 3) == 3
+
+
+def test_hub_takes_ipcontroller_traitlets_options(make_cluster):
+    """The same hub options as traitlets (what ipcluster profiles pass);
+    stock ipcontroller reads them natively, our hub translates them."""
+    from .harness import HUB_IS_IPCONTROLLER
+
+    c = make_cluster(engines=1, hub_args=[
+        "--HeartMonitor.max_heartmonitor_misses=20",
+        "--TaskScheduler.scheme_name=lru",
+        "--IPController.db_class=NoDB",
+        "--IPController.use_threads=False",
+        "--InteractiveShell.colors=nocolor",
+    ])
+    rc = c.client
+    assert rc.load_balanced_view().apply_sync(lambda: 7) == 7
+    if not HUB_IS_IPCONTROLLER:
+        log = (c.log_dir / "hub.log").read_text()
+        assert "--HeartMonitor.max_heartmonitor_misses=20 honoured as --max-heartbeat-misses=20" in log, log
+        assert "--IPController.db_class=NoDB honoured as --nodb" in log, log
+        assert "scheme=lru" in log, log

@@ -790,3 +790,15 @@ def test_noblock_failure_aborts_the_cells_queued_behind_it(k4):
     assert r.content["evalue"] == f"{len(ENGINES)} errors", r.describe()
     assert not [m for m in r.of_type("stream") if "ZeroDivision" in str(m)], r.describe()
     assert stdout_map(k4, "%px print(b)") == {e: "1\n" for e in ENGINES}
+
+
+@pytest.mark.parametrize("magic", ["%matplotlib inline", "%pylab inline"])
+def test_matplotlib_magics_through_px(k4, magic):
+    """Issue 13: `%matplotlib inline` / `%pylab inline` on the engines (an
+    IPython magic, not a kernel one) used to fail with "Implement enable_gui
+    in a subclass"; figures come back as PNG display_data from each engine."""
+    ok(k4, f"%px {magic}", timeout=60)
+    r = ok(k4, "%%px --targets [0,1]\nimport matplotlib.pyplot as plt\n"
+               "plt.figure()\nplt.plot([1, 3, 2])\nNone", timeout=60)
+    pngs = [m for m in r.of_type("display_data") if "image/png" in m["content"]["data"]]
+    assert len(pngs) == 2, r.describe()
