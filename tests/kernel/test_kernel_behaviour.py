@@ -789,6 +789,8 @@ def test_noblock_failure_aborts_the_cells_queued_behind_it(k4):
     assert r.status == "error", r.describe()
     assert r.content["evalue"] == f"{len(ENGINES)} errors", r.describe()
     assert not [m for m in r.of_type("stream") if "ZeroDivision" in str(m)], r.describe()
+    shown = "".join(r.streams("stderr"))
+    assert shown.count("TaskAborted: the request was aborted before it ran") == len(ENGINES), shown
     assert stdout_map(k4, "%px print(b)") == {e: "1\n" for e in ENGINES}
 
 
