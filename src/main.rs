@@ -5,6 +5,8 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+mod ipy_options;
+
 #[derive(Parser)]
 #[command(
     name = "parallax",
@@ -40,6 +42,30 @@ enum Command {
         #[command(subcommand)]
         cmd: parallax_kernel::loadgen::BenchCommand,
     },
+}
+
+/// The command line with ipengine's / ipcontroller's traitlets options
+/// (`--Class.trait=value`, their aliases and flags) translated for
+/// `parallax engine` / `parallax hub` (see `ipy_options`); a malformed one
+/// ends the process with a clear message, as clap's own errors do.
+fn ipengine_compatible_argv() -> (Vec<std::ffi::OsString>, Vec<String>) {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let spec = match argv.get(1).and_then(|a| a.to_str()) {
+        Some("engine") => &ipy_options::IPENGINE,
+        Some("hub") => &ipy_options::IPCONTROLLER,
+        _ => return (argv, vec![]),
+    };
+    let tail = argv.split_off(2);
+    match ipy_options::translate(spec, tail) {
+        Ok(t) => {
+            argv.extend(t.args);
+            (argv, t.notes)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    }
 }
 
 /// `extra` appends filter directives. At the default level (WARN) and
@@ -83,7 +109,14 @@ fn main() -> Result<()> {
     // runs compiled Rust cells; in that process this call never returns. It
     // must come first, before anything else looks at the command line.
     parallax_engine::rust::runtime_hook();
-    let cli = Cli::parse();
+    let (argv, notes) = ipengine_compatible_argv();
+    let cli = Cli::parse_from(argv);
+    // logged once tracing is up (values of secret options never appear)
+    let log_notes = || {
+        for n in &notes {
+            tracing::info!("{n}");
+        }
+    };
     match cli.command {
         Command::Kernel(args) => {
             init_tracing_with(&args.log_level, "")?;
@@ -104,6 +137,11 @@ fn main() -> Result<()> {
             // evcxr's embedded rust-analyzer (ra_ap_*, salsa) logs every
             // query at INFO
             init_tracing_with(&args.log_level, ",ra_ap=warn,salsa=warn")?;
+            log_notes();
+            if let Some(d) = &args.work_dir {
+                std::env::set_current_dir(d)
+                    .map_err(|e| anyhow::anyhow!("--work-dir {}: {e}", d.display()))?;
+            }
             parallax_hub::driver::tune_allocator();
             runtime()?.block_on(async move {
                 // The engine handles SIGINT/SIGTERM itself (clean unregistration).
@@ -112,6 +150,7 @@ fn main() -> Result<()> {
         }
         Command::Hub(args) => {
             init_tracing_with(&args.log_level, "")?;
+            log_notes();
             parallax_hub::driver::tune_allocator();
             // four connections per engine: thousands of engines need more
             // than the usual 1024 open files

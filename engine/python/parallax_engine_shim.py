@@ -343,6 +343,22 @@ def _create_shell(engine):
     class ParallaxShell(InteractiveShell):
         display_pub_class = Type(ParallaxDisplayPublisher)
 
+        def enable_gui(self, gui=None):
+            # ipykernel's ZMQInteractiveShell hands the toolkit's event loop
+            # to the kernel; an engine has no display and no event loop
+            # integration, so only the inline backend (gui None / "inline")
+            # is meaningful: figures come back as display_data at the end of
+            # each request (matplotlib_inline's post_execute hook)
+            if gui in (None, "", "inline", "agg"):
+                self.active_eventloop = gui
+                return
+            from IPython.core.error import UsageError
+
+            raise UsageError(
+                "GUI event loop %r is not available on a Parallax engine (no "
+                "display): use %%matplotlib inline" % (gui,)
+            )
+
     cfg = Config()
     cfg.HistoryManager.enabled = False  # no sqlite file, no saving thread
     cfg.IPCompleter.use_jedi = False  # keep completion cheap
@@ -351,6 +367,44 @@ def _create_shell(engine):
     return ParallaxShell.instance(
         config=cfg, user_module=engine.main_mod, user_ns=engine.ns
     )
+
+
+_NO_STDIN = (
+    "%s was called, but this frontend does not support input requests "
+    "(a Parallax engine has no stdin: pass values as arguments or with push())"
+)
+
+
+def _stdin_error(what):
+    """ipykernel's error for input() without allow_stdin (same class when
+    IPython is importable, so ``except StdinNotImplementedError`` works)."""
+    cls = None
+    if _importable("IPython"):
+        try:
+            from IPython.core.error import StdinNotImplementedError as cls
+        except Exception:
+            cls = None
+    if cls is None:
+        cls = type("StdinNotImplementedError", (NotImplementedError,), {})
+    return cls(_NO_STDIN % what)
+
+
+def _no_input(prompt=""):
+    raise _stdin_error("input()")
+
+
+def _no_getpass(prompt="Password: ", stream=None):
+    raise _stdin_error("getpass()")
+
+
+class _DataPub:
+    """``get_ipython().data_pub`` as on ipengine (ZMQDataPublisher)."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def publish_data(self, data):
+        self._engine.publish_data(data)
 
 
 class _NSHolder:
@@ -392,6 +446,11 @@ class Engine:
         self._libc_fflush = _MISSING
         self._sigint_handler = self._on_sigint
         self._main_tid = _thread.get_ident()
+        # background warm-up of the heavy imports (see _warm_imports):
+        # None (off), "running", "done" (imports finished), "finished"
+        self._warm = None
+        self._warm_tid = None
+        self._warm_lock = _thread.allocate_lock()  # held while it runs
         self.engine_id = _env_int("PARALLAX_ENGINE_ID", -1)
         self.engine_uuid = os.environ.get("PARALLAX_ENGINE_UUID", "")
         self.main_mod = type(sys)("__main__")
@@ -586,6 +645,11 @@ class Engine:
             )
         except Exception:
             pass
+        try:
+            # ipykernel's shell attribute, used by ipyparallel's publish_data
+            shell.data_pub = _DataPub(self)
+        except Exception:
+            pass
         self.shell = shell
         # created in the middle of a cell: it is that cell's count, not 1
         if self.current_count is not None:
@@ -599,10 +663,47 @@ class Engine:
         return shell
 
     def _on_ipython_imported(self, module):
+        if _thread.get_ident() == self._warm_tid:
+            # the warm-up thread: the shell is created by the main thread
+            # (while idle, or before the next request runs)
+            return
         try:
             self.ensure_shell()
         except Exception:
             pass
+
+    def publish_data(self, data):
+        """ipyparallel's ``publish_data``: a ``data_message`` on iopub whose
+        buffers are ``serialize_object(data)``; the client merges them into
+        ``AsyncResult.data`` (ipengine's ``ZMQDataPublisher``)."""
+        ser = self._ipyparallel()
+        bufs = ser.serialize_object(
+            data,
+            buffer_threshold=_DEFAULT_BUFFER_THRESHOLD,
+            item_threshold=_DEFAULT_ITEM_THRESHOLD,
+        )
+        self._flush_std()
+        self.send_event(
+            {"ev": "data_pub", "id": self.current_id, "keys": [str(k) for k in data]},
+            bufs,
+        )
+
+    def _on_datapub_imported(self, module):
+        # ipyparallel's publish_data goes through
+        # ``ZMQInteractiveShell.instance().data_pub``: ipykernel's shell, which
+        # an engine without ipykernel does not have.  Replace it (by the same
+        # name, so functions that refer to it still pickle by reference).
+        engine = self
+
+        def publish_data(data):
+            """publish a data_message on the IOPub channel (Parallax engine)"""
+            engine.publish_data(data)
+
+        publish_data.__module__ = module.__name__
+        module.publish_data = publish_data
+
+    def _on_getpass_imported(self, module):
+        module.getpass = _no_getpass
 
     def _before_matplotlib(self, module):
         # like ipykernel: default to the inline backend (lower priority than
@@ -1093,6 +1194,15 @@ class Engine:
     # ---- main loop -----------------------------------------------------------
 
     def handle(self, msg, bufs):
+        if self._warm in ("running", "done"):
+            # a request that arrives during the warm-up waits for it: user
+            # code importing the same packages from this thread while they
+            # are half-imported in the other could see partially
+            # initialised modules (circular imports across threads); the
+            # shell is then created here, as the import hook would have
+            self._warm_lock.acquire()
+            self._warm_lock.release()
+            self._finish_warmup()
         rid = msg.get("id")
         op = msg.get("op")
         self.current_id = rid
@@ -1130,8 +1240,59 @@ class Engine:
             self._flush_std()
             os._exit(0)
 
+    # ---- warm-up -------------------------------------------------------
+
+    def _warm_imports(self):
+        """Background thread started after ``ready``: import what the first
+        ``apply`` (ipyparallel's serializer) and rich output (IPython's
+        shell) need, overlapping the engine's idle time instead of the
+        first request's.  Never touches the user namespace."""
+        self._warm_tid = _thread.get_ident()
+        try:
+            if _importable("IPython"):
+                import IPython.core.interactiveshell  # noqa: F401
+                import IPython.core.displaypub  # noqa: F401
+            if _importable("ipyparallel"):
+                import ipyparallel.serialize  # noqa: F401
+        except BaseException:
+            pass
+        finally:
+            self._warm = "done"
+            self._warm_lock.release()
+
+    def _finish_warmup(self):
+        """Main thread: create the shell once the warm-up has imported
+        IPython (what the import hook does for user imports)."""
+        self._warm = "finished"
+        if self.shell is None and "IPython" in sys.modules:
+            try:
+                self.ensure_shell()
+            except BaseException:
+                pass
+
+    def _idle_until_warm(self, fd):
+        """While the warm-up runs and no command is waiting: wait, then
+        finish it (shell creation) in the main thread while still idle."""
+        import select
+
+        p = select.poll()
+        p.register(fd, select.POLLIN | select.POLLHUP)
+        while self._warm == "running":
+            try:
+                if p.poll(20):
+                    return  # a command (or EOF): serve it first
+            except InterruptedError:
+                continue
+        if self._warm == "done":
+            self._finish_warmup()
+
     def serve(self):
         while True:
+            if self._warm in ("running", "done"):
+                try:
+                    self._idle_until_warm(self.chan.cmd_fd)
+                except Exception:
+                    pass
             try:
                 msg, bufs = self.chan.read()
             except (EOFError, OSError):
@@ -1394,7 +1555,13 @@ def main():
     sys.meta_path.insert(0, _ImportWatcher({
         "IPython": (None, engine._on_ipython_imported),
         "matplotlib": (engine._before_matplotlib, None),
+        "ipyparallel.engine.datapub": (None, engine._on_datapub_imported),
+        "getpass": (None, engine._on_getpass_imported),
     }))
+    # stdin is /dev/null: input() would raise a bare EOFError; raise
+    # ipykernel's StdinNotImplementedError instead (as ipengine does for a
+    # request without allow_stdin, which is every request on an engine)
+    builtins.input = _no_input
 
     # exit promptly if the engine dies, even while user code is running:
     # poll() with no requested events reports only POLLHUP / POLLERR /
@@ -1444,6 +1611,14 @@ def main():
         evt_fd,
         len(ready).to_bytes(4, "little") + ready + (0).to_bytes(4, "little"),
     )
+    if os.environ.get("PARALLAX_WARMUP", "1") != "0":
+        engine._warm = "running"
+        engine._warm_lock.acquire()
+        try:
+            _thread.start_new_thread(engine._warm_imports, ())
+        except Exception:
+            engine._warm = None
+            engine._warm_lock.release()
     engine.serve()
 
 

@@ -11,7 +11,13 @@ pub enum Language {
 }
 
 #[derive(Debug, Clone, Args)]
-#[command(about = "Run an engine (like ipengine) that executes code for a hub")]
+#[command(
+    about = "Run an engine (like ipengine) that executes code for a hub",
+    long_about = "Run an engine (like ipengine) that executes code for a hub.\n\n\
+        ipengine's traitlets options are accepted too (--Class.trait=value, \
+        its aliases and flags): see the README's option table.",
+    args_override_self = true
+)]
 pub struct EngineArgs {
     /// Engine connection file (ipcontroller-*-engine.json).
     #[arg(long = "file", visible_alias = "f")]
@@ -40,6 +46,20 @@ pub struct EngineArgs {
     /// Seconds to wait for the connection file and the registration reply.
     #[arg(long, default_value_t = 30.0)]
     pub timeout: f64,
+    /// Seconds to wait for the connection file to appear (default: --timeout;
+    /// ipengine's IPEngine.wait_for_url_file).
+    #[arg(long = "wait-for-url-file")]
+    pub wait_for_url_file: Option<f64>,
+    /// Working directory to change to before starting (user code runs there).
+    #[arg(long = "work-dir")]
+    pub work_dir: Option<PathBuf>,
+    /// The session key, overriding the connection file's (ipengine's
+    /// --Session.key; visible to other users in the process list).
+    #[arg(long = "session-key", hide = true)]
+    pub session_key: Option<String>,
+    /// A file holding the session key (ipengine's --Session.keyfile / --keyfile).
+    #[arg(long = "session-keyfile")]
+    pub session_keyfile: Option<PathBuf>,
     /// Missed controller heartbeats (of hb_period + 0.5 s) before the engine exits.
     #[arg(long = "max-heartbeat-misses", default_value_t = 50)]
     pub max_heartbeat_misses: u32,
@@ -53,6 +73,17 @@ pub struct EngineArgs {
     /// Total number of engines in this job, exported as PARALLAX_N_ENGINES.
     #[arg(long = "n-engines")]
     pub n_engines: Option<u32>,
+    /// What a crashed Python interpreter does to the engine: true (default)
+    /// restarts it with a fresh namespace, the engine stays registered;
+    /// false makes the engine unregister and exit, as ipengine does.
+    #[arg(long = "restart-on-crash", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub restart_on_crash: bool,
+    /// Import IPython and ipyparallel in a background thread of the Python
+    /// process right after it starts, so the first apply does not pay for
+    /// them (costs their memory, ~40 MiB, on idle engines); false imports
+    /// them on first need.
+    #[arg(long = "warm-imports", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub warm_imports: bool,
     /// Log level: DEBUG, INFO, WARN, ERROR or 10…50.
     #[arg(long = "log-level", default_value = "INFO")]
     pub log_level: String,

@@ -74,6 +74,13 @@ impl Interpreter for AnyInterpreter {
             AnyInterpreter::Rust(i) => i.language_info(),
         }
     }
+
+    fn is_dead(&self) -> bool {
+        match self {
+            AnyInterpreter::Python(i) => i.is_dead(),
+            AnyInterpreter::Rust(i) => i.is_dead(),
+        }
+    }
 }
 
 fn now_str() -> String {
@@ -110,7 +117,8 @@ async fn connection_info(args: &EngineArgs) -> Result<EngineConnectionInfo> {
                 .join(connection_file_names(&cluster_id).1)
         }
     };
-    let deadline = Instant::now() + Duration::from_secs_f64(args.timeout.max(0.0));
+    let wait = args.wait_for_url_file.unwrap_or(args.timeout);
+    let deadline = Instant::now() + Duration::from_secs_f64(wait.max(0.0));
     loop {
         match std::fs::read_to_string(&path) {
             Ok(s) => match serde_json::from_str(&s) {
@@ -154,7 +162,17 @@ struct Shared {
 }
 
 pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
-    let info = connection_info(&args).await?;
+    let mut info = connection_info(&args).await?;
+    // ipengine's --Session.key / --Session.keyfile override the file's key
+    if let Some(f) = &args.session_keyfile {
+        info.key = std::fs::read_to_string(f)
+            .with_context(|| format!("reading the session key file {}", f.display()))?
+            .trim()
+            .to_owned();
+    }
+    if let Some(k) = &args.session_key {
+        info.key = k.clone();
+    }
     let interface = match (&args.url, &args.controller_ip) {
         (Some(u), _) => u.trim_end_matches('/').to_owned(),
         (None, Some(ip)) => format!("tcp://{ip}"),
@@ -524,10 +542,14 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     if let Some(n) = args.n_engines {
         env.push(("PARALLAX_N_ENGINES".to_owned(), n.to_string()));
     }
+    if !args.warm_imports {
+        env.push(("PARALLAX_WARMUP".to_owned(), "0".to_owned()));
+    }
     let started_interp = match args.language {
         Language::Python => PythonInterpreter::start(PythonConfig {
             python: args.python.clone(),
             env,
+            restart_on_crash: args.restart_on_crash,
         })
         .await
         .map(AnyInterpreter::Python),
@@ -568,6 +590,14 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         let msg_id = msg.header.msg_id.clone();
         let mut md = init_metadata(msg, &uuid);
         if shared.aborted.lock().expect("aborted lock").remove(&msg_id) {
+            // busy, reply, idle: as ipykernel answers an aborted request
+            ctx.publish(
+                "status",
+                "status",
+                &json!({"execution_state": "busy"}),
+                msg,
+                vec![],
+            );
             md.insert("status".into(), json!("aborted"));
             let content =
                 json!({"status": "aborted", "engine_info": {"engine_uuid": uuid, "engine_id": id}});
@@ -582,6 +612,13 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                 vec![],
             )
             .await;
+            ctx.publish(
+                "status",
+                "status",
+                &json!({"execution_state": "idle"}),
+                msg,
+                vec![],
+            );
             continue;
         }
         let req = match msg.header.msg_type.as_str() {
@@ -763,6 +800,16 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             msg,
             vec![],
         );
+        if status == "error" && stops_on_error(msg) {
+            abort_queued_executes(&shared).await;
+        }
+        if interp.is_dead() {
+            warn!(
+                engine = id,
+                "the interpreter crashed (--restart-on-crash=false): leaving"
+            );
+            break;
+        }
     }
 
     // --- leave: unregister, stop Python
@@ -775,6 +822,34 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     // zmq.rs has no linger: give queued messages a moment to leave.
     tokio::time::sleep(Duration::from_millis(100)).await;
     Ok(())
+}
+
+/// ipykernel 7's stop_on_error: a failed, non-silent execute_request whose
+/// `stop_on_error` is not false aborts the execute_requests queued behind it.
+/// apply_requests never do (ipyparallel's `apply_request` does not abort).
+fn stops_on_error(msg: &Message) -> bool {
+    let c = &msg.content;
+    msg.header.msg_type == "execute_request"
+        && !c.get("silent").and_then(Value::as_bool).unwrap_or(false)
+        && c.get("stop_on_error")
+            .and_then(Value::as_bool)
+            .unwrap_or(true)
+}
+
+/// Mark every execute_request already queued as aborted (they get
+/// `status: aborted` replies when their turn comes; other requests run).
+/// The window is ipykernel's with `stop_on_error_timeout = 0`: what has
+/// arrived by now; the yield lets the shell task queue what the socket holds.
+async fn abort_queued_executes(shared: &Shared) {
+    tokio::task::yield_now().await;
+    let q = shared.queue.lock().expect("queue lock");
+    let mut aborted = shared.aborted.lock().expect("aborted lock");
+    for item in q.iter() {
+        if item.msg.header.msg_type == "execute_request" {
+            debug!(msg_id = %item.msg.header.msg_id, "aborting after an error");
+            aborted.insert(item.msg.header.msg_id.clone());
+        }
+    }
 }
 
 enum ControlAction {
@@ -965,6 +1040,13 @@ impl Ctx {
                 &json!({"ename": ename, "evalue": evalue, "traceback": traceback}),
                 parent,
                 vec![],
+            ),
+            Output::DataMessage { keys, buffers } => self.publish(
+                "datapub",
+                "data_message",
+                &json!({"keys": keys}),
+                parent,
+                buffers,
             ),
         }
     }

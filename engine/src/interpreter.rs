@@ -32,6 +32,12 @@ pub enum Output {
         evalue: String,
         traceback: Vec<String>,
     },
+    /// ipyparallel's `publish_data`: a `data_message` whose buffers are the
+    /// serialized namespace (the client merges it into `AsyncResult.data`).
+    DataMessage {
+        keys: Value,
+        buffers: Vec<Bytes>,
+    },
 }
 
 /// Where an interpreter sends its output. Dropping it means the request is
@@ -152,6 +158,12 @@ pub trait Interpreter: Send {
     /// A handle that delivers signals to the running code (SIGINT
     /// interrupts it); usable while a request runs.
     fn signal_handle(&self) -> SignalHandle;
+
+    /// The runtime died and was not restarted (`--restart-on-crash=false`):
+    /// the engine leaves the hub, as ipengine does when its kernel dies.
+    fn is_dead(&self) -> bool {
+        false
+    }
 
     /// Stop the runtime.
     fn shutdown(&mut self) -> impl std::future::Future<Output = ()> + Send;

@@ -40,6 +40,9 @@ const MARK: u8 = 0x1e;
 pub struct PythonConfig {
     pub python: PathBuf,
     pub env: Vec<(String, String)>,
+    /// Start a fresh process after a crash (the default); when false a
+    /// crash leaves the interpreter dead (`is_dead`) and the engine exits.
+    pub restart_on_crash: bool,
 }
 
 /// Resolve `python` as `execvp` would (a path, or a name searched on
@@ -101,6 +104,8 @@ pub struct PythonInterpreter {
     next_id: u64,
     python_version: String,
     signals: SignalHandle,
+    /// The process crashed and `restart_on_crash` is off.
+    dead: bool,
 }
 
 fn shim_path() -> std::io::Result<PathBuf> {
@@ -281,6 +286,7 @@ impl PythonInterpreter {
             next_id: 0,
             python_version: String::new(),
             signals: SignalHandle::default(),
+            dead: false,
         };
         me.spawn().await?;
         Ok(me)
@@ -442,7 +448,26 @@ impl PythonInterpreter {
         }
     }
 
+    /// After a crash: a fresh process, or (`restart_on_crash` off) none,
+    /// and the words for the error reply.
+    async fn after_crash(&mut self) -> String {
+        if !self.cfg.restart_on_crash {
+            self.dead = true;
+            self.signals
+                .pid
+                .store(0, std::sync::atomic::Ordering::SeqCst);
+            return "the engine exits (--restart-on-crash=false)".to_owned();
+        }
+        match self.spawn().await {
+            Ok(()) => "it was restarted with a fresh namespace".to_owned(),
+            Err(e) => format!("restarting it failed: {e}"),
+        }
+    }
+
     async fn run_inner(&mut self, req: Request, out: OutputSink) -> Reply {
+        if self.dead {
+            return Reply::error("EngineError", "the Python process is gone");
+        }
         if self.proc.is_none()
             && let Err(e) = self.spawn().await
         {
@@ -486,12 +511,9 @@ impl PythonInterpreter {
         if let Err(e) = Self::send_cmd(proc, &cmd, &buffers).await {
             let why = Self::death(proc).await;
             self.proc = None;
-            warn!(error = %e, %why, "Python subprocess lost; restarting");
-            let _ = self.spawn().await;
-            return Reply::error(
-                "EngineError",
-                format!("{why}; it was restarted with a fresh namespace"),
-            );
+            warn!(error = %e, %why, "Python subprocess lost");
+            let next = self.after_crash().await;
+            return Reply::error("EngineError", format!("{why}; {next}"));
         }
         let mut reply: Option<Reply> = None;
         let mut end_token: Option<String> = None;
@@ -583,6 +605,12 @@ impl PythonInterpreter {
                                 traceback: tb,
                             });
                         }
+                        "data_pub" => {
+                            let _ = out.send(Output::DataMessage {
+                                keys: m.get("keys").cloned().unwrap_or(json!([])),
+                                buffers: bufs,
+                            });
+                        }
                         "reply" => {
                             let mut content = match m.get("content") {
                                 Some(Value::Object(c)) => c.clone(),
@@ -625,11 +653,8 @@ impl PythonInterpreter {
             }
             let why = Self::death(proc).await;
             self.proc = None;
-            warn!(%why, "Python subprocess died; restarting");
-            let restart = match self.spawn().await {
-                Ok(()) => "it was restarted with a fresh namespace".to_owned(),
-                Err(e) => format!("restarting it failed: {e}"),
-            };
+            warn!(%why, "Python subprocess died");
+            let restart = self.after_crash().await;
             let mut r = Reply::error("EngineError", format!("{why}; {restart}"));
             if let Some(prev) = reply {
                 // the reply arrived but the process died right after
@@ -640,7 +665,9 @@ impl PythonInterpreter {
                 evalue: format!("{why}; {restart}"),
                 traceback: vec![format!("EngineError: {why}; {restart}")],
             });
-            r.content.insert("engine_restarted".into(), json!(true));
+            if !self.dead {
+                r.content.insert("engine_restarted".into(), json!(true));
+            }
             return r;
         }
         reply.unwrap_or_else(|| Reply::error("EngineError", "no reply from the Python process"))
@@ -654,6 +681,10 @@ impl Interpreter for PythonInterpreter {
 
     fn signal_handle(&self) -> SignalHandle {
         self.signals.clone()
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead
     }
 
     async fn shutdown(&mut self) {

@@ -9,7 +9,13 @@ use clap::Args;
 use crate::scheduler::Scheme;
 
 #[derive(Debug, Clone, Args)]
-#[command(about = "Run the hub (an ipyparallel-compatible controller)")]
+#[command(
+    about = "Run the hub (an ipyparallel-compatible controller)",
+    long_about = "Run the hub (an ipyparallel-compatible controller).\n\n\
+        ipcontroller's traitlets options are accepted too (--Class.trait=value, \
+        its aliases and flags): see the README's option table.",
+    args_override_self = true
+)]
 pub struct HubArgs {
     /// IPython profile name; the connection files go to its security dir.
     #[arg(long, default_value = "default")]
@@ -95,6 +101,10 @@ pub struct HubArgs {
     /// Working directory to change to before starting.
     #[arg(long = "work-dir")]
     pub work_dir: Option<PathBuf>,
+    /// The session key for the connection files (ipcontroller's
+    /// --Session.key; default: $IPP_SESSION_KEY or a fresh one).
+    #[arg(long = "session-key", hide = true)]
+    pub session_key: Option<String>,
     /// Seed for the random scheduling schemes (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,

@@ -157,8 +157,10 @@ pub async fn run_notify(
 
     // Ports and key: reused from existing files with --reuse.
     let mut wanted: HashMap<Channel, u16> = HashMap::new();
-    let mut key = std::env::var("IPP_SESSION_KEY")
-        .ok()
+    let mut key = args
+        .session_key
+        .clone()
+        .or_else(|| std::env::var("IPP_SESSION_KEY").ok())
         .filter(|k| !k.is_empty());
     if args.reuse && client_file.exists() && engine_file.exists() {
         let c: ClientConnectionInfo = serde_json::from_str(&std::fs::read_to_string(&client_file)?)
@@ -495,6 +497,8 @@ async fn core_loop(
 /// fake engine): raise the soft limit on open files to `want`, as servers
 /// expecting many peers do — within the hard limit, or beyond it where the
 /// process may raise that (root). Returns the soft limit in force.
+// rlim_t is u64 on 64-bit Linux but not everywhere: the casts stay.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_fd_limit(want: u64) -> u64 {
     // SAFETY: getrlimit/setrlimit on local structs.
     unsafe {

@@ -741,9 +741,15 @@ async fn shell_worker(
     let mut starting = Some(starting);
     let mut session: Option<PxSession> = None;
     let mut start_error: Option<String> = None;
+    // requests taken off the queue while aborting that were not aborted
+    // (only execute_requests are, as in ipykernel 7); they run next, in order
+    let mut kept: std::collections::VecDeque<Message> = std::collections::VecDeque::new();
     loop {
         shared.worker_busy.store(false, Ordering::Relaxed);
-        let msg = tokio::select! {
+        let msg = if let Some(m) = kept.pop_front() {
+            m
+        } else {
+            tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
             m = queue.recv() => match m { Some(m) => m, None => break },
@@ -755,6 +761,7 @@ async fn shell_worker(
                     None => std::future::pending().await,
                 }
             } => continue,
+            }
         };
         shared.worker_busy.store(true, Ordering::Relaxed);
         let pubr = shared.publisher(&msg);
@@ -836,13 +843,19 @@ async fn shell_worker(
                         json!({"execution_count": execution_count, "data": data, "metadata": {}}),
                     );
                 }
-                // Requests queued behind a failed cell are aborted (ipykernel's
-                // stop_on_error), so "run all" stops at the first error. Only
-                // those already here: take them before the reply goes out.
+                // execute_requests queued behind a failed cell are aborted
+                // (ipykernel 7's stop_on_error, not for silent cells), so "run
+                // all" stops at the first error. Only those already here: take
+                // them before the reply goes out. Other requests (complete,
+                // inspect, …) are answered as usual, in order.
                 let mut to_abort = Vec::new();
-                if failed && req.stop_on_error {
+                if failed && req.stop_on_error && !silent {
                     while let Ok(m) = queue.try_recv() {
-                        to_abort.push(m);
+                        if m.msg_type() == "execute_request" {
+                            to_abort.push(m);
+                        } else {
+                            kept.push_back(m);
+                        }
                     }
                 }
                 finish(&shared, &sock, &msg, "execute_reply", content, &pubr).await;

@@ -329,7 +329,14 @@ impl Results {
                         method: "execute".into(),
                         ename: "TaskAborted".into(),
                         evalue: "the request was aborted before it ran".into(),
-                        traceback: vec![],
+                        // shown instead of "No traceback available": aborts
+                        // follow an earlier failure (stop_on_error) or an
+                        // abort request
+                        traceback: vec![
+                            "TaskAborted: the request was aborted before it ran \
+                             (an earlier request failed on this engine, or it was aborted)"
+                                .into(),
+                        ],
                     });
                 }
                 e.output_done = true;

@@ -440,7 +440,7 @@ impl Session {
         let mut sent = Vec::new();
         for (id, uuid) in &targets {
             let content = json!({"code": code, "silent": false, "store_history": true,
-                                 "user_expressions": {}, "allow_stdin": false, "stop_on_error": false});
+                                 "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
             match self
                 .client
                 .send_to(Chan::Mux, Some(uuid), "execute_request", content, &tx)

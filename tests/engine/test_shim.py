@@ -347,7 +347,18 @@ def _result(res: Result):
 # ---------------------------------------------------------------------------
 
 
-def test_ready_is_lean_and_fast(shim):
+@pytest.fixture
+def cold_shim():
+    """A shim without the background warm-up (PARALLAX_WARMUP=0)."""
+    s = Shim(env={"PARALLAX_WARMUP": "0"})
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_ready_is_lean_and_fast(cold_shim):
+    shim = cold_shim
     r = shim.ready
     assert r["ev"] == "ready"
     assert r["pid"] == shim.proc.pid
@@ -559,6 +570,31 @@ def test_real_matplotlib_gets_the_inline_backend(shim):
     assert res.content["status"] == "ok", res.content
     backend = shim.execute("import matplotlib\nmatplotlib.get_backend()").result_text()
     assert "inline" in backend, backend
+
+
+@pytest.mark.parametrize(
+    "magic", ["%matplotlib inline", "%matplotlib", "%pylab inline"]
+)
+def test_matplotlib_magics_give_inline_png(shim, magic):
+    # ipykernel's shell implements enable_gui; IPython's base class raises
+    # NotImplementedError ("Implement enable_gui in a subclass")
+    res = shim.execute(magic)
+    assert res.content["status"] == "ok", res.content
+    res = shim.execute(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])\nplt.title('x')\nNone"
+    )
+    assert res.content["status"] == "ok", res.content
+    pngs = [e for e in res.of("display_data") if "image/png" in e["data"]]
+    assert len(pngs) == 1, res.events
+    assert base64.b64decode(pngs[0]["data"]["image/png"])[:4] == b"\x89PNG"
+
+
+def test_matplotlib_gui_backend_is_a_clear_error(shim):
+    # IPython prints a magic's UsageError instead of failing the cell
+    res = shim.execute("%gui tk")
+    assert "not available on a Parallax engine" in res.stderr + res.stdout + str(
+        res.content
+    ), (res.content, res.stderr)
 
 
 _FAKE_MPL = {
@@ -790,7 +826,7 @@ def test_apply_display_and_interrupt_free(shim):
 
 def test_input_and_background_thread_output(shim):
     res = shim.execute("input('prompt? ')")
-    assert res.content["ename"] == "EOFError"
+    assert res.content["ename"] == "StdinNotImplementedError"  # as on ipengine
     res = shim.execute(
         "import threading\n"
         "from IPython.display import display\n"
@@ -933,7 +969,8 @@ def test_complete(shim):
     assert c["matches"] == ["my_value", "my_variable"]
     assert (c["cursor_start"], c["cursor_end"]) == (4, 9) and c["metadata"] == {}
     c = _ok(shim.request("complete", code="os.pa", cursor_pos=5))
-    assert "os.path" in c["matches"] and c["cursor_start"] == 0
+    # rlcompleter answers "os.path" from 0, IPython's completer ".path" from 2
+    assert "os.path" in ["os.pa"[: c["cursor_start"]] + m for m in c["matches"]], c
     c = _ok(shim.request("complete", code="pri", cursor_pos=3))
     assert "print" in c["matches"]
     c = _ok(shim.request("complete", code="imp", cursor_pos=3))
@@ -1087,3 +1124,54 @@ def test_python_without_ipython():
         assert s.execute("get_ipython()").of("execute_result") == []
     finally:
         s.close()
+
+
+def test_publish_data_sends_a_data_pub_event(shim):
+    # ipyparallel.datapub.publish_data needs ipykernel's shell on ipengine;
+    # here it becomes a data_pub event with serialize_object's buffers
+    @_remote
+    def task():
+        from ipyparallel.datapub import publish_data
+
+        publish_data({"i": 1})
+        publish_data({"i": 2, "name": "x"})
+        return "done"
+
+    res = shim.apply(task)
+    assert res.content["status"] == "ok", res.content
+    evs = res.of("data_pub")
+    assert [e["keys"] for e in evs] == [["i"], ["i", "name"]], res.events
+    assert all(e["id"] == res.reply["id"] for e in evs)
+    # also through the shell, as get_ipython().data_pub
+    res = shim.execute("get_ipython().data_pub.publish_data({'k': 3})")
+    assert res.content["status"] == "ok", res.content
+    assert [e["keys"] for e in res.of("data_pub")] == [["k"]]
+
+
+def test_warmup_imports_in_the_background_and_keeps_the_namespace():
+    """After ``ready`` a thread imports IPython and ipyparallel's serializer;
+    the shell is created by the main thread while idle; the first request
+    waits for a warm-up still running; user variables are untouched."""
+    s = Shim()
+    try:
+        res = s.execute(
+            "import sys\nx = 5\n"
+            "('ipyparallel.serialize' in sys.modules, get_ipython() is not None, x)"
+        )
+        assert res.result_text() == "(True, True, 5)", res.content
+        assert s.execute("x").result_text() == "5"
+    finally:
+        s.close()
+
+
+def test_input_raises_stdin_not_implemented(shim):
+    res = shim.execute("input('name? ')")
+    assert res.content["ename"] == "StdinNotImplementedError", res.content
+    assert "does not support input requests" in res.content["evalue"]
+    res = shim.execute("import getpass\ngetpass.getpass()")
+    assert res.content["ename"] == "StdinNotImplementedError", res.content
+    res = shim.execute(
+        "from IPython.core.error import StdinNotImplementedError\n"
+        "try:\n    input()\nexcept StdinNotImplementedError:\n    ok = 1\nok"
+    )
+    assert res.result_text() == "1", res.content

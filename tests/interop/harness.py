@@ -265,7 +265,8 @@ class HubCluster:
         self.ping_ms = ping_ms
         self.extra_hub_args = list(hub_args)
         self.label = label
-        # None: the suite-wide choice (ENGINE_CMD, or stock ipengine)
+        # None: the suite-wide choice (ENGINE_CMD, or stock ipengine);
+        # []: stock ipengine whatever the suite runs (side-by-side tests)
         self.engine_cmd = engine_cmd if engine_cmd is not None else ENGINE_CMD
         self.engine_args = list(engine_args)
         self.cluster_id = f"plx{os.getpid()}x{next(_counter)}"
@@ -372,7 +373,7 @@ class HubCluster:
         )
 
     def engine_argv(self) -> list[str]:
-        if self.engine_cmd is not None:
+        if self.engine_cmd:
             python = [] if any(a.startswith("--python") for a in self.engine_args) else [
                 f"--python={sys.executable}"
             ]
@@ -389,7 +390,7 @@ class HubCluster:
             "--log-level=DEBUG",
             # registration reply timeout (s); generous for a 2-core box
             "--timeout=20",
-        ]
+        ] + self.engine_args
 
     def start_engines(self, n: int) -> list[Proc]:
         new = []

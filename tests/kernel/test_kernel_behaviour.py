@@ -775,3 +775,32 @@ def test_badly_signed_messages_are_ignored(k4):
     assert k4.kc.kernel_info(reply=True, timeout=5)["content"]["status"] == "ok"
     got = stdout_map(k4, 'print("forged_marker" in globals(), "signed_marker" in globals())')
     assert got == {e: "False True\n" for e in ENGINES}
+
+
+def test_noblock_failure_aborts_the_cells_queued_behind_it(k4):
+    """Issue 13: the kernel asks engines for ipykernel's stop_on_error, so a
+    --noblock cell that fails aborts the cells already queued behind it on
+    each engine (state does not diverge: `b *= 2` never runs); cells sent
+    after that run normally."""
+    ok(k4, "%px b = 1")
+    ok(k4, "%%px --noblock\nimport time\ntime.sleep(1.0)\nb / 0")
+    ok(k4, "%%px --noblock\nb *= 2")
+    r = k4.execute("%px print(b)", timeout=QUICK)  # queued too: aborted
+    assert r.status == "error", r.describe()
+    assert r.content["evalue"] == f"{len(ENGINES)} errors", r.describe()
+    assert not [m for m in r.of_type("stream") if "ZeroDivision" in str(m)], r.describe()
+    shown = "".join(r.streams("stderr"))
+    assert shown.count("TaskAborted: the request was aborted before it ran") == len(ENGINES), shown
+    assert stdout_map(k4, "%px print(b)") == {e: "1\n" for e in ENGINES}
+
+
+@pytest.mark.parametrize("magic", ["%matplotlib inline", "%pylab inline"])
+def test_matplotlib_magics_through_px(k4, magic):
+    """Issue 13: `%matplotlib inline` / `%pylab inline` on the engines (an
+    IPython magic, not a kernel one) used to fail with "Implement enable_gui
+    in a subclass"; figures come back as PNG display_data from each engine."""
+    ok(k4, f"%px {magic}", timeout=60)
+    r = ok(k4, "%%px --targets [0,1]\nimport matplotlib.pyplot as plt\n"
+               "plt.figure()\nplt.plot([1, 3, 2])\nNone", timeout=60)
+    pngs = [m for m in r.of_type("display_data") if "image/png" in m["content"]["data"]]
+    assert len(pngs) == 2, r.describe()
