@@ -190,7 +190,11 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     .map_err(|_| anyhow::anyhow!("could not reach the hub at {}", url(info.registration)))?
     .context("connecting to the hub")?;
     let mut content = json!({"uuid": uuid});
-    if let Some(id) = args.id {
+    // an explicit --id, else the MPI/srun rank (so engine id == rank)
+    if let Some(id) = args
+        .id
+        .or_else(|| crate::rank::rank_from_env(|k| std::env::var(k).ok()))
+    {
         content["id"] = json!(id);
     }
     let h = session.header("registration_request", &now_str());
