@@ -219,6 +219,22 @@ mod tests {
             p(cancelled),
             Some((false, "CANCELLED (ExitCode=0:15)".into()))
         );
+        // captured from Slurm 22.05 (scontrol show job -o, cut): a job that
+        // could never fit, pending, then cancelled; a script that exited 3
+        let never = "JobId=2 JobName=wrap UserId=root(0) GroupId=root(0) MCS_label=N/A \
+                     Priority=4294901758 Nice=0 Account=(null) QOS=(null) JobState=PENDING \
+                     Reason=PartitionConfig Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 \
+                     Reboot=0 ExitCode=0:0 RunTime=00:00:00 TimeLimit=UNLIMITED TimeMin=N/A";
+        assert_eq!(p(never), Some((false, "PENDING (PartitionConfig)".into())));
+        let gone = never.replace("JobState=PENDING", "JobState=CANCELLED");
+        assert_eq!(
+            p(&gone),
+            Some((false, "CANCELLED (PartitionConfig)".into()))
+        );
+        let failed = "JobId=3 JobName=wrap JobState=FAILED Reason=NonZeroExitCode ExitCode=3:0";
+        assert_eq!(p(failed), Some((false, "FAILED (NonZeroExitCode)".into())));
+        // squeue -j of a job that left the queue prints nothing (rc 0)
+        assert_eq!(p("\n"), None);
         let pend = "JobId=14 JobName=x JobState=PENDING Reason=PartitionConfig ExitCode=0:0";
         assert_eq!(p(pend), Some((false, "PENDING (PartitionConfig)".into())));
         // sacct -n -X -P -o State,Reason
