@@ -22,7 +22,7 @@ VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
 KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
 	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
-.PHONY: all venv build run run-rust demo-hub lab lab-deps test test-rust test-python bench lint clean
+.PHONY: all venv build run run-rust demo-hub lab lab-deps test test-rust test-python test-launch bench lint clean
 
 all: build
 
@@ -85,13 +85,28 @@ test: venv build test-rust test-python
 test-rust:
 	$(CARGO) test --release --locked --workspace
 
-test-python: venv build lab-deps
+# the batch systems and MPI the launcher tests start by hand (tests/launch):
+# Slurm (+ munge), OpenMPI and MPICH from Debian. No daemon is started by
+# the install (no systemd); the test fixtures start and stop them.
+LAUNCHER_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin mpich
+$(STAMPS)/launchers:
+	mkdir -p $(STAMPS)
+	command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld && command -v mpiexec >/dev/null \
+		|| $(APT_INSTALL) $(LAUNCHER_PACKAGES) || { $(SUDO) apt-get update && $(APT_INSTALL) $(LAUNCHER_PACKAGES); }
+	command -v sbatch >/dev/null && command -v mpiexec >/dev/null
+	touch $@
+
+test-python: venv build lab-deps $(STAMPS)/launchers
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
 	# the interop suite again, with Parallax engines in place of ipengine,
 	# against our hub and against stock ipcontroller
 	PARALLAX_ENGINES=parallax PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/interop -q -p no:cacheprovider
 	PARALLAX_ENGINES=parallax PARALLAX_HUB_CMD=$(abspath $(VENV))/bin/ipcontroller PARALLAX_BIN=$(abspath $(BIN)) \
 		$(PY) -m pytest tests/interop -q -p no:cacheprovider
+
+# the launcher tests alone (MPI, Slurm daemons started by the fixtures)
+test-launch: venv build $(STAMPS)/launchers
+	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/launch -q -p no:cacheprovider
 
 # BENCH=hub or BENCH=kernel runs one of the two (default: both, hub first)
 bench: venv build

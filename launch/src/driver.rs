@@ -435,7 +435,11 @@ impl Launcher for BatchLauncher {
         let path = self.script_path.to_string_lossy().into_owned();
         let argv = self.job.submit_argv(&path);
         let input = self.job.system.submit_via_stdin.then_some(script.as_str());
-        let out = self.run(&argv, input)?;
+        let out = self.run(&argv, input);
+        // the scheduler keeps its own copy of a submitted script (sbatch,
+        // qsub and bsub read it at submission): nothing to leave behind
+        let _ = std::fs::remove_file(&self.script_path);
+        let out = out?;
         let command = shell_join(&argv);
         if !out.success {
             return Err(LaunchError::Command {

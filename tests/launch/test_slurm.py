@@ -1,0 +1,122 @@
+"""`parallax cluster start --engines slurm` against a real Slurm (slurmctld
++ slurmd started by the session fixture): engines as the tasks of an
+sbatch job, code run on them with the stock ipyparallel Client, job
+state watched while they register, a job that can never run reported at
+once with Slurm's reason, and `stop` leaving no job and no process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import client
+
+pytestmark = pytest.mark.timeout(180)
+
+#: on every engine: its id, its Slurm job and task
+SLURM_CELL = """
+import os
+info = (int(os.environ["PARALLAX_ENGINE_ID"]), os.environ["SLURM_JOB_ID"], int(os.environ["SLURM_PROCID"]))
+"""
+
+
+def job_ids(profile) -> list[str]:
+    return [s["job_id"] for s in profile.state()["engines"]["sets"].values()]
+
+
+def test_engines_run_as_a_slurm_job(slurm_profile, slurm):
+    p = slurm_profile
+    t0 = time.monotonic()
+    r = p.cluster("start", "-n", 4, "--engines", "Slurm", "--queue", "debug", "--time", "10", "--daemonize")
+    startup = time.monotonic() - t0
+    assert "4 engines registered" in r.stdout, r.stdout + r.stderr
+    (job,) = job_ids(p)
+    assert f"Submitted job {job} (4 engines)" in r.stdout
+    # progress while the job was pending or starting
+    assert "engines registered; job " + job in r.stderr, r.stderr
+    assert slurm.jobs() == [job]
+
+    d = p.state()
+    assert d["engines"]["class"] == "slurm"
+    (s,) = d["engines"]["sets"].values()
+    assert s["n"] == 4 and s["queue"] == "debug" and "#SBATCH --time={timelimit}" in s["batch_template"]
+
+    rc = client(p, 4)
+    try:
+        view = rc[:]
+        view.execute(SLURM_CELL, block=True)
+        out = view.pull("info", block=True)
+        # one job; engine id == the task's SLURM_PROCID
+        assert sorted(out) == [(i, job, i) for i in range(4)], out
+    finally:
+        rc.close()
+
+    import ipyparallel as ipp
+
+    c = ipp.Cluster.from_file(profile_dir=str(p.dir), cluster_id=p.cluster_id)
+    launcher = next(iter(c.engines.values()))
+    assert type(launcher).__name__ == "SlurmEngineSetLauncher" and launcher.job_id == job
+
+    r = p.cluster("stop")
+    assert f"Cancelling job {job}" in r.stdout
+    assert slurm.jobs() == []
+    assert p.left_running() == []
+    assert not p.cluster_file.exists()
+    # (README: Cluster.from_file makes the dir an IPython profile)
+    leftovers = [f.name for f in p.dir.rglob("*") if f.is_file() and f.name != "README"]
+    assert leftovers == [], leftovers
+    print(f"slurm -n 4: all registered {startup:.2f} s after start")
+
+
+def test_a_job_that_can_never_run_fails_at_once(slurm_profile, slurm):
+    p = slurm_profile
+    t0 = time.monotonic()
+    # the partition's one node has 32 CPUs: 40 tasks can never fit
+    r = p.cluster("start", "-n", 40, "--engines", "slurm", "--daemonize", "--timeout", 60, check=False)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    assert elapsed < 20, elapsed
+    assert "PENDING (PartitionConfig)" in r.stderr, r.stderr
+    assert "0 of 40 engines registered" in r.stderr
+    assert slurm.jobs() == []
+    assert p.left_running() == []
+    assert not p.cluster_file.exists()
+
+
+def test_print_script_submits_nothing(slurm_profile, slurm):
+    p = slurm_profile
+    r = p.cluster(
+        "start", "-n", 3, "--engines", "slurm", "--queue", "debug", "--account", "proj", "--time", "0:30:00",
+        "--qos", "normal", "--extra-directive=--mem=100M", "--print-script",
+    )
+    lines = r.stdout.splitlines()
+    assert lines[0] == "#!/bin/sh"
+    for d in ("--ntasks=3", "--partition=debug", "--account=proj", "--qos=normal", "--time=0:30:00", "--mem=100M"):
+        assert f"#SBATCH {d}" in lines, r.stdout
+    assert lines[-1].startswith("srun ") and " engine --file=" in lines[-1]
+    assert slurm.jobs() == []
+    assert not p.cluster_file.exists()
+    assert p.left_running() == []
+
+
+def test_template_and_engines_per_job(slurm_profile, slurm, tmp_path):
+    p = slurm_profile
+    template = tmp_path / "engines.sbatch"
+    template.write_text("#!/bin/bash\n#SBATCH --job-name=px-{cluster_id}\n#SBATCH --ntasks={n}\nsrun {program_and_args}\n")
+    r = p.cluster("start", "-n", 4, "--engines", "slurm", "--template", template, "--engines-per-job", 2, "--daemonize")
+    assert "4 engines registered" in r.stdout, r.stdout + r.stderr
+    jobs = job_ids(p)
+    assert len(jobs) == 2 and sorted(slurm.jobs()) == sorted(jobs)
+    for s in p.state()["engines"]["sets"].values():
+        assert s["n"] == 2 and s["batch_template"].startswith("#!/bin/bash\n")
+    rc = client(p, 4)
+    try:
+        view = rc[:]
+        view.execute(SLURM_CELL, block=True)
+        assert sorted(j for _, j, _ in view.pull("info", block=True)) == sorted(jobs * 2)
+    finally:
+        rc.close()
+    p.cluster("stop")
+    assert slurm.jobs() == []
+    assert p.left_running() == []
