@@ -164,6 +164,10 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             if i.ends_with("://*") || i.ends_with("://0.0.0.0") {
                 format!("tcp://{}", info.location)
             } else {
+                let here = crate::reach::hostname();
+                if let Some(e) = crate::reach::loopback_elsewhere(&i, &info.location, &here) {
+                    bail!(e);
+                }
                 i
             }
         }

@@ -6,6 +6,7 @@
 //!   request loop.
 //! * [`interpreter`] — the `Interpreter` trait and its output events.
 //! * [`rank`] — the id asked for by default: the MPI/srun rank.
+//! * [`reach`] — a loopback hub seen from another host is an error at once.
 //! * [`python`] — the persistent Python subprocess behind the trait, and its
 //!   framed pipe protocol (the Python side is `python/parallax_engine_shim.py`).
 
@@ -14,6 +15,7 @@ pub mod driver;
 pub mod interpreter;
 pub mod python;
 pub mod rank;
+pub mod reach;
 pub mod rust;
 pub mod rust_syntax;
 pub mod rustc_cache;

@@ -86,6 +86,18 @@ pub struct StartArgs {
     /// implemented yet).
     #[arg(long = "engines", visible_alias = "engine-launcher", default_value = "local", value_parser = parse_launcher)]
     pub engines: LauncherKind,
+    /// The hub's listening address (default 127.0.0.1, reachable from this
+    /// host only): 0.0.0.0 or an address engines on other hosts can reach.
+    #[arg(long = "ip", visible_alias = "controller-ip", value_name = "ADDR")]
+    pub ip: Option<String>,
+    /// The hub's host as engines and clients elsewhere reach it (written in
+    /// the connection files; default this host's name).
+    #[arg(
+        long = "location",
+        visible_alias = "controller-location",
+        value_name = "HOST"
+    )]
+    pub location: Option<String>,
     /// How the hub is launched (only local is implemented).
     #[arg(long = "controller", default_value = "local", value_parser = parse_launcher)]
     pub controller: LauncherKind,
@@ -479,6 +491,8 @@ struct ClusterState {
     n: u32,
     hub_args: Vec<String>,
     hub: (i64, PathBuf),
+    controller_ip: String,
+    controller_location: String,
     /// The engine launcher's entry-point name (`local`, `mpi`, `slurm`…).
     engine_class: &'static str,
     /// Engine sets by id, each its launcher's `to_dict()`.
@@ -493,8 +507,8 @@ impl ClusterState {
             "cluster": {
                 "cluster_id": cid,
                 "controller_args": self.hub_args,
-                "controller_ip": "",
-                "controller_location": "",
+                "controller_ip": self.controller_ip,
+                "controller_location": self.controller_location,
                 "delay": 1.0,
                 "n": self.n,
                 "profile_dir": pd.to_string_lossy(),
@@ -1237,6 +1251,12 @@ async fn start(args: StartArgs) -> Result<()> {
         format!("--profile-dir={}", profile_dir.display()),
         format!("--cluster-id={cid}"),
     ];
+    if let Some(ip) = &args.ip {
+        hub_cmd.push(format!("--ip={ip}"));
+    }
+    if let Some(location) = &args.location {
+        hub_cmd.push(format!("--location={location}"));
+    }
     let hub_args = split_args(&args.hub_args);
     hub_cmd.extend(hub_args.iter().cloned());
     let hub_child = spawn(&exe, &hub_cmd, &hub_log)?;
@@ -1257,6 +1277,8 @@ async fn start(args: StartArgs) -> Result<()> {
         n,
         hub_args,
         hub: (launched.hub.as_ref().map_or(-1, |h| h.pid), hub_log.clone()),
+        controller_ip: args.ip.clone().unwrap_or_default(),
+        controller_location: args.location.clone().unwrap_or_default(),
         engine_class: args.engines.name(),
         sets: Default::default(),
     };
@@ -1686,6 +1708,8 @@ mod tests {
             n: 2,
             hub_args: vec!["--scheme=lru".into()],
             hub: (100, "/p/profile_x/log/hub.log".into()),
+            controller_ip: String::new(),
+            controller_location: String::new(),
             engine_class: "local",
             sets: [(
                 "1700000000".to_owned(),
