@@ -86,12 +86,15 @@ test-rust:
 	$(CARGO) test --release --locked --workspace
 
 # the batch systems and MPI the launcher tests start by hand (tests/launch):
-# Slurm (+ munge), OpenMPI and MPICH from Debian. No daemon is started by
-# the install (no systemd); the test fixtures start and stop them.
-LAUNCHER_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin mpich
+# Slurm (+ munge), Son of Grid Engine, OpenMPI and MPICH from Debian. No
+# daemon is started by the install (no systemd); the test fixtures start and
+# stop them.
+LAUNCHER_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin mpich \
+	gridengine-master gridengine-exec gridengine-client
 $(STAMPS)/launchers:
 	mkdir -p $(STAMPS)
 	command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld && command -v mpiexec >/dev/null \
+		&& test -x /usr/sbin/sge_qmaster \
 		|| $(APT_INSTALL) $(LAUNCHER_PACKAGES) || { $(SUDO) apt-get update && $(APT_INSTALL) $(LAUNCHER_PACKAGES); }
 	command -v sbatch >/dev/null && command -v mpiexec >/dev/null
 	touch $@

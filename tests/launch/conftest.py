@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from services import Slurm  # noqa: E402
+from services import GridEngine, Slurm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(os.environ.get("PARALLAX_BIN", ROOT / "target" / "release" / "parallax"))
@@ -187,3 +187,26 @@ def slurm_profile(tmp_path, slurm):
     yield p
     p.reap()
     slurm.cancel_all()
+
+
+@pytest.fixture(scope="session")
+def sge(tmp_path_factory):
+    """sge_qmaster + sge_execd (Debian's Son of Grid Engine, one queue of 16
+    slots on this host), for the session."""
+    if not Path("/usr/sbin/sge_qmaster").exists() or not shutil.which("qsub"):
+        pytest.skip("Grid Engine is not installed (Debian gridengine-master/-exec/-client)")
+    g = GridEngine(tmp_path_factory.mktemp("sge")).start()
+    try:
+        yield g
+    finally:
+        g.cancel_all()
+        g.stop()
+
+
+@pytest.fixture
+def sge_profile(tmp_path, sge):
+    """A profile whose commands see the session's Grid Engine."""
+    p = Profile(tmp_path, {"SGE_ROOT": str(sge.root), "SGE_CELL": "default"})
+    yield p
+    p.reap()
+    sge.cancel_all()

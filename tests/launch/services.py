@@ -155,3 +155,125 @@ PartitionName=debug Nodes=pxnode Default=YES MaxTime=INFINITE State=UP
             f = Path("/run/munge/munged.pid")
             if f.exists():
                 stop_pid(int(f.read_text().strip()))
+
+
+SGE_QUEUE = """\
+qname all.q
+hostlist localhost
+seq_no 0
+load_thresholds NONE
+suspend_thresholds NONE
+nsuspend 1
+suspend_interval 00:05:00
+priority 0
+min_cpu_interval 00:05:00
+processors UNDEFINED
+qtype BATCH INTERACTIVE
+ckpt_list NONE
+pe_list NONE
+rerun FALSE
+slots {slots}
+tmpdir /tmp
+shell /bin/sh
+prolog NONE
+epilog NONE
+shell_start_mode posix_compliant
+starter_method NONE
+suspend_method NONE
+resume_method NONE
+terminate_method NONE
+notify 00:00:60
+owner_list NONE
+user_lists NONE
+xuser_lists NONE
+subordinate_list NONE
+complex_values NONE
+projects NONE
+xprojects NONE
+calendar NONE
+initial_state default
+""" + "".join(f"{k} INFINITY\n" for k in (
+    "s_rt", "h_rt", "s_cpu", "h_cpu", "s_fsize", "h_fsize", "s_data", "h_data", "s_stack", "h_stack",
+    "s_core", "h_core", "s_rss", "h_rss", "s_vmem", "h_vmem"))
+
+
+class GridEngine:
+    """Son of Grid Engine from Debian's packages (cell `default` under
+    /var/lib/gridengine, made by the package's postinst): sge_qmaster and
+    sge_execd on this host, root allowed, 1 s scheduling, one queue."""
+
+    root = Path("/var/lib/gridengine")
+    spool = Path("/var/spool/gridengine")
+
+    def __init__(self, base: Path, slots: int = 16):
+        self.base = base
+        self.slots = slots
+        self.env = {**os.environ, "SGE_ROOT": str(self.root), "SGE_CELL": "default"}
+
+    def run(self, *cmd, check=True, timeout=30, input=None) -> subprocess.CompletedProcess:
+        r = subprocess.run(list(map(str, cmd)), env=self.env, capture_output=True, text=True, timeout=timeout,
+                           input=input)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"{cmd} failed ({r.returncode}): {r.stdout}{r.stderr}")
+        return r
+
+    def start(self):
+        self.base.mkdir(parents=True, exist_ok=True)
+        common = self.root / "default" / "common"
+        # 127.0.0.1's canonical name is localhost: one host for SGE
+        (common / "host_aliases").write_text(f"localhost {socket.gethostname()}\n")
+        (common / "act_qmaster").write_text("localhost\n")
+        run_dir = Path("/var/run/gridengine")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(run_dir, "sgeadmin", "sgeadmin")
+        self.run("/usr/sbin/sge_qmaster")
+        wait_for(lambda: self.run("qstat", check=False).returncode == 0, 30, "sge_qmaster")
+        # root may run jobs (min_uid/min_gid 1000 by default); the file must be named "global"
+        conf = self.run("qconf", "-sconf").stdout
+        conf = "\n".join(
+            f"{line.split()[0]} 0" if line.split()[:1] in (["min_uid"], ["min_gid"]) else line
+            for line in conf.splitlines()
+        )
+        (self.base / "global").write_text(conf + "\n")
+        self.run("qconf", "-Mconf", self.base / "global")
+        sconf = self.run("qconf", "-ssconf").stdout.splitlines()
+        fast = {"schedule_interval": "0:0:1", "flush_submit_sec": "1", "flush_finish_sec": "1"}
+        sconf = [f"{line.split()[0]} {fast[line.split()[0]]}" if line.split()[:1] and line.split()[0] in fast
+                 else line for line in sconf]
+        (self.base / "sconf").write_text("\n".join(sconf) + "\n")
+        self.run("qconf", "-Msconf", self.base / "sconf")
+        self.run("qconf", "-as", "localhost", check=False)
+        (self.base / "exechost").write_text(
+            "hostname localhost\nload_scaling NONE\ncomplex_values NONE\nuser_lists NONE\nxuser_lists NONE\n"
+            "projects NONE\nxprojects NONE\nusage_scaling NONE\nreport_variables NONE\n")
+        if self.run("qconf", "-Ae", self.base / "exechost", check=False).returncode != 0:
+            self.run("qconf", "-Me", self.base / "exechost")
+        (self.base / "queue").write_text(SGE_QUEUE.format(slots=self.slots))
+        if self.run("qconf", "-Aq", self.base / "queue", check=False).returncode != 0:
+            self.run("qconf", "-Mq", self.base / "queue")
+        # execd after the global config change (it keeps the old min_gid)
+        self.run("/usr/sbin/sge_execd")
+
+        def ready():
+            out = self.run("qstat", "-f", check=False).stdout
+            return any(line.startswith("all.q@localhost") and "lx-amd64" in line and line.split()[-1] == "lx-amd64"
+                       for line in out.splitlines())
+
+        wait_for(ready, 60, "the SGE exec host", interval=0.2)
+        self.run("qmod", "-c", "all.q", check=False)
+        return self
+
+    def jobs(self) -> list[str]:
+        out = self.run("qstat", check=False).stdout.splitlines()
+        return sorted({line.split()[0] for line in out[2:] if line.strip()})
+
+    def cancel_all(self):
+        ids = self.jobs()
+        if ids:
+            self.run("qdel", *ids, check=False)
+            wait_for(lambda: not self.jobs(), 60, "deleted SGE jobs to leave the queue", interval=0.2)
+
+    def stop(self):
+        for f in (self.spool / "execd/localhost/execd.pid", self.spool / "qmaster/qmaster.pid"):
+            if f.exists():
+                stop_pid(int(f.read_text().strip()), timeout=20)
