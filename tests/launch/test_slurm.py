@@ -120,3 +120,31 @@ def test_template_and_engines_per_job(slurm_profile, slurm, tmp_path):
     p.cluster("stop")
     assert slurm.jobs() == []
     assert p.left_running() == []
+
+
+MPI_CELL = """
+import os
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+info = (int(os.environ["PARALLAX_ENGINE_ID"]), c.rank, c.size, c.allreduce(c.rank))
+"""
+
+
+def test_mpiexec_inside_a_slurm_job(slurm_profile, slurm, tmp_path):
+    """A template that runs the engines with mpiexec inside the allocation:
+    ids are MPI ranks and mpi4py works across the job's engines."""
+    p = slurm_profile
+    template = tmp_path / "mpi.sbatch"
+    template.write_text("#!/bin/sh\n#SBATCH --ntasks={n}\n#SBATCH --export=ALL\nmpiexec {program_and_args}\n")
+    r = p.cluster("start", "-n", 4, "--engines", "slurm", "--template", template, "--daemonize")
+    assert "4 engines registered" in r.stdout, r.stdout + r.stderr
+    rc = client(p, 4)
+    try:
+        view = rc[:]
+        view.execute(MPI_CELL, block=True)
+        assert sorted(view.pull("info", block=True)) == [(i, i, 4, 6) for i in range(4)]
+    finally:
+        rc.close()
+    p.cluster("stop")
+    assert slurm.jobs() == []
+    assert p.left_running() == []
