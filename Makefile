@@ -90,7 +90,8 @@ test-rust:
 # daemon is started by the install (no systemd); the test fixtures start and
 # stop them.
 LAUNCHER_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin mpich \
-	gridengine-master gridengine-exec gridengine-client
+	gridengine-master gridengine-exec gridengine-client \
+	libslurm-perl libslurmdb-perl libswitch-perl
 $(STAMPS)/launchers:
 	mkdir -p $(STAMPS)
 	command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld && command -v mpiexec >/dev/null \
@@ -99,7 +100,17 @@ $(STAMPS)/launchers:
 	command -v sbatch >/dev/null && command -v mpiexec >/dev/null
 	touch $@
 
-test-python: venv build lab-deps $(STAMPS)/launchers
+# Slurm's PBS wrappers (qsub/qstat/qdel over Slurm) for tests/launch/test_pbs.py,
+# unpacked here: installing slurm-wlm-torque would remove Grid Engine (both
+# own /usr/bin/qsub)
+$(STAMPS)/torque/usr/bin/qsub: $(STAMPS)/launchers
+	rm -rf $(STAMPS)/torque $(STAMPS)/torque.tmp && mkdir -p $(STAMPS)/torque.tmp
+	cd $(STAMPS)/torque.tmp && apt-get download slurm-wlm-torque
+	dpkg-deb -x $(STAMPS)/torque.tmp/slurm-wlm-torque_*.deb $(STAMPS)/torque
+	rm -rf $(STAMPS)/torque.tmp
+	test -x $@
+
+test-python: venv build lab-deps $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
 	# the interop suite again, with Parallax engines in place of ipengine,
 	# against our hub and against stock ipcontroller
@@ -108,7 +119,7 @@ test-python: venv build lab-deps $(STAMPS)/launchers
 		$(PY) -m pytest tests/interop -q -p no:cacheprovider
 
 # the launcher tests alone (MPI, Slurm daemons started by the fixtures)
-test-launch: venv build $(STAMPS)/launchers
+test-launch: venv build $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/launch -q -p no:cacheprovider
 
 # BENCH=hub or BENCH=kernel runs one of the two (default: both, hub first)

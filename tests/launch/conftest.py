@@ -210,3 +210,35 @@ def sge_profile(tmp_path, sge):
     yield p
     p.reap()
     sge.cancel_all()
+
+
+#: Slurm's PBS wrappers (Debian slurm-wlm-torque, unpacked by the Makefile
+#: into .stamps/torque: installing the package would remove Grid Engine,
+#: which owns /usr/bin/qsub too)
+TORQUE_BIN = Path(os.environ.get("PARALLAX_TORQUE_BIN", ROOT / ".stamps" / "torque" / "usr" / "bin"))
+
+
+@pytest.fixture(scope="session")
+def pbs_bin(tmp_path_factory):
+    """A bin dir with the PBS commands (qsub, qstat, qdel) of Slurm's PBS
+    wrappers and the Slurm commands they call (they look next to
+    themselves)."""
+    if not (TORQUE_BIN / "qsub").exists():
+        pytest.skip(f"Slurm's PBS wrappers are not unpacked in {TORQUE_BIN} (make test does it)")
+    d = tmp_path_factory.mktemp("pbs-bin")
+    for f in TORQUE_BIN.iterdir():
+        shutil.copy(f, d / f.name)
+    for cmd in ("sbatch", "salloc", "srun", "squeue", "scancel", "scontrol", "sinfo"):
+        path = shutil.which(cmd)
+        if path:
+            (d / cmd).symlink_to(path)
+    return d
+
+
+@pytest.fixture
+def pbs_profile(tmp_path, slurm, pbs_bin):
+    """A profile whose commands see PBS (over the session's Slurm)."""
+    p = Profile(tmp_path, {"SLURM_CONF": str(slurm.conf), "PATH": f"{pbs_bin}{os.pathsep}{child_env()['PATH']}"})
+    yield p
+    p.reap()
+    slurm.cancel_all()
