@@ -50,6 +50,9 @@ macro_rules! esay {
 pub enum ClusterCommand {
     /// Start a hub and N engines; wait until every engine is registered.
     Start(Box<StartArgs>),
+    /// Add N engines to a running cluster (its hub), with any launcher the
+    /// cluster already uses; returns once they are registered.
+    Engines(Box<StartArgs>),
     /// Stop a cluster: engines, then the hub; remove its cluster file.
     Stop(StopArgs),
     /// List clusters (running ones; stale cluster files are removed).
@@ -206,6 +209,13 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(start(*args))
+        }
+        ClusterCommand::Engines(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(add_engines(*args))
         }
         ClusterCommand::Stop(args) => stop(&args),
         ClusterCommand::List(args) => list(&args),
@@ -1445,6 +1455,165 @@ async fn start(args: StartArgs) -> Result<()> {
     launched.shutdown(true);
     say!("Cluster stopped");
     Ok(())
+}
+
+/// `parallax cluster engines`: one more engine set for a running cluster.
+async fn add_engines(args: StartArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let n = match args.n {
+        Some(n) if n > 0 => n,
+        Some(_) => bail!("-n must be at least 1"),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
+    let profile_dir = profile_dir(&args.profile);
+    let cid = cluster_id(&args.cluster_id);
+    let cluster_file = cluster_file_path(&profile_dir, &cid);
+    let c = load_cluster(&cluster_file).with_context(|| {
+        format!(
+            "no running cluster {cid:?} in {} (see parallax cluster list)",
+            profile_dir.display()
+        )
+    })?;
+    if !c.hub_alive() {
+        bail!("the hub of cluster {cid:?} is not running");
+    }
+    // ipyparallel's cluster file has one engine launcher class for all sets
+    let existing = LauncherKind::parse(&c.engine_class);
+    let has_sets = c.raw["engines"]["sets"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty());
+    if has_sets && existing != Some(args.engines) {
+        bail!(
+            "cluster {cid:?} runs {} engines; its cluster file (ipyparallel's format) holds one launcher, \
+             so add engines with --engines {}",
+            c.launcher_name(),
+            existing.map_or(c.engine_class.clone(), |k| k.name().to_owned())
+        );
+    }
+    if args.engines == LauncherKind::Ssh {
+        bail!("--engines ssh is not implemented yet");
+    }
+    let security = profile_dir.join("security");
+    let log_dir = profile_dir.join("log");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let (client_name, engine_name) = connection_file_names(&cid);
+    let client_file = security.join(client_name);
+    let engine_file = security.join(engine_name);
+    let exe = std::env::current_exe().context("finding the parallax executable")?;
+    let id_part = if cid.is_empty() {
+        String::new()
+    } else {
+        format!("-{cid}")
+    };
+    let mut set_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
+    while c.raw["engines"]["sets"].get(&set_base).is_some() {
+        set_base.push('x');
+    }
+    let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
+    let plan = EnginePlan {
+        args: &args,
+        exe: &exe,
+        engine_file: &engine_file,
+        profile_dir: &profile_dir,
+        cid: &cid,
+        log_dir: &log_dir,
+        id_part: &id_part,
+        set_base: &set_base,
+        n,
+        grace,
+    };
+    if args.print_script {
+        print!("{}", plan.describe()?);
+        return Ok(());
+    }
+    let info: ClientConnectionInfo = serde_json::from_str(
+        &std::fs::read_to_string(&client_file)
+            .with_context(|| format!("reading {}", client_file.display()))?,
+    )
+    .with_context(|| format!("parsing {}", client_file.display()))?;
+    let mut query = HubQuery::connect(&info, timeout).await?;
+    let before = query
+        .engines(Duration::from_secs(5))
+        .await?
+        .context("the hub did not answer")?
+        .len();
+    let target = before + n as usize;
+    let mut sets = Vec::new();
+    let write = |sets: &[EngineSet]| -> Result<()> {
+        let mut raw = load_cluster(&cluster_file)?.raw;
+        raw["engines"]["class"] = json!(args.engines.name());
+        if !raw["engines"]["sets"].is_object() {
+            raw["engines"]["sets"] = json!({});
+        }
+        for set in sets {
+            raw["engines"]["sets"][&set.id] = set.to_value(&profile_dir, &cid);
+        }
+        let total = raw["cluster"]["n"].as_u64().unwrap_or(0) + u64::from(n);
+        raw["cluster"]["n"] = json!(total);
+        write_json_atomic(&cluster_file, &raw)
+    };
+    let started = plan.start(&mut sets);
+    let outcome: Result<usize> = async {
+        started?;
+        write(&sets)?;
+        let poll_interval = Duration::from_secs_f64(args.poll_interval.max(0.05));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let registered = query
+                .engines(Duration::from_millis(500))
+                .await?
+                .map_or(0, |e| e.len());
+            if registered >= target {
+                return Ok(registered);
+            }
+            for set in &mut sets {
+                if let Some((member, st)) = set.poll(poll_interval) {
+                    bail!(
+                        "{} of {n} new engines registered, but {}",
+                        registered.saturating_sub(before),
+                        set_failure(set, member, &st)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {n} new engines registered within {timeout:?}",
+                    registered.saturating_sub(before)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    .await;
+    match outcome {
+        Ok(registered) => {
+            say!(
+                "Added {n} engines to cluster {} in {:.2} s: {registered} registered",
+                if cid.is_empty() {
+                    "''".to_owned()
+                } else {
+                    cid.clone()
+                },
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            for set in &mut sets {
+                for err in set.stop() {
+                    esay!("warning: stopping {err}");
+                }
+            }
+            // put the cluster file back as it was
+            let _ = write_json_atomic(&cluster_file, &c.raw);
+            Err(e.context("adding engines failed; the new engines were stopped"))
+        }
+    }
 }
 
 fn stop_command(profile_dir: &Path, cid: &str) -> String {

@@ -148,3 +148,17 @@ def test_mpiexec_inside_a_slurm_job(slurm_profile, slurm, tmp_path):
     p.cluster("stop")
     assert slurm.jobs() == []
     assert p.left_running() == []
+
+
+def test_add_a_slurm_job_to_a_running_cluster(slurm_profile, slurm):
+    p = slurm_profile
+    p.cluster("start", "-n", 2, "--engines", "slurm", "--daemonize")
+    r = p.cluster("engines", "-n", 2, "--engines", "slurm", "--profile-dir", p.dir, "--cluster-id", p.cluster_id)
+    assert "4 registered" in r.stdout, r.stdout + r.stderr
+    jobs = job_ids(p)
+    assert len(jobs) == 2 and sorted(slurm.jobs()) == sorted(jobs)
+    rc = client(p, 4)
+    rc.close()
+    p.cluster("stop")
+    assert slurm.jobs() == []
+    assert p.left_running() == []
