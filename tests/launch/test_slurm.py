@@ -162,3 +162,58 @@ def test_add_a_slurm_job_to_a_running_cluster(slurm_profile, slurm):
     p.cluster("stop")
     assert slurm.jobs() == []
     assert p.left_running() == []
+
+
+def test_foreground_start_cancels_its_job_on_ctrl_c(slurm_profile, slurm, tmp_path):
+    import signal
+    import subprocess
+
+    from conftest import BIN, child_env
+
+    p = slurm_profile
+    out = open(tmp_path / "out.txt", "w+")
+    proc = subprocess.Popen(
+        [str(BIN), "cluster", "start", "-n", "2", "--engines", "slurm", "--profile-dir", str(p.dir),
+         "--cluster-id", p.cluster_id],
+        env=child_env(p.extra_env), stdout=out, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while "Press Ctrl-C" not in (tmp_path / "out.txt").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.1)
+        assert len(slurm.jobs()) == 1
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, (tmp_path / "out.txt").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert slurm.jobs() == []
+    assert p.left_running() == []
+    assert not p.cluster_file.exists()
+
+
+def test_ipcluster_stops_a_parallax_slurm_cluster(slurm_profile, slurm):
+    """The cluster file is ipyparallel's: `ipcluster stop` cancels the job
+    with its own SlurmEngineSetLauncher and stops the hub."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import child_env
+
+    p = slurm_profile
+    p.cluster("start", "-n", 2, "--engines", "slurm", "--daemonize")
+    (job,) = job_ids(p)
+    assert slurm.jobs() == [job]
+    ipcluster = Path(sys.executable).parent / "ipcluster"
+    r = subprocess.run(
+        [str(ipcluster), "stop", f"--profile-dir={p.dir}", f"--cluster-id={p.cluster_id}"],
+        env=child_env(p.extra_env), capture_output=True, text=True, timeout=90,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    deadline = time.monotonic() + 30
+    while slurm.jobs() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert slurm.jobs() == []
+    assert p.left_running() == []
