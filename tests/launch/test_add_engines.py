@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import client
+from launch_harness import client
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import BIN, child_env, client
+from launch_harness import BIN, child_env, client
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import client, gone
+from launch_harness import client, gone
 
 pytestmark = [
     pytest.mark.timeout(180),

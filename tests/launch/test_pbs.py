@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import client
+from launch_harness import client
 
 pytestmark = pytest.mark.timeout(180)
 

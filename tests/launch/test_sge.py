@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import client
+from launch_harness import client
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import client
+from launch_harness import client
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -168,7 +168,7 @@ def test_foreground_start_cancels_its_job_on_ctrl_c(slurm_profile, slurm, tmp_pa
     import signal
     import subprocess
 
-    from conftest import BIN, child_env
+    from launch_harness import BIN, child_env
 
     p = slurm_profile
     out = open(tmp_path / "out.txt", "w+")
@@ -200,7 +200,7 @@ def test_ipcluster_stops_a_parallax_slurm_cluster(slurm_profile, slurm):
     import sys
     from pathlib import Path
 
-    from conftest import child_env
+    from launch_harness import child_env
 
     p = slurm_profile
     p.cluster("start", "-n", 2, "--engines", "slurm", "--daemonize")
