@@ -105,3 +105,18 @@ def test_unknown_launcher_is_refused(profile):
     r = profile.cluster("start", "-n", 1, "--engines", "torque", check=False)
     assert r.returncode != 0
     assert "unknown launcher" in r.stderr and "slurm" in r.stderr
+
+
+@pytest.mark.skipif(not shutil.which("mpiexec.mpich"), reason="MPICH is not installed (Debian mpich)")
+def test_mpich_ranks_are_engine_ids(profile):
+    """MPICH's hydra sets PMI_RANK (not OMPI_*): engine ids follow it too."""
+    profile.cluster("start", "-n", 3, "--engines", "mpi", "--mpi-cmd", "mpiexec.mpich", "--daemonize")
+    rc = client(profile, 3)
+    try:
+        view = rc[:]
+        view.execute("import os; r = (int(os.environ['PARALLAX_ENGINE_ID']), int(os.environ['PMI_RANK']))", block=True)
+        assert sorted(view.pull("r", block=True)) == [(i, i) for i in range(3)]
+    finally:
+        rc.close()
+    profile.cluster("stop")
+    assert profile.left_running() == []
