@@ -1996,6 +1996,78 @@ mod tests {
         );
     }
 
+    fn start_args(argv: &[&str]) -> StartArgs {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: StartArgs,
+        }
+        <T as clap::Parser>::try_parse_from(std::iter::once("start").chain(argv.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn engine_plans() {
+        let args = start_args(&[
+            "-n",
+            "5",
+            "--engines",
+            "SLURM",
+            "--engines-per-job",
+            "2",
+            "--queue",
+            "q",
+        ]);
+        assert_eq!(args.engines, LauncherKind::Slurm);
+        let plan = EnginePlan {
+            args: &args,
+            exe: Path::new("/bin/parallax"),
+            engine_file: Path::new("/p/security/ipcontroller-engine.json"),
+            profile_dir: Path::new("/p"),
+            cid: "",
+            log_dir: Path::new("/p/log"),
+            id_part: "",
+            set_base: "100",
+            n: 5,
+            grace: Duration::from_secs(1),
+        };
+        let jobs = plan.batch_jobs(&parallax_launch::slurm::SYSTEM).unwrap();
+        let shape: Vec<(&str, u32)> = jobs.iter().map(|(id, j)| (id.as_str(), j.n)).collect();
+        assert_eq!(shape, [("100-0", 2), ("100-1", 2), ("100-2", 1)]);
+        assert_eq!(
+            jobs[0].1.program_args,
+            [
+                "--file=/p/security/ipcontroller-engine.json",
+                "--n-engines=5"
+            ]
+        );
+        assert_eq!(jobs[2].1.output_file, "/p/log/parallax-engines-100-2.log");
+        let text = plan.describe().unwrap();
+        assert_eq!(text.matches("#SBATCH --partition=q").count(), 3);
+        assert!(text.contains("# --- job for engine set 100-2 (1 engines)"));
+
+        let args = start_args(&[
+            "-n",
+            "3",
+            "--engines",
+            "mpi",
+            "--mpi-cmd",
+            "mpiexec.mpich",
+            "--mpi-args=-l",
+        ]);
+        let plan = EnginePlan {
+            args: &args,
+            n: 3,
+            ..plan
+        };
+        assert_eq!(
+            plan.describe().unwrap(),
+            "mpiexec.mpich -n 3 -l /bin/parallax engine --file=/p/security/ipcontroller-engine.json --n-engines=3\n"
+        );
+        assert!(parse_launcher("torque").unwrap_err().contains("slurm"));
+    }
+
     #[test]
     fn own_pid_is_alive_and_bogus_pids_are_not() {
         assert!(pid_alive(std::process::id() as i64));
