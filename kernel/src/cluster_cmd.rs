@@ -143,6 +143,10 @@ pub struct StartArgs {
     /// Batch: engines per job; more engines are split over several jobs.
     #[arg(long = "engines-per-job", value_name = "K")]
     pub engines_per_job: Option<u32>,
+    /// How engines get the connection info: file (the engine connection
+    /// file's path) or env ($IPP_CONNECTION_INFO).
+    #[arg(long = "connection-info", value_enum, default_value_t = ConnectionInfo::File)]
+    pub connection_info: ConnectionInfo,
     /// Batch: seconds between job-state polls while engines register.
     #[arg(long = "poll-interval", default_value_t = 1.0)]
     pub poll_interval: f64,
@@ -183,6 +187,18 @@ pub struct StopArgs {
     /// Seconds between SIGTERM and SIGKILL.
     #[arg(long = "stop-timeout", default_value_t = 5.0)]
     pub stop_timeout: f64,
+}
+
+/// How engines get the hub's connection info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConnectionInfo {
+    /// `--file=<profile>/security/ipcontroller-…-engine.json` (a shared file
+    /// system; engines wait up to their --timeout for it to appear).
+    File,
+    /// `$IPP_CONNECTION_INFO` in the engines' environment, as ipyparallel ≥ 8
+    /// passes it: no shared file system needed; the key is in the
+    /// environment (never on a command line).
+    Env,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -955,12 +971,11 @@ struct EnginePlan<'a> {
 impl EnginePlan<'_> {
     /// `parallax engine --file=… --n-engines=N [engine args]`.
     fn engine_argv(&self) -> Vec<String> {
-        let mut v = vec![
-            self.exe.to_string_lossy().into_owned(),
-            "engine".to_owned(),
-            format!("--file={}", self.engine_file.display()),
-            format!("--n-engines={}", self.n),
-        ];
+        let mut v = vec![self.exe.to_string_lossy().into_owned(), "engine".to_owned()];
+        if self.args.connection_info == ConnectionInfo::File {
+            v.push(format!("--file={}", self.engine_file.display()));
+        }
+        v.push(format!("--n-engines={}", self.n));
         v.extend(split_args(&self.args.engine_args));
         v
     }
@@ -1057,10 +1072,23 @@ impl EnginePlan<'_> {
         })
     }
 
+    /// The engines' extra environment: `$IPP_CONNECTION_INFO` in env mode.
+    fn engine_env(&self) -> Result<Vec<(String, String)>> {
+        Ok(match self.args.connection_info {
+            ConnectionInfo::File => Vec::new(),
+            ConnectionInfo::Env => vec![(
+                "IPP_CONNECTION_INFO".to_owned(),
+                std::fs::read_to_string(self.engine_file)
+                    .with_context(|| format!("reading {}", self.engine_file.display()))?,
+            )],
+        })
+    }
+
     /// Start the engines; the sets are pushed as they start, so a failure
     /// halfway leaves the started ones to `shutdown`.
     fn start(&self, sets: &mut Vec<EngineSet>) -> Result<()> {
         let kind = self.args.engines;
+        let env = self.engine_env()?;
         let new_set = |id: String, members: Vec<Box<dyn Launcher>>, logs, script| EngineSet {
             id,
             kind,
@@ -1092,6 +1120,7 @@ impl EnginePlan<'_> {
                         log.clone(),
                         self.grace,
                     );
+                    l.env = env.clone();
                     l.start(1).with_context(|| format!("starting engine {i}"))?;
                     set.members.push(Box::new(l));
                     set.logs.push(log);
@@ -1111,6 +1140,7 @@ impl EnginePlan<'_> {
                     log.clone(),
                     self.grace,
                 );
+                l.env = env.clone();
                 l.start(self.n).context("starting mpiexec")?;
                 sets.push(new_set(
                     self.set_base.to_owned(),
@@ -1131,6 +1161,7 @@ impl EnginePlan<'_> {
                     let n = job.n;
                     let mut l = ldriver::BatchLauncher::new(job, script.clone());
                     l.grace = self.grace.max(Duration::from_secs(10));
+                    l.env = env.clone();
                     l.start(n)
                         .with_context(|| format!("submitting the {} job", kind.display_name()))?;
                     let label = l.label();

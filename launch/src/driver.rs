@@ -31,12 +31,24 @@ pub fn run_command(
     input: Option<&str>,
     timeout: Duration,
 ) -> Result<CommandOutput, LaunchError> {
+    run_command_with_env(argv, input, timeout, &[])
+}
+
+/// [`run_command`] with variables added to its environment (never the
+/// command line: they may hold a key).
+pub fn run_command_with_env(
+    argv: &[String],
+    input: Option<&str>,
+    timeout: Duration,
+    env: &[(String, String)],
+) -> Result<CommandOutput, LaunchError> {
     let command = shell_join(argv);
     let (exe, args) = argv
         .split_first()
         .ok_or_else(|| LaunchError::Other("empty command".into()))?;
     let mut child = Command::new(exe)
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(if input.is_some() {
             Stdio::piped()
         } else {
@@ -369,6 +381,9 @@ pub struct BatchLauncher {
     /// How long `stop` waits for the job to leave the queue.
     pub grace: Duration,
     pub job_id: Option<String>,
+    /// Added to the submit command's environment (jobs that export the
+    /// submitter's environment pass it on to the engines).
+    pub env: Vec<(String, String)>,
     state: &'static str,
 }
 
@@ -380,6 +395,7 @@ impl BatchLauncher {
             command_timeout: Duration::from_secs(30),
             grace: Duration::from_secs(30),
             job_id: None,
+            env: Vec::new(),
             state: "before",
         }
     }
@@ -435,7 +451,7 @@ impl Launcher for BatchLauncher {
         let path = self.script_path.to_string_lossy().into_owned();
         let argv = self.job.submit_argv(&path);
         let input = self.job.system.submit_via_stdin.then_some(script.as_str());
-        let out = self.run(&argv, input);
+        let out = run_command_with_env(&argv, input, self.command_timeout, &self.env);
         // the scheduler keeps its own copy of a submitted script (sbatch,
         // qsub and bsub read it at submission): nothing to leave behind
         let _ = std::fs::remove_file(&self.script_path);

@@ -120,3 +120,25 @@ def test_mpich_ranks_are_engine_ids(profile):
         rc.close()
     profile.cluster("stop")
     assert profile.left_running() == []
+
+
+def test_connection_info_through_the_environment(profile):
+    """--connection-info env: engines read $IPP_CONNECTION_INFO (no --file),
+    and the key is on no command line."""
+    import json
+
+    import psutil
+
+    profile.cluster("start", "-n", 2, "--engines", "mpi", "--connection-info", "env", "--daemonize")
+    (s,) = profile.state()["engines"]["sets"].values()
+    assert "--file=" not in " ".join(psutil.Process(s["pid"]).cmdline())
+    key = json.loads(profile.client_file.read_text())["key"]
+    for p in psutil.process_iter(["cmdline"]):
+        assert key not in " ".join(p.info["cmdline"] or [])
+    rc = client(profile, 2)
+    try:
+        assert sorted(rc.ids) == [0, 1]
+    finally:
+        rc.close()
+    profile.cluster("stop")
+    assert profile.left_running() == []

@@ -217,3 +217,15 @@ def test_ipcluster_stops_a_parallax_slurm_cluster(slurm_profile, slurm):
         time.sleep(0.2)
     assert slurm.jobs() == []
     assert p.left_running() == []
+
+
+def test_slurm_engines_without_a_connection_file(slurm_profile, slurm):
+    p = slurm_profile
+    r = p.cluster("start", "-n", 2, "--engines", "slurm", "--connection-info", "env", "--print-script")
+    assert "--file=" not in r.stdout
+    p.cluster("start", "-n", 2, "--engines", "slurm", "--connection-info", "env", "--daemonize")
+    rc = client(p, 2)
+    rc.close()
+    p.cluster("stop")
+    assert slurm.jobs() == []
+    assert p.left_running() == []
