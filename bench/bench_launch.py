@@ -94,6 +94,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--launchers", nargs="+", default=["mpi", "slurm"])
     a = ap.parse_args()
+    # ipyparallel writes its batch scripts into the working directory
+    os.chdir(tempfile.mkdtemp(prefix="bench-launch-cwd-"))
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     if os.geteuid() == 0:
         os.environ.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",

@@ -41,6 +41,10 @@ pub struct BatchSystem {
     /// HTCondor submit files).
     pub prefix: &'static str,
     pub submit: &'static [&'static str],
+    /// Submit options rendered with the job's fields and put before the
+    /// script (PBS: `-j oe -o {output_file}`: Slurm's PBS wrappers ignore
+    /// `#PBS -o` and write `<script>.o<id>` into the working directory).
+    pub submit_args: &'static [&'static str],
     /// `bsub < script`: LSF honours `#BSUB` lines only from stdin.
     pub submit_via_stdin: bool,
     pub delete: &'static [&'static str],
@@ -264,6 +268,13 @@ impl BatchJob {
     /// script goes on stdin instead).
     pub fn submit_argv(&self, path: &str) -> Vec<String> {
         let mut v: Vec<String> = self.system.submit.iter().map(|s| s.to_string()).collect();
+        let ctx = self.context();
+        v.extend(
+            self.system
+                .submit_args
+                .iter()
+                .map(|a| template::render(a, &ctx).unwrap_or_else(|_| a.to_string())),
+        );
         if !self.system.submit_via_stdin {
             v.push(path.to_owned());
         }

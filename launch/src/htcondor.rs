@@ -11,6 +11,7 @@ pub static SYSTEM: BatchSystem = BatchSystem {
     kind: crate::LauncherKind::HtCondor,
     prefix: "",
     submit: &["condor_submit"],
+    submit_args: &[],
     submit_via_stdin: false,
     delete: &["condor_rm"],
     signal: &[],

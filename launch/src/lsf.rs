@@ -10,6 +10,7 @@ pub static SYSTEM: BatchSystem = BatchSystem {
     kind: crate::LauncherKind::Lsf,
     prefix: "#BSUB",
     submit: &["bsub"],
+    submit_args: &[],
     submit_via_stdin: true,
     delete: &["bkill"],
     signal: &["bkill", "-s"],

@@ -9,6 +9,7 @@ pub static SYSTEM: BatchSystem = BatchSystem {
     kind: crate::LauncherKind::Pbs,
     prefix: "#PBS",
     submit: &["qsub"],
+    submit_args: &["-j", "oe", "-o", "{output_file}"],
     submit_via_stdin: false,
     delete: &["qdel"],
     signal: &["qsig", "-s"],
@@ -168,6 +169,10 @@ mod tests {
             parallax engine --file=/p/security/ipcontroller-engine.json
         "#]]
         .assert_eq(&job.script().unwrap());
+        assert_eq!(
+            job.submit_argv("/p/pbs_engines"),
+            ["qsub", "-j", "oe", "-o", "/p/log/e.log", "/p/pbs_engines"]
+        );
         assert_eq!(SYSTEM.delete_argv("12.server"), ["qdel", "12.server"]);
         assert_eq!(
             SYSTEM.signal_argv("SIGINT", "12.server"),

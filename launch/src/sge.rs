@@ -10,6 +10,7 @@ pub static SYSTEM: BatchSystem = BatchSystem {
     kind: crate::LauncherKind::Sge,
     prefix: "#$",
     submit: &["qsub"],
+    submit_args: &[],
     submit_via_stdin: false,
     delete: &["qdel"],
     signal: &["qsig", "-s"],

@@ -9,6 +9,7 @@ pub static SYSTEM: BatchSystem = BatchSystem {
     kind: crate::LauncherKind::Slurm,
     prefix: "#SBATCH",
     submit: &["sbatch"],
+    submit_args: &[],
     submit_via_stdin: false,
     delete: &["scancel"],
     signal: &["scancel", "-s"],

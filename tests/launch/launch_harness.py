@@ -104,7 +104,10 @@ class Profile:
         argv = [str(BIN), "cluster", *map(str, args)]
         if args and args[0] in ("start", "stop"):
             argv += ["--profile-dir", str(self.dir), "--cluster-id", self.cluster_id]
-        r = subprocess.run(argv, env=child_env(self.extra_env), capture_output=True, text=True, timeout=timeout)
+        # in the test's temp dir: a scheduler's default output files land
+        # in the submitter's working directory
+        r = subprocess.run(argv, env=child_env(self.extra_env), capture_output=True, text=True, timeout=timeout,
+                           cwd=self.dir.parent)
         self.remember()
         if check and r.returncode != 0:
             raise AssertionError(f"parallax cluster {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")

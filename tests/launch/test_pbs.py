@@ -35,3 +35,8 @@ def test_engines_run_as_a_pbs_job_array(pbs_profile, slurm):
     assert slurm.jobs() == []
     assert p.left_running() == []
     assert not p.cluster_file.exists()
+    # nothing in the submitter's working directory (the wrappers' default
+    # <script>.o<id>/.e<id>), nothing left in the profile
+    stray = [f.name for f in p.dir.parent.iterdir() if f.name != "profile"]
+    assert stray == [], stray
+    assert [f.name for f in p.dir.rglob("*") if f.is_file()] == []
