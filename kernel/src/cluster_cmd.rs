@@ -1647,6 +1647,12 @@ async fn add_engines(args: StartArgs) -> Result<()> {
     }
 }
 
+fn system_delete_command(system: Option<&batch::BatchSystem>) -> String {
+    system.map_or("the scheduler's delete command".into(), |s| {
+        s.delete.join(" ")
+    })
+}
+
 fn stop_command(profile_dir: &Path, cid: &str) -> String {
     let mut s = format!(
         "parallax cluster stop --profile-dir={}",
@@ -1737,6 +1743,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         }
     );
     let batch_system = LauncherKind::parse(&c.engine_class).and_then(LauncherKind::batch_system);
+    let mut not_cancelled = Vec::new();
     if let Some(system) = batch_system {
         for (set_id, set) in &c.batch_sets {
             let Some(mut l) = ldriver::BatchLauncher::from_dict(system, set) else {
@@ -1745,7 +1752,9 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             l.grace = grace.max(Duration::from_secs(10));
             say!("Cancelling {} (engine set {set_id})", l.label());
             if let Err(e) = l.stop() {
-                esay!("warning: {e}");
+                esay!("error: {e}");
+                not_cancelled.push(l.label());
+                continue;
             }
             for key in ["batch_file", "output_file"] {
                 if let Some(f) = set.get(key).and_then(Value::as_str) {
@@ -1803,6 +1812,15 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     }
     for k in &killed {
         esay!("warning: {k} did not stop after SIGTERM; killed");
+    }
+    if !not_cancelled.is_empty() {
+        // the file is what still knows the jobs: keep it for another try
+        bail!(
+            "{} may still be running (see the error above); {} is kept, run stop again where {} works",
+            not_cancelled.join(", "),
+            c.file.display(),
+            system_delete_command(batch_system)
+        );
     }
     std::fs::remove_file(&c.file).or_else(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {

@@ -434,6 +434,23 @@ impl BatchLauncher {
         run_command(argv, input, self.command_timeout)
     }
 
+    /// The job's state as a state command reports it; `None` when none
+    /// knows the job (it left the queue — or the commands do not work here).
+    pub fn poll_known(&self) -> Result<Option<JobState>, LaunchError> {
+        let id = self.job_id()?.to_owned();
+        let sys = self.job.system;
+        for argv in (sys.state_commands)(&id) {
+            // a command that is missing (no accounting) or fails is skipped
+            let Ok(out) = self.run(&argv, None) else {
+                continue;
+            };
+            if let Some(s) = (sys.parse_state)(&id, &out.stdout) {
+                return Ok(Some(s));
+            }
+        }
+        Ok(None)
+    }
+
     fn job_id(&self) -> Result<&str, LaunchError> {
         self.job_id
             .as_deref()
@@ -477,18 +494,9 @@ impl Launcher for BatchLauncher {
     }
 
     fn poll(&mut self) -> Result<JobState, LaunchError> {
-        let id = self.job_id()?.to_owned();
-        let sys = self.job.system;
-        for argv in (sys.state_commands)(&id) {
-            // a command that is missing (no accounting) or fails is skipped
-            let Ok(out) = self.run(&argv, None) else {
-                continue;
-            };
-            if let Some(s) = (sys.parse_state)(&id, &out.stdout) {
-                return Ok(s);
-            }
-        }
-        Ok((sys.gone_state)())
+        Ok(self
+            .poll_known()?
+            .unwrap_or_else(|| (self.job.system.gone_state)()))
     }
 
     fn signal(&mut self, sig: i32) -> Result<(), LaunchError> {
@@ -516,6 +524,24 @@ impl Launcher for BatchLauncher {
         let id = self.job_id()?.to_owned();
         let argv = self.job.system.delete_argv(&id);
         let out = self.run(&argv, None)?;
+        if !out.success {
+            // fine if the job is known to have ended; otherwise (wrong
+            // scheduler environment, no permission, unknown id) it may
+            // still run: say so instead of reporting it stopped
+            match self.poll_known() {
+                Ok(Some(s)) if !s.is_active() => {}
+                _ => {
+                    return Err(LaunchError::Command {
+                        command: shell_join(&argv),
+                        detail: format!(
+                            "exit code {}: {}",
+                            out.code.map_or("?".into(), |c| c.to_string()),
+                            out.stderr.trim()
+                        ),
+                    });
+                }
+            }
+        }
         let deadline = Instant::now() + self.grace;
         loop {
             match self.poll() {

@@ -229,3 +229,21 @@ def test_slurm_engines_without_a_connection_file(slurm_profile, slurm):
     p.cluster("stop")
     assert slurm.jobs() == []
     assert p.left_running() == []
+
+
+def test_stop_without_the_scheduler_keeps_the_cluster_file(slurm_profile, slurm, tmp_path):
+    """If the job cannot be cancelled (here: no Slurm configuration), stop
+    says so and keeps the file that knows the job; a later stop finishes."""
+    p = slurm_profile
+    p.cluster("start", "-n", 1, "--engines", "slurm", "--daemonize")
+    (job,) = job_ids(p)
+    conf = p.extra_env["SLURM_CONF"]
+    p.extra_env["SLURM_CONF"] = str(tmp_path / "missing.conf")
+    r = p.cluster("stop", check=False)
+    assert r.returncode != 0 and f"job {job} may still be running" in r.stderr, r.stderr
+    assert p.cluster_file.exists() and slurm.jobs() == [job]
+    p.extra_env["SLURM_CONF"] = conf
+    p.cluster("stop")
+    assert slurm.jobs() == []
+    assert not p.cluster_file.exists()
+    assert p.left_running() == []
