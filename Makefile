@@ -24,7 +24,7 @@ VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
 KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
 	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
-.PHONY: all venv build run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python bench lint clean
+.PHONY: all venv build run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python test-launch bench lint clean
 
 all: build
 
@@ -103,7 +103,32 @@ test: venv build test-rust test-python
 test-rust:
 	$(CARGO) test --release --locked --workspace
 
-test-python: venv build lab-deps console-deps
+# the batch systems and MPI the launcher tests start by hand (tests/launch):
+# Slurm (+ munge), Son of Grid Engine, OpenMPI and MPICH from Debian. No
+# daemon is started by the install (no systemd); the test fixtures start and
+# stop them.
+LAUNCHER_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin mpich \
+	gridengine-master gridengine-exec gridengine-client \
+	libslurm-perl libslurmdb-perl libswitch-perl
+$(STAMPS)/launchers:
+	mkdir -p $(STAMPS)
+	command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld && command -v mpiexec >/dev/null \
+		&& test -x /usr/sbin/sge_qmaster \
+		|| $(APT_INSTALL) $(LAUNCHER_PACKAGES) || { $(SUDO) apt-get update && $(APT_INSTALL) $(LAUNCHER_PACKAGES); }
+	command -v sbatch >/dev/null && command -v mpiexec >/dev/null
+	touch $@
+
+# Slurm's PBS wrappers (qsub/qstat/qdel over Slurm) for tests/launch/test_pbs.py,
+# unpacked here: installing slurm-wlm-torque would remove Grid Engine (both
+# own /usr/bin/qsub)
+$(STAMPS)/torque/usr/bin/qsub: $(STAMPS)/launchers
+	rm -rf $(STAMPS)/torque $(STAMPS)/torque.tmp && mkdir -p $(STAMPS)/torque.tmp
+	cd $(STAMPS)/torque.tmp && apt-get download slurm-wlm-torque
+	dpkg-deb -x $(STAMPS)/torque.tmp/slurm-wlm-torque_*.deb $(STAMPS)/torque
+	rm -rf $(STAMPS)/torque.tmp
+	test -x $@
+
+test-python: venv build lab-deps console-deps $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
 	# the interop suite again, with Parallax engines in place of ipengine,
 	# against our hub and against stock ipcontroller
@@ -111,7 +136,11 @@ test-python: venv build lab-deps console-deps
 	PARALLAX_ENGINES=parallax PARALLAX_HUB_CMD=$(abspath $(VENV))/bin/ipcontroller PARALLAX_BIN=$(abspath $(BIN)) \
 		$(PY) -m pytest tests/interop -q -p no:cacheprovider
 
-# BENCH=hub|kernel|rust|scale runs one of them (default: all, in that order)
+# the launcher tests alone (MPI, Slurm daemons started by the fixtures)
+test-launch: venv build $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
+	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/launch -q -p no:cacheprovider
+
+# BENCH=hub|kernel|rust|scale|launch runs one of them (default: hub kernel rust scale, in that order)
 bench: venv build
 	for b in $(or $(BENCH),hub kernel rust scale); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
 

@@ -40,7 +40,8 @@ pub struct EngineArgs {
     /// … or just the controller's IP/hostname.
     #[arg(long = "controller-ip")]
     pub controller_ip: Option<String>,
-    /// Engine id to request (e.g. an MPI rank); the hub honours it if free.
+    /// Engine id to request; the hub honours it if free. Default: the MPI or
+    /// srun rank (OMPI_COMM_WORLD_RANK, PMI_RANK, PMIX_RANK, SLURM_PROCID).
     #[arg(long)]
     pub id: Option<i64>,
     /// Seconds to wait for the connection file and the registration reply.

@@ -182,6 +182,10 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             if i.ends_with("://*") || i.ends_with("://0.0.0.0") {
                 format!("tcp://{}", info.location)
             } else {
+                let here = crate::reach::hostname();
+                if let Some(e) = crate::reach::loopback_elsewhere(&i, &info.location, &here) {
+                    bail!(e);
+                }
                 i
             }
         }
@@ -211,7 +215,11 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         .await
         .map_err(|_| anyhow::anyhow!("could not reach the hub at {}", url(info.registration)))?
         .context("connecting to the hub")?;
-    let reply = register(&mut reg, &mut session, &mut auth, &uuid, args.id, total).await?;
+    // an explicit --id, else the MPI/srun rank (so engine id == rank)
+    let want_id = args
+        .id
+        .or_else(|| crate::rank::rank_from_env(|k| std::env::var(k).ok()));
+    let reply = register(&mut reg, &mut session, &mut auth, &uuid, want_id, total).await?;
     let id = reply
         .content
         .get("id")

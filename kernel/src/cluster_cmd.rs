@@ -22,6 +22,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
+use parallax_launch::driver as ldriver;
+use parallax_launch::{JobState, Launcher, LauncherKind, batch};
 use parallax_wire::connection::{ClientConnectionInfo, connection_file_names, resolve_profile_dir};
 use parallax_wire::{Authenticator, Limits, Message, RawMessage, Session, Signer, format_date};
 use serde_json::{Value, json};
@@ -47,7 +49,10 @@ macro_rules! esay {
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Start a hub and N engines; wait until every engine is registered.
-    Start(StartArgs),
+    Start(Box<StartArgs>),
+    /// Add N engines to a running cluster (its hub), with any launcher the
+    /// cluster already uses; returns once they are registered.
+    Engines(Box<StartArgs>),
     /// Stop a cluster: engines, then the hub; remove its cluster file.
     Stop(StopArgs),
     /// List clusters (running ones; stale cluster files are removed).
@@ -77,8 +82,74 @@ pub struct StartArgs {
     #[arg(long = "cluster-id")]
     pub cluster_id: Option<String>,
     /// Number of engines (default: the number of CPUs).
-    #[arg(short = 'n', long = "n", visible_alias = "engines")]
+    #[arg(short = 'n', long = "n")]
     pub n: Option<u32>,
+    /// How the engines are launched: local, mpi, slurm, pbs, sge, lsf or
+    /// htcondor (ipcluster's launcher names, any case; ssh is not
+    /// implemented yet).
+    #[arg(long = "engines", visible_alias = "engine-launcher", default_value = "local", value_parser = parse_launcher)]
+    pub engines: LauncherKind,
+    /// The hub's listening address (default 127.0.0.1, reachable from this
+    /// host only): 0.0.0.0 or an address engines on other hosts can reach.
+    #[arg(long = "ip", visible_alias = "controller-ip", value_name = "ADDR")]
+    pub ip: Option<String>,
+    /// The hub's host as engines and clients elsewhere reach it (written in
+    /// the connection files; default this host's name).
+    #[arg(
+        long = "location",
+        visible_alias = "controller-location",
+        value_name = "HOST"
+    )]
+    pub location: Option<String>,
+    /// How the hub is launched (only local is implemented).
+    #[arg(long = "controller", default_value = "local", value_parser = parse_launcher)]
+    pub controller: LauncherKind,
+    /// mpi: the mpiexec command (split on whitespace), e.g. mpiexec.mpich.
+    #[arg(long = "mpi-cmd", default_value = "mpiexec", value_name = "CMD")]
+    pub mpi_cmd: String,
+    /// mpi: extra arguments for mpiexec (split on whitespace; repeatable),
+    /// e.g. --mpi-args='--hostfile hosts'.
+    #[arg(long = "mpi-args", allow_hyphen_values = true, value_name = "ARGS")]
+    pub mpi_args: Vec<String>,
+    /// Batch: the queue (Slurm partition).
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Batch: the account (LSF project) to charge.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// Batch: the time limit, in the scheduler's format (Slurm 1:00:00).
+    #[arg(long = "time", visible_alias = "timelimit")]
+    pub time: Option<String>,
+    /// Batch: the quality of service (Slurm).
+    #[arg(long)]
+    pub qos: Option<String>,
+    /// Batch: a directive line for the job script, e.g. --extra-directive=--mem=2G
+    /// (the prefix such as #SBATCH is added if missing; repeatable).
+    #[arg(
+        long = "extra-directive",
+        allow_hyphen_values = true,
+        value_name = "LINE"
+    )]
+    pub extra_directive: Vec<String>,
+    /// Batch: the job script template (ipyparallel's fields: {n}, {queue},
+    /// {account}, {qos}, {timelimit}, {profile_dir}, {cluster_id},
+    /// {output_file}, {program}, {program_args}, {program_and_args}).
+    #[arg(long, value_name = "FILE")]
+    pub template: Option<PathBuf>,
+    /// Print the job script (batch) or command line (mpi, local) and exit
+    /// without starting anything.
+    #[arg(long = "print-script")]
+    pub print_script: bool,
+    /// Batch: engines per job; more engines are split over several jobs.
+    #[arg(long = "engines-per-job", value_name = "K")]
+    pub engines_per_job: Option<u32>,
+    /// How engines get the connection info: file (the engine connection
+    /// file's path) or env ($IPP_CONNECTION_INFO).
+    #[arg(long = "connection-info", value_enum, default_value_t = ConnectionInfo::File)]
+    pub connection_info: ConnectionInfo,
+    /// Batch: seconds between job-state polls while engines register.
+    #[arg(long = "poll-interval", default_value_t = 1.0)]
+    pub poll_interval: f64,
     /// Return once the engines are registered and leave the cluster running.
     #[arg(long, visible_alias = "daemon")]
     pub daemonize: bool,
@@ -118,6 +189,18 @@ pub struct StopArgs {
     pub stop_timeout: f64,
 }
 
+/// How engines get the hub's connection info.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ConnectionInfo {
+    /// `--file=<profile>/security/ipcontroller-…-engine.json` (a shared file
+    /// system; engines wait up to their --timeout for it to appear).
+    File,
+    /// `$IPP_CONNECTION_INFO` in the engines' environment, as ipyparallel ≥ 8
+    /// passes it: no shared file system needed; the key is in the
+    /// environment (never on a command line).
+    Env,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OutputFormat {
     Text,
@@ -141,7 +224,14 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
                 .worker_threads(1)
                 .enable_all()
                 .build()?;
-            rt.block_on(start(args))
+            rt.block_on(start(*args))
+        }
+        ClusterCommand::Engines(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()?;
+            rt.block_on(add_engines(*args))
         }
         ClusterCommand::Stop(args) => stop(&args),
         ClusterCommand::List(args) => list(&args),
@@ -276,6 +366,14 @@ fn cmdline_is_cluster_process(args: &[String]) -> bool {
     {
         return true;
     }
+    // mpiexec (or mpirun, srun…) running `parallax engine`
+    if args
+        .windows(2)
+        .skip(1)
+        .any(|w| base(&w[0]).starts_with("parallax") && w[1] == "engine")
+    {
+        return true;
+    }
     args.iter().any(|a| {
         let b = base(a);
         a.starts_with("ipyparallel.") || b.starts_with("ipcontroller") || b.starts_with("ipengine")
@@ -402,17 +500,14 @@ fn launcher_state(
     output_file: &Path,
     n: Option<u32>,
 ) -> Value {
-    let mut d = json!({
-        "cluster_id": cluster_id,
-        "output_file": output_file.to_string_lossy(),
-        "pid": pid,
-        "profile_dir": profile_dir.to_string_lossy(),
-        "state": "running",
-    });
-    if let Some(n) = n {
-        d["n"] = json!(n);
-    }
-    d
+    parallax_launch::local::process_dict(
+        &profile_dir.to_string_lossy(),
+        cluster_id,
+        pid,
+        &output_file.to_string_lossy(),
+        "running",
+        n,
+    )
 }
 
 /// What `start` launched, serialised as `Cluster.to_dict()` would.
@@ -422,40 +517,24 @@ struct ClusterState {
     n: u32,
     hub_args: Vec<String>,
     hub: (i64, PathBuf),
-    engine_set_id: String,
-    engines: Vec<(i64, PathBuf)>,
+    controller_ip: String,
+    controller_location: String,
+    /// The engine launcher's entry-point name (`local`, `mpi`, `slurm`…).
+    engine_class: &'static str,
+    /// Engine sets by id, each its launcher's `to_dict()`.
+    sets: serde_json::Map<String, Value>,
 }
 
 impl ClusterState {
     fn to_value(&self) -> Value {
         let pd = &self.profile_dir;
         let cid = self.cluster_id.as_str();
-        let mut sets = serde_json::Map::new();
-        if !self.engines.is_empty() {
-            let engines: serde_json::Map<String, Value> = self
-                .engines
-                .iter()
-                .enumerate()
-                .map(|(i, (pid, log))| (i.to_string(), launcher_state(pd, cid, *pid, log, Some(1))))
-                .collect();
-            sets.insert(
-                self.engine_set_id.clone(),
-                json!({
-                    "cluster_id": cid,
-                    "n": self.engines.len(),
-                    "pid": -1,
-                    "profile_dir": pd.to_string_lossy(),
-                    "state": "running",
-                    "engines": engines,
-                }),
-            );
-        }
         json!({
             "cluster": {
                 "cluster_id": cid,
                 "controller_args": self.hub_args,
-                "controller_ip": "",
-                "controller_location": "",
+                "controller_ip": self.controller_ip,
+                "controller_location": self.controller_location,
                 "delay": 1.0,
                 "n": self.n,
                 "profile_dir": pd.to_string_lossy(),
@@ -465,7 +544,7 @@ impl ClusterState {
                 "class": "local",
                 "state": launcher_state(pd, cid, self.hub.0, &self.hub.1, None),
             },
-            "engines": {"class": "local", "sets": sets},
+            "engines": {"class": self.engine_class, "sets": self.sets},
         })
     }
 }
@@ -491,6 +570,8 @@ struct LoadedCluster {
     engines: Vec<(String, i64, Option<PathBuf>)>,
     /// Engines in sets without per-process pids (batch launchers): n each.
     unverifiable_engines: u64,
+    /// Sets of a batch launcher with a job id: (set id, launcher state).
+    batch_sets: Vec<(String, Value)>,
     engine_class: String,
 }
 
@@ -523,6 +604,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
     let hub_log = state.and_then(path_of);
     let mut engines = Vec::new();
     let mut unverifiable_engines = 0;
+    let mut batch_sets = Vec::new();
     let engine_info = raw.get("engines");
     let engine_class = engine_info
         .and_then(|e| e.get("class"))
@@ -544,6 +626,13 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
                 engines.push((format!("engine set {set_id}"), pid, path_of(set)));
             } else {
                 unverifiable_engines += set.get("n").and_then(Value::as_u64).unwrap_or(0);
+                let has_job = set
+                    .get("job_id")
+                    .and_then(Value::as_str)
+                    .is_some_and(|j| !j.is_empty());
+                if has_job {
+                    batch_sets.push((set_id.clone(), set.clone()));
+                }
             }
         }
     }
@@ -556,6 +645,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
         hub_log,
         engines,
         unverifiable_engines,
+        batch_sets,
         engine_class,
     })
 }
@@ -717,12 +807,101 @@ impl StopSignals {
     }
 }
 
+/// One engine set: what one launcher started (a local set holds one
+/// process launcher per engine, as ipyparallel's `LocalEngineSetLauncher`).
+struct EngineSet {
+    id: String,
+    kind: LauncherKind,
+    members: Vec<Box<dyn Launcher>>,
+    logs: Vec<PathBuf>,
+    /// A batch job's script, removed at stop.
+    script: Option<PathBuf>,
+    /// The last state seen, and when it was polled.
+    last: Option<(JobState, Instant)>,
+    /// Reported as gone already (foreground mode).
+    reported: Vec<bool>,
+}
+
+impl EngineSet {
+    /// The set as `Cluster.to_dict()` writes it.
+    fn to_value(&self, profile_dir: &Path, cid: &str) -> Value {
+        if self.kind == LauncherKind::Local {
+            let engines: serde_json::Map<String, Value> = self
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, m)| (i.to_string(), m.to_dict()))
+                .collect();
+            json!({
+                "cluster_id": cid,
+                "n": self.members.len(),
+                "pid": -1,
+                "profile_dir": profile_dir.to_string_lossy(),
+                "state": "running",
+                "engines": engines,
+            })
+        } else {
+            let mut d = self.members[0].to_dict();
+            if let Some(s) = &self.script {
+                // not one of ipyparallel's fields (it ignores it): for stop
+                d["batch_file"] = json!(s.to_string_lossy());
+            }
+            d
+        }
+    }
+
+    fn is_batch(&self) -> bool {
+        self.kind.batch_system().is_some()
+    }
+
+    /// Poll every member (batch jobs at most every `interval`, they run a
+    /// command); the first one that is no longer active, with its state.
+    fn poll(&mut self, interval: Duration) -> Option<(usize, JobState)> {
+        if self.is_batch()
+            && self
+                .last
+                .as_ref()
+                .is_some_and(|(_, at)| at.elapsed() < interval)
+        {
+            return None;
+        }
+        let batch = self.is_batch();
+        for (i, m) in self.members.iter_mut().enumerate() {
+            match m.poll() {
+                Ok(s) => {
+                    let inactive = !s.is_active();
+                    if batch {
+                        self.last = Some((s.clone(), Instant::now()));
+                    }
+                    if inactive && !self.reported[i] {
+                        return Some((i, s));
+                    }
+                }
+                Err(e) => esay!("warning: could not poll {}: {e}", m.label()),
+            }
+        }
+        None
+    }
+
+    fn stop(&mut self) -> Vec<String> {
+        let mut errors = Vec::new();
+        for m in &mut self.members {
+            if let Err(e) = m.stop() {
+                errors.push(format!("{}: {e}", m.label()));
+            }
+        }
+        if let Some(s) = &self.script {
+            let _ = std::fs::remove_file(s);
+        }
+        errors
+    }
+}
+
 /// The processes `start` launched, for cleanup.
 struct Launched {
     hub: Option<Proc>,
     hub_log: PathBuf,
-    engines: Vec<Proc>,
-    engine_logs: Vec<PathBuf>,
+    sets: Vec<EngineSet>,
     cluster_file: PathBuf,
     grace: Duration,
 }
@@ -730,12 +909,16 @@ struct Launched {
 impl Launched {
     /// Stop engines then hub; remove the cluster file if it is still ours.
     fn shutdown(&mut self, remove_logs: bool) {
-        let killed = terminate(&mut self.engines, self.grace);
+        for set in &mut self.sets {
+            for e in set.stop() {
+                esay!("warning: stopping {e}");
+            }
+        }
         let mut hub_killed = Vec::new();
         if let Some(hub) = &mut self.hub {
             hub_killed = terminate(std::slice::from_mut(hub), self.grace);
         }
-        for k in killed.iter().chain(&hub_killed) {
+        for k in &hub_killed {
             esay!("warning: {k} did not stop after SIGTERM; killed");
         }
         let ours = self.hub.as_ref().map(|h| h.pid);
@@ -745,10 +928,18 @@ impl Launched {
             let _ = std::fs::remove_file(&self.cluster_file);
         }
         if remove_logs {
-            for log in self.engine_logs.iter().chain([&self.hub_log]) {
+            let logs = self.sets.iter().flat_map(|s| s.logs.iter());
+            for log in logs.chain([&self.hub_log]) {
                 let _ = std::fs::remove_file(log);
             }
         }
+    }
+
+    fn engine_sets_value(&self, profile_dir: &Path, cid: &str) -> serde_json::Map<String, Value> {
+        self.sets
+            .iter()
+            .map(|s| (s.id.clone(), s.to_value(profile_dir, cid)))
+            .collect()
     }
 }
 
@@ -763,6 +954,257 @@ enum Interrupted {
     Signal(&'static str),
 }
 
+/// What the engine launchers need to know.
+struct EnginePlan<'a> {
+    args: &'a StartArgs,
+    exe: &'a Path,
+    engine_file: &'a Path,
+    profile_dir: &'a Path,
+    cid: &'a str,
+    log_dir: &'a Path,
+    id_part: &'a str,
+    set_base: &'a str,
+    n: u32,
+    grace: Duration,
+}
+
+impl EnginePlan<'_> {
+    /// `parallax engine --file=… --n-engines=N [engine args]`.
+    fn engine_argv(&self) -> Vec<String> {
+        let mut v = vec![self.exe.to_string_lossy().into_owned(), "engine".to_owned()];
+        if self.args.connection_info == ConnectionInfo::File {
+            v.push(format!("--file={}", self.engine_file.display()));
+        }
+        v.push(format!("--n-engines={}", self.n));
+        v.extend(split_args(&self.args.engine_args));
+        v
+    }
+
+    fn batch_options(&self) -> Result<batch::BatchOptions> {
+        let a = self.args;
+        let template = match &a.template {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading the template {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(batch::BatchOptions {
+            queue: a.queue.clone().unwrap_or_default(),
+            account: a.account.clone().unwrap_or_default(),
+            qos: a.qos.clone().unwrap_or_default(),
+            timelimit: a.time.clone().unwrap_or_default(),
+            extra_directives: a.extra_directive.clone(),
+            template,
+            namespace: Default::default(),
+        })
+    }
+
+    /// The batch jobs: one, or one per `--engines-per-job` engines.
+    fn batch_jobs(
+        &self,
+        system: &'static batch::BatchSystem,
+    ) -> Result<Vec<(String, batch::BatchJob)>> {
+        let per_job = self.args.engines_per_job.unwrap_or(self.n).clamp(1, self.n);
+        let options = self.batch_options()?;
+        let argv = self.engine_argv();
+        let (program, program_args) = argv.split_at(2);
+        let jobs = self.n.div_ceil(per_job);
+        Ok((0..jobs)
+            .map(|j| {
+                let set_id = if jobs == 1 {
+                    self.set_base.to_owned()
+                } else {
+                    format!("{}-{j}", self.set_base)
+                };
+                let output = self
+                    .log_dir
+                    .join(format!("parallax-engines{}-{set_id}.log", self.id_part));
+                let job = batch::BatchJob {
+                    system,
+                    options: options.clone(),
+                    n: per_job.min(self.n - j * per_job),
+                    profile_dir: self.profile_dir.to_string_lossy().into_owned(),
+                    cluster_id: self.cid.to_owned(),
+                    output_file: output.to_string_lossy().into_owned(),
+                    program: program.to_vec(),
+                    program_args: program_args.to_vec(),
+                };
+                (set_id, job)
+            })
+            .collect())
+    }
+
+    fn mpi_command(&self) -> parallax_launch::mpi::MpiCommand {
+        parallax_launch::mpi::MpiCommand {
+            mpi_cmd: split_args(std::slice::from_ref(&self.args.mpi_cmd)),
+            mpi_args: split_args(&self.args.mpi_args),
+            n: self.n,
+            program: self.engine_argv(),
+        }
+    }
+
+    /// `--print-script`: what would be submitted or run.
+    fn describe(&self) -> Result<String> {
+        let kind = self.args.engines;
+        Ok(match kind.batch_system() {
+            Some(system) => {
+                let mut out = String::new();
+                for (set_id, job) in self.batch_jobs(system)? {
+                    if self.n.div_ceil(job.n.max(1)) > 1 || set_id.contains('-') {
+                        out.push_str(&format!(
+                            "# --- job for engine set {set_id} ({} engines)\n",
+                            job.n
+                        ));
+                    }
+                    out.push_str(&job.script()?);
+                }
+                out
+            }
+            None if kind == LauncherKind::Mpi => {
+                parallax_launch::template::shell_join(&self.mpi_command().argv()) + "\n"
+            }
+            None => format!(
+                "{} × {}\n",
+                self.n,
+                parallax_launch::template::shell_join(&self.engine_argv())
+            ),
+        })
+    }
+
+    /// The engines' extra environment: `$IPP_CONNECTION_INFO` in env mode.
+    fn engine_env(&self) -> Result<Vec<(String, String)>> {
+        Ok(match self.args.connection_info {
+            ConnectionInfo::File => Vec::new(),
+            ConnectionInfo::Env => vec![(
+                "IPP_CONNECTION_INFO".to_owned(),
+                std::fs::read_to_string(self.engine_file)
+                    .with_context(|| format!("reading {}", self.engine_file.display()))?,
+            )],
+        })
+    }
+
+    /// Start the engines; the sets are pushed as they start, so a failure
+    /// halfway leaves the started ones to `shutdown`.
+    fn start(&self, sets: &mut Vec<EngineSet>) -> Result<()> {
+        let kind = self.args.engines;
+        let env = self.engine_env()?;
+        let new_set = |id: String, members: Vec<Box<dyn Launcher>>, logs, script| EngineSet {
+            id,
+            kind,
+            reported: vec![false; members.len()],
+            members,
+            logs,
+            script,
+            last: None,
+        };
+        match kind {
+            LauncherKind::Local => {
+                sets.push(new_set(
+                    self.set_base.to_owned(),
+                    Vec::new(),
+                    Vec::new(),
+                    None,
+                ));
+                let set = sets.last_mut().expect("pushed");
+                for i in 0..self.n {
+                    let log = self.log_dir.join(format!(
+                        "parallax-engine{}-{}-{i}.log",
+                        self.id_part, self.set_base
+                    ));
+                    let mut l = ldriver::ProcessLauncher::new(
+                        LauncherKind::Local,
+                        self.engine_argv(),
+                        &self.profile_dir.to_string_lossy(),
+                        self.cid,
+                        log.clone(),
+                        self.grace,
+                    );
+                    l.env = env.clone();
+                    l.start(1).with_context(|| format!("starting engine {i}"))?;
+                    set.members.push(Box::new(l));
+                    set.logs.push(log);
+                    set.reported.push(false);
+                }
+            }
+            LauncherKind::Mpi => {
+                let log = self.log_dir.join(format!(
+                    "parallax-mpi{}-{}.log",
+                    self.id_part, self.set_base
+                ));
+                let mut l = ldriver::ProcessLauncher::new(
+                    LauncherKind::Mpi,
+                    self.mpi_command().argv(),
+                    &self.profile_dir.to_string_lossy(),
+                    self.cid,
+                    log.clone(),
+                    self.grace,
+                );
+                l.env = env.clone();
+                l.start(self.n).context("starting mpiexec")?;
+                sets.push(new_set(
+                    self.set_base.to_owned(),
+                    vec![Box::new(l)],
+                    vec![log],
+                    None,
+                ));
+            }
+            _ => {
+                let system = kind
+                    .batch_system()
+                    .with_context(|| format!("the {kind} launcher is not implemented yet"))?;
+                for (set_id, job) in self.batch_jobs(system)? {
+                    let script = self
+                        .profile_dir
+                        .join(format!("{}{}-{set_id}", system.script_name, self.id_part));
+                    let log = PathBuf::from(&job.output_file);
+                    let n = job.n;
+                    let mut l = ldriver::BatchLauncher::new(job, script.clone());
+                    l.grace = self.grace.max(Duration::from_secs(10));
+                    l.env = env.clone();
+                    l.start(n)
+                        .with_context(|| format!("submitting the {} job", kind.display_name()))?;
+                    let label = l.label();
+                    sets.push(new_set(set_id, vec![Box::new(l)], vec![log], Some(script)));
+                    say!("Submitted {label} ({n} engines)");
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why a set that stopped before all engines registered failed, for the
+/// error message: its state and the end of its output.
+fn set_failure(set: &EngineSet, member: usize, state: &JobState) -> String {
+    let what = set.members[member].label();
+    let log = set.logs.get(member).or(set.logs.first());
+    let detail = match (set.kind, log) {
+        (LauncherKind::Mpi, Some(l)) => {
+            let text = std::fs::read_to_string(l).unwrap_or_default();
+            let lines = parallax_launch::mpi::error_lines(&text);
+            if lines.is_empty() {
+                log_tail(l, 20)
+            } else {
+                format!("mpiexec said:\n{lines}")
+            }
+        }
+        // a job that never ran has no output to show
+        (_, Some(l)) if std::fs::metadata(l).is_ok_and(|m| m.len() > 0) => log_tail(l, 20),
+        _ => return format!("{what} {}", state.describe()),
+    };
+    format!("{what} {}; {detail}", state.describe())
+}
+
+fn parse_launcher(s: &str) -> Result<LauncherKind, String> {
+    LauncherKind::parse(s).ok_or_else(|| {
+        format!(
+            "unknown launcher {s:?} (one of: {})",
+            LauncherKind::ALL.map(LauncherKind::name).join(", ")
+        )
+    })
+}
+
 async fn start(args: StartArgs) -> Result<()> {
     let t0 = Instant::now();
     let n = match args.n {
@@ -772,11 +1214,51 @@ async fn start(args: StartArgs) -> Result<()> {
     if n == 0 {
         bail!("-n must be at least 1");
     }
+    if args.controller != LauncherKind::Local {
+        bail!(
+            "--controller {}: only the local controller (hub) launcher is implemented",
+            args.controller
+        );
+    }
+    if args.engines == LauncherKind::Ssh {
+        bail!("--engines ssh is not implemented yet");
+    }
     let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
     let profile_dir = profile_dir(&args.profile);
     let cid = cluster_id(&args.cluster_id);
     let security = profile_dir.join("security");
     let log_dir = profile_dir.join("log");
+    let (client_name, engine_name) = connection_file_names(&cid);
+    let client_file = security.join(client_name);
+    let engine_file = security.join(engine_name);
+    let exe = std::env::current_exe().context("finding the parallax executable")?;
+    let id_part = if cid.is_empty() {
+        String::new()
+    } else {
+        format!("-{cid}")
+    };
+    let set_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
+    let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
+    let plan = EnginePlan {
+        args: &args,
+        exe: &exe,
+        engine_file: &engine_file,
+        profile_dir: &profile_dir,
+        cid: &cid,
+        log_dir: &log_dir,
+        id_part: &id_part,
+        set_base: &set_base,
+        n,
+        grace,
+    };
+    if args.print_script {
+        print!("{}", plan.describe()?);
+        return Ok(());
+    }
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -801,24 +1283,21 @@ async fn start(args: StartArgs) -> Result<()> {
             }
         }
     }
-    let (client_name, engine_name) = connection_file_names(&cid);
-    let client_file = security.join(client_name);
-    let engine_file = security.join(engine_name);
     let before = (file_identity(&client_file), file_identity(&engine_file));
 
     let mut signals = StopSignals::new()?;
-    let exe = std::env::current_exe().context("finding the parallax executable")?;
-    let id_part = if cid.is_empty() {
-        String::new()
-    } else {
-        format!("-{cid}")
-    };
     let hub_log = log_dir.join(format!("parallax-hub{id_part}-{}.log", std::process::id()));
     let mut hub_cmd = vec![
         "hub".to_owned(),
         format!("--profile-dir={}", profile_dir.display()),
         format!("--cluster-id={cid}"),
     ];
+    if let Some(ip) = &args.ip {
+        hub_cmd.push(format!("--ip={ip}"));
+    }
+    if let Some(location) = &args.location {
+        hub_cmd.push(format!("--location={location}"));
+    }
     let hub_args = split_args(&args.hub_args);
     hub_cmd.extend(hub_args.iter().cloned());
     let hub_child = spawn(&exe, &hub_cmd, &hub_log)?;
@@ -829,25 +1308,22 @@ async fn start(args: StartArgs) -> Result<()> {
             child: Some(hub_child),
         }),
         hub_log: hub_log.clone(),
-        engines: Vec::new(),
-        engine_logs: Vec::new(),
+        sets: Vec::new(),
         cluster_file: cluster_file.clone(),
-        grace: Duration::from_secs_f64(args.stop_timeout.max(0.0)),
+        grace,
     };
-    let engine_set_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        .to_string();
     let mut state = ClusterState {
         profile_dir: profile_dir.clone(),
         cluster_id: cid.clone(),
         n,
         hub_args,
         hub: (launched.hub.as_ref().map_or(-1, |h| h.pid), hub_log.clone()),
-        engine_set_id,
-        engines: Vec::new(),
+        controller_ip: args.ip.clone().unwrap_or_default(),
+        controller_location: args.location.clone().unwrap_or_default(),
+        engine_class: args.engines.name(),
+        sets: Default::default(),
     };
+    let poll_interval = Duration::from_secs_f64(args.poll_interval.max(0.05));
 
     let ready = async {
         // --- the hub: wait for fresh connection files
@@ -886,31 +1362,14 @@ async fn start(args: StartArgs) -> Result<()> {
         .with_context(|| format!("parsing {}", client_file.display()))?;
 
         // --- the engines
-        let mut engine_cmd = vec![
-            "engine".to_owned(),
-            format!("--file={}", engine_file.display()),
-            format!("--n-engines={n}"),
-        ];
-        engine_cmd.extend(split_args(&args.engine_args));
-        for i in 0..n {
-            let log = log_dir.join(format!(
-                "parallax-engine{id_part}-{}-{i}.log",
-                state.engine_set_id
-            ));
-            let child = spawn(&exe, &engine_cmd, &log)?;
-            let pid = child.id() as i64;
-            launched.engines.push(Proc {
-                label: format!("engine {i}"),
-                pid,
-                child: Some(child),
-            });
-            launched.engine_logs.push(log.clone());
-            state.engines.push((pid, log));
-        }
+        let started = plan.start(&mut launched.sets);
+        state.sets = launched.engine_sets_value(&profile_dir, &cid);
         write_json_atomic(&cluster_file, &state.to_value())?;
+        started?;
 
-        // --- wait for the registrations
+        // --- wait for the registrations, watching the launchers
         let mut query = HubQuery::connect(&info, timeout).await?;
+        let mut shown = String::new();
         loop {
             let hub = launched.hub.as_mut().expect("hub");
             if !hub.alive() {
@@ -919,17 +1378,6 @@ async fn start(args: StartArgs) -> Result<()> {
                     log_tail(&hub_log, 20)
                 );
             }
-            for (p, log) in launched.engines.iter_mut().zip(&launched.engine_logs) {
-                if !p.alive() {
-                    let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                    bail!(
-                        "{} exited ({}) before registering; {}",
-                        p.label,
-                        status.map_or("unknown status".into(), |s| s.to_string()),
-                        log_tail(log, 20)
-                    );
-                }
-            }
             let registered = query
                 .engines(Duration::from_millis(500))
                 .await?
@@ -937,9 +1385,37 @@ async fn start(args: StartArgs) -> Result<()> {
             if registered >= n as usize {
                 return Ok(registered);
             }
+            for set in &mut launched.sets {
+                if let Some((member, st)) = set.poll(poll_interval) {
+                    bail!(
+                        "{registered} of {n} engines registered, but {}",
+                        set_failure(set, member, &st)
+                    );
+                }
+            }
+            let jobs: Vec<String> = launched
+                .sets
+                .iter()
+                .filter_map(|s| {
+                    let (st, _) = s.last.as_ref()?;
+                    Some(format!("{} {}", s.members[0].label(), st.describe()))
+                })
+                .collect();
+            if !jobs.is_empty() {
+                let line = format!("{registered}/{n} engines registered; {}", jobs.join(", "));
+                if line != shown {
+                    esay!("{line}");
+                    shown = line;
+                }
+            }
             if Instant::now() > deadline {
                 bail!(
-                    "{registered} of {n} engines registered within {timeout:?}; engine logs are in {}",
+                    "{registered} of {n} engines registered within {timeout:?}{}; engine logs are in {}",
+                    if shown.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({shown})")
+                    },
                     log_dir.display()
                 );
             }
@@ -983,7 +1459,6 @@ async fn start(args: StartArgs) -> Result<()> {
     say!("Press Ctrl-C to stop the cluster");
 
     // --- foreground: until a signal or the hub exits
-    let mut dead_engines = vec![false; launched.engines.len()];
     let reason = loop {
         tokio::select! {
             s = signals.recv() => break format!("{s} received"),
@@ -997,16 +1472,13 @@ async fn start(args: StartArgs) -> Result<()> {
                 status.map_or("unknown status".into(), |s| s.to_string())
             );
         }
-        for (i, p) in launched.engines.iter_mut().enumerate() {
-            if !dead_engines[i] && !p.alive() {
-                dead_engines[i] = true;
-                let status = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-                esay!(
-                    "warning: {} (pid {}) exited ({})",
-                    p.label,
-                    p.pid,
-                    status.map_or("unknown status".into(), |s| s.to_string())
-                );
+        for set in &mut launched.sets {
+            let interval = poll_interval.max(Duration::from_secs(2));
+            if let Some((i, st)) = set.poll(interval)
+                && !set.reported[i]
+            {
+                set.reported[i] = true;
+                esay!("warning: {} {}", set.members[i].label(), st.describe());
             }
         }
     };
@@ -1014,6 +1486,171 @@ async fn start(args: StartArgs) -> Result<()> {
     launched.shutdown(true);
     say!("Cluster stopped");
     Ok(())
+}
+
+/// `parallax cluster engines`: one more engine set for a running cluster.
+async fn add_engines(args: StartArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let n = match args.n {
+        Some(n) if n > 0 => n,
+        Some(_) => bail!("-n must be at least 1"),
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
+    let profile_dir = profile_dir(&args.profile);
+    let cid = cluster_id(&args.cluster_id);
+    let cluster_file = cluster_file_path(&profile_dir, &cid);
+    let c = load_cluster(&cluster_file).with_context(|| {
+        format!(
+            "no running cluster {cid:?} in {} (see parallax cluster list)",
+            profile_dir.display()
+        )
+    })?;
+    if !c.hub_alive() {
+        bail!("the hub of cluster {cid:?} is not running");
+    }
+    // ipyparallel's cluster file has one engine launcher class for all sets
+    let existing = LauncherKind::parse(&c.engine_class);
+    let has_sets = c.raw["engines"]["sets"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty());
+    if has_sets && existing != Some(args.engines) {
+        bail!(
+            "cluster {cid:?} runs {} engines; its cluster file (ipyparallel's format) holds one launcher, \
+             so add engines with --engines {}",
+            c.launcher_name(),
+            existing.map_or(c.engine_class.clone(), |k| k.name().to_owned())
+        );
+    }
+    if args.engines == LauncherKind::Ssh {
+        bail!("--engines ssh is not implemented yet");
+    }
+    let security = profile_dir.join("security");
+    let log_dir = profile_dir.join("log");
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("creating {}", log_dir.display()))?;
+    let (client_name, engine_name) = connection_file_names(&cid);
+    let client_file = security.join(client_name);
+    let engine_file = security.join(engine_name);
+    let exe = std::env::current_exe().context("finding the parallax executable")?;
+    let id_part = if cid.is_empty() {
+        String::new()
+    } else {
+        format!("-{cid}")
+    };
+    let mut set_base = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
+    while c.raw["engines"]["sets"].get(&set_base).is_some() {
+        set_base.push('x');
+    }
+    let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
+    let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
+    let plan = EnginePlan {
+        args: &args,
+        exe: &exe,
+        engine_file: &engine_file,
+        profile_dir: &profile_dir,
+        cid: &cid,
+        log_dir: &log_dir,
+        id_part: &id_part,
+        set_base: &set_base,
+        n,
+        grace,
+    };
+    if args.print_script {
+        print!("{}", plan.describe()?);
+        return Ok(());
+    }
+    let info: ClientConnectionInfo = serde_json::from_str(
+        &std::fs::read_to_string(&client_file)
+            .with_context(|| format!("reading {}", client_file.display()))?,
+    )
+    .with_context(|| format!("parsing {}", client_file.display()))?;
+    let mut query = HubQuery::connect(&info, timeout).await?;
+    let before = query
+        .engines(Duration::from_secs(5))
+        .await?
+        .context("the hub did not answer")?
+        .len();
+    let target = before + n as usize;
+    let mut sets = Vec::new();
+    let write = |sets: &[EngineSet]| -> Result<()> {
+        let mut raw = load_cluster(&cluster_file)?.raw;
+        raw["engines"]["class"] = json!(args.engines.name());
+        if !raw["engines"]["sets"].is_object() {
+            raw["engines"]["sets"] = json!({});
+        }
+        for set in sets {
+            raw["engines"]["sets"][&set.id] = set.to_value(&profile_dir, &cid);
+        }
+        let total = raw["cluster"]["n"].as_u64().unwrap_or(0) + u64::from(n);
+        raw["cluster"]["n"] = json!(total);
+        write_json_atomic(&cluster_file, &raw)
+    };
+    let started = plan.start(&mut sets);
+    let outcome: Result<usize> = async {
+        started?;
+        write(&sets)?;
+        let poll_interval = Duration::from_secs_f64(args.poll_interval.max(0.05));
+        let deadline = Instant::now() + timeout;
+        loop {
+            let registered = query
+                .engines(Duration::from_millis(500))
+                .await?
+                .map_or(0, |e| e.len());
+            if registered >= target {
+                return Ok(registered);
+            }
+            for set in &mut sets {
+                if let Some((member, st)) = set.poll(poll_interval) {
+                    bail!(
+                        "{} of {n} new engines registered, but {}",
+                        registered.saturating_sub(before),
+                        set_failure(set, member, &st)
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} of {n} new engines registered within {timeout:?}",
+                    registered.saturating_sub(before)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    .await;
+    match outcome {
+        Ok(registered) => {
+            say!(
+                "Added {n} engines to cluster {} in {:.2} s: {registered} registered",
+                if cid.is_empty() {
+                    "''".to_owned()
+                } else {
+                    cid.clone()
+                },
+                t0.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            for set in &mut sets {
+                for err in set.stop() {
+                    esay!("warning: stopping {err}");
+                }
+            }
+            // put the cluster file back as it was
+            let _ = write_json_atomic(&cluster_file, &c.raw);
+            Err(e.context("adding engines failed; the new engines were stopped"))
+        }
+    }
+}
+
+fn system_delete_command(system: Option<&batch::BatchSystem>) -> String {
+    system.map_or("the scheduler's delete command".into(), |s| {
+        s.delete.join(" ")
+    })
 }
 
 fn stop_command(profile_dir: &Path, cid: &str) -> String {
@@ -1105,14 +1742,58 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             _ => ", hub not running".to_owned(),
         }
     );
-    if c.unverifiable_engines > 0 {
+    let batch_system = LauncherKind::parse(&c.engine_class).and_then(LauncherKind::batch_system);
+    let mut not_cancelled = Vec::new();
+    if let Some(system) = batch_system {
+        for (set_id, set) in &c.batch_sets {
+            let Some(mut l) = ldriver::BatchLauncher::from_dict(system, set) else {
+                continue;
+            };
+            l.grace = grace.max(Duration::from_secs(10));
+            say!("Cancelling {} (engine set {set_id})", l.label());
+            if let Err(e) = l.stop() {
+                esay!("error: {e}");
+                not_cancelled.push(l.label());
+                continue;
+            }
+            for key in ["batch_file", "output_file"] {
+                if let Some(f) = set.get(key).and_then(Value::as_str) {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+        }
+    } else if c.unverifiable_engines > 0 {
         esay!(
             "warning: {} engine(s) of launcher {:?} have no pid here; stop them with their launcher",
             c.unverifiable_engines,
             c.engine_class
         );
     }
+    // what the engines started (an mpiexec's ranks, an engine's Python)
+    // goes with them, even if they have to be killed
+    let tree: Vec<i64> = engines
+        .iter()
+        .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
+        .flat_map(|p| ldriver::descendants(p.pid))
+        .collect();
     let mut killed = terminate(&mut engines, grace);
+    let mut left: Vec<Proc> = tree
+        .into_iter()
+        .filter(|p| pid_alive(*p))
+        .map(|pid| Proc {
+            label: "engine descendant".into(),
+            pid,
+            child: None,
+        })
+        .collect();
+    for p in &left {
+        p.signal(libc::SIGKILL);
+        killed.push(format!("{} (pid {})", p.label, p.pid));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while left.iter_mut().any(Proc::alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     if let Some(pid) = c.hub_pid {
         let mut hub = [Proc {
             label: "hub".into(),
@@ -1131,6 +1812,15 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     }
     for k in &killed {
         esay!("warning: {k} did not stop after SIGTERM; killed");
+    }
+    if !not_cancelled.is_empty() {
+        // the file is what still knows the jobs: keep it for another try
+        bail!(
+            "{} may still be running (see the error above); {} is kept, run stop again where {} works",
+            not_cancelled.join(", "),
+            c.file.display(),
+            system_delete_command(batch_system)
+        );
     }
     std::fs::remove_file(&c.file).or_else(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -1236,8 +1926,19 @@ mod tests {
             n: 2,
             hub_args: vec!["--scheme=lru".into()],
             hub: (100, "/p/profile_x/log/hub.log".into()),
-            engine_set_id: "1700000000".into(),
-            engines: vec![(101, "/l/e0.log".into()), (102, "/l/e1.log".into())],
+            controller_ip: String::new(),
+            controller_location: String::new(),
+            engine_class: "local",
+            sets: [(
+                "1700000000".to_owned(),
+                json!({"cluster_id": "abc", "n": 2, "pid": -1, "profile_dir": "/p/profile_x",
+                       "state": "running", "engines": {
+                    "0": launcher_state(Path::new("/p/profile_x"), "abc", 101, Path::new("/l/e0.log"), Some(1)),
+                    "1": launcher_state(Path::new("/p/profile_x"), "abc", 102, Path::new("/l/e1.log"), Some(1)),
+                }}),
+            )]
+            .into_iter()
+            .collect(),
         };
         let v = state.to_value();
         // The fields ipyparallel's Cluster.to_dict() writes, and no others.
@@ -1272,6 +1973,8 @@ mod tests {
         let c = parse_cluster(Path::new("/p/security/cluster-.json"), v).unwrap();
         assert_eq!(c.hub_pid, None);
         assert_eq!(c.unverifiable_engines, 8);
+        assert_eq!(c.batch_sets.len(), 1);
+        assert_eq!(c.batch_sets[0].1["job_id"], "10");
         assert!(!c.is_stale());
         assert_eq!(c.launcher_name(), "Slurm");
         assert_eq!(
@@ -1303,6 +2006,17 @@ mod tests {
             "/v/bin/ipcontroller"
         ])));
         assert!(!cmdline_is_cluster_process(&v(&["/x/parallax", "kernel"])));
+        assert!(cmdline_is_cluster_process(&v(&[
+            "mpiexec",
+            "-n",
+            "4",
+            "/x/parallax",
+            "engine",
+            "--file=/f"
+        ])));
+        assert!(!cmdline_is_cluster_process(&v(&[
+            "mpiexec", "-n", "4", "python"
+        ])));
         assert!(!cmdline_is_cluster_process(&v(&["sleep", "100"])));
         assert!(!cmdline_is_cluster_process(&[]));
     }
@@ -1329,6 +2043,78 @@ mod tests {
             split_args(&["--a=1  --b".into(), "c".into()]),
             ["--a=1", "--b", "c"]
         );
+    }
+
+    fn start_args(argv: &[&str]) -> StartArgs {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            a: StartArgs,
+        }
+        <T as clap::Parser>::try_parse_from(std::iter::once("start").chain(argv.iter().copied()))
+            .unwrap()
+            .a
+    }
+
+    #[test]
+    fn engine_plans() {
+        let args = start_args(&[
+            "-n",
+            "5",
+            "--engines",
+            "SLURM",
+            "--engines-per-job",
+            "2",
+            "--queue",
+            "q",
+        ]);
+        assert_eq!(args.engines, LauncherKind::Slurm);
+        let plan = EnginePlan {
+            args: &args,
+            exe: Path::new("/bin/parallax"),
+            engine_file: Path::new("/p/security/ipcontroller-engine.json"),
+            profile_dir: Path::new("/p"),
+            cid: "",
+            log_dir: Path::new("/p/log"),
+            id_part: "",
+            set_base: "100",
+            n: 5,
+            grace: Duration::from_secs(1),
+        };
+        let jobs = plan.batch_jobs(&parallax_launch::slurm::SYSTEM).unwrap();
+        let shape: Vec<(&str, u32)> = jobs.iter().map(|(id, j)| (id.as_str(), j.n)).collect();
+        assert_eq!(shape, [("100-0", 2), ("100-1", 2), ("100-2", 1)]);
+        assert_eq!(
+            jobs[0].1.program_args,
+            [
+                "--file=/p/security/ipcontroller-engine.json",
+                "--n-engines=5"
+            ]
+        );
+        assert_eq!(jobs[2].1.output_file, "/p/log/parallax-engines-100-2.log");
+        let text = plan.describe().unwrap();
+        assert_eq!(text.matches("#SBATCH --partition=q").count(), 3);
+        assert!(text.contains("# --- job for engine set 100-2 (1 engines)"));
+
+        let args = start_args(&[
+            "-n",
+            "3",
+            "--engines",
+            "mpi",
+            "--mpi-cmd",
+            "mpiexec.mpich",
+            "--mpi-args=-l",
+        ]);
+        let plan = EnginePlan {
+            args: &args,
+            n: 3,
+            ..plan
+        };
+        assert_eq!(
+            plan.describe().unwrap(),
+            "mpiexec.mpich -n 3 -l /bin/parallax engine --file=/p/security/ipcontroller-engine.json --n-engines=3\n"
+        );
+        assert!(parse_launcher("torque").unwrap_err().contains("slurm"));
     }
 
     #[test]

@@ -1,0 +1,103 @@
+"""Fixtures for the launcher tests: a per-test profile whose processes are
+all reaped at the end, and batch systems started once per session (Slurm:
+slurmctld + slurmd; Grid Engine: sge_qmaster + sge_execd; PBS: Slurm's PBS
+wrappers).
+
+PARALLAX_BIN: the binary (default target/release/parallax in the repo).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from launch_harness import ROOT, Profile, child_env
+from launch_services import GridEngine, Slurm
+
+
+@pytest.fixture
+def profile(tmp_path):
+    p = Profile(tmp_path)
+    yield p
+    p.reap()
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """slurmctld + slurmd (one node advertising 32 CPUs), for the session."""
+    for cmd in ("slurmctld", "slurmd", "sbatch", "munged"):
+        if not shutil.which(cmd) and not Path(f"/usr/sbin/{cmd}").exists():
+            pytest.skip(f"{cmd} is not installed (make test installs Debian's Slurm)")
+    s = Slurm(tmp_path_factory.mktemp("slurm"), cpus=32).start()
+    try:
+        yield s
+    finally:
+        s.cancel_all()
+        s.stop()
+
+
+@pytest.fixture
+def slurm_profile(tmp_path, slurm):
+    """A profile whose commands see the session's Slurm; its jobs are
+    cancelled at the end."""
+    p = Profile(tmp_path, {"SLURM_CONF": str(slurm.conf)})
+    yield p
+    p.reap()
+    slurm.cancel_all()
+
+
+@pytest.fixture(scope="session")
+def sge(tmp_path_factory):
+    """sge_qmaster + sge_execd (Debian's Son of Grid Engine, one queue of 16
+    slots on this host), for the session."""
+    if not Path("/usr/sbin/sge_qmaster").exists() or not shutil.which("qsub"):
+        pytest.skip("Grid Engine is not installed (Debian gridengine-master/-exec/-client)")
+    g = GridEngine(tmp_path_factory.mktemp("sge")).start()
+    try:
+        yield g
+    finally:
+        g.cancel_all()
+        g.stop()
+
+
+@pytest.fixture
+def sge_profile(tmp_path, sge):
+    """A profile whose commands see the session's Grid Engine."""
+    p = Profile(tmp_path, {"SGE_ROOT": str(sge.root), "SGE_CELL": "default"})
+    yield p
+    p.reap()
+    sge.cancel_all()
+
+
+#: Slurm's PBS wrappers (Debian slurm-wlm-torque, unpacked by the Makefile
+#: into .stamps/torque: installing the package would remove Grid Engine,
+#: which owns /usr/bin/qsub too)
+TORQUE_BIN = Path(os.environ.get("PARALLAX_TORQUE_BIN", ROOT / ".stamps" / "torque" / "usr" / "bin"))
+
+
+@pytest.fixture(scope="session")
+def pbs_bin(tmp_path_factory):
+    """A bin dir with the PBS commands (qsub, qstat, qdel) of Slurm's PBS
+    wrappers and the Slurm commands they call (they look next to
+    themselves)."""
+    if not (TORQUE_BIN / "qsub").exists():
+        pytest.skip(f"Slurm's PBS wrappers are not unpacked in {TORQUE_BIN} (make test does it)")
+    d = tmp_path_factory.mktemp("pbs-bin")
+    for f in TORQUE_BIN.iterdir():
+        shutil.copy(f, d / f.name)
+    for cmd in ("sbatch", "salloc", "srun", "squeue", "scancel", "scontrol", "sinfo"):
+        path = shutil.which(cmd)
+        if path:
+            (d / cmd).symlink_to(path)
+    return d
+
+
+@pytest.fixture
+def pbs_profile(tmp_path, slurm, pbs_bin):
+    """A profile whose commands see PBS (over the session's Slurm)."""
+    p = Profile(tmp_path, {"SLURM_CONF": str(slurm.conf), "PATH": f"{pbs_bin}{os.pathsep}{child_env()['PATH']}"})
+    yield p
+    p.reap()
+    slurm.cancel_all()

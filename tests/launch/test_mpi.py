@@ -1,0 +1,144 @@
+"""`parallax cluster start --engines mpi`: engines as the ranks of one
+mpiexec (OpenMPI), ids equal to ranks, mpi4py working on the engines, and
+`stop` leaving nothing behind. Checked with the stock ipyparallel Client
+and `Cluster.from_file`."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from launch_harness import client, gone
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not shutil.which("mpiexec"), reason="mpiexec is not installed (Debian openmpi-bin)"),
+]
+
+
+#: run on every engine: its id, its MPI rank and world size, and a collective
+MPI_CELL = """
+import os
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+info = (int(os.environ["PARALLAX_ENGINE_ID"]), c.rank, c.size, c.allreduce(c.rank))
+"""
+
+
+def test_engines_are_ranks_and_mpi4py_works(profile):
+    t0 = time.monotonic()
+    r = profile.cluster("start", "-n", 4, "--engines", "MPI", "--daemonize")
+    assert "4 engines registered" in r.stdout, r.stdout + r.stderr
+    startup = time.monotonic() - t0
+    d = profile.state()
+    assert d["engines"]["class"] == "mpi"
+    (engine_set,) = d["engines"]["sets"].values()
+    assert engine_set["n"] == 4 and engine_set["state"] == "running"
+    mpiexec = engine_set["pid"]
+    assert not gone(mpiexec)
+
+    rc = client(profile, 4)
+    try:
+        assert sorted(rc.ids) == [0, 1, 2, 3]
+        view = rc[:]
+        view.execute(MPI_CELL, block=True)
+        out = view.pull("info", block=True)
+        # engine id == rank, one world of 4, the same sum everywhere
+        assert sorted(out) == [(i, i, 4, 6) for i in range(4)], out
+        by_id = dict(zip(rc.ids, out))
+        assert all(by_id[i][0] == i for i in rc.ids)
+    finally:
+        rc.close()
+
+    # ipyparallel reads the cluster file as its own MPI launcher's state
+    import ipyparallel as ipp
+
+    c = ipp.Cluster.from_file(profile_dir=str(profile.dir), cluster_id=profile.cluster_id)
+    assert type(next(iter(c.engines.values()))).__name__ == "MPIEngineSetLauncher"
+
+    profile.cluster("stop")
+    assert gone(mpiexec)
+    assert profile.left_running() == []
+    assert not profile.cluster_file.exists()
+    assert list((profile.dir / "log").glob("*")) == []
+    print(f"mpi -n 4: all registered {startup:.2f} s after start")
+
+
+def test_many_ranks_register_without_stalling(profile):
+    n = 16
+    t0 = time.monotonic()
+    profile.cluster("start", "-n", n, "--engines", "mpi", "--daemonize", "--timeout", 120, timeout=150)
+    print(f"mpi -n {n}: all registered in {time.monotonic() - t0:.2f} s")
+    rc = client(profile, n)
+    try:
+        assert sorted(rc.ids) == list(range(n))
+    finally:
+        rc.close()
+    profile.cluster("stop")
+    assert profile.left_running() == []
+
+
+def test_print_script_shows_the_command_and_starts_nothing(profile):
+    r = profile.cluster("start", "-n", 3, "--engines", "mpi", "--mpi-args=--bind-to none", "--print-script")
+    line = r.stdout.strip()
+    assert line.startswith("mpiexec -n 3 --bind-to none ")
+    assert " engine --file=" in line and "--n-engines=3" in line
+    assert not profile.cluster_file.exists()
+    assert profile.left_running() == []
+
+
+def test_an_mpiexec_failure_is_reported_at_once(profile):
+    t0 = time.monotonic()
+    r = profile.cluster("start", "-n", 4, "--engines", "mpi", "--mpi-args=--no-such-option", "--daemonize", check=False)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 30
+    # the launcher's state and mpiexec's own words
+    assert "mpiexec (pid" in r.stderr and "exit status: 1" in r.stderr, r.stderr
+    assert 'unknown option "--no-such-option"' in r.stderr, r.stderr
+    assert profile.left_running() == []
+    assert not profile.cluster_file.exists()
+
+
+def test_unknown_launcher_is_refused(profile):
+    r = profile.cluster("start", "-n", 1, "--engines", "torque", check=False)
+    assert r.returncode != 0
+    assert "unknown launcher" in r.stderr and "slurm" in r.stderr
+
+
+@pytest.mark.skipif(not shutil.which("mpiexec.mpich"), reason="MPICH is not installed (Debian mpich)")
+def test_mpich_ranks_are_engine_ids(profile):
+    """MPICH's hydra sets PMI_RANK (not OMPI_*): engine ids follow it too."""
+    profile.cluster("start", "-n", 3, "--engines", "mpi", "--mpi-cmd", "mpiexec.mpich", "--daemonize")
+    rc = client(profile, 3)
+    try:
+        view = rc[:]
+        view.execute("import os; r = (int(os.environ['PARALLAX_ENGINE_ID']), int(os.environ['PMI_RANK']))", block=True)
+        assert sorted(view.pull("r", block=True)) == [(i, i) for i in range(3)]
+    finally:
+        rc.close()
+    profile.cluster("stop")
+    assert profile.left_running() == []
+
+
+def test_connection_info_through_the_environment(profile):
+    """--connection-info env: engines read $IPP_CONNECTION_INFO (no --file),
+    and the key is on no command line."""
+    import json
+
+    import psutil
+
+    profile.cluster("start", "-n", 2, "--engines", "mpi", "--connection-info", "env", "--daemonize")
+    (s,) = profile.state()["engines"]["sets"].values()
+    assert "--file=" not in " ".join(psutil.Process(s["pid"]).cmdline())
+    key = json.loads(profile.client_file.read_text())["key"]
+    for p in psutil.process_iter(["cmdline"]):
+        assert key not in " ".join(p.info["cmdline"] or [])
+    rc = client(profile, 2)
+    try:
+        assert sorted(rc.ids) == [0, 1]
+    finally:
+        rc.close()
+    profile.cluster("stop")
+    assert profile.left_running() == []
