@@ -112,6 +112,15 @@ pub struct CoreConfig {
     /// Interval of extra pings while registrations are pending, so a new
     /// engine is registered in milliseconds rather than on the next beat.
     pub registration_ping: Duration,
+    /// How long (un)registration notifications are held before they are
+    /// published. A stock Client connects its notification SUB and at once
+    /// asks for the engine table; a registration completed between the
+    /// table's reply and the hub's first sight of that subscriber would be
+    /// lost to it (the slow-joiner window of PUB/SUB), and it learns of
+    /// engines from notifications alone. Held this long, the notification
+    /// finds the subscriber. ipcontroller has the same window but registers
+    /// on the next beat, seconds later, which hides it.
+    pub notification_delay: Duration,
     pub scheme: Scheme,
     /// Maximum outstanding tasks per engine (0 = unlimited).
     pub hwm: u32,
@@ -136,6 +145,7 @@ impl CoreConfig {
             registration_timeout: Duration::from_secs(30),
             stranded_delay: Duration::from_secs(1),
             registration_ping: Duration::from_millis(20),
+            notification_delay: Duration::from_millis(100),
             scheme: Scheme::LeastLoad,
             hwm: 1,
             db: DbBackend::Dict(Default::default()),
@@ -182,6 +192,8 @@ pub(crate) enum Timer {
         msg_id: String,
         generation: u64,
     },
+    /// Publish the held notifications that are due.
+    Notifications,
 }
 
 pub(crate) struct Engine {
@@ -264,6 +276,9 @@ pub struct Hub {
     id_counter: i64,
     beat: u64,
     reg_ping_armed: bool,
+    /// Notifications waiting for `notification_delay` (due time, type,
+    /// content), oldest first; published in this order.
+    held_notifications: VecDeque<(Instant, String, Value)>,
     /// Registrations purged for want of a first heartbeat, remembered so a
     /// slow engine's late heartbeat (or repeated request) still completes
     /// its registration.
@@ -337,6 +352,7 @@ impl Hub {
             id_counter: 0,
             beat: 0,
             reg_ping_armed: false,
+            held_notifications: VecDeque::new(),
             stalled: StalledRegistrations::default(),
             pending: HashSet::new(),
             unassigned: HashSet::new(),
@@ -436,6 +452,34 @@ impl Hub {
     }
 
     fn notify(&mut self, msg_type: &str, content: Value, now: Now) {
+        let delay = self.cfg.notification_delay;
+        if !delay.is_zero() {
+            let due = now.mono + delay;
+            if self.held_notifications.is_empty() {
+                self.schedule(due, Timer::Notifications);
+            }
+            self.held_notifications
+                .push_back((due, msg_type.to_owned(), content));
+            return;
+        }
+        self.publish_notification(msg_type, content, now);
+    }
+
+    /// Publish every held notification due at `now`, in order; re-arm for
+    /// the next one.
+    fn release_notifications(&mut self, now: Now) {
+        while let Some((due, _, _)) = self.held_notifications.front() {
+            if *due > now.mono {
+                let at = *due;
+                self.schedule(at, Timer::Notifications);
+                return;
+            }
+            let (_, msg_type, content) = self.held_notifications.pop_front().expect("front exists");
+            self.publish_notification(&msg_type, content, now);
+        }
+    }
+
+    fn publish_notification(&mut self, msg_type: &str, content: Value, now: Now) {
         self.send_msg(
             Channel::Notification,
             vec![],
@@ -538,6 +582,7 @@ impl Hub {
                 Timer::TaskTimeout { msg_id, generation } => {
                     self.task_timeout(&msg_id, generation, now)
                 }
+                Timer::Notifications => self.release_notifications(now),
             }
             self.drain_graph_work(now);
         }

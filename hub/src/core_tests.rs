@@ -36,6 +36,9 @@ fn base_config() -> CoreConfig {
     cfg.registration_timeout = Duration::from_secs(5);
     cfg.stranded_delay = Duration::from_secs(2);
     cfg.registration_ping = Duration::from_millis(20);
+    // published at once here; `notifications_are_held_for_late_subscribers`
+    // tests the delay
+    cfg.notification_delay = Duration::ZERO;
     cfg.scheme = Scheme::LeastLoad;
     cfg.hwm = 1;
     cfg.seed = 7;
@@ -709,6 +712,46 @@ fn registration_completes_on_first_pong_without_waiting_for_a_beat() {
     sim.advance(Duration::from_millis(500));
     assert_eq!(sim.pings.len(), before);
     sim.assert_quiet();
+}
+
+#[test]
+fn notifications_are_held_for_late_subscribers() {
+    let mut sim = Sim::new(cfg_with(|c| {
+        c.notification_delay = Duration::from_millis(100)
+    }));
+    sim.register("a", None);
+    sim.pong("a", "0");
+    // registered at once (the table says so) but not yet announced
+    assert_eq!(sim.connected_engines(), json!({"0": "a"}));
+    assert!(sim.take(Channel::Notification).is_empty());
+    sim.advance(Duration::from_millis(60));
+    sim.register("b", None);
+    sim.pong("b", "0");
+    sim.advance(Duration::from_millis(50)); // a is due, b is not
+    let n = sim.take(Channel::Notification);
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].content(), &json!({"id": 0, "uuid": "a"}));
+    sim.unregister_request("b");
+    sim.advance(Duration::from_millis(200));
+    let n = sim.take(Channel::Notification);
+    let seen: Vec<(String, Value)> = n
+        .iter()
+        .map(|o| (o.msg_type().to_owned(), o.content().clone()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "registration_notification".into(),
+                json!({"id": 1, "uuid": "b"})
+            ),
+            (
+                "unregistration_notification".into(),
+                json!({"id": 1, "uuid": "b"})
+            ),
+        ],
+        "in order"
+    );
 }
 
 #[test]
