@@ -364,27 +364,14 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     m = shell_recv.recv() => m,
                 };
                 let Ok(m) = m else { continue };
-                let raw = match RawMessage::from_frames(m.into_vec(), &limits) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        warn!(reason = %e, "dropping malformed shell message");
-                        continue;
-                    }
-                };
-                if let Err(e) = auth.check(&raw) {
-                    warn!(reason = %e, "dropping shell message that failed authentication");
+                let Some((raw, msg)) = accept(m.into_vec(), &limits, &mut auth, "shell") else {
                     continue;
-                }
-                match Message::decode(&raw) {
-                    Ok(msg) => {
-                        shared.queue.lock().expect("queue lock").push_back(Queued {
-                            idents: raw.idents.clone(),
-                            msg,
-                        });
-                        shared.notify.notify_one();
-                    }
-                    Err(e) => warn!(reason = %e, "dropping undecodable shell message"),
-                }
+                };
+                shared.queue.lock().expect("queue lock").push_back(Queued {
+                    idents: raw.idents,
+                    msg,
+                });
+                shared.notify.notify_one();
             }
         });
     }
@@ -410,15 +397,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     m = control.recv() => m,
                 };
                 let Ok(m) = m else { continue };
-                let Ok(raw) = RawMessage::from_frames(m.into_vec(), &limits) else {
-                    warn!("dropping malformed control message");
-                    continue;
-                };
-                if let Err(e) = auth.check(&raw) {
-                    warn!(reason = %e, "dropping control message that failed authentication");
-                    continue;
-                }
-                let Ok(msg) = Message::decode(&raw) else {
+                let Some((raw, msg)) = accept(m.into_vec(), &limits, &mut auth, "control") else {
                     continue;
                 };
                 let idents = raw.idents.clone();
@@ -1134,18 +1113,9 @@ pub async fn register(
                 Err(_) => break,
                 Ok(r) => r.context("registration socket")?,
             };
-            let raw = match RawMessage::from_frames(reply.into_vec(), &limits) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(reason = %e, "dropping malformed registration reply");
-                    continue;
-                }
-            };
-            if let Err(e) = auth.check(&raw) {
-                warn!(reason = %e, "dropping registration reply that failed authentication");
+            let Some((_, reply)) = accept(reply.into_vec(), &limits, auth, "registration") else {
                 continue;
-            }
-            let reply = Message::decode(&raw).context("registration reply")?;
+            };
             if reply.header.msg_type != "registration_reply" {
                 debug!(msg_type = %reply.header.msg_type, "ignoring a message on the registration socket");
                 continue;
@@ -1207,5 +1177,34 @@ pub async fn first_pong(pong: &mut DealerSocket) {
         .is_err()
     {
         debug!("first heartbeat reply failed; the hub's pings will do");
+    }
+}
+
+/// Split, verify (signature, then replay) and decode one incoming message
+/// — in that order, before any JSON is parsed; a bad one is logged with the
+/// socket it came on and dropped.
+fn accept(
+    frames: Vec<Bytes>,
+    limits: &Limits,
+    auth: &mut Authenticator,
+    socket: &str,
+) -> Option<(RawMessage, Message)> {
+    let raw = match RawMessage::from_frames(frames, limits) {
+        Ok(r) => r,
+        Err(e) => {
+            warn!(reason = %e, socket, "dropping a malformed message");
+            return None;
+        }
+    };
+    if let Err(e) = auth.check(&raw) {
+        warn!(reason = %e, socket, "dropping a message that failed authentication");
+        return None;
+    }
+    match Message::decode(&raw) {
+        Ok(m) => Some((raw, m)),
+        Err(e) => {
+            warn!(reason = %e, socket, "dropping an undecodable message");
+            None
+        }
     }
 }
