@@ -244,17 +244,19 @@ def report(real: list[dict], fakes: list[dict]) -> str:
             lines.append(f"| {n} | **ipp ÷ parallax** | {ratio('start_s'):.1f}× | {ratio('first_apply_s'):.1f}× | "
                          f"{ratio('execute_p50_ms'):.2f}× | {ratio('broadcast_p50_ms'):.2f}× | | {ratio('stop_s'):.1f}× |")
     lines += ["", "### Load generator (`parallax bench engines`: fake engines, the hub alone)", "",
-              "| fake engines | all replies | all registered | hub RSS | per engine | heartbeat CPU | fan-out p50 / p90 | hub CPU per fan-out |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| fake engines | all replies | all registered | hub RSS | per engine | heartbeat CPU | MUX fan-out p50 / p90 | hub CPU per MUX fan-out | broadcast p50 / p90 | hub CPU per broadcast |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for f in fakes:
         if "error" in f:
-            lines.append(f"| {f['engines']} | failed: {f['error'][:100]} | | | | | | |")
+            lines.append(f"| {f['engines']} | failed: {f['error'][:100]} | | | | | | | | |")
             continue
         lines.append(
             f"| {f['engines']} | {f['registration_replies_s']:.2f} s | {f['all_registered_s']:.2f} s | "
             f"{f.get('hub_rss_registered_mib', float('nan')):.0f} MiB | {f.get('hub_kib_per_engine', float('nan')):.1f} KiB | "
             f"{f.get('hub_heartbeat_cpu_percent', float('nan')):.1f} % ({f.get('heartbeat_period_ms')} ms period) | "
-            f"{f['fanout_p50_ms']:.1f} / {f['fanout_p90_ms']:.1f} ms | {f.get('hub_cpu_ms_per_fanout', float('nan')):.1f} ms |")
+            f"{f['fanout_p50_ms']:.1f} / {f['fanout_p90_ms']:.1f} ms | {f.get('hub_cpu_ms_per_fanout', float('nan')):.1f} ms | "
+            f"{f.get('bcast_p50_ms', float('nan')):.1f} / {f.get('bcast_p90_ms', float('nan')):.1f} ms | "
+            f"{f.get('hub_cpu_ms_per_bcast', float('nan')):.1f} ms |")
     return "\n".join(lines)
 
 

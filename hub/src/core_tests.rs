@@ -2193,6 +2193,11 @@ fn non_coalescing_broadcast_fans_out_and_relays_each_reply() {
         assert_eq!(out.msg_id(), format!("{orig}_{uuid}"));
         assert_eq!(*out.md("original_msg_id"), json!(orig));
         assert_eq!(out.md("is_coalescing"), false);
+        // Each copy names only its own engine (as a leaf scheduler's names
+        // the leaf's), never the whole target list: that made a broadcast
+        // to N engines O(N²) in bytes.
+        let id = if uuid == "e0" { 0 } else { 1 };
+        assert_eq!(*out.md("targets"), json!([[uuid, id]]));
         assert_eq!(out.content(), &json!({"x": 1}));
         assert_eq!(out.msg.buffers, vec![b("f")]);
         assert_eq!(

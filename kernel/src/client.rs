@@ -29,6 +29,8 @@ pub enum Chan {
     Query,
     Mux,
     Control,
+    /// The broadcast scheduler: one request, fanned out by the hub.
+    Broadcast,
     Iopub,
     Notification,
 }
@@ -162,10 +164,11 @@ impl HubClient {
                 Ok::<_, anyhow::Error>(s)
             }
         };
-        let (query, mux, control, iopub, notif) = tokio::try_join!(
+        let (query, mux, control, bcast, iopub, notif) = tokio::try_join!(
             connect_dealer(info.registration, "query"),
             connect_dealer(info.mux, "mux"),
             connect_dealer(info.control, "control"),
+            connect_dealer(info.broadcast, "broadcast"),
             connect_sub(info.iopub, "iopub"),
             connect_sub(info.notification, "notification"),
         )?;
@@ -178,6 +181,7 @@ impl HubClient {
             (Chan::Query, query),
             (Chan::Mux, mux),
             (Chan::Control, control),
+            (Chan::Broadcast, bcast),
         ] {
             let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
             send.insert(ch, tx);
@@ -346,6 +350,35 @@ impl HubClient {
         self.listen(&msg_id, tx.clone());
         self.send_frames(ch, frames)?;
         Ok(msg_id)
+    }
+
+    /// One request to `targets` (uuid, id) through the hub's broadcast
+    /// scheduler, as ipyparallel's `BroadcastView` sends it (not
+    /// coalescing: one reply per engine). The engines see it as
+    /// `{msg_id}_{uuid}`, so replies and iopub are routed to `tx` by those
+    /// ids; returns them in `targets`' order (`forget` each when done).
+    pub fn broadcast_to(
+        &self,
+        targets: &[(String, i64)],
+        msg_type: &str,
+        content: Value,
+        tx: &mpsc::UnboundedSender<ClientEvent>,
+    ) -> Result<Vec<String>> {
+        let md = json!({
+            "targets": targets.iter().map(|(u, i)| json!([u, i])).collect::<Vec<_>>(),
+            "is_broadcast": true,
+            "is_coalescing": false,
+        });
+        let (msg_id, frames) = self.build(None, msg_type, content, md);
+        let subs: Vec<String> = targets
+            .iter()
+            .map(|(u, _)| format!("{msg_id}_{u}"))
+            .collect();
+        for sub in &subs {
+            self.listen(sub, tx.clone());
+        }
+        self.send_frames(Chan::Broadcast, frames)?;
+        Ok(subs)
     }
 
     pub fn listen(&self, msg_id: &str, tx: mpsc::UnboundedSender<ClientEvent>) {

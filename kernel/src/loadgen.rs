@@ -64,6 +64,17 @@ pub struct EnginesArgs {
     /// Print the figures as one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Which fan-out to measure: one `execute_request` per engine through
+    /// the MUX, one request through the broadcast scheduler, or both.
+    #[arg(long, value_enum, default_value_t = Via::Both)]
+    pub via: Via,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    Mux,
+    Broadcast,
+    Both,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -263,14 +274,26 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
     let after = hub_pid.and_then(proc_usage);
     let registered_after_idle = client.engines().len();
 
-    // --- fan-out and gather through the MUX
-    let engines: Vec<String> = client.engines().into_values().collect();
-    let fan_before = hub_pid.and_then(proc_usage);
-    let mut times = Vec::with_capacity(a.rounds);
-    for _ in 0..a.rounds {
-        times.push(fan_out(&client, &engines).await?);
+    // --- fan-out and gather: through the MUX, then the broadcast scheduler
+    let engines: Vec<(String, i64)> = client
+        .engines()
+        .into_iter()
+        .map(|(id, u)| (u, id))
+        .collect();
+    let mut fanouts = Vec::new();
+    for (via, prefix) in [(Via::Mux, "fanout"), (Via::Broadcast, "bcast")] {
+        if a.via != via && a.via != Via::Both {
+            continue;
+        }
+        let before = hub_pid.and_then(proc_usage);
+        let mut times = Vec::with_capacity(a.rounds);
+        for _ in 0..a.rounds {
+            times.push(fan_out(&client, &engines, via).await?);
+        }
+        times.sort_by(|x, y| x.total_cmp(y));
+        let after = hub_pid.and_then(proc_usage);
+        fanouts.push((prefix, times, before, after));
     }
-    times.sort_by(|x, y| x.total_cmp(y));
     let end_usage = hub_pid.and_then(proc_usage);
     stop.cancel();
 
@@ -306,24 +329,33 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
     if let Some((_, rss)) = end_usage {
         r.insert("hub_rss_after_fanout_mib".into(), json!(mb(rss)));
     }
-    // The hub's own CPU per round: its side of fan-out + gather (relaying N
-    // requests and N replies, recording them), apart from this process's
-    // cost of signing and answering as the client and the N engines.
-    if let (Some((c0, _)), Some((c1, _))) = (fan_before, end_usage)
-        && a.rounds > 0
-    {
+    r.insert("fanout_rounds".into(), json!(a.rounds));
+    for (prefix, times, before, after) in fanouts {
+        // The hub's own CPU per round: its side of fan-out + gather
+        // (relaying N requests and N replies, recording them), apart from
+        // this process's cost of signing and answering as the client and
+        // the N engines.
+        if let (Some((c0, _)), Some((c1, _))) = (before, after)
+            && a.rounds > 0
+        {
+            r.insert(
+                format!("hub_cpu_ms_per_{prefix}"),
+                json!(1e3 * (c1 - c0) / a.rounds as f64),
+            );
+        }
         r.insert(
-            "hub_cpu_ms_per_fanout".into(),
-            json!(1e3 * (c1 - c0) / a.rounds as f64),
+            format!("{prefix}_p50_ms"),
+            json!(percentile(&times, 0.5) * 1e3),
+        );
+        r.insert(
+            format!("{prefix}_p90_ms"),
+            json!(percentile(&times, 0.9) * 1e3),
+        );
+        r.insert(
+            format!("{prefix}_max_ms"),
+            json!(times.last().copied().unwrap_or(f64::NAN) * 1e3),
         );
     }
-    r.insert("fanout_rounds".into(), json!(a.rounds));
-    r.insert("fanout_p50_ms".into(), json!(percentile(&times, 0.5) * 1e3));
-    r.insert("fanout_p90_ms".into(), json!(percentile(&times, 0.9) * 1e3));
-    r.insert(
-        "fanout_max_ms".into(),
-        json!(times.last().copied().unwrap_or(f64::NAN) * 1e3),
-    );
     drop(hub);
     Ok(Value::Object(r))
 }
@@ -339,22 +371,25 @@ fn client_file_beside(engine_file: &Path) -> Result<PathBuf> {
     Ok(engine_file.with_file_name(format!("{stem}-client.json")))
 }
 
-/// One `execute_request` to every engine through the MUX; seconds until
-/// every reply is back.
-async fn fan_out(client: &HubClient, engines: &[String]) -> Result<f64> {
+/// One `execute_request` to every engine (through the MUX: one request per
+/// engine; through the broadcast scheduler: one request in all); seconds
+/// until every reply is back.
+async fn fan_out(client: &HubClient, engines: &[(String, i64)], via: Via) -> Result<f64> {
     let (tx, mut rx) = mpsc::unbounded_channel();
+    let content = || {
+        json!({"code": "a=1", "silent": false, "store_history": true,
+               "user_expressions": {}, "allow_stdin": false})
+    };
     let t = Instant::now();
-    let mut ids = Vec::with_capacity(engines.len());
-    for u in engines {
-        ids.push(client.send_to(
-            Chan::Mux,
-            Some(u),
-            "execute_request",
-            json!({"code": "a=1", "silent": false, "store_history": true,
-                   "user_expressions": {}, "allow_stdin": false}),
-            &tx,
-        )?);
-    }
+    let ids = if via == Via::Broadcast {
+        client.broadcast_to(engines, "execute_request", content(), &tx)?
+    } else {
+        let mut ids = Vec::with_capacity(engines.len());
+        for (u, _) in engines {
+            ids.push(client.send_to(Chan::Mux, Some(u), "execute_request", content(), &tx)?);
+        }
+        ids
+    };
     let mut got = 0;
     let r = tokio::time::timeout(Duration::from_secs(60), async {
         while got < engines.len() {
@@ -371,7 +406,10 @@ async fn fan_out(client: &HubClient, engines: &[String]) -> Result<f64> {
         client.forget(id);
     }
     if r.is_err() || got < engines.len() {
-        bail!("fan-out: {got} of {} replies within 60 s", engines.len());
+        bail!(
+            "fan-out ({via:?}): {got} of {} replies within 60 s",
+            engines.len()
+        );
     }
     Ok(dt)
 }
@@ -437,6 +475,11 @@ async fn fake_engine_inner(
     parallax_engine::driver::first_pong(&mut pong).await;
     let mut shell = RouterSocket::with_options(opts());
     shell.connect(&url(info.mux)).await?;
+    // the broadcast leaf a real engine connects to (ipengine: id % leaves)
+    if !info.broadcast.is_empty() {
+        let leaf = info.broadcast[(id.max(0) as usize) % info.broadcast.len()];
+        shell.connect(&url(leaf)).await?;
+    }
     let _ = registered.send(Ok(id));
 
     let limits = Limits::default();
@@ -496,14 +539,28 @@ fn print_report(r: &Value) {
         "  registered after the idle period: {}",
         r["registered_after_idle"]
     );
-    println!(
-        "  fan-out + gather through the MUX ({} rounds): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
-        r["fanout_rounds"],
-        f("fanout_p50_ms").unwrap_or(f64::NAN),
-        f("fanout_p90_ms").unwrap_or(f64::NAN),
-        f("fanout_max_ms").unwrap_or(f64::NAN)
-    );
+    if f("fanout_p50_ms").is_some() {
+        println!(
+            "  fan-out + gather through the MUX ({} rounds): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+            r["fanout_rounds"],
+            f("fanout_p50_ms").unwrap_or(f64::NAN),
+            f("fanout_p90_ms").unwrap_or(f64::NAN),
+            f("fanout_max_ms").unwrap_or(f64::NAN)
+        );
+    }
     if let Some(c) = f("hub_cpu_ms_per_fanout") {
         println!("  hub CPU per fan-out + gather: {c:.1} ms");
+    }
+    if f("bcast_p50_ms").is_some() {
+        println!(
+            "  fan-out + gather through the broadcast scheduler ({} rounds): p50 {:.1} ms, p90 {:.1} ms, max {:.1} ms",
+            r["fanout_rounds"],
+            f("bcast_p50_ms").unwrap_or(f64::NAN),
+            f("bcast_p90_ms").unwrap_or(f64::NAN),
+            f("bcast_max_ms").unwrap_or(f64::NAN)
+        );
+    }
+    if let Some(c) = f("hub_cpu_ms_per_bcast") {
+        println!("  hub CPU per broadcast + gather: {c:.1} ms");
     }
 }

@@ -65,6 +65,7 @@ def test_load_generator_registers_1000_engines():
     assert report["registered_after_idle"] == 1000, report
     assert report["fanout_rounds"] == 3
     assert report["fanout_max_ms"] > 0, report
+    assert report["bcast_max_ms"] > 0, report  # the same through the broadcast scheduler
     assert report["hub_kib_per_engine"] > 0, report
 
 
