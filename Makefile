@@ -109,11 +109,11 @@ test-rust:
 # stop them.
 LAUNCHER_PACKAGES := slurmctld slurmd slurm-client munge openmpi-bin mpich \
 	gridengine-master gridengine-exec gridengine-client \
-	libslurm-perl libslurmdb-perl libswitch-perl
+	libslurm-perl libslurmdb-perl libswitch-perl openssh-server openssh-client
 $(STAMPS)/launchers:
 	mkdir -p $(STAMPS)
 	command -v sbatch >/dev/null && test -x /usr/sbin/slurmctld && command -v mpiexec >/dev/null \
-		&& test -x /usr/sbin/sge_qmaster \
+		&& test -x /usr/sbin/sge_qmaster && test -x /usr/sbin/sshd \
 		|| $(APT_INSTALL) $(LAUNCHER_PACKAGES) || { $(SUDO) apt-get update && $(APT_INSTALL) $(LAUNCHER_PACKAGES); }
 	command -v sbatch >/dev/null && command -v mpiexec >/dev/null
 	touch $@

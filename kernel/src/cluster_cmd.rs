@@ -38,6 +38,11 @@ macro_rules! say {
     }};
 }
 
+/// `say!` for other modules.
+pub(crate) fn say_line(line: &str) {
+    say!("{line}");
+}
+
 /// The same for stderr.
 macro_rules! esay {
     ($($arg:tt)*) => {{
@@ -84,9 +89,8 @@ pub struct StartArgs {
     /// Number of engines (default: the number of CPUs).
     #[arg(short = 'n', long = "n")]
     pub n: Option<u32>,
-    /// How the engines are launched: local, mpi, slurm, pbs, sge, lsf or
-    /// htcondor (ipcluster's launcher names, any case; ssh is not
-    /// implemented yet).
+    /// How the engines are launched: local, mpi, slurm, pbs, sge, lsf,
+    /// htcondor or ssh (ipcluster's launcher names, any case).
     #[arg(long = "engines", visible_alias = "engine-launcher", default_value = "local", value_parser = parse_launcher)]
     pub engines: LauncherKind,
     /// The hub's listening address (default 127.0.0.1, reachable from this
@@ -144,9 +148,13 @@ pub struct StartArgs {
     #[arg(long = "engines-per-job", value_name = "K")]
     pub engines_per_job: Option<u32>,
     /// How engines get the connection info: file (the engine connection
-    /// file's path) or env ($IPP_CONNECTION_INFO).
-    #[arg(long = "connection-info", value_enum, default_value_t = ConnectionInfo::File)]
-    pub connection_info: ConnectionInfo,
+    /// file's path) or env ($IPP_CONNECTION_INFO). Default: env for ssh
+    /// (sent in the script on ssh's stdin: no shared file system needed),
+    /// file for the others.
+    #[arg(long = "connection-info", value_enum)]
+    pub connection_info: Option<ConnectionInfo>,
+    #[command(flatten)]
+    pub ssh: crate::cluster_ssh::SshArgs,
     /// Batch: seconds between job-state polls while engines register.
     #[arg(long = "poll-interval", default_value_t = 1.0)]
     pub poll_interval: f64,
@@ -572,6 +580,8 @@ struct LoadedCluster {
     unverifiable_engines: u64,
     /// Sets of a batch launcher with a job id: (set id, launcher state).
     batch_sets: Vec<(String, Value)>,
+    /// The hosts of ssh engine sets (`SshLauncher::to_dict` each).
+    ssh_hosts: Vec<Value>,
     engine_class: String,
 }
 
@@ -605,6 +615,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
     let mut engines = Vec::new();
     let mut unverifiable_engines = 0;
     let mut batch_sets = Vec::new();
+    let mut ssh_hosts = Vec::new();
     let engine_info = raw.get("engines");
     let engine_class = engine_info
         .and_then(|e| e.get("class"))
@@ -621,6 +632,16 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
                     if let Some(pid) = pid_of(e) {
                         engines.push((format!("engine {set_id}/{i}"), pid, path_of(e)));
                     }
+                }
+            } else if let Some(hosts) = set.get("hosts").and_then(Value::as_array) {
+                // engines on other hosts: their pids mean nothing here; the
+                // local ssh processes do
+                for h in hosts {
+                    let location = h.get("location").and_then(Value::as_str).unwrap_or("?");
+                    if let Some(pid) = h.get("ssh_pid").and_then(Value::as_i64).filter(|p| *p > 0) {
+                        engines.push((format!("ssh {location}"), pid, path_of(h)));
+                    }
+                    ssh_hosts.push(h.clone());
                 }
             } else if let Some(pid) = pid_of(set) {
                 engines.push((format!("engine set {set_id}"), pid, path_of(set)));
@@ -646,6 +667,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
         engines,
         unverifiable_engines,
         batch_sets,
+        ssh_hosts,
         engine_class,
     })
 }
@@ -825,6 +847,9 @@ struct EngineSet {
 impl EngineSet {
     /// The set as `Cluster.to_dict()` writes it.
     fn to_value(&self, profile_dir: &Path, cid: &str) -> Value {
+        if self.kind == LauncherKind::Ssh {
+            return crate::cluster_ssh::set_value(&self.members, profile_dir, cid);
+        }
         if self.kind == LauncherKind::Local {
             let engines: serde_json::Map<String, Value> = self
                 .members
@@ -969,10 +994,19 @@ struct EnginePlan<'a> {
 }
 
 impl EnginePlan<'_> {
+    fn connection_info(&self) -> ConnectionInfo {
+        self.args
+            .connection_info
+            .unwrap_or(match self.args.engines {
+                LauncherKind::Ssh => ConnectionInfo::Env,
+                _ => ConnectionInfo::File,
+            })
+    }
+
     /// `parallax engine --file=… --n-engines=N [engine args]`.
     fn engine_argv(&self) -> Vec<String> {
         let mut v = vec![self.exe.to_string_lossy().into_owned(), "engine".to_owned()];
-        if self.args.connection_info == ConnectionInfo::File {
+        if self.connection_info() == ConnectionInfo::File {
             v.push(format!("--file={}", self.engine_file.display()));
         }
         v.push(format!("--n-engines={}", self.n));
@@ -1061,6 +1095,12 @@ impl EnginePlan<'_> {
                 }
                 out
             }
+            None if kind == LauncherKind::Ssh => crate::cluster_ssh::describe(
+                self.args,
+                self.n,
+                &self.engine_argv(),
+                self.connection_info() == ConnectionInfo::Env,
+            )?,
             None if kind == LauncherKind::Mpi => {
                 parallax_launch::template::shell_join(&self.mpi_command().argv()) + "\n"
             }
@@ -1074,7 +1114,7 @@ impl EnginePlan<'_> {
 
     /// The engines' extra environment: `$IPP_CONNECTION_INFO` in env mode.
     fn engine_env(&self) -> Result<Vec<(String, String)>> {
-        Ok(match self.args.connection_info {
+        Ok(match self.connection_info() {
             ConnectionInfo::File => Vec::new(),
             ConnectionInfo::Env => vec![(
                 "IPP_CONNECTION_INFO".to_owned(),
@@ -1149,6 +1189,43 @@ impl EnginePlan<'_> {
                     None,
                 ));
             }
+            LauncherKind::Ssh => {
+                let hosts = crate::cluster_ssh::hosts_for(self.args, self.n)?;
+                let mut launchers = Vec::new();
+                let mut logs = Vec::new();
+                for (i, host) in hosts.into_iter().enumerate() {
+                    let log = self.log_dir.join(format!(
+                        "parallax-ssh{}-{}-{i}.log",
+                        self.id_part, self.set_base
+                    ));
+                    let n = host.engines;
+                    let mut l = crate::cluster_ssh::launcher(
+                        self.args,
+                        host,
+                        self.engine_argv(),
+                        &self.profile_dir.to_string_lossy(),
+                        self.cid,
+                        log.clone(),
+                        self.grace,
+                    );
+                    l.env = env.clone();
+                    l.start(n)
+                        .with_context(|| format!("starting {}", l.label()))?;
+                    launchers.push(l);
+                    logs.push(log);
+                }
+                // all connections open at once; then each reports its pids
+                let waited: Result<()> = launchers.iter_mut().try_for_each(|l| {
+                    l.wait_started(crate::cluster_ssh::START_TIMEOUT)
+                        .map_err(anyhow::Error::from)
+                });
+                let members: Vec<Box<dyn Launcher>> = launchers
+                    .into_iter()
+                    .map(|l| Box::new(l) as Box<dyn Launcher>)
+                    .collect();
+                sets.push(new_set(self.set_base.to_owned(), members, logs, None));
+                waited?;
+            }
             _ => {
                 let system = kind
                     .batch_system()
@@ -1209,6 +1286,7 @@ async fn start(args: StartArgs) -> Result<()> {
     let t0 = Instant::now();
     let n = match args.n {
         Some(n) => n,
+        None if args.engines == LauncherKind::Ssh => crate::cluster_ssh::default_n(&args)?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
     if n == 0 {
@@ -1221,7 +1299,7 @@ async fn start(args: StartArgs) -> Result<()> {
         );
     }
     if args.engines == LauncherKind::Ssh {
-        bail!("--engines ssh is not implemented yet");
+        crate::cluster_ssh::check_reachable(&args)?;
     }
     let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
     let profile_dir = profile_dir(&args.profile);
@@ -1494,6 +1572,7 @@ async fn add_engines(args: StartArgs) -> Result<()> {
     let n = match args.n {
         Some(n) if n > 0 => n,
         Some(_) => bail!("-n must be at least 1"),
+        None if args.engines == LauncherKind::Ssh => crate::cluster_ssh::default_n(&args)?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
     let profile_dir = profile_dir(&args.profile);
@@ -1522,7 +1601,7 @@ async fn add_engines(args: StartArgs) -> Result<()> {
         );
     }
     if args.engines == LauncherKind::Ssh {
-        bail!("--engines ssh is not implemented yet");
+        crate::cluster_ssh::check_reachable_from(&args, &c.raw)?;
     }
     let security = profile_dir.join("security");
     let log_dir = profile_dir.join("log");
@@ -1762,6 +1841,11 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
                 }
             }
         }
+    } else if !c.ssh_hosts.is_empty() {
+        not_cancelled.extend(crate::cluster_ssh::stop_hosts(&c.ssh_hosts, grace));
+        for e in &not_cancelled {
+            esay!("error: {e}");
+        }
     } else if c.unverifiable_engines > 0 {
         esay!(
             "warning: {} engine(s) of launcher {:?} have no pid here; stop them with their launcher",
@@ -1819,7 +1903,11 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             "{} may still be running (see the error above); {} is kept, run stop again where {} works",
             not_cancelled.join(", "),
             c.file.display(),
-            system_delete_command(batch_system)
+            if c.ssh_hosts.is_empty() {
+                system_delete_command(batch_system)
+            } else {
+                "ssh to the hosts".to_owned()
+            }
         );
     }
     std::fs::remove_file(&c.file).or_else(|e| {

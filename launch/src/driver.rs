@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use crate::batch::BatchJob;
+use crate::ssh::SshHost;
 use crate::template::shell_join;
 use crate::{JobState, LaunchError, Launcher, LauncherKind};
 
@@ -582,6 +583,348 @@ impl Launcher for BatchLauncher {
             Some(id) => format!("job {id}"),
             None => "job (not submitted)".into(),
         }
+    }
+}
+
+// -------------------------------------------------------------------- ssh
+
+/// The engines of one host, started over one ssh connection that stays
+/// open while they run (see [`crate::ssh`]).
+pub struct SshLauncher {
+    pub host: SshHost,
+    pub ssh_cmd: Vec<String>,
+    pub ssh_args: Vec<String>,
+    /// `parallax engine …` as on this host (the host may name another
+    /// `parallax`).
+    pub engine_argv: Vec<String>,
+    /// Exported by the remote script (the connection info in env mode).
+    pub env: Vec<(String, String)>,
+    pub profile_dir: String,
+    pub cluster_id: String,
+    /// The local log: the ssh's and the engines' output.
+    pub output_file: PathBuf,
+    pub grace: Duration,
+    /// Limit for each ssh command (stop, signal).
+    pub command_timeout: Duration,
+    /// The local ssh process.
+    pub ssh_pid: i64,
+    /// The engines' pids (each its process group) on the host, and the
+    /// host's own name, once the start script reported them.
+    pub remote_pids: Vec<i64>,
+    pub remote_hostname: String,
+    child: Option<Child>,
+    state: &'static str,
+}
+
+impl SshLauncher {
+    #[allow(clippy::too_many_arguments)] // ipyparallel's SSHLauncher traits, one each
+    pub fn new(
+        host: SshHost,
+        ssh_cmd: Vec<String>,
+        ssh_args: Vec<String>,
+        engine_argv: Vec<String>,
+        profile_dir: &str,
+        cluster_id: &str,
+        output_file: PathBuf,
+        grace: Duration,
+    ) -> SshLauncher {
+        SshLauncher {
+            host,
+            ssh_cmd,
+            ssh_args,
+            engine_argv,
+            env: Vec::new(),
+            profile_dir: profile_dir.to_owned(),
+            cluster_id: cluster_id.to_owned(),
+            output_file,
+            grace,
+            command_timeout: Duration::from_secs(30),
+            ssh_pid: -1,
+            remote_pids: Vec::new(),
+            remote_hostname: String::new(),
+            child: None,
+            state: "before",
+        }
+    }
+
+    /// A launcher restored from its cluster-file entry, to stop or signal
+    /// what it started.
+    pub fn from_dict(d: &Value, grace: Duration) -> Option<SshLauncher> {
+        let s = |k: &str| d.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let strings = |k: &str| -> Vec<String> {
+            d.get(k)
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let host = s("hostname");
+        if host.is_empty() {
+            return None;
+        }
+        let user = Some(s("user")).filter(|u| !u.is_empty());
+        let port = d.get("port").and_then(Value::as_u64).map(|p| p as u16);
+        let mut ssh_cmd = strings("ssh_cmd");
+        if ssh_cmd.is_empty() {
+            ssh_cmd = vec!["ssh".into()];
+        }
+        let mut l = SshLauncher::new(
+            SshHost {
+                user,
+                host,
+                port,
+                engines: d.get("n").and_then(Value::as_u64).unwrap_or(0) as u32,
+                parallax: None,
+                python: None,
+            },
+            ssh_cmd,
+            strings("ssh_args"),
+            Vec::new(),
+            &s("profile_dir"),
+            &s("cluster_id"),
+            PathBuf::from(s("output_file")),
+            grace,
+        );
+        l.ssh_pid = d.get("ssh_pid").and_then(Value::as_i64).unwrap_or(-1);
+        l.remote_pids = d
+            .get("remote_pids")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_i64).collect())
+            .unwrap_or_default();
+        l.remote_hostname = s("remote_hostname");
+        l.state = "running";
+        Some(l)
+    }
+
+    /// Waits until the start script reported the engines' pids (true), or
+    /// the ssh ended first or `timeout` passed (an error with ssh's words).
+    pub fn wait_started(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.learn_pids() {
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                // the mark may have come just before the exit
+                if self.learn_pids() {
+                    return Ok(());
+                }
+                return Err(LaunchError::Other(format!(
+                    "ssh to {} exited ({}) before the engines started: {}",
+                    self.host.location(),
+                    describe_ssh_exit(status),
+                    self.output_tail(10)
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::Timeout {
+                    command: format!("ssh {} (starting engines)", self.host.location()),
+                    seconds: timeout.as_secs_f64(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn learn_pids(&mut self) -> bool {
+        if !self.remote_pids.is_empty() {
+            return true;
+        }
+        let text = std::fs::read_to_string(&self.output_file).unwrap_or_default();
+        match crate::ssh::parse_started(&text) {
+            Some((host, pids)) if !pids.is_empty() => {
+                self.remote_hostname = host;
+                self.remote_pids = pids;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn output_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.output_file).unwrap_or_default();
+        let v: Vec<&str> = text.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Runs `script` on the host (a separate connection).
+    fn run_remote(&self, script: &str, timeout: Duration) -> Result<CommandOutput, LaunchError> {
+        let argv = crate::ssh::ssh_argv(&self.ssh_cmd, &self.ssh_args, &self.host);
+        run_command(&argv, Some(script), timeout)
+    }
+}
+
+/// `exit status 255 (ssh could not connect or lost the connection)`.
+fn describe_ssh_exit(status: std::process::ExitStatus) -> String {
+    match status.code() {
+        Some(255) => "exit status 255: ssh could not connect or lost the connection".into(),
+        _ => status.to_string(),
+    }
+}
+
+impl Launcher for SshLauncher {
+    fn start(&mut self, n: u32) -> Result<(), LaunchError> {
+        use std::os::unix::process::CommandExt;
+        self.host.engines = n;
+        let argv = crate::ssh::ssh_argv(&self.ssh_cmd, &self.ssh_args, &self.host);
+        let script = crate::ssh::start_script(&self.env, &self.engine_argv, &self.host);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.output_file)?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: setsid is async-signal-safe. Its own session: no terminal
+        // (ssh cannot stop to ask for a password) and no terminal signals.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| LaunchError::Command {
+            command: shell_join(&argv),
+            detail: e.to_string(),
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // a short script: the pipe holds it; an ssh that died early
+            // shows in wait_started
+            std::thread::spawn(move || {
+                let _ = stdin.write_all(script.as_bytes());
+            });
+        }
+        self.ssh_pid = i64::from(child.id());
+        self.child = Some(child);
+        self.state = "running";
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<JobState, LaunchError> {
+        self.learn_pids();
+        let exited = match &mut self.child {
+            Some(c) => c.try_wait()?,
+            None if pid_alive(self.ssh_pid) => None,
+            None => {
+                // restored, and its ssh is gone: ask the host
+                let out = self.run_remote(
+                    &crate::ssh::alive_script(&self.remote_pids),
+                    self.command_timeout,
+                )?;
+                let alive: usize = out.stdout.trim().parse().unwrap_or(0);
+                return Ok(if alive > 0 {
+                    JobState::Running {
+                        state: format!("running ({alive} on {})", self.host.location()),
+                    }
+                } else {
+                    JobState::Done {
+                        state: "exited".into(),
+                    }
+                });
+            }
+        };
+        let Some(status) = exited else {
+            return Ok(JobState::Running {
+                state: "running".into(),
+            });
+        };
+        self.state = "after";
+        Ok(if status.success() {
+            JobState::Done {
+                state: "exited".into(),
+            }
+        } else {
+            JobState::Failed {
+                state: "exited".into(),
+                reason: describe_ssh_exit(status),
+            }
+        })
+    }
+
+    fn signal(&mut self, sig: i32) -> Result<(), LaunchError> {
+        self.learn_pids();
+        let script = crate::ssh::signal_script(&self.remote_pids, sig);
+        let out = self.run_remote(&script, self.command_timeout)?;
+        if !out.success {
+            return Err(LaunchError::Other(format!(
+                "no engine on {} took signal {sig}: {}",
+                self.host.location(),
+                out.stderr.trim()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Stops the engines by their process groups on the host (SIGTERM, then
+    /// SIGKILL after the grace period), then the local ssh.
+    fn stop(&mut self) -> Result<(), LaunchError> {
+        self.learn_pids();
+        let mut result = Ok(());
+        if !self.remote_pids.is_empty() {
+            let script = crate::ssh::stop_script(&self.remote_pids, self.grace.as_secs_f64());
+            match self.run_remote(&script, self.grace + self.command_timeout) {
+                Ok(out) if out.success => {}
+                Ok(out) => {
+                    result = Err(LaunchError::Other(format!(
+                        "stopping the engines on {} failed ({}): {}",
+                        self.host.location(),
+                        out.code
+                            .map_or("killed".into(), |c| format!("exit code {c}")),
+                        out.stderr.trim()
+                    )));
+                }
+                Err(e) => result = Err(e),
+            }
+        }
+        if self.ssh_pid > 0 {
+            let child = &mut self.child;
+            terminate_tree(self.ssh_pid, Duration::from_secs(5), || {
+                if let Some(c) = child.as_mut() {
+                    let _ = c.try_wait();
+                }
+            });
+        }
+        self.state = "after";
+        result
+    }
+
+    /// ipyparallel's `SSHLauncher` fields (hostname, user, location,
+    /// ssh_cmd, ssh_args, pid: the remote engine's) plus ours.
+    fn to_dict(&self) -> Value {
+        json!({
+            "cluster_id": self.cluster_id,
+            "profile_dir": self.profile_dir,
+            "hostname": self.host.host,
+            "user": self.host.user.clone().unwrap_or_default(),
+            "port": self.host.port,
+            "location": self.host.location(),
+            "ssh_cmd": self.ssh_cmd,
+            "ssh_args": self.ssh_args,
+            "n": self.host.engines,
+            "output_file": self.output_file.to_string_lossy(),
+            "ssh_pid": self.ssh_pid,
+            "remote_pids": self.remote_pids,
+            "remote_hostname": self.remote_hostname,
+            "state": self.state,
+        })
+    }
+
+    fn label(&self) -> String {
+        format!(
+            "ssh {} ({} engines)",
+            self.host.location(),
+            self.host.engines
+        )
     }
 }
 

@@ -7,10 +7,11 @@
 //!   command line ([`mpi`]), and one module of data per batch system
 //!   ([`slurm`], [`pbs`], [`sge`], [`lsf`], [`htcondor`]: default template,
 //!   directives, submit/delete/signal/state commands and the parsers of
-//!   their output) on the shared [`batch`] machinery;
+//!   their output) on the shared [`batch`] machinery, and the ssh host
+//!   lists and remote scripts ([`ssh`]);
 //! * a **driver** ([`driver`]) that runs commands (std::process, with
 //!   timeouts), spawns and stops processes, and implements [`Launcher`] for
-//!   a process (`local`, `mpi`) and a batch job.
+//!   a process (`local`, `mpi`), a batch job and a host's engines over ssh.
 //!
 //! Parsing a scheduler's output is a pure function tested as data against
 //! real output samples; only the driver touches processes.
@@ -24,6 +25,7 @@ pub mod mpi;
 pub mod pbs;
 pub mod sge;
 pub mod slurm;
+pub mod ssh;
 pub mod template;
 
 use std::fmt;

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from launch_harness import ROOT, Profile, child_env
-from launch_services import GridEngine, Slurm
+from launch_services import GridEngine, Slurm, SshHosts
 
 
 @pytest.fixture
@@ -101,3 +101,18 @@ def pbs_profile(tmp_path, slurm, pbs_bin):
     yield p
     p.reap()
     slurm.cancel_all()
+
+
+@pytest.fixture(scope="session")
+def ssh_hosts(tmp_path_factory):
+    """Two hosts with sshd in network namespaces (and an sshd on loopback),
+    for the session."""
+    if not Path("/usr/sbin/sshd").exists() or not shutil.which("ssh"):
+        pytest.skip("OpenSSH is not installed (Debian openssh-server; make test installs it)")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    h = SshHosts(tmp_path_factory.mktemp("ssh"), n=2)
+    try:
+        yield h.start()
+    finally:
+        h.stop()

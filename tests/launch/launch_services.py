@@ -277,3 +277,128 @@ class GridEngine:
         for f in (self.spool / "execd/localhost/execd.pid", self.spool / "qmaster/qmaster.pid"):
             if f.exists():
                 stop_pid(int(f.read_text().strip()), timeout=20)
+
+
+class SshHosts:
+    """Hosts for the ssh launcher: network namespaces on a bridge, each
+    with its own host name (a UTS namespace) and a key-only sshd, plus an
+    sshd on 127.0.0.1 in this namespace. The namespaces share this
+    machine's file system (a cluster's shared home) but not its network:
+    an engine there reaches a hub only on the bridge address, never on
+    127.0.0.1.
+
+    Names and the subnet depend on this process's pid, so two test
+    sessions do not collide; `stop` removes everything."""
+
+    def __init__(self, base: Path, n: int = 2):
+        self.base = base
+        self.n = n
+        k = os.getpid() % 200 + 20
+        self.tag = f"px{k}"
+        self.bridge = f"{self.tag}br"
+        self.subnet = f"10.200.{k}"
+        self.hub_ip = f"{self.subnet}.1"
+        self.names = [f"{self.tag}h{i}" for i in range(1, n + 1)]
+        self.addrs = [f"{self.subnet}.{i + 1}" for i in range(1, n + 1)]
+        self.hostnames = [f"pxhost{i}" for i in range(1, n + 1)]
+        self.config = base / "ssh_config"
+        self.loopback_port = free_port()
+        self.daemons: list[subprocess.Popen] = []
+
+    def _ip(self, *args, ns: str | None = None, check=True):
+        argv = ["ip", *args] if ns is None else ["ip", "netns", "exec", ns, "ip", *args]
+        return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=30)
+
+    def _sshd_config(self, name: str, addr: str, port: int) -> Path:
+        b = self.base
+        cfg = b / f"sshd_config_{name}"
+        cfg.write_text(
+            f"Port {port}\nListenAddress {addr}\nHostKey {b / 'host_key'}\nPidFile {b / f'sshd-{name}.pid'}\n"
+            f"AuthorizedKeysFile {b / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+            "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+            "UsePAM no\nStrictModes no\nMaxStartups 100:30:200\n"
+        )
+        return cfg
+
+    def start(self) -> "SshHosts":
+        b = self.base
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(b / key)], check=True,
+                           timeout=30)
+        shutil.copy(b / "client_key.pub", b / "authorized_keys")
+        os.chmod(b / "authorized_keys", 0o600)
+        self.config.write_text(
+            f"Host *\n  IdentityFile {b / 'client_key'}\n  IdentitiesOnly yes\n  User root\n"
+            "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n"
+            "  ConnectTimeout 5\n"
+        )
+        self.stop_network()  # a previous session's leftovers with this pid
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.hub_ip}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for name, addr, hostname in zip(self.names, self.addrs, self.hostnames):
+            self._ip("netns", "add", name)
+            self._ip("link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
+            self._ip("link", "set", f"{name}a", "master", self.bridge)
+            self._ip("link", "set", f"{name}a", "up")
+            self._ip("link", "set", f"{name}b", "netns", name)
+            self._ip("addr", "add", f"{addr}/24", "dev", f"{name}b", ns=name)
+            self._ip("link", "set", f"{name}b", "up", ns=name)
+            self._ip("link", "set", "lo", "up", ns=name)
+            cfg = self._sshd_config(name, addr, 22)
+            self.daemons.append(subprocess.Popen(
+                ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c",
+                 f'hostname {hostname} && exec /usr/sbin/sshd -D -f "$0" -E "$1"', str(cfg), str(b / f"sshd-{name}.log")],
+                stdin=subprocess.DEVNULL, start_new_session=True))
+        cfg = self._sshd_config("lo", "127.0.0.1", self.loopback_port)
+        self.daemons.append(subprocess.Popen(
+            ["/usr/sbin/sshd", "-D", "-f", str(cfg), "-E", str(b / "sshd-lo.log")],
+            stdin=subprocess.DEVNULL, start_new_session=True))
+        for addr, port in [*((a, 22) for a in self.addrs), ("127.0.0.1", self.loopback_port)]:
+            wait_for(lambda: subprocess.run(["ssh", "-F", str(self.config), "-p", str(port), addr, "true"],
+                                            capture_output=True, timeout=15).returncode == 0,
+                     30, f"sshd on {addr}:{port}", interval=0.2)
+        return self
+
+    def ssh_args(self) -> str:
+        return f"-F {self.config}"
+
+    def pids_in(self, name: str) -> set[int]:
+        """The processes in a namespace host, but its sshd."""
+        r = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+        daemons = {d.pid for d in self.daemons}
+        out = set()
+        for p in r.stdout.split():
+            pid = int(p)
+            try:
+                exe = os.readlink(f"/proc/{pid}/exe")
+            except OSError:
+                continue
+            if pid not in daemons and exe != "/usr/sbin/sshd" and pid_alive(pid):
+                out.add(pid)
+        return out
+
+    def stop_network(self):
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+
+    def stop(self):
+        for d in self.daemons:
+            try:
+                os.killpg(d.pid, 9)
+            except ProcessLookupError:
+                pass
+            try:
+                d.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        # what sshd started and a test left behind goes with the hosts
+        for name in self.names:
+            for pid in self.pids_in(name):
+                try:
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+        self.stop_network()
