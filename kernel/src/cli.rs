@@ -28,6 +28,22 @@ pub struct KernelArgs {
     /// (default: $PARALLAX_PYTHON, else python3 on PATH; python only).
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Launch the engines through a launcher instead of as local processes:
+    /// mpi, slurm, pbs, sge, lsf, htcondor or ssh (`--engines` of them; the
+    /// kernel answers at once and they join as they register).
+    #[arg(long)]
+    pub launcher: Option<String>,
+    /// An option for the launcher, as `parallax cluster start` takes it
+    /// (repeatable), e.g. --launcher-arg=--queue=debug.
+    #[arg(long = "launcher-arg", allow_hyphen_values = true, value_name = "ARG")]
+    pub launcher_args: Vec<String>,
+    /// The embedded hub's listening address (default 127.0.0.1): 0.0.0.0 or
+    /// an address engines on other hosts reach.
+    #[arg(long = "ip", value_name = "ADDR")]
+    pub ip: Option<String>,
+    /// The hub's host as engines elsewhere reach it (default this host's name).
+    #[arg(long = "location", value_name = "HOST")]
+    pub location: Option<String>,
     /// Seconds to wait for the engines to register.
     #[arg(long = "engine-timeout", default_value_t = 60.0)]
     pub engine_timeout: f64,
@@ -51,6 +67,22 @@ impl KernelArgs {
             anyhow::bail!("--engines must be at least 1");
         }
         Ok(n)
+    }
+
+    /// `--launcher` as `%cluster start` words, checked.
+    pub fn launch_words(&self) -> anyhow::Result<Option<Vec<String>>> {
+        let Some(l) = &self.launcher else {
+            return Ok(None);
+        };
+        if self.cluster.is_some() {
+            anyhow::bail!(
+                "--launcher starts engines for the embedded hub; it cannot be used with --cluster"
+            );
+        }
+        let words = crate::cluster_jobs::kernel_words(self.engine_count()?, l, &self.launcher_args);
+        crate::cluster_jobs::parse_start(&words)
+            .map_err(|e| anyhow::anyhow!("--launcher {l}: {e}"))?;
+        Ok(Some(words))
     }
 
     pub fn python(&self) -> PathBuf {

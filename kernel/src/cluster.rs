@@ -100,20 +100,31 @@ fn private_dir() -> Result<PathBuf> {
 impl EmbeddedCluster {
     /// Start the hub task and `n` engines; returns once the hub is bound
     /// (engines register in the background: see [`wait_for_engines`]).
-    pub async fn start(n: usize, spec: EngineSpec) -> Result<EmbeddedCluster> {
+    /// `ip`/`location`: the hub's `--ip`/`--location` (default loopback),
+    /// for engines launched on other hosts.
+    pub async fn start(
+        n: usize,
+        spec: EngineSpec,
+        ip: Option<&str>,
+        location: Option<&str>,
+    ) -> Result<EmbeddedCluster> {
         let started = Instant::now();
         let profile_dir = private_dir()?;
-        let hub_args = HubCli::try_parse_from([
+        let mut argv = vec![
             "hub".to_owned(),
             format!("--profile-dir={}", profile_dir.display()),
-            "--ip=127.0.0.1".into(),
+            format!("--ip={}", ip.unwrap_or("127.0.0.1")),
             // Local engines: a dead one is normally seen at once (its
             // process exits); heartbeats are the fallback.
             "--ping=1000".into(),
             "--max-heartbeat-misses=10".into(),
-        ])
-        .map_err(|e| anyhow!("hub options: {e}"))?
-        .args;
+        ];
+        if let Some(l) = location {
+            argv.push(format!("--location={l}"));
+        }
+        let hub_args = HubCli::try_parse_from(argv)
+            .map_err(|e| anyhow!("hub options: {e}"))?
+            .args;
         let hub_stop = CancellationToken::new();
         let (ready_tx, ready_rx) = oneshot::channel();
         let hub_task = tokio::spawn(parallax_hub::driver::run_notify(
@@ -147,6 +158,11 @@ impl EmbeddedCluster {
         };
         c.add_engines(n)?;
         Ok(c)
+    }
+
+    /// The private profile directory (connection files, job scripts).
+    pub fn profile_dir(&self) -> &Path {
+        &self.profile_dir
     }
 
     pub fn client_file(&self) -> &Path {

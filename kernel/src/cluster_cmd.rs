@@ -831,17 +831,17 @@ impl StopSignals {
 
 /// One engine set: what one launcher started (a local set holds one
 /// process launcher per engine, as ipyparallel's `LocalEngineSetLauncher`).
-struct EngineSet {
-    id: String,
-    kind: LauncherKind,
-    members: Vec<Box<dyn Launcher>>,
-    logs: Vec<PathBuf>,
+pub(crate) struct EngineSet {
+    pub(crate) id: String,
+    pub(crate) kind: LauncherKind,
+    pub(crate) members: Vec<Box<dyn Launcher>>,
+    pub(crate) logs: Vec<PathBuf>,
     /// A batch job's script, removed at stop.
     script: Option<PathBuf>,
     /// The last state seen, and when it was polled.
-    last: Option<(JobState, Instant)>,
+    pub(crate) last: Option<(JobState, Instant)>,
     /// Reported as gone already (foreground mode).
-    reported: Vec<bool>,
+    pub(crate) reported: Vec<bool>,
 }
 
 impl EngineSet {
@@ -881,7 +881,7 @@ impl EngineSet {
 
     /// Poll every member (batch jobs at most every `interval`, they run a
     /// command); the first one that is no longer active, with its state.
-    fn poll(&mut self, interval: Duration) -> Option<(usize, JobState)> {
+    pub(crate) fn poll(&mut self, interval: Duration) -> Option<(usize, JobState)> {
         if self.is_batch()
             && self
                 .last
@@ -908,7 +908,7 @@ impl EngineSet {
         None
     }
 
-    fn stop(&mut self) -> Vec<String> {
+    pub(crate) fn stop(&mut self) -> Vec<String> {
         let mut errors = Vec::new();
         for m in &mut self.members {
             if let Err(e) = m.stop() {
@@ -980,17 +980,17 @@ enum Interrupted {
 }
 
 /// What the engine launchers need to know.
-struct EnginePlan<'a> {
-    args: &'a StartArgs,
-    exe: &'a Path,
-    engine_file: &'a Path,
-    profile_dir: &'a Path,
-    cid: &'a str,
-    log_dir: &'a Path,
-    id_part: &'a str,
-    set_base: &'a str,
-    n: u32,
-    grace: Duration,
+pub(crate) struct EnginePlan<'a> {
+    pub(crate) args: &'a StartArgs,
+    pub(crate) exe: &'a Path,
+    pub(crate) engine_file: &'a Path,
+    pub(crate) profile_dir: &'a Path,
+    pub(crate) cid: &'a str,
+    pub(crate) log_dir: &'a Path,
+    pub(crate) id_part: &'a str,
+    pub(crate) set_base: &'a str,
+    pub(crate) n: u32,
+    pub(crate) grace: Duration,
 }
 
 impl EnginePlan<'_> {
@@ -1079,7 +1079,7 @@ impl EnginePlan<'_> {
     }
 
     /// `--print-script`: what would be submitted or run.
-    fn describe(&self) -> Result<String> {
+    pub(crate) fn describe(&self) -> Result<String> {
         let kind = self.args.engines;
         Ok(match kind.batch_system() {
             Some(system) => {
@@ -1126,7 +1126,7 @@ impl EnginePlan<'_> {
 
     /// Start the engines; the sets are pushed as they start, so a failure
     /// halfway leaves the started ones to `shutdown`.
-    fn start(&self, sets: &mut Vec<EngineSet>) -> Result<()> {
+    pub(crate) fn start(&self, sets: &mut Vec<EngineSet>) -> Result<()> {
         let kind = self.args.engines;
         let env = self.engine_env()?;
         let new_set = |id: String, members: Vec<Box<dyn Launcher>>, logs, script| EngineSet {
@@ -1253,7 +1253,7 @@ impl EnginePlan<'_> {
 
 /// Why a set that stopped before all engines registered failed, for the
 /// error message: its state and the end of its output.
-fn set_failure(set: &EngineSet, member: usize, state: &JobState) -> String {
+pub(crate) fn set_failure(set: &EngineSet, member: usize, state: &JobState) -> String {
     let what = set.members[member].label();
     let log = set.logs.get(member).or(set.logs.first());
     let detail = match (set.kind, log) {

@@ -353,6 +353,9 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         language: args.language,
         exe: std::env::current_exe().context("locating the parallax binary")?,
         engine_timeout: Duration::from_secs_f64(args.engine_timeout.max(1.0)),
+        hub_ip: args.ip.clone(),
+        hub_location: args.location.clone(),
+        launch: args.launch_words()?,
         assist: assist_tx,
     };
     let starting = tokio::spawn(PxSession::start(cfg));

@@ -120,6 +120,27 @@ pub struct InstallArgs {
     /// ${VAR} in values, e.g. PATH=/venv/bin:${PATH}).
     #[arg(long, value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// The kernel launches its engines through this launcher (mpi, slurm,
+    /// pbs, sge, lsf, htcondor, ssh) instead of as local processes: a
+    /// kernelspec such as "Parallax Python (Slurm, 64 engines)".
+    #[arg(long)]
+    pub launcher: Option<String>,
+    /// An option of the launcher, as `parallax cluster start` takes it
+    /// (repeatable), e.g. --launcher-arg=--queue=debug.
+    #[arg(
+        long = "launcher-arg",
+        allow_hyphen_values = true,
+        value_name = "ARG",
+        requires = "launcher"
+    )]
+    pub launcher_args: Vec<String>,
+    /// The kernel's hub listens here (default 127.0.0.1): 0.0.0.0 or an
+    /// address the engines' hosts reach.
+    #[arg(long = "ip", value_name = "ADDR")]
+    pub ip: Option<String>,
+    /// The hub's host name as the engines' hosts know it.
+    #[arg(long = "location", value_name = "HOST")]
+    pub hub_location: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -182,6 +203,42 @@ pub fn kernel_json(
         spec["env"] = json!(env);
     }
     spec
+}
+
+/// A kernelspec whose kernel launches its engines (`--launcher`) and
+/// places its hub (`--ip`, `--location`): the options appended to its
+/// argv, and the display name "Parallax Python (Slurm, 64 engines)"
+/// unless one was given. The launcher and its options are checked here,
+/// so a bad spec fails at install, not in the notebook.
+pub fn add_launcher(spec: &mut Value, args: &InstallArgs, language: Language) -> Result<()> {
+    let argv = spec["argv"].as_array_mut().context("argv")?;
+    if let Some(l) = &args.launcher {
+        let words =
+            crate::cluster_jobs::kernel_words(args.engines as usize, l, &args.launcher_args);
+        let parsed = crate::cluster_jobs::parse_start(&words)
+            .map_err(|e| anyhow::anyhow!("--launcher {l}: {e}"))?;
+        argv.push(json!(format!("--launcher={l}")));
+        for a in &args.launcher_args {
+            argv.push(json!(format!("--launcher-arg={a}")));
+        }
+        if args.display_name.is_none() {
+            let s = if args.engines == 1 { "" } else { "s" };
+            spec["display_name"] = json!(format!(
+                "Parallax {} ({}, {} engine{s})",
+                language.title(),
+                parsed.engines.display_name(),
+                args.engines
+            ));
+        }
+    }
+    let argv = spec["argv"].as_array_mut().context("argv")?;
+    if let Some(ip) = &args.ip {
+        argv.push(json!(format!("--ip={ip}")));
+    }
+    if let Some(l) = &args.hub_location {
+        argv.push(json!(format!("--location={l}")));
+    }
+    Ok(())
 }
 
 /// Jupyter's kernel name rule: letters, digits, `.`, `_`, `-`.
@@ -299,7 +356,8 @@ pub fn install_into(
         if !valid_kernel_name(&name) {
             bail!("invalid kernel name {name:?}: use letters, digits, '.', '_' and '-'");
         }
-        let spec = kernel_json(exe, args.engines, lang, args.display_name.as_deref(), &env);
+        let mut spec = kernel_json(exe, args.engines, lang, args.display_name.as_deref(), &env);
+        add_launcher(&mut spec, args, lang)?;
         let dir = kernels.join(&name);
         write_kernelspec(&dir, &spec)
             .with_context(|| format!("installing kernelspec {name} in {}", dir.display()))?;
@@ -550,6 +608,66 @@ mod tests {
         assert!(!valid_kernel_name(""));
         assert!(!valid_kernel_name("a/b"));
         assert!(!valid_kernel_name("a b"));
+    }
+
+    #[test]
+    fn launcher_kernelspecs() {
+        let a = args(&[
+            "--engines",
+            "64",
+            "--launcher",
+            "slurm",
+            "--launcher-arg=--queue=debug",
+            "--launcher-arg=--time=1:00:00",
+            "--ip=0.0.0.0",
+            "--location=login1",
+        ]);
+        let mut spec = kernel_json(
+            Path::new("/p"),
+            a.engines,
+            Language::Python,
+            None,
+            &BTreeMap::new(),
+        );
+        add_launcher(&mut spec, &a, Language::Python).unwrap();
+        assert_eq!(spec["display_name"], "Parallax Python (Slurm, 64 engines)");
+        let argv: Vec<&str> = spec["argv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            argv[8..],
+            [
+                "--launcher=slurm",
+                "--launcher-arg=--queue=debug",
+                "--launcher-arg=--time=1:00:00",
+                "--ip=0.0.0.0",
+                "--location=login1"
+            ]
+        );
+        // the kernel parses what the spec runs
+        {
+            use clap::Parser;
+            #[derive(Parser)]
+            struct K {
+                #[command(flatten)]
+                k: crate::cli::KernelArgs,
+            }
+            let mut kargv: Vec<String> = argv.iter().map(|s| s.to_string()).collect();
+            kargv[3] = "/c.json".into();
+            let k = K::try_parse_from(&kargv[1..]).unwrap().k;
+            let words = k.launch_words().unwrap().unwrap();
+            assert_eq!(words[..4], ["-n", "64", "--engines", "slurm"]);
+            assert_eq!(k.ip.as_deref(), Some("0.0.0.0"));
+        }
+        let bad = args(&["--launcher", "torque"]);
+        let mut spec = kernel_json(Path::new("/p"), 4, Language::Python, None, &BTreeMap::new());
+        let e = add_launcher(&mut spec, &bad, Language::Python).unwrap_err();
+        assert!(format!("{e}").contains("unknown launcher"), "{e}");
+        let bad = args(&["--launcher", "slurm", "--launcher-arg=--no-such-option"]);
+        assert!(add_launcher(&mut spec, &bad, Language::Python).is_err());
     }
 
     #[test]

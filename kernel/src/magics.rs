@@ -318,6 +318,9 @@ pub enum ClusterCommand {
     Stop(Option<Vec<i64>>),
     Restart(Option<Vec<i64>>),
     Connect(String),
+    /// `%cluster start ARGS`: engines through a launcher (the words, checked
+    /// by `cluster_jobs::parse_start`).
+    Start(Vec<String>),
 }
 
 pub const LINE_MAGICS: &[&str] = &[
@@ -469,7 +472,7 @@ fn no_args(name: &str, args: &str, item: Item) -> Result<Item, MagicError> {
     }
 }
 
-const CLUSTER_HELP: &str = "%cluster usage: %cluster (show), %cluster add N, %cluster stop [IDS|all], %cluster restart [IDS|all], %cluster connect FILE";
+const CLUSTER_HELP: &str = "%cluster usage: %cluster (show), %cluster add N, %cluster start -n N --engines mpi|slurm|pbs|sge|lsf|htcondor|ssh [parallax cluster start options], %cluster stop [IDS|all], %cluster restart [IDS|all], %cluster connect FILE";
 
 fn parse_ids(args: &[String]) -> Result<Option<Vec<i64>>, MagicError> {
     if args.is_empty() || (args.len() == 1 && args[0] == "all") {
@@ -506,6 +509,11 @@ fn parse_cluster(args: &str) -> Result<ClusterCommand, MagicError> {
                 return Err(bad("%cluster add takes one count".into()));
             }
             Ok(ClusterCommand::Add(n))
+        }
+        Some("start") => {
+            crate::cluster_jobs::parse_start(&words[1..])
+                .map_err(|e| bad(format!("%cluster start: {e}")))?;
+            Ok(ClusterCommand::Start(words[1..].to_vec()))
         }
         Some("stop") => Ok(ClusterCommand::Stop(parse_ids(&words[1..])?)),
         Some("restart") => Ok(ClusterCommand::Restart(parse_ids(&words[1..])?)),
@@ -865,6 +873,15 @@ mod tests {
         );
         assert!(parse_cell("%cluster add zero").is_err());
         assert!(parse_cell("%cluster explode").is_err());
+        assert_eq!(
+            c("%cluster start -n 4 --engines slurm --queue debug"),
+            ClusterCommand::Start(
+                ["-n", "4", "--engines", "slurm", "--queue", "debug"]
+                    .map(String::from)
+                    .to_vec()
+            )
+        );
+        assert!(parse_cell("%cluster start -n 4 --engines nope").is_err());
     }
 
     #[test]

@@ -18,6 +18,8 @@ use tracing::{info, warn};
 
 use crate::client::{Chan, ClientEvent, HubClient};
 use crate::cluster::{EmbeddedCluster, EngineSpec, wait_for_engines};
+use crate::cluster_cmd::StartArgs;
+use crate::cluster_jobs::{self, HubPlace, Launched, parse_start};
 use crate::frontend::Publisher;
 use crate::kernelspec::Language;
 use crate::magics::{
@@ -42,6 +44,12 @@ pub struct SessionConfig {
     pub language: Language,
     pub exe: PathBuf,
     pub engine_timeout: Duration,
+    /// The embedded hub's `--ip` and `--location` (default loopback).
+    pub hub_ip: Option<String>,
+    pub hub_location: Option<String>,
+    /// Engines launched at start instead of local ones: `%cluster start`
+    /// words (`-n N --engines KIND …`), from `--launcher`.
+    pub launch: Option<Vec<String>>,
     /// Where the session publishes its [`Assist`] (at start and after each
     /// cell: `%pxconfig` and `%cluster connect` change it).
     pub assist: watch::Sender<Option<Assist>>,
@@ -226,6 +234,10 @@ pub struct Session {
     /// only when the count changes).
     noted_registered: Option<usize>,
     assist: watch::Sender<Option<Assist>>,
+    /// Engines launched through a launcher (`%cluster start`, `--launcher`).
+    launched: Launched,
+    /// Where they find the hub.
+    hub_place: Option<HubPlace>,
 }
 
 impl Session {
@@ -241,18 +253,32 @@ impl Session {
         let (client, cluster) = match &cfg.cluster_file {
             Some(f) => (HubClient::connect_file(f).await?, None),
             None => {
-                let mut c = EmbeddedCluster::start(cfg.engines, spec.clone()).await?;
+                let local = if cfg.launch.is_some() { 0 } else { cfg.engines };
+                let mut c = EmbeddedCluster::start(
+                    local,
+                    spec.clone(),
+                    cfg.hub_ip.as_deref(),
+                    cfg.hub_location.as_deref(),
+                )
+                .await?;
                 let client = HubClient::connect(c.bound.client.clone()).await?;
-                wait_for_engines(&client, cfg.engines, cfg.engine_timeout, Some(&mut c)).await?;
+                wait_for_engines(&client, local, cfg.engine_timeout, Some(&mut c)).await?;
                 (client, Some(c))
             }
         };
+        let hub_place = cluster.as_ref().map(|c| HubPlace {
+            engine_file: c.bound.engine_file.clone(),
+            profile_dir: c.profile_dir().to_path_buf(),
+            log_dir: HubPlace::job_log_dir(),
+            ip: cfg.hub_ip.clone().unwrap_or_else(|| "127.0.0.1".into()),
+            language_args: spec.language_args(),
+        });
         info!(
             engines = client.engines().len(),
             elapsed_ms = t0.elapsed().as_millis() as u64,
             "cluster ready"
         );
-        let s = Session {
+        let mut s = Session {
             client,
             cluster,
             config: PxConfig::default(),
@@ -265,8 +291,16 @@ impl Session {
             running: Vec::new(),
             noted_registered: None,
             assist: cfg.assist,
+            launched: Launched::default(),
+            hub_place,
         };
         s.publish_assist();
+        if let Some(words) = &cfg.launch {
+            // the kernel answers at once; the engines join as they register
+            let args = parse_start(words).map_err(|e| anyhow::anyhow!("--launcher: {e}"))?;
+            let started = s.launch_sets(args).await?;
+            info!(sets = started, "engines launched");
+        }
         Ok(s)
     }
 
@@ -315,8 +349,135 @@ impl Session {
     }
 
     pub async fn shutdown(&mut self) {
+        // jobs first (cancelled and waited for), while the hub still runs
+        let mut sets = std::mem::take(&mut self.launched.sets);
+        if !sets.is_empty() {
+            let errors = tokio::task::spawn_blocking(move || cluster_jobs::stop_all(&mut sets))
+                .await
+                .unwrap_or_else(|e| vec![format!("stopping launched engines panicked: {e}")]);
+            for e in errors {
+                warn!("stopping launched engines: {e}");
+            }
+        }
+        if let Some(h) = &self.hub_place {
+            let _ = std::fs::remove_dir_all(&h.log_dir);
+        }
         if let Some(mut c) = self.cluster.take() {
             c.shutdown().await;
+        }
+    }
+
+    /// Launch engine sets for the hub (blocking launcher calls on the
+    /// blocking pool); returns how many sets started.
+    async fn launch_sets(&mut self, args: StartArgs) -> Result<usize> {
+        let hub = self.hub_place.clone().ok_or_else(|| {
+            anyhow::anyhow!(
+                "launching engines needs the embedded cluster's hub; with an external cluster, use `parallax cluster engines`"
+            )
+        })?;
+        let sets = tokio::task::spawn_blocking(move || cluster_jobs::launch(&args, &hub))
+            .await
+            .map_err(|e| anyhow::anyhow!("launching panicked: {e}"))??;
+        let k = sets.len();
+        self.launched.sets.extend(sets);
+        Ok(k)
+    }
+
+    /// Poll the launched sets (batch jobs at most every `interval`): why
+    /// each set that ended since did.
+    async fn poll_launched(&mut self, interval: Duration) -> Vec<String> {
+        if self.launched.expected() == 0 {
+            return Vec::new();
+        }
+        let mut sets = std::mem::take(&mut self.launched.sets);
+        let (sets, ended) = tokio::task::spawn_blocking(move || {
+            let ended = cluster_jobs::poll(&mut sets, interval);
+            (sets, ended)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            (
+                Vec::new(),
+                vec!["polling the launched engines panicked".into()],
+            )
+        });
+        self.launched.sets = sets;
+        ended
+    }
+
+    /// `%cluster start …`: launch, then wait (up to `--timeout`) for the
+    /// engines, with progress; a set that fails meanwhile fails the cell
+    /// with the scheduler's reason; engines still pending at the timeout
+    /// join later.
+    async fn cluster_start(&mut self, words: Vec<String>, p: &Publisher) -> CellOutcome {
+        let args = match parse_start(&words) {
+            Ok(a) => a,
+            Err(e) => return CellOutcome::usage(&format!("%cluster start: {e}")),
+        };
+        let wait = cluster_jobs::default_wait(&args);
+        let interval = Duration::from_secs_f64(args.poll_interval.max(0.05));
+        let before = self.client.ids().len();
+        let first = self.launched.sets.len();
+        if let Err(e) = self.launch_sets(args).await {
+            return CellOutcome::error("ClusterError", &format!("{e:#}"));
+        }
+        let n: usize = self.launched.sets[first..]
+            .iter()
+            .map(|s| s.n as usize)
+            .sum();
+        let labels: Vec<String> = self.launched.sets[first..]
+            .iter()
+            .flat_map(|s| s.set.members.iter().map(|m| m.label()))
+            .collect();
+        p.stream(
+            "stdout",
+            format!("Launched {n} engines: {}\n", labels.join(", ")),
+        );
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut shown = String::new();
+        let mut changes = self.client.watch_engines();
+        loop {
+            let have = self.client.ids().len();
+            let registered = have.saturating_sub(before).min(n);
+            if registered >= n {
+                p.stream(
+                    "stdout",
+                    format!("{n} engines registered; now {have} engines\n"),
+                );
+                return CellOutcome::Ok { result: None };
+            }
+            let ended = self.poll_launched(interval).await;
+            if !ended.is_empty() {
+                return CellOutcome::error(
+                    "ClusterError",
+                    &format!(
+                        "{registered} of {n} engines registered, but {}",
+                        ended.join("; ")
+                    ),
+                );
+            }
+            let line = format!(
+                "{registered}/{n} engines registered; {}",
+                self.launched.states()
+            );
+            if line != shown {
+                p.stream("stdout", format!("{line}\n"));
+                shown = line;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                p.stream(
+                    "stdout",
+                    format!(
+                        "{registered}/{n} engines registered after {:.0} s; the others join as they register (see %cluster)\n",
+                        wait.as_secs_f64()
+                    ),
+                );
+                return CellOutcome::Ok { result: None };
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
         }
     }
 
@@ -391,6 +552,13 @@ impl Session {
     fn targets(&self, spec: &Targets) -> Result<Vec<(i64, String)>, String> {
         let engines = self.client.engines();
         if engines.is_empty() {
+            let pending = self.launched.expected();
+            if pending > 0 {
+                return Err(format!(
+                    "no engines are registered yet: {pending} launched engines are pending ({}); see %cluster",
+                    self.launched.states()
+                ));
+            }
             return Err("no engines are registered (see %engines, %cluster add N)".into());
         }
         let ids: Vec<i64> = engines.keys().copied().collect();
@@ -836,7 +1004,10 @@ impl Session {
     fn starting_note(&mut self) -> Option<String> {
         let missing = self.unregistered_engines();
         let registered = self.client.engines().len();
-        if missing.is_empty() {
+        let embedded = self.cluster.as_ref().map_or(0, |c| c.engine_ids().len());
+        let launched_registered = registered.saturating_sub(embedded - missing.len());
+        let launched_pending = self.launched.expected().saturating_sub(launched_registered);
+        if missing.is_empty() && launched_pending == 0 {
             self.noted_registered = None;
             return None;
         }
@@ -844,6 +1015,12 @@ impl Session {
             return None;
         }
         self.noted_registered = Some(registered);
+        if launched_pending > 0 {
+            return Some(format!(
+                "[parallax] {registered} engines registered; running on those. {launched_pending} launched engines are pending ({}) and join when they register (%cluster shows them).\n",
+                self.launched.states()
+            ));
+        }
         Some(format!(
             "[parallax] {registered} of {} engines registered; running on those. Engines {} are still starting and join when they register (%engines shows them).\n",
             registered + missing.len(),
@@ -918,9 +1095,13 @@ impl Session {
                         Language::Rust => s.push_str("engine language: rust (evcxr)\n"),
                     }
                 }
+                // the launched sets' current states
+                let _ = self.poll_launched(Duration::ZERO).await;
+                s.push_str(&self.launched.show());
                 p.stream("stdout", s);
                 CellOutcome::Ok { result: None }
             }
+            ClusterCommand::Start(words) => self.cluster_start(words, p).await,
             ClusterCommand::Add(n) => {
                 let Some(c) = self.cluster.as_mut() else {
                     return CellOutcome::usage(

@@ -189,7 +189,7 @@ pub enum LaunchError {
 }
 
 /// A started set of engines (or a hub): ipyparallel's launcher interface.
-pub trait Launcher {
+pub trait Launcher: Send + Sync {
     /// Start `n` engines (a process, an mpiexec, or a submitted job).
     fn start(&mut self, n: u32) -> Result<(), LaunchError>;
     /// The current state (for a process: running, or done/failed with its
