@@ -200,6 +200,9 @@ pub const IPCONTROLLER: Spec = Spec {
         ("TaskScheduler.scheme_name", Action::Native("--scheme")),
         ("TaskScheduler.hwm", Action::Native("--hwm")),
         ("DictDB.record_limit", Action::Native("--record-limit")),
+        ("SQLiteDB.table", Action::Native("--table")),
+        ("SQLiteDB.location", Action::Native("--sqlitedb-location")),
+        ("SQLiteDB.filename", Action::Native("--sqlitedb-filename")),
         (
             "Session.keyfile",
             Action::Ignore("the key is written to the connection files"),
@@ -388,12 +391,13 @@ pub fn translate(spec: &Spec, args: Vec<OsString>) -> Result<Translated, String>
             Action::DbClass => {
                 let v = value.unwrap_or_default();
                 let cls = unquote(&v);
-                let short = cls.rsplit('.').next().unwrap_or(cls);
-                let native = match short {
-                    "DictDB" => "--dictdb",
-                    "NoDB" => "--nodb",
-                    "SQLiteDB" => "--sqlitedb",
-                    "MongoDB" => "--mongodb",
+                // A class path or ipcontroller's lower-case shortcut.
+                let short = cls.rsplit('.').next().unwrap_or(cls).to_ascii_lowercase();
+                let native = match short.as_str() {
+                    "dictdb" => "--dictdb",
+                    "nodb" => "--nodb",
+                    "sqlitedb" => "--sqlitedb",
+                    "mongodb" => "--mongodb",
                     _ => {
                         return Err(format!(
                             "{} option --{name}: unknown database class {cls:?} (DictDB, NoDB, SQLiteDB, MongoDB)",
@@ -569,5 +573,26 @@ mod tests {
             ]
         );
         assert!(tr(&IPCONTROLLER, &["--IPController.db_class=Oracle"]).is_err());
+        let (args, _) = tr(
+            &IPCONTROLLER,
+            &[
+                "--HubFactory.db_class=ipyparallel.controller.sqlitedb.SQLiteDB",
+                "--IPController.db_class=sqlitedb",
+                "--SQLiteDB.table=runs",
+                "--SQLiteDB.location=/tmp/db",
+                "--SQLiteDB.filename=t.db",
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            args,
+            [
+                "--sqlitedb",
+                "--sqlitedb",
+                "--table=runs",
+                "--sqlitedb-location=/tmp/db",
+                "--sqlitedb-filename=t.db"
+            ]
+        );
     }
 }

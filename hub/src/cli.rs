@@ -71,13 +71,30 @@ pub struct HubArgs {
     /// Keep no task records (results cannot be fetched from the hub later).
     #[arg(long)]
     pub nodb: bool,
-    /// SQLite task database (not available yet: falls back to the in-memory one, with a warning).
+    /// Keep task records in SQLite (see --sqlitedb-file, --table): they outlive the hub.
     #[arg(long)]
     pub sqlitedb: bool,
-    /// MongoDB task database (not available: falls back to the in-memory one, with a warning).
+    /// MongoDB task database: not supported (the hub refuses to start; use --sqlitedb).
     #[arg(long)]
     pub mongodb: bool,
-    /// Maximum number of task records kept in memory.
+    /// Task database by name: dictdb (memory), nodb (none), sqlitedb (sqlite), mongodb;
+    /// overrides --dictdb/--nodb/--sqlitedb.
+    #[arg(long, value_name = "NAME")]
+    pub db: Option<DbKind>,
+    /// The SQLite database file (default: tasks.db in the profile directory, as ipcontroller).
+    #[arg(long = "sqlitedb-file", value_name = "PATH")]
+    pub sqlitedb_file: Option<PathBuf>,
+    /// Directory of the SQLite database (ipcontroller's SQLiteDB.location).
+    #[arg(long = "sqlitedb-location", value_name = "DIR", hide = true)]
+    pub sqlitedb_location: Option<PathBuf>,
+    /// File name of the SQLite database (ipcontroller's SQLiteDB.filename).
+    #[arg(long = "sqlitedb-filename", value_name = "NAME", hide = true)]
+    pub sqlitedb_filename: Option<String>,
+    /// Table of the SQLite database holding the task records.
+    #[arg(long, value_name = "NAME", default_value = "tasks")]
+    pub table: String,
+    /// Maximum number of task records kept in memory (with --sqlitedb: the
+    /// recent records cached beside the database, which keeps them all).
     #[arg(long = "record-limit", default_value_t = 1024)]
     pub record_limit: usize,
     /// Largest message accepted, in bytes (larger ones are dropped with a warning).
@@ -108,6 +125,52 @@ pub struct HubArgs {
     /// Seed for the random scheduling schemes (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+}
+
+/// The task database backends, as `--db` names them (ipcontroller's
+/// `db_class` shortcuts, plus plain names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    Dict,
+    None,
+    Sqlite,
+    Mongo,
+}
+
+impl std::str::FromStr for DbKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let short = s.rsplit('.').next().unwrap_or(s).to_ascii_lowercase();
+        Ok(match short.as_str() {
+            "dictdb" | "dict" | "memory" => DbKind::Dict,
+            "nodb" | "none" => DbKind::None,
+            "sqlitedb" | "sqlite" => DbKind::Sqlite,
+            "mongodb" | "mongo" => DbKind::Mongo,
+            _ => {
+                return Err(format!(
+                    "unknown task database {s:?}: use dictdb, nodb, sqlitedb (or memory, none, sqlite)"
+                ));
+            }
+        })
+    }
+}
+
+impl HubArgs {
+    /// The task database chosen: `--db` first, then the flags (`--mongodb`,
+    /// `--nodb`, `--sqlitedb`, in that order of precedence), else DictDB.
+    pub fn db_kind(&self) -> DbKind {
+        if let Some(k) = self.db {
+            k
+        } else if self.mongodb {
+            DbKind::Mongo
+        } else if self.nodb {
+            DbKind::None
+        } else if self.sqlitedb {
+            DbKind::Sqlite
+        } else {
+            DbKind::Dict
+        }
+    }
 }
 
 /// Map ipcontroller's log levels to a tracing filter directive.
@@ -162,6 +225,24 @@ mod tests {
         assert!(t.a.nodb);
         assert_eq!(log_filter(&t.a.log_level).unwrap(), "debug");
         assert!(T::try_parse_from(["x", "--scheme=fast"]).is_err());
+        assert_eq!(t.a.db_kind(), DbKind::None);
+        let t = T::try_parse_from(["x", "--sqlitedb", "--table=t2", "--sqlitedb-file=/tmp/x.db"])
+            .unwrap();
+        assert_eq!(t.a.db_kind(), DbKind::Sqlite);
+        assert_eq!(t.a.table, "t2");
+        for (name, kind) in [
+            ("sqlite", DbKind::Sqlite),
+            ("SQLiteDB", DbKind::Sqlite),
+            ("ipyparallel.controller.sqlitedb.SQLiteDB", DbKind::Sqlite),
+            ("memory", DbKind::Dict),
+            ("nodb", DbKind::None),
+            ("mongodb", DbKind::Mongo),
+        ] {
+            let t = T::try_parse_from(["x", "--nodb", &format!("--db={name}")]).unwrap();
+            assert_eq!(t.a.db_kind(), kind, "{name}");
+        }
+        assert!(T::try_parse_from(["x", "--db=postgres"]).is_err());
+        assert_eq!(T::try_parse_from(["x"]).unwrap().a.db_kind(), DbKind::Dict);
         assert!(log_filter("loud").is_err());
     }
 }

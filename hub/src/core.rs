@@ -23,7 +23,7 @@ use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
-use crate::records::{DbBackend, DbError, RecordStore, TaskRecord};
+use crate::records::{DbBackend, DbError, RecordStore, TaskDb, TaskRecord};
 use crate::scheduler::Scheme;
 use crate::tasks::TaskState;
 
@@ -291,7 +291,8 @@ pub struct Hub {
     pub(crate) pending: HashSet<String>,
     /// Load-balanced tasks not yet given to an engine.
     pub(crate) unassigned: HashSet<String>,
-    pub(crate) db: RecordStore,
+    /// The task database: in memory (DictDB/NoDB) or a store on disk.
+    pub(crate) db: Box<dyn TaskDb>,
     pub(crate) tasks: TaskState,
     pub(crate) rng: StdRng,
     bcast: HashMap<String, Broadcast>,
@@ -330,7 +331,14 @@ pub(crate) fn json_bytes(v: &impl serde::Serialize) -> Bytes {
 }
 
 impl Hub {
+    /// A hub with the in-memory task database `cfg.db` names.
     pub fn new(cfg: CoreConfig, now: Now) -> Hub {
+        let db = Box::new(RecordStore::new(cfg.db.clone()));
+        Hub::with_store(cfg, db, now)
+    }
+
+    /// A hub keeping its task records in `db` (`cfg.db` is not used).
+    pub fn with_store(cfg: CoreConfig, db: Box<dyn TaskDb>, now: Now) -> Hub {
         let signer = Signer::new(&cfg.key);
         let session = Session::new(
             signer.clone(),
@@ -338,7 +346,6 @@ impl Hub {
             "parallax-hub".into(),
             cfg.pid,
         );
-        let db = RecordStore::new(cfg.db.clone());
         let rng = StdRng::seed_from_u64(cfg.seed);
         let tasks = TaskState::new(cfg.dependency_history);
         let mut hub = Hub {
@@ -1160,7 +1167,7 @@ impl Hub {
                         .is_null();
                     if done {
                         if !req.status_only {
-                            let (c, b) = Self::extract_record(rec);
+                            let (c, b) = Self::extract_record(&rec);
                             content.insert(id.clone(), c);
                             buffers.extend(b);
                         }
@@ -1429,27 +1436,8 @@ impl Hub {
             f.insert("engine_uuid".into(), json!(u));
         }
         rec.buffers = msg.buffers.iter().map(owned).collect();
-        if self.db.contains(&msg_id) {
-            // iopub may have arrived first: keep what it recorded.
-            let existing = self
-                .db
-                .get_record(&msg_id)
-                .map(|r| r.fields.clone())
-                .unwrap_or_default();
-            let mut merged = rec.fields;
-            for (k, v) in existing {
-                let empty = v.is_null() || v == json!("");
-                if !empty
-                    && merged
-                        .get(&k)
-                        .is_none_or(|m| m.is_null() || *m == json!(""))
-                {
-                    merged.insert(k, v);
-                }
-            }
-            let _ = self.db.update_record(&msg_id, merged, None);
-            let _ = self.db.set_buffers(&msg_id, rec.buffers);
-        } else if let Err(e) = self.db.add_record(&msg_id, rec) {
+        // A repeated msg_id merges with what is recorded (`add_request`).
+        if let Err(e) = self.db.add_request(&msg_id, rec) {
             debug!(msg_id = %msg_id, error = %e, "record not stored");
         }
     }
@@ -1639,21 +1627,16 @@ impl Hub {
         };
         // Every request is recorded before it reaches an engine, so output
         // for an unknown parent belongs to a culled or purged record (or to
-        // none of ours). Recreating it would let records escape the limits:
-        // they lack `submitted`, which culling goes by.
-        if !self.db.contains(&parent_id) {
-            return;
-        }
+        // none of ours): the store drops it rather than recreate the record
+        // (it would lack `submitted`, which culling goes by).
         let c = &msg.content;
         let mut f = Map::new();
         match msg_type {
             "stream" => {
                 let name = c.get("name").and_then(Value::as_str).unwrap_or("stdout");
                 let text = c.get("text").and_then(Value::as_str).unwrap_or("");
-                if (name == "stdout" || name == "stderr")
-                    && let Err(e) = self.db.append_stream(&parent_id, name, text)
-                {
-                    debug!(msg_id = %parent_id, error = %e, "stream not recorded");
+                if name == "stdout" || name == "stderr" {
+                    self.db.append_output(&parent_id, name, text);
                 }
                 return;
             }

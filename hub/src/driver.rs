@@ -24,9 +24,10 @@ use zeromq::{
     PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, XPubSocket, ZmqMessage,
 };
 
-use crate::cli::HubArgs;
+use crate::cli::{DbKind, HubArgs};
 use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now};
-use crate::records::{DbBackend, DbLimits};
+use crate::records::{DbBackend, DbLimits, TaskDb};
+use crate::sqlite_db::{SqliteConfig, SqliteDb};
 
 /// Where the connection files are and what they contain.
 #[derive(Debug, Clone)]
@@ -120,6 +121,20 @@ fn endpoint_port(ep: &zeromq::Endpoint) -> Result<u16> {
     }
 }
 
+/// The SQLite file: `--sqlitedb-file`, else ipcontroller's
+/// `SQLiteDB.location` (default: the profile directory) joined with
+/// `SQLiteDB.filename` (default `tasks.db`).
+fn sqlite_path(args: &HubArgs, profile: &Path) -> PathBuf {
+    if let Some(f) = &args.sqlitedb_file {
+        return f.clone();
+    }
+    let dir = args
+        .sqlitedb_location
+        .clone()
+        .unwrap_or_else(|| profile.to_path_buf());
+    dir.join(args.sqlitedb_filename.as_deref().unwrap_or("tasks.db"))
+}
+
 /// Run the hub until a `shutdown_request`, or until `shutdown` is cancelled.
 pub async fn run(args: HubArgs, shutdown: CancellationToken) -> Result<()> {
     run_notify(args, shutdown, None).await
@@ -204,18 +219,27 @@ pub async fn run_notify(
     }
     let key = key.unwrap_or_else(new_key);
 
-    let db = if args.nodb {
-        DbBackend::None
-    } else {
-        if args.sqlitedb || args.mongodb {
-            warn!(
-                "--sqlitedb/--mongodb: persistent task databases are not available in the Parallax hub; using the in-memory database"
-            );
+    // The task database. A store on disk is opened here, before any socket
+    // is bound, so a bad file is an error at start.
+    let limits = DbLimits {
+        record_limit: args.record_limit.max(1),
+        ..DbLimits::default()
+    };
+    let (db, store): (DbBackend, Option<Box<dyn TaskDb>>) = match args.db_kind() {
+        DbKind::Dict => (DbBackend::Dict(limits), None),
+        DbKind::None => (DbBackend::None, None),
+        DbKind::Mongo => bail!(
+            "--mongodb: the Parallax hub has no MongoDB task database; use --sqlitedb for \
+             records that outlive the hub (or --dictdb, the default, to keep them in memory)"
+        ),
+        DbKind::Sqlite => {
+            let path = sqlite_path(&args, &profile);
+            let mut cfg = SqliteConfig::new(path);
+            cfg.table = args.table.clone();
+            cfg.cache_records = limits.record_limit;
+            let store = SqliteDb::open(&cfg).map_err(anyhow::Error::new)?;
+            (DbBackend::Dict(limits), Some(Box::new(store)))
         }
-        DbBackend::Dict(DbLimits {
-            record_limit: args.record_limit.max(1),
-            ..DbLimits::default()
-        })
     };
     if args.restore {
         warn!("--restore: restoring engine state is not supported; engines must register again");
@@ -395,7 +419,7 @@ pub async fn run_notify(
     if let Some(ready) = ready {
         let _ = ready.send(bound.clone());
     }
-    let result = core_loop(core, in_rx, &out_tx, shutdown).await;
+    let result = core_loop(core, store, in_rx, &out_tx, shutdown).await;
 
     // Let queued replies (e.g. shutdown_reply) go out: close the queues and
     // wait for the send tasks to drain them, then give the socket writers a
@@ -424,11 +448,15 @@ pub async fn run_notify(
 
 async fn core_loop(
     cfg: CoreConfig,
+    store: Option<Box<dyn TaskDb>>,
     mut in_rx: mpsc::Receiver<(Channel, Vec<Bytes>)>,
     out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let mut hub = Hub::new(cfg, now());
+    let mut hub = match store {
+        Some(db) => Hub::with_store(cfg, db, now()),
+        None => Hub::new(cfg, now()),
+    };
     let mut trim = tokio::time::interval(Duration::from_secs(2));
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut busy_since_trim = false;

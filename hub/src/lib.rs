@@ -4,7 +4,10 @@
 //!   no clock (registration, heartbeat, relays, schedulers, task records).
 //! * [`tasks`] — the load-balanced scheduler part of that state machine.
 //! * [`scheduler`] — pure choice functions and dependency rules.
-//! * [`records`] — the bounded in-memory task database (DictDB semantics).
+//! * [`records`] — the task database trait ([`records::TaskDb`]) and the
+//!   bounded in-memory store (DictDB semantics, query matcher).
+//! * [`sqlite_db`] — the SQLite store behind the same trait (writer thread,
+//!   batched transactions, cache of recent records).
 //! * [`driver`] — binds the zeromq sockets, writes the connection files and
 //!   feeds the core; [`cli`] — `parallax hub` options in ipcontroller's form.
 
@@ -13,6 +16,7 @@ pub mod core;
 pub mod driver;
 pub mod records;
 pub mod scheduler;
+pub mod sqlite_db;
 mod tasks;
 
 pub use crate::cli::HubArgs;

@@ -33,6 +33,7 @@
 //! * Culled ids are not remembered: DictDB keeps an ever-growing set only to
 //!   say "has been culled" instead of "no such msg_id".
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::collections::{HashMap, VecDeque};
 
@@ -68,7 +69,7 @@ pub const RECORD_KEYS: [&str; 23] = [
     "label",
 ];
 
-const BUFFER_KEYS: [&str; 2] = ["buffers", "result_buffers"];
+pub(crate) const BUFFER_KEYS: [&str; 2] = ["buffers", "result_buffers"];
 
 const NODB_MESSAGE: &str = "NoDB backend doesn't store any data. Start the Controller with a \
                             DB backend to enable resubmission / result persistence.";
@@ -149,6 +150,9 @@ pub enum DbError {
     /// The query is malformed or uses an unsupported operator.
     #[error("{0}")]
     BadQuery(String),
+    /// The store on disk failed (I/O error, a full disk, its writer gone).
+    #[error("{0}")]
+    Storage(String),
 }
 
 impl DbError {
@@ -158,15 +162,169 @@ impl DbError {
             DbError::NoData(_) => "NoData",
             DbError::KeyError(_) => "KeyError",
             DbError::BadQuery(_) => "ValueError",
+            DbError::Storage(_) => "DatabaseError",
         }
     }
 
-    fn no_such(msg_id: &str) -> Self {
+    pub(crate) fn no_such(msg_id: &str) -> Self {
         DbError::KeyError(format!("No such msg_id '{msg_id}'"))
     }
 
     fn no_data() -> Self {
         DbError::NoData(NODB_MESSAGE.to_owned())
+    }
+}
+
+/// What the hub core asks of a task database. The in-memory
+/// [`RecordStore`] (DictDB / NoDB) and the SQLite store
+/// (`crate::sqlite_db::SqliteDb`) implement it; the core holds a
+/// `Box<dyn TaskDb>` and never knows which, so it stays free of I/O (a store
+/// that does I/O does it behind this trait, off the core's hot path where
+/// it can).
+///
+/// Writes never fail the request that caused them: a record that cannot be
+/// stored is logged by the core and the request proceeds (ipyparallel's
+/// hub does the same).
+pub trait TaskDb: Send + std::fmt::Debug {
+    /// Stores the record of a request as it arrives. If a record already
+    /// exists under `msg_id` (a repeated msg_id), the two are merged as
+    /// hub.py's `save_queue_request` does: the new record's values win,
+    /// except that an empty one (`null`, `""`) keeps the existing value; the
+    /// request buffers are the new ones.
+    fn add_request(&mut self, msg_id: &str, rec: TaskRecord) -> Result<(), DbError>;
+
+    /// Shallow-merges `fields` into an existing record and, if given,
+    /// replaces its `result_buffers` (`KeyError` when there is no record).
+    fn update_record(
+        &mut self,
+        msg_id: &str,
+        fields: Map<String, Value>,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError>;
+
+    /// Appends iopub `stream` text to an existing record's `stdout` or
+    /// `stderr`. Output for a record the store does not hold (culled,
+    /// purged, or never ours) is dropped: recreating it would let records
+    /// escape the limits.
+    fn append_output(&mut self, msg_id: &str, name: &str, text: &str);
+
+    /// One record, current as of every write made before this call.
+    fn get_record(&self, msg_id: &str) -> Result<Cow<'_, TaskRecord>, DbError>;
+
+    /// Records matching `query`, oldest first, projected onto `keys` (see
+    /// [`RecordStore::find_records`]).
+    fn find_records(
+        &self,
+        query: &Value,
+        keys: Option<&[String]>,
+    ) -> Result<Vec<FoundRecord>, DbError>;
+
+    /// Removes every record matching `query` and returns how many.
+    fn drop_matching_records(&mut self, query: &Value) -> Result<usize, DbError>;
+
+    /// Every `msg_id` with a `submitted` date, ordered by it.
+    fn get_history(&self) -> Result<Vec<String>, DbError>;
+
+    /// Records held in memory (all of them for DictDB; the cache of recent
+    /// ones for a store on disk).
+    fn len(&self) -> usize;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of the records held in memory, as [`RecordStore::size_bytes`]
+    /// counts them (for a store on disk, its cache's; O(cache) there, so
+    /// for tests and diagnostics).
+    fn size_bytes(&self) -> usize;
+}
+
+/// hub.py's merge of a request's record into one that already exists
+/// (iopub output that arrived first, or a repeated msg_id): `new` wins
+/// except where it is empty (`null` or `""`) and `existing` is not.
+pub(crate) fn merge_request(existing: &Map<String, Value>, new: &mut Map<String, Value>) {
+    let empty = |v: &Value| v.is_null() || v.as_str() == Some("");
+    for (k, v) in existing {
+        if !empty(v) && new.get(k).is_none_or(empty) {
+            new.insert(k.clone(), v.clone());
+        }
+    }
+}
+
+/// DictDB's `get_history` order over `(submitted, msg_id)` pairs given in
+/// insertion order: by the date (ties and unparsable dates by insertion
+/// order), records without a date left out.
+pub(crate) fn history_order<'a>(
+    entries: impl Iterator<Item = (&'a Value, &'a str)>,
+) -> Vec<String> {
+    // Dates are parsed once here rather than in every comparison.
+    let mut keyed: Vec<(Option<DateTime<Utc>>, &Value, &str)> = entries
+        .filter(|(s, _)| !s.is_null())
+        .map(|(s, id)| (s.as_str().and_then(parse_date), s, id))
+        .collect();
+    keyed.sort_by(|(da, va, _), (db, vb, _)| match (da, db) {
+        (Some(a), Some(b)) => a.cmp(b),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => py_cmp(va, vb).unwrap_or(Ordering::Equal),
+    });
+    keyed.into_iter().map(|(_, _, id)| id.to_owned()).collect()
+}
+
+impl TaskDb for RecordStore {
+    fn add_request(&mut self, msg_id: &str, mut rec: TaskRecord) -> Result<(), DbError> {
+        match self.get_record(msg_id) {
+            Ok(existing) => {
+                merge_request(&existing.fields, &mut rec.fields);
+                RecordStore::update_record(self, msg_id, rec.fields, None)?;
+                self.set_buffers(msg_id, rec.buffers)
+            }
+            Err(_) => self.add_record(msg_id, rec),
+        }
+    }
+
+    fn update_record(
+        &mut self,
+        msg_id: &str,
+        fields: Map<String, Value>,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError> {
+        RecordStore::update_record(self, msg_id, fields, result_buffers)
+    }
+
+    fn append_output(&mut self, msg_id: &str, name: &str, text: &str) {
+        if self.contains(msg_id) {
+            // Cannot fail: the record exists.
+            let _ = self.append_stream(msg_id, name, text);
+        }
+    }
+
+    fn get_record(&self, msg_id: &str) -> Result<Cow<'_, TaskRecord>, DbError> {
+        RecordStore::get_record(self, msg_id).map(Cow::Borrowed)
+    }
+
+    fn find_records(
+        &self,
+        query: &Value,
+        keys: Option<&[String]>,
+    ) -> Result<Vec<FoundRecord>, DbError> {
+        RecordStore::find_records(self, query, keys)
+    }
+
+    fn drop_matching_records(&mut self, query: &Value) -> Result<usize, DbError> {
+        RecordStore::drop_matching_records(self, query)
+    }
+
+    fn get_history(&self) -> Result<Vec<String>, DbError> {
+        RecordStore::get_history(self)
+    }
+
+    fn len(&self) -> usize {
+        RecordStore::len(self)
+    }
+
+    fn size_bytes(&self) -> usize {
+        RecordStore::size_bytes(self)
     }
 }
 
@@ -319,20 +477,10 @@ impl RecordStore {
     /// unparsable dates by insertion order), like `DictDB.get_history`.
     pub fn get_history(&self) -> Result<Vec<String>, DbError> {
         let db = self.dict.as_ref().ok_or_else(DbError::no_data)?;
-        // Dates are parsed once here rather than in every comparison.
-        let mut keyed: Vec<(Option<DateTime<Utc>>, &Value, &str)> = db
-            .live_in_order()
-            .map(|e| (e.rec.get("submitted"), e.msg_id()))
-            .filter(|(s, _)| !s.is_null())
-            .map(|(s, id)| (s.as_str().and_then(parse_date), s, id))
-            .collect();
-        keyed.sort_by(|(da, va, _), (db, vb, _)| match (da, db) {
-            (Some(a), Some(b)) => a.cmp(b),
-            (Some(_), None) => Ordering::Less,
-            (None, Some(_)) => Ordering::Greater,
-            (None, None) => py_cmp(va, vb).unwrap_or(Ordering::Equal),
-        });
-        Ok(keyed.into_iter().map(|(_, _, id)| id.to_owned()).collect())
+        Ok(history_order(
+            db.live_in_order()
+                .map(|e| (e.rec.get("submitted"), e.msg_id())),
+        ))
     }
 
     pub fn len(&self) -> usize {
@@ -573,7 +721,7 @@ impl DictDb {
     }
 }
 
-fn project(rec: &TaskRecord, keys: Option<&[String]>) -> Result<FoundRecord, DbError> {
+pub(crate) fn project(rec: &TaskRecord, keys: Option<&[String]>) -> Result<FoundRecord, DbError> {
     let Some(keys) = keys else {
         return Ok(FoundRecord {
             fields: rec.fields.clone(),
@@ -630,7 +778,7 @@ fn value_size(value: &Value) -> usize {
     }
 }
 
-fn record_size(rec: &TaskRecord) -> usize {
+pub(crate) fn record_size(rec: &TaskRecord) -> usize {
     rec.fields
         .iter()
         .map(|(k, v)| field_size(k, v))
@@ -645,7 +793,7 @@ fn record_size(rec: &TaskRecord) -> usize {
 
 /// A parsed query: every clause must hold (DictDB's `_match_one`).
 #[derive(Debug)]
-struct Query<'q> {
+pub(crate) struct Query<'q> {
     clauses: Vec<(&'q str, Clause<'q>)>,
 }
 
@@ -678,7 +826,7 @@ enum Op<'q> {
 }
 
 impl<'q> Query<'q> {
-    fn parse(query: &'q Value) -> Result<Self, DbError> {
+    pub(crate) fn parse(query: &'q Value) -> Result<Self, DbError> {
         let Value::Object(map) = query else {
             return Err(DbError::BadQuery(format!(
                 "query must be a dict, not {query}"
@@ -704,7 +852,7 @@ impl<'q> Query<'q> {
         Ok(Query { clauses })
     }
 
-    fn matches(&self, rec: &TaskRecord) -> bool {
+    pub(crate) fn matches(&self, rec: &TaskRecord) -> bool {
         self.clauses.iter().all(|(key, clause)| {
             let value = rec.get(key);
             match clause {
@@ -716,7 +864,7 @@ impl<'q> Query<'q> {
 
     /// The only msg_ids that can match, when the query pins them with
     /// `msg_id: "…"` or `msg_id: {"$in": […]}`.
-    fn msg_id_candidates(&self) -> Option<Vec<&'q str>> {
+    pub(crate) fn msg_id_candidates(&self) -> Option<Vec<&'q str>> {
         let (_, clause) = self.clauses.iter().find(|(key, _)| *key == "msg_id")?;
         let values: &'q [Value] = match clause {
             Clause::Equals(v) => std::slice::from_ref(*v),
@@ -736,6 +884,62 @@ impl<'q> Query<'q> {
             }
         }
         Some(ids)
+    }
+    /// The keys the query looks at.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &'q str> + '_ {
+        self.clauses.iter().map(|(k, _)| *k)
+    }
+
+    /// Conditions every matching record meets, simple enough for a store on
+    /// disk to test before it decodes a record (a superset filter: the
+    /// record is still tested with [`Self::matches`]).
+    pub(crate) fn prefilters(&self) -> Vec<(&'q str, Prefilter<'q>)> {
+        let mut out = Vec::new();
+        for (key, clause) in &self.clauses {
+            let ops: &[Op<'q>] = match clause {
+                Clause::Equals(v) => {
+                    if let Some(p) = Prefilter::equal_to(v) {
+                        out.push((*key, p));
+                    }
+                    continue;
+                }
+                Clause::Ops(ops) => ops,
+            };
+            for op in ops {
+                let p = match op {
+                    Op::Eq(v) => Prefilter::equal_to(v),
+                    Op::Ne(Value::Null) | Op::Exists(true) => Some(Prefilter::NotNull),
+                    Op::Exists(false) => Some(Prefilter::IsNull),
+                    // Every ordering needs a non-null value on both sides.
+                    Op::Lt(_) | Op::Gt(_) | Op::Lte(_) | Op::Gte(_) => Some(Prefilter::NotNull),
+                    _ => None,
+                };
+                if let Some(p) = p {
+                    out.push((*key, p));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// See [`Query::prefilters`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Prefilter<'q> {
+    IsNull,
+    NotNull,
+    /// The value is exactly this string (one that is not a date: a date
+    /// also equals other spellings of its instant).
+    IsString(&'q str),
+}
+
+impl<'q> Prefilter<'q> {
+    fn equal_to(v: &'q Value) -> Option<Self> {
+        match v {
+            Value::Null => Some(Prefilter::IsNull),
+            Value::String(s) if parse_date(s).is_none() => Some(Prefilter::IsString(s)),
+            _ => None,
+        }
     }
 }
 
@@ -936,7 +1140,7 @@ fn py_in(a: &Value, b: &Value) -> Option<bool> {
 /// (`YYYY-MM-DDTHH:MM:SS[.fff…][Z|±HH:MM|±HHMM]`) into an instant.
 /// Up to nine fractional digits are accepted (Python's pattern stops at
 /// six); a missing offset means UTC.
-fn parse_date(s: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_date(s: &str) -> Option<DateTime<Utc>> {
     let b = s.as_bytes();
     if b.len() < 19
         || b[4] != b'-'

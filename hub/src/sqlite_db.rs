@@ -1,0 +1,1607 @@
+//! The SQLite task database (`parallax hub --sqlitedb`): the records of
+//! [`crate::records`] kept in a file, so they outlive the hub.
+//!
+//! The core sees a [`TaskDb`] like any other. Behind it:
+//!
+//! * a **writer thread** owns the one SQLite connection. Writes reach it over
+//!   a bounded channel and are committed in transactions of up to
+//!   `batch_records` operations or `batch_window`, whichever comes first, so
+//!   the core's hot path pays a channel send, never a disk write. Reads go
+//!   through the same channel and are answered in order, on the same
+//!   connection: a query sees every write queued before it without waiting
+//!   for a commit.
+//! * a **cache** of the `cache_records` most recently added records, kept
+//!   current by applying every write to it as well, so `get_result` of a
+//!   recent task and the core's per-output updates touch no thread. Records
+//!   are shared with the writer (`Arc`): one is copied only when it changes
+//!   while the writer still holds it.
+//!
+//! Queries run the in-memory matcher (`records::Query`) on the records, so
+//! their semantics are DictDB's exactly; SQL only narrows the candidates
+//! (`msg_id` lookups, `IS NULL`, string equality) and decodes the columns
+//! the query looks at before it decodes a whole record.
+//!
+//! File format (Parallax's own; ipcontroller's pickles its buffers): one
+//! table, `msg_id` as text (primary key), each other record key a column of
+//! JSON text (SQL `NULL` for `null`), `buffers`/`result_buffers` as BLOBs of
+//! length-prefixed frames, `extra` a JSON object of any non-standard keys.
+//! Insertion order is the rowid. The database is in WAL mode with
+//! `auto_vacuum = INCREMENTAL`: after a purge the writer returns the free
+//! pages to the file system a slice at a time, between batches.
+//! `PRAGMA user_version` records the format, so later tables (engine
+//! registrations for `--restore`) can be added beside this one.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as SqlValue};
+use serde_json::{Map, Value};
+use tracing::{debug, info, warn};
+
+use crate::records::{
+    BUFFER_KEYS, DbError, FoundRecord, Prefilter, Query, RECORD_KEYS, TaskDb, TaskRecord,
+    history_order, merge_request, project, record_size,
+};
+
+/// The file format version in `PRAGMA user_version`.
+const FORMAT_VERSION: i64 = 1;
+
+/// Free pages returned to the file system per vacuum step (4 MiB with the
+/// default 4 KiB pages): small enough not to hold up a batch for long.
+const VACUUM_PAGES: u32 = 1024;
+
+/// How long the writer waits for work before another vacuum step.
+const VACUUM_IDLE: Duration = Duration::from_millis(50);
+
+/// Operations queued for the writer before `add_request` and friends block
+/// (backpressure, like the core's bounded input channel).
+const QUEUE_CAPACITY: usize = 16 * 1024;
+
+/// Where and how the records are kept.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqliteConfig {
+    pub path: PathBuf,
+    pub table: String,
+    /// Records kept in memory as well (the most recently added).
+    pub cache_records: usize,
+    /// Most operations per transaction.
+    pub batch_records: usize,
+    /// Longest a write waits for its transaction's commit.
+    pub batch_window: Duration,
+}
+
+impl SqliteConfig {
+    pub fn new(path: PathBuf) -> Self {
+        SqliteConfig {
+            path,
+            table: "tasks".into(),
+            cache_records: 1024,
+            batch_records: 2048,
+            batch_window: Duration::from_millis(5),
+        }
+    }
+}
+
+#[derive(thiserror::Error, Debug)]
+pub enum OpenError {
+    #[error("task database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "task database {path}: table {table:?} is not a Parallax task table (it lacks {missing:?}); choose another with --table"
+    )]
+    NotATaskTable {
+        path: PathBuf,
+        table: String,
+        missing: Vec<String>,
+    },
+    #[error("task database {path}: starting its writer thread: {source}")]
+    Thread {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// The record keys stored in JSON columns: every key but `msg_id` and the buffers.
+fn json_keys() -> impl Iterator<Item = &'static str> {
+    RECORD_KEYS
+        .into_iter()
+        .filter(|k| *k != "msg_id" && !BUFFER_KEYS.contains(k))
+}
+
+fn is_column(key: &str) -> bool {
+    RECORD_KEYS.contains(&key)
+}
+
+/// `"name"` with inner quotes doubled: any table name is safe in SQL.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+// ---------------------------------------------------------------------------
+// The store the core holds
+// ---------------------------------------------------------------------------
+
+/// The SQLite task database (see the module docs).
+pub struct SqliteDb {
+    /// Held by this store only; dropping it ends the writer, which commits
+    /// what is queued and closes the file.
+    tx: Option<SyncSender<(u64, Op)>>,
+    writer: Option<JoinHandle<()>>,
+    cache: Cache,
+    path: PathBuf,
+    /// Sequence number of the last operation sent.
+    sent: AtomicU64,
+    shared: Arc<Shared>,
+}
+
+/// What the writer reports back to the store.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Sequence number of the last operation the writer applied.
+    applied: AtomicU64,
+    commits: AtomicU64,
+    /// msg_ids whose request the writer merged into a record that was on
+    /// disk but no longer cached: the cache's copy (the request alone) is
+    /// stale. Pushed before `applied` moves past the request.
+    merged: Mutex<Vec<String>>,
+    has_merged: AtomicBool,
+}
+
+impl Shared {
+    fn was_merged(&self, msg_id: &str) -> bool {
+        self.has_merged.load(Ordering::Acquire)
+            && self
+                .merged
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|m| m == msg_id)
+    }
+}
+
+impl std::fmt::Debug for SqliteDb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteDb")
+            .field("path", &self.path)
+            .field("cached", &self.cache.records.len())
+            .finish()
+    }
+}
+
+impl SqliteDb {
+    /// Opens (creating if needed) the database and starts its writer.
+    pub fn open(cfg: &SqliteConfig) -> Result<SqliteDb, OpenError> {
+        let mut conn = Writer::open(cfg)?;
+        let shared = Arc::new(Shared::default());
+        conn.shared = Arc::clone(&shared);
+        let existing: i64 = conn
+            .conn
+            .query_row(&format!("SELECT count(*) FROM {}", conn.table), [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| OpenError::Sqlite {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        info!(path = %cfg.path.display(), table = %cfg.table, records = existing, "task database opened");
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
+        let writer = std::thread::Builder::new()
+            .name("parallax-sqlite".into())
+            .spawn(move || conn.run(rx))
+            .map_err(|source| OpenError::Thread {
+                path: cfg.path.clone(),
+                source,
+            })?;
+        Ok(SqliteDb {
+            tx: Some(tx),
+            writer: Some(writer),
+            cache: Cache::new(cfg.cache_records),
+            path: cfg.path.clone(),
+            sent: AtomicU64::new(0),
+            shared,
+        })
+    }
+
+    /// Queues `op` for the writer; returns its sequence number.
+    fn send(&self, op: Op) -> Result<u64, DbError> {
+        let tx = self.tx.as_ref().expect("sender held until drop");
+        let seq = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        tx.send((seq, op)).map(|()| seq).map_err(|_| {
+            DbError::Storage(format!(
+                "task database {}: writer has stopped",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Sends a write; a stopped writer (already reported by it) is logged.
+    fn write(&self, op: Op) {
+        if let Err(e) = self.send(op) {
+            warn!(error = %e, "task record not written");
+        }
+    }
+
+    /// Sends a read and waits for its answer.
+    fn ask<T>(&self, make: impl FnOnce(SyncSender<T>) -> Op) -> Result<T, DbError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        self.send(make(reply))?;
+        answer.recv().map_err(|_| {
+            DbError::Storage(format!(
+                "task database {}: writer stopped before answering",
+                self.path.display()
+            ))
+        })
+    }
+
+    /// Transactions committed so far.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
+    }
+
+    /// Drops the cached copies of requests the writer merged on disk.
+    fn forget_merged(&mut self) {
+        if self.shared.has_merged.swap(false, Ordering::AcqRel) {
+            let ids =
+                std::mem::take(&mut *self.shared.merged.lock().unwrap_or_else(|e| e.into_inner()));
+            for id in ids {
+                self.cache.remove(&id);
+            }
+        }
+    }
+
+    /// Waits until every write queued so far is committed.
+    pub fn flush(&self) -> Result<(), DbError> {
+        self.ask(|reply| Op::Commit { reply })?
+    }
+}
+
+impl Drop for SqliteDb {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(w) = self.writer.take()
+            && w.join().is_err()
+        {
+            warn!(path = %self.path.display(), "task database writer panicked");
+        }
+    }
+}
+
+impl TaskDb for SqliteDb {
+    fn add_request(&mut self, msg_id: &str, mut rec: TaskRecord) -> Result<(), DbError> {
+        for key in BUFFER_KEYS {
+            rec.fields.remove(key);
+        }
+        rec.fields
+            .insert("msg_id".to_owned(), Value::String(msg_id.to_owned()));
+        self.forget_merged();
+        // A record not cached may still be on disk (a repeated msg_id whose
+        // first record left the cache): until the writer has merged or
+        // inserted it, reads of this one go to the writer.
+        let mut provisional = true;
+        if let Some(existing) = self.cache.records.get(msg_id) {
+            merge_request(&existing.rec.fields, &mut rec.fields);
+            rec.result_buffers = existing.rec.result_buffers.clone();
+            provisional = existing.unconfirmed != 0;
+        }
+        let rec = Arc::new(rec);
+        let seq = self.send(Op::Add {
+            msg_id: msg_id.to_owned(),
+            rec: Arc::clone(&rec),
+        })?;
+        let unconfirmed = if provisional { seq } else { 0 };
+        self.cache.insert(msg_id, Cached { rec, unconfirmed });
+        Ok(())
+    }
+
+    fn update_record(
+        &mut self,
+        msg_id: &str,
+        mut fields: Map<String, Value>,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError> {
+        fields.retain(|k, _| k != "msg_id" && !BUFFER_KEYS.contains(&k.as_str()));
+        self.forget_merged();
+        if let Some(c) = self.cache.records.get_mut(msg_id) {
+            let rec = Arc::make_mut(&mut c.rec);
+            for (k, v) in &fields {
+                rec.fields.insert(k.clone(), v.clone());
+            }
+            if let Some(b) = &result_buffers {
+                rec.result_buffers = b.clone();
+            }
+        }
+        // A record not cached may still be on disk: the writer updates it if
+        // it is there (a miss is not worth a round trip to report).
+        self.send(Op::Update {
+            msg_id: msg_id.to_owned(),
+            fields,
+            result_buffers,
+        })
+        .map(drop)
+    }
+
+    fn append_output(&mut self, msg_id: &str, name: &str, text: &str) {
+        let name = match name {
+            "stdout" => "stdout",
+            "stderr" => "stderr",
+            _ => return,
+        };
+        self.forget_merged();
+        if let Some(c) = self.cache.records.get_mut(msg_id) {
+            let rec = Arc::make_mut(&mut c.rec);
+            match rec.fields.get_mut(name) {
+                Some(Value::String(s)) => s.push_str(text),
+                _ => {
+                    rec.fields
+                        .insert(name.to_owned(), Value::String(text.to_owned()));
+                }
+            }
+        }
+        self.write(Op::Append {
+            msg_id: msg_id.to_owned(),
+            name,
+            text: text.to_owned(),
+        });
+    }
+
+    fn get_record(&self, msg_id: &str) -> Result<Cow<'_, TaskRecord>, DbError> {
+        if let Some(c) = self.cache.records.get(msg_id) {
+            let confirmed = c.unconfirmed <= self.shared.applied.load(Ordering::Acquire);
+            if confirmed && !self.shared.was_merged(msg_id) {
+                return Ok(Cow::Borrowed(&c.rec));
+            }
+        }
+        let id = msg_id.to_owned();
+        match self.ask(|reply| Op::Get { msg_id: id, reply })?? {
+            Some(rec) => Ok(Cow::Owned(rec)),
+            None => Err(DbError::no_such(msg_id)),
+        }
+    }
+
+    fn find_records(
+        &self,
+        query: &Value,
+        keys: Option<&[String]>,
+    ) -> Result<Vec<FoundRecord>, DbError> {
+        Query::parse(query)?; // a bad query fails here, not in the writer
+        let query = query.clone();
+        let keys = keys.filter(|k| !k.is_empty()).map(<[String]>::to_vec);
+        self.ask(|reply| Op::Find { query, keys, reply })?
+    }
+
+    fn drop_matching_records(&mut self, query: &Value) -> Result<usize, DbError> {
+        Query::parse(query)?;
+        let query = query.clone();
+        let dropped = self.ask(|reply| Op::Drop { query, reply })??;
+        self.forget_merged();
+        for id in &dropped {
+            self.cache.remove(id);
+        }
+        Ok(dropped.len())
+    }
+
+    fn get_history(&self) -> Result<Vec<String>, DbError> {
+        self.ask(|reply| Op::History { reply })?
+    }
+
+    fn len(&self) -> usize {
+        self.cache.records.len()
+    }
+
+    fn size_bytes(&self) -> usize {
+        self.cache
+            .records
+            .values()
+            .map(|c| record_size(&c.rec))
+            .sum()
+    }
+}
+
+/// The most recently added records, oldest first in `order`. A dropped
+/// record leaves its slot (finding it would be O(n)); slots are swept when
+/// they outnumber the records.
+#[derive(Debug)]
+struct Cache {
+    limit: usize,
+    records: HashMap<String, Cached>,
+    order: VecDeque<String>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    rec: Arc<TaskRecord>,
+    /// Sequence number of the `Add` that made this copy, until the writer
+    /// applied it, when the record may have been on disk already (0: this
+    /// copy is known to be the whole record).
+    unconfirmed: u64,
+}
+
+impl Cache {
+    fn new(limit: usize) -> Self {
+        Cache {
+            limit,
+            records: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    fn insert(&mut self, msg_id: &str, rec: Cached) {
+        if self.limit == 0 {
+            return;
+        }
+        if self.records.insert(msg_id.to_owned(), rec).is_none() {
+            self.order.push_back(msg_id.to_owned());
+        }
+        while self.records.len() > self.limit {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            self.records.remove(&old);
+        }
+        if self.order.len() > 2 * self.records.len() + 64 {
+            let records = &self.records;
+            self.order.retain(|id| records.contains_key(id));
+        }
+    }
+
+    fn remove(&mut self, msg_id: &str) {
+        self.records.remove(msg_id);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The writer thread
+// ---------------------------------------------------------------------------
+
+type Reply<T> = SyncSender<Result<T, DbError>>;
+
+enum Op {
+    /// Insert, or merge into an existing record (`TaskDb::add_request`).
+    Add {
+        msg_id: String,
+        rec: Arc<TaskRecord>,
+    },
+    /// Update the record if there is one.
+    Update {
+        msg_id: String,
+        fields: Map<String, Value>,
+        result_buffers: Option<Vec<Bytes>>,
+    },
+    /// Append to `stdout`/`stderr` if there is such a record.
+    Append {
+        msg_id: String,
+        name: &'static str,
+        text: String,
+    },
+    Get {
+        msg_id: String,
+        reply: Reply<Option<TaskRecord>>,
+    },
+    Find {
+        query: Value,
+        keys: Option<Vec<String>>,
+        reply: Reply<Vec<FoundRecord>>,
+    },
+    /// Delete the matching records; answers their msg_ids.
+    Drop {
+        query: Value,
+        reply: Reply<Vec<String>>,
+    },
+    History {
+        reply: Reply<Vec<String>>,
+    },
+    /// Commit now and answer.
+    Commit {
+        reply: Reply<()>,
+    },
+}
+
+struct Writer {
+    conn: Connection,
+    /// The table name, quoted for SQL.
+    table: String,
+    path: PathBuf,
+    batch_records: usize,
+    batch_window: Duration,
+    /// Free pages are waiting to be returned to the file system.
+    vacuum_due: bool,
+    shared: Arc<Shared>,
+}
+
+fn storage(e: rusqlite::Error) -> DbError {
+    DbError::Storage(format!("task database: {e}"))
+}
+
+impl Writer {
+    fn open(cfg: &SqliteConfig) -> Result<Writer, OpenError> {
+        let path = cfg.path.clone();
+        let err = |source| OpenError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = cfg.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                    Some(format!("creating {}: {e}", dir.display())),
+                ))
+            })?;
+        }
+        let conn = Connection::open(&cfg.path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        // auto_vacuum only takes effect on a database with no tables yet.
+        conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL;")
+            .map_err(err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            warn!(path = %cfg.path.display(), mode, "task database is not in WAL mode");
+        }
+        conn.execute_batch("PRAGMA synchronous = NORMAL;")
+            .map_err(err)?;
+        conn.set_prepared_statement_cache_capacity(64);
+        let table = quote_ident(&cfg.table);
+        let mut cols = vec!["msg_id TEXT PRIMARY KEY NOT NULL".to_owned()];
+        cols.extend(json_keys().map(|k| format!("{k} TEXT")));
+        cols.extend(BUFFER_KEYS.iter().map(|k| format!("{k} BLOB")));
+        cols.push("extra TEXT".into());
+        conn.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {table} ({});",
+            cols.join(", ")
+        ))
+        .map_err(err)?;
+        let have: Vec<String> = {
+            let mut st = conn
+                .prepare(&format!(
+                    "SELECT name FROM pragma_table_info({})",
+                    sql_text(&cfg.table)
+                ))
+                .map_err(err)?;
+            st.query_map([], |r| r.get(0))
+                .map_err(err)?
+                .collect::<Result<_, _>>()
+                .map_err(err)?
+        };
+        let missing: Vec<String> = std::iter::once("msg_id")
+            .chain(json_keys())
+            .chain(BUFFER_KEYS)
+            .chain(["extra"])
+            .filter(|c| !have.iter().any(|h| h == c))
+            .map(str::to_owned)
+            .collect();
+        if !missing.is_empty() {
+            return Err(OpenError::NotATaskTable {
+                path: cfg.path.clone(),
+                table: cfg.table.clone(),
+                missing,
+            });
+        }
+        let auto_vacuum: i64 = conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .map_err(err)?;
+        if auto_vacuum != 2 {
+            warn!(path = %cfg.path.display(), "task database was created without incremental auto-vacuum: purged records' space is reused but not returned to the file system (run VACUUM on it once to change that)");
+        }
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if version != FORMAT_VERSION {
+            conn.execute_batch(&format!("PRAGMA user_version = {FORMAT_VERSION};"))
+                .map_err(err)?;
+        }
+        Ok(Writer {
+            conn,
+            table,
+            path: cfg.path.clone(),
+            batch_records: cfg.batch_records.max(1),
+            batch_window: cfg.batch_window,
+            vacuum_due: true,
+            shared: Arc::default(),
+        })
+    }
+
+    /// The thread's loop: one transaction per batch, vacuum steps when idle.
+    fn run(mut self, rx: Receiver<(u64, Op)>) {
+        loop {
+            let first = if self.vacuum_due {
+                match rx.recv_timeout(VACUUM_IDLE) {
+                    Ok(op) => op,
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.vacuum_step();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(op) => op,
+                    Err(_) => break,
+                }
+            };
+            if let Err(e) = self.conn.execute_batch("BEGIN") {
+                warn!(path = %self.path.display(), error = %e, "task database: cannot begin a transaction");
+            }
+            let deadline = Instant::now() + self.batch_window;
+            let mut n = 1;
+            let mut commit_reply = self.apply(first);
+            let mut closed = false;
+            while n < self.batch_records && commit_reply.is_none() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(op) => {
+                        n += 1;
+                        commit_reply = self.apply(op);
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            let committed = self.conn.execute_batch("COMMIT").map_err(storage);
+            self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = &committed {
+                warn!(path = %self.path.display(), error = %e, ops = n, "task database: commit failed");
+            }
+            if let Some(reply) = commit_reply {
+                let _ = reply.send(committed);
+            }
+            if self.vacuum_due {
+                self.vacuum_step();
+            }
+            if closed {
+                break;
+            }
+        }
+        // The store is gone: everything is committed; fold the WAL back in.
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            debug!(error = %e, "task database checkpoint at close failed");
+        }
+    }
+
+    /// Applies one operation; a `Commit` is handed back for the caller to
+    /// answer after it commits.
+    fn apply(&mut self, (seq, op): (u64, Op)) -> Option<Reply<()>> {
+        let commit = self.apply_op(op);
+        self.shared.applied.store(seq, Ordering::Release);
+        commit
+    }
+
+    fn apply_op(&mut self, op: Op) -> Option<Reply<()>> {
+        match op {
+            Op::Add { msg_id, rec } => {
+                if let Err(e) = self.add(&msg_id, &rec) {
+                    warn!(msg_id = %msg_id, error = %e, "task record not written");
+                }
+            }
+            Op::Update {
+                msg_id,
+                fields,
+                result_buffers,
+            } => {
+                if let Err(e) = self.update(&msg_id, &fields, result_buffers.as_deref()) {
+                    warn!(msg_id = %msg_id, error = %e, "task record not updated");
+                }
+            }
+            Op::Append { msg_id, name, text } => {
+                if let Err(e) = self.append(&msg_id, name, &text) {
+                    warn!(msg_id = %msg_id, error = %e, "task output not written");
+                }
+            }
+            Op::Get { msg_id, reply } => {
+                let _ = reply.send(self.get(&msg_id).map_err(storage));
+            }
+            Op::Find { query, keys, reply } => {
+                let _ = reply.send(self.find(&query, keys.as_deref()));
+            }
+            Op::Drop { query, reply } => {
+                let _ = reply.send(self.drop_matching(&query));
+            }
+            Op::History { reply } => {
+                let _ = reply.send(self.history());
+            }
+            Op::Commit { reply } => return Some(reply),
+        }
+        None
+    }
+
+    fn add(&self, msg_id: &str, rec: &TaskRecord) -> rusqlite::Result<()> {
+        let t = &self.table;
+        let mut cols = vec!["msg_id"];
+        cols.extend(json_keys());
+        cols.extend(BUFFER_KEYS);
+        cols.push("extra");
+        let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!(
+            "INSERT OR IGNORE INTO {t} ({}) VALUES ({})",
+            cols.join(", "),
+            marks.join(", ")
+        );
+        let mut values = vec![SqlValue::Text(msg_id.to_owned())];
+        values.extend(json_keys().map(|k| json_column(rec.get(k))));
+        values.push(SqlValue::Blob(encode_buffers(&rec.buffers)));
+        values.push(SqlValue::Blob(encode_buffers(&rec.result_buffers)));
+        values.push(extra_column(&rec.fields));
+        let inserted = self
+            .conn
+            .prepare_cached(&sql)?
+            .execute(params_from_iter(values))?;
+        if inserted == 1 {
+            return Ok(());
+        }
+        let mut merged = self.shared.merged.lock().unwrap_or_else(|e| e.into_inner());
+        merged.push(msg_id.to_owned());
+        drop(merged);
+        self.shared.has_merged.store(true, Ordering::Release);
+        // A repeated msg_id: merge as the in-memory store does.
+        let Some(existing) = self.get(msg_id)? else {
+            return Ok(());
+        };
+        let mut fields = rec.fields.clone();
+        merge_request(&existing.fields, &mut fields);
+        let mut sets: Vec<String> = json_keys().map(|k| format!("{k} = ?")).collect();
+        sets.push("buffers = ?".into());
+        sets.push("extra = ?".into());
+        let sql = format!("UPDATE {t} SET {} WHERE msg_id = ?", sets.join(", "));
+        let mut values: Vec<SqlValue> = json_keys()
+            .map(|k| json_column(fields.get(k).unwrap_or(&Value::Null)))
+            .collect();
+        values.push(SqlValue::Blob(encode_buffers(&rec.buffers)));
+        values.push(extra_column(&fields));
+        values.push(SqlValue::Text(msg_id.to_owned()));
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(params_from_iter(values))?;
+        Ok(())
+    }
+
+    fn update(
+        &self,
+        msg_id: &str,
+        fields: &Map<String, Value>,
+        result_buffers: Option<&[Bytes]>,
+    ) -> rusqlite::Result<()> {
+        let t = &self.table;
+        let mut sets = Vec::new();
+        let mut values = Vec::new();
+        for (k, v) in fields {
+            if is_column(k) {
+                sets.push(format!("{k} = ?"));
+                values.push(json_column(v));
+            }
+        }
+        if let Some(b) = result_buffers {
+            sets.push("result_buffers = ?".into());
+            values.push(SqlValue::Blob(encode_buffers(b)));
+        }
+        if fields.keys().any(|k| !is_column(k)) {
+            // Keys outside ipyparallel's set (no caller sends them today).
+            let old: Option<Option<String>> = self
+                .conn
+                .prepare_cached(&format!("SELECT extra FROM {t} WHERE msg_id = ?"))?
+                .query_row([msg_id], |r| r.get(0))
+                .optional()?;
+            let Some(old) = old else { return Ok(()) };
+            let mut extra: Map<String, Value> = old
+                .and_then(|s| serde_json::from_str(&s).ok())
+                .unwrap_or_default();
+            for (k, v) in fields {
+                if !is_column(k) {
+                    extra.insert(k.clone(), v.clone());
+                }
+            }
+            sets.push("extra = ?".into());
+            values.push(SqlValue::Text(Value::Object(extra).to_string()));
+        }
+        if sets.is_empty() {
+            return Ok(());
+        }
+        values.push(SqlValue::Text(msg_id.to_owned()));
+        let sql = format!("UPDATE {t} SET {} WHERE msg_id = ?", sets.join(", "));
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(params_from_iter(values))?;
+        Ok(())
+    }
+
+    fn append(&self, msg_id: &str, name: &str, text: &str) -> rusqlite::Result<()> {
+        // DictDB's rule: append to a string, start afresh over anything else.
+        let sql = format!(
+            "UPDATE {t} SET {name} = CASE WHEN json_type({name}) = 'text' \
+             THEN json_quote(json_extract({name}, '$') || ?1) ELSE json_quote(?1) END \
+             WHERE msg_id = ?2",
+            t = self.table
+        );
+        self.conn
+            .prepare_cached(&sql)?
+            .execute(rusqlite::params![text, msg_id])?;
+        Ok(())
+    }
+
+    fn get(&self, msg_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
+        let cols = Columns::all();
+        let sql = format!(
+            "SELECT {} FROM {} WHERE msg_id = ?",
+            cols.select(),
+            self.table
+        );
+        self.conn
+            .prepare_cached(&sql)?
+            .query_row([msg_id], |r| cols.decode(r, 0))
+            .optional()
+    }
+
+    /// `(rowid, msg_id)` of the records matching `query`, oldest first.
+    fn matching(&self, query: &Query<'_>) -> Result<Vec<(i64, String)>, DbError> {
+        // Decode only the columns the query looks at.
+        let wanted: Vec<&str> = query.keys().collect();
+        let cols = Columns::for_keys(wanted.iter().copied());
+        let select = format!("rowid, {}", cols.select());
+        let mut found = Vec::new();
+        let mut test = |row: &rusqlite::Row<'_>| -> rusqlite::Result<()> {
+            let rowid: i64 = row.get(0)?;
+            let rec = cols.decode(row, 1)?;
+            if query.matches(&rec) {
+                let id = rec.get("msg_id").as_str().unwrap_or_default().to_owned();
+                found.push((rowid, id));
+            }
+            Ok(())
+        };
+        if let Some(ids) = query.msg_id_candidates() {
+            let sql = format!("SELECT {select} FROM {} WHERE msg_id = ?", self.table);
+            let mut st = self.conn.prepare_cached(&sql).map_err(storage)?;
+            for id in ids {
+                let mut rows = st.query([id]).map_err(storage)?;
+                while let Some(row) = rows.next().map_err(storage)? {
+                    test(row).map_err(storage)?;
+                }
+            }
+            found.sort_by_key(|(rowid, _)| *rowid);
+            found.dedup_by_key(|(rowid, _)| *rowid);
+            return Ok(found);
+        }
+        let mut conds = Vec::new();
+        let mut args = Vec::new();
+        for (key, p) in query.prefilters() {
+            if key == "msg_id" {
+                match p {
+                    Prefilter::IsNull => conds.push("0".to_owned()),
+                    Prefilter::NotNull => {}
+                    Prefilter::IsString(s) => {
+                        conds.push("msg_id = ?".into());
+                        args.push(SqlValue::Text(s.to_owned()));
+                    }
+                }
+                continue;
+            }
+            if !is_column(key) || BUFFER_KEYS.contains(&key) {
+                continue;
+            }
+            match p {
+                Prefilter::IsNull => conds.push(format!("{key} IS NULL")),
+                Prefilter::NotNull => conds.push(format!("{key} IS NOT NULL")),
+                Prefilter::IsString(s) => {
+                    conds.push(format!("json_extract({key}, '$') = ?"));
+                    args.push(SqlValue::Text(s.to_owned()));
+                }
+            }
+        }
+        let filter = if conds.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", conds.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT {select} FROM {} {filter} ORDER BY rowid",
+            self.table
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(storage)?;
+        let mut rows = st.query(params_from_iter(args)).map_err(storage)?;
+        while let Some(row) = rows.next().map_err(storage)? {
+            test(row).map_err(storage)?;
+        }
+        Ok(found)
+    }
+
+    fn find(&self, query: &Value, keys: Option<&[String]>) -> Result<Vec<FoundRecord>, DbError> {
+        let parsed = Query::parse(query)?;
+        let matching = self.matching(&parsed)?;
+        let cols = match keys {
+            Some(keys) => Columns::for_keys(keys.iter().map(String::as_str)),
+            None => Columns::all(),
+        };
+        let sql = format!(
+            "SELECT {} FROM {} WHERE rowid = ?",
+            cols.select(),
+            self.table
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(storage)?;
+        let mut out = Vec::with_capacity(matching.len());
+        for (rowid, _) in matching {
+            let rec: Option<TaskRecord> = st
+                .query_row([rowid], |r| cols.decode(r, 0))
+                .optional()
+                .map_err(storage)?;
+            if let Some(rec) = rec {
+                out.push(project(&rec, keys)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn drop_matching(&mut self, query: &Value) -> Result<Vec<String>, DbError> {
+        let parsed = Query::parse(query)?;
+        let matching = self.matching(&parsed)?;
+        let sql = format!("DELETE FROM {} WHERE rowid = ?", self.table);
+        let mut st = self.conn.prepare_cached(&sql).map_err(storage)?;
+        for (rowid, _) in &matching {
+            st.execute([rowid]).map_err(storage)?;
+        }
+        if !matching.is_empty() {
+            self.vacuum_due = true;
+        }
+        Ok(matching.into_iter().map(|(_, id)| id).collect())
+    }
+
+    fn history(&self) -> Result<Vec<String>, DbError> {
+        let sql = format!(
+            "SELECT msg_id, submitted FROM {} WHERE submitted IS NOT NULL ORDER BY rowid",
+            self.table
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(storage)?;
+        let rows: Vec<(String, Value)> = st
+            .query_map([], |r| {
+                let id: String = r.get(0)?;
+                let submitted: Option<String> = r.get(1)?;
+                Ok((id, parse_json(submitted.as_deref())))
+            })
+            .map_err(storage)?
+            .collect::<Result<_, _>>()
+            .map_err(storage)?;
+        Ok(history_order(rows.iter().map(|(id, s)| (s, id.as_str()))))
+    }
+
+    /// Returns up to [`VACUUM_PAGES`] free pages to the file system.
+    fn vacuum_step(&mut self) {
+        let free: i64 = match self
+            .conn
+            .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        {
+            Ok(n) => n,
+            Err(e) => {
+                debug!(error = %e, "task database: freelist_count failed");
+                self.vacuum_due = false;
+                return;
+            }
+        };
+        if free == 0 {
+            self.vacuum_due = false;
+            return;
+        }
+        // Each step of this statement frees one page: run it to the end.
+        let freed = self
+            .conn
+            .prepare(&format!("PRAGMA incremental_vacuum({VACUUM_PAGES})"))
+            .and_then(|mut st| {
+                let mut rows = st.query([])?;
+                while rows.next()?.is_some() {}
+                Ok(())
+            });
+        if let Err(e) = freed {
+            debug!(error = %e, "task database: incremental_vacuum failed");
+            self.vacuum_due = false;
+            return;
+        }
+        // The file shrinks when the WAL is folded back in.
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+    }
+}
+
+/// The columns to read for a set of record keys, and how to decode them.
+struct Columns {
+    /// Record keys stored in JSON columns, in select order after `msg_id`.
+    json: Vec<&'static str>,
+    buffers: bool,
+    result_buffers: bool,
+    extra: bool,
+}
+
+impl Columns {
+    fn all() -> Self {
+        Columns {
+            json: json_keys().collect(),
+            buffers: true,
+            result_buffers: true,
+            extra: true,
+        }
+    }
+
+    fn for_keys<'k>(keys: impl Iterator<Item = &'k str>) -> Self {
+        let mut c = Columns {
+            json: Vec::new(),
+            buffers: false,
+            result_buffers: false,
+            extra: false,
+        };
+        for key in keys {
+            match key {
+                "msg_id" => {}
+                "buffers" => c.buffers = true,
+                "result_buffers" => c.result_buffers = true,
+                k => match json_keys().find(|j| *j == k) {
+                    Some(j) if !c.json.contains(&j) => c.json.push(j),
+                    Some(_) => {}
+                    None => c.extra = true,
+                },
+            }
+        }
+        c
+    }
+
+    fn select(&self) -> String {
+        let mut cols = vec!["msg_id"];
+        cols.extend(&self.json);
+        if self.buffers {
+            cols.push("buffers");
+        }
+        if self.result_buffers {
+            cols.push("result_buffers");
+        }
+        if self.extra {
+            cols.push("extra");
+        }
+        cols.join(", ")
+    }
+
+    /// A record with the selected keys, from the row's columns starting at `at`.
+    fn decode(&self, row: &rusqlite::Row<'_>, mut at: usize) -> rusqlite::Result<TaskRecord> {
+        let mut rec = TaskRecord::default();
+        let msg_id: String = row.get(at)?;
+        at += 1;
+        rec.fields.insert("msg_id".into(), Value::String(msg_id));
+        for key in &self.json {
+            let text: Option<String> = row.get(at)?;
+            at += 1;
+            rec.fields
+                .insert((*key).into(), parse_json(text.as_deref()));
+        }
+        if self.buffers {
+            let blob: Option<Vec<u8>> = row.get(at)?;
+            at += 1;
+            rec.buffers = decode_buffers(blob.as_deref());
+        }
+        if self.result_buffers {
+            let blob: Option<Vec<u8>> = row.get(at)?;
+            at += 1;
+            rec.result_buffers = decode_buffers(blob.as_deref());
+        }
+        if self.extra {
+            let text: Option<String> = row.get(at)?;
+            if let Value::Object(extra) = parse_json(text.as_deref()) {
+                for (k, v) in extra {
+                    rec.fields.entry(k).or_insert(v);
+                }
+            }
+        }
+        Ok(rec)
+    }
+}
+
+fn sql_text(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+fn json_column(v: &Value) -> SqlValue {
+    match v {
+        Value::Null => SqlValue::Null,
+        v => SqlValue::Text(v.to_string()),
+    }
+}
+
+fn extra_column(fields: &Map<String, Value>) -> SqlValue {
+    let extra: Map<String, Value> = fields
+        .iter()
+        .filter(|(k, _)| !is_column(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if extra.is_empty() {
+        SqlValue::Null
+    } else {
+        SqlValue::Text(Value::Object(extra).to_string())
+    }
+}
+
+fn parse_json(text: Option<&str>) -> Value {
+    match text {
+        None => Value::Null,
+        Some(t) => serde_json::from_str(t).unwrap_or_else(|e| {
+            // Not written by us: keep the text rather than lose it.
+            debug!(error = %e, "task database: a column is not JSON");
+            Value::String(t.to_owned())
+        }),
+    }
+}
+
+/// Frames as `[u64 LE length, bytes]…`.
+fn encode_buffers(buffers: &[Bytes]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(buffers.iter().map(|b| b.len() + 8).sum());
+    for b in buffers {
+        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+fn decode_buffers(blob: Option<&[u8]>) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let Some(mut rest) = blob else {
+        return out;
+    };
+    while rest.len() >= 8 {
+        let (len, tail) = rest.split_at(8);
+        let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+        if tail.len() < len {
+            warn!("task database: truncated buffers column");
+            break;
+        }
+        let (buf, tail) = tail.split_at(len);
+        out.push(Bytes::copy_from_slice(buf));
+        rest = tail;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{DbBackend, RecordStore};
+    use serde_json::json;
+    use std::path::Path;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let dir = std::env::temp_dir().join(format!(
+                "parallax-sqlite-{name}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            TempDir(dir)
+        }
+
+        fn db(&self) -> PathBuf {
+            self.0.join("tasks.db")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn open(path: &Path, cache: usize) -> SqliteDb {
+        let mut cfg = SqliteConfig::new(path.to_path_buf());
+        cfg.cache_records = cache;
+        SqliteDb::open(&cfg).unwrap()
+    }
+
+    fn task(msg_id: &str, submitted: Option<&str>, extra: Value) -> TaskRecord {
+        let mut rec = RecordStore::empty_record(msg_id);
+        rec.fields.insert(
+            "submitted".into(),
+            submitted.map_or(Value::Null, |s| json!(s)),
+        );
+        if let Value::Object(extra) = extra {
+            rec.fields.extend(extra);
+        }
+        rec
+    }
+
+    fn fields(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    /// The same writes, in the same order, to any store: requests (one
+    /// repeated), results with buffers, output appended, non-standard keys.
+    fn populate(db: &mut dyn TaskDb) {
+        let rows = [
+            (
+                "a",
+                Some("2026-11-22T00:00:01.000000Z"),
+                json!({"n": 1, "label": "group_a", "engine_uuid": "e-1", "queue": "task"}),
+            ),
+            (
+                "b",
+                Some("2026-11-22T00:00:02Z"),
+                json!({"n": 2.5, "label": "group_a/sub_x", "engine_uuid": "e-2", "queue": "mux"}),
+            ),
+            (
+                "c",
+                Some("2026-11-22T02:00:03+02:00"),
+                json!({"n": -7, "label": "group_b", "tags": ["x", "y"], "engine_uuid": "e-1"}),
+            ),
+            (
+                "d",
+                Some("2026-11-22T00:00:04.123456+00:00"),
+                json!({"n": "4", "label": "label*task", "tags": ["y"]}),
+            ),
+            ("e", None, json!({"label": null})),
+            (
+                "f",
+                Some("2026-11-22T00:00:00.5Z"),
+                json!({"label": "2026-11-22T00:00:00Z", "header": {"msg_id": "f", "date": "2026-11-22T00:00:00.5Z"}}),
+            ),
+        ];
+        for (id, submitted, extra) in rows {
+            let mut rec = task(id, submitted, extra);
+            rec.buffers = vec![
+                Bytes::from(format!("req-{id}")),
+                Bytes::from_static(b"\0\x01"),
+            ];
+            db.add_request(id, rec).unwrap();
+        }
+        // Results for a, c, f: `completed` dates, result buffers.
+        for (id, completed) in [
+            ("a", "2026-11-22T00:00:05Z"),
+            ("c", "2026-11-22T00:00:09.5+00:00"),
+            ("f", "2026-11-22T00:00:01Z"),
+        ] {
+            db.update_record(
+                id,
+                fields(json!({
+                    "completed": completed,
+                    "result_content": {"status": "ok", "n": id},
+                    "msg_id": "ignored",
+                    "buffers": "ignored",
+                })),
+                Some(vec![Bytes::from(format!("result-{id}"))]),
+            )
+            .unwrap();
+        }
+        db.append_output("a", "stdout", "hello ");
+        db.append_output("a", "stdout", "world\n");
+        db.append_output("c", "stderr", "warn\n");
+        db.append_output("zz", "stdout", "nobody's");
+        db.update_record("d", fields(json!({"stdout": {"odd": 1}})), None)
+            .unwrap();
+        db.append_output("d", "stdout", "fresh");
+        // A repeated msg_id: empty values keep what was there.
+        let mut again = task(
+            "b",
+            Some("2026-11-22T00:00:02Z"),
+            json!({"engine_uuid": null}),
+        );
+        again.buffers = vec![Bytes::from_static(b"second")];
+        db.add_request("b", again).unwrap();
+    }
+
+    const QUERIES: &[&str] = &[
+        r#"{}"#,
+        r#"{"msg_id": "c"}"#,
+        r#"{"msg_id": {"$in": ["d", "a", "zz", "a"]}}"#,
+        r#"{"msg_id": {"$in": ["e", "c"]}, "completed": {"$ne": null}}"#,
+        r#"{"msg_id": {"$in": ["a", "b"], "$ne": "a"}}"#,
+        r#"{"msg_id": {"$in": ["2026-01-01T00:00:00Z", "a"]}}"#,
+        r#"{"msg_id": {"$nin": ["d", "a"]}}"#,
+        r#"{"completed": {"$ne": null}}"#,
+        r#"{"completed": null}"#,
+        r#"{"completed": {"$exists": true}}"#,
+        r#"{"completed": {"$exists": false}}"#,
+        r#"{"completed": {"$gt": "2026-11-22T00:00:04Z"}}"#,
+        r#"{"completed": {"$lt": "2026-11-22T01:00:04+01:00"}}"#,
+        r#"{"completed": {"$in": [null, "2026-11-22T00:00:05+00:00"]}}"#,
+        r#"{"submitted": {"$gte": "2026-11-22T00:00:02Z", "$lte": "2026-11-22T00:00:04.123456Z"}}"#,
+        r#"{"engine_uuid": "e-1"}"#,
+        r#"{"engine_uuid": "e-1", "completed": {"$ne": null}}"#,
+        r#"{"engine_uuid": {"$eq": "e-2"}}"#,
+        r#"{"label": "2026-11-22T01:00:00+01:00"}"#,
+        r#"{"label": {"$glob": "group_a*"}}"#,
+        r#"{"label": {"$in": "xx group_b yy"}}"#,
+        r#"{"label": null}"#,
+        r#"{"n": {"$in": [1, 2.5, "4"]}}"#,
+        r#"{"n": {"$mod": [2, 1]}}"#,
+        r#"{"n": {"$lt": 2}}"#,
+        r#"{"tags": {"$all": ["y"]}}"#,
+        r#"{"tags": {"$exists": false}}"#,
+        r#"{"stdout": "hello world\n"}"#,
+        r#"{"stdout": {"$glob": "*fresh*"}}"#,
+        r#"{"stderr": {"$ne": ""}}"#,
+        r#"{"queue": {"$nin": ["mux"]}, "submitted": {"$ne": null}}"#,
+        r#"{"header.msg_id": "f"}"#,
+        r#"{"result_content": {"$eq": {"status": "ok", "n": "a"}}}"#,
+    ];
+
+    const KEYS: &[&[&str]] = &[
+        &[],
+        &["msg_id"],
+        &["completed", "stdout", "stderr"],
+        &["buffers", "result_buffers", "result_content"],
+        &["n", "tags"],
+        &["header", "submitted", "label"],
+    ];
+
+    #[test]
+    fn queries_match_the_in_memory_store() {
+        let dir = TempDir::new("parity");
+        let mut mem = RecordStore::new(DbBackend::default());
+        // A cache of 2: most records are answered from disk.
+        let mut disk = open(&dir.db(), 2);
+        populate(&mut mem);
+        populate(&mut disk);
+        for q in QUERIES {
+            let query: Value = serde_json::from_str(q).unwrap();
+            for keys in KEYS {
+                let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+                let want = TaskDb::find_records(&mem, &query, Some(&keys));
+                let got = disk.find_records(&query, Some(&keys));
+                assert_eq!(got, want, "query {q} keys {keys:?}");
+            }
+            let want = TaskDb::find_records(&mem, &query, None).unwrap();
+            assert_eq!(disk.find_records(&query, None).unwrap(), want, "{q}");
+        }
+        for id in ["a", "b", "c", "d", "e", "f", "zz"] {
+            let want = TaskDb::get_record(&mem, id).map(Cow::into_owned);
+            let got = disk.get_record(id).map(Cow::into_owned);
+            assert_eq!(got, want, "{id}");
+        }
+        assert_eq!(disk.get_history(), TaskDb::get_history(&mem));
+        // Bad queries fail alike, before touching any record.
+        for q in [
+            json!({"n": {"$in": 3}}),
+            json!({"n": {"$where": "x"}}),
+            json!({"$or": []}),
+            json!([1]),
+            json!({"n": {"$mod": [0, 1]}}),
+        ] {
+            let want = TaskDb::find_records(&mem, &q, None).unwrap_err();
+            assert_eq!(disk.find_records(&q, None).unwrap_err(), want, "{q}");
+        }
+        let err = disk
+            .find_records(&json!({"msg_id": "a"}), Some(&["nope".to_string()]))
+            .unwrap_err();
+        assert_eq!(err.ename(), "KeyError");
+    }
+
+    #[test]
+    fn purge_matches_the_in_memory_store_and_persists() {
+        let dir = TempDir::new("purge");
+        let mut mem = RecordStore::new(DbBackend::default());
+        let mut disk = open(&dir.db(), 3);
+        populate(&mut mem);
+        populate(&mut disk);
+        for q in [
+            json!({"engine_uuid": "e-1", "completed": {"$ne": null}}),
+            json!({"msg_id": {"$in": ["b", "zz"]}}),
+        ] {
+            assert_eq!(
+                disk.drop_matching_records(&q),
+                TaskDb::drop_matching_records(&mut mem, &q)
+            );
+            let all = json!({});
+            assert_eq!(
+                disk.find_records(&all, None),
+                TaskDb::find_records(&mem, &all, None)
+            );
+        }
+        assert!(disk.get_record("a").is_err());
+        drop(disk);
+        let disk = open(&dir.db(), 3);
+        let left: Vec<String> = disk
+            .find_records(&json!({}), Some(&["msg_id".to_string()]))
+            .unwrap()
+            .iter()
+            .map(|r| r.fields["msg_id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(left, ["d", "e", "f"]);
+    }
+
+    #[test]
+    fn records_survive_a_restart() {
+        let dir = TempDir::new("restart");
+        let mut mem = RecordStore::new(DbBackend::default());
+        populate(&mut mem);
+        {
+            let mut disk = open(&dir.db(), 100);
+            populate(&mut disk);
+            // dropped without a flush: closing commits what is queued
+        }
+        let disk = open(&dir.db(), 100);
+        assert_eq!(disk.len(), 0, "a fresh cache");
+        assert_eq!(
+            disk.find_records(&json!({}), None),
+            TaskDb::find_records(&mem, &json!({}), None)
+        );
+        assert_eq!(disk.get_history(), TaskDb::get_history(&mem));
+        let a = disk.get_record("a").unwrap();
+        assert_eq!(a.result_buffers, [Bytes::from_static(b"result-a")]);
+        assert_eq!(a.get("stdout"), &json!("hello world\n"));
+        drop(a);
+        drop(disk);
+        // The WAL was folded back in at close.
+        let wal = dir.0.join("tasks.db-wal");
+        assert!(std::fs::metadata(&wal).map_or(0, |m| m.len()) == 0);
+    }
+
+    #[test]
+    fn writes_are_batched_and_visible_before_commit() {
+        let dir = TempDir::new("batch");
+        let mut cfg = SqliteConfig::new(dir.db());
+        cfg.cache_records = 16;
+        // A long window: nothing commits by time during the test.
+        cfg.batch_window = Duration::from_secs(30);
+        cfg.batch_records = 1000;
+        let mut db = SqliteDb::open(&cfg).unwrap();
+        let n = 2400;
+        for i in 0..n {
+            let id = format!("t{i}");
+            db.add_request(&id, task(&id, Some("2026-11-22T00:00:01Z"), json!({})))
+                .unwrap();
+            db.update_record(
+                &id,
+                fields(json!({"completed": "2026-11-22T00:00:02Z"})),
+                None,
+            )
+            .unwrap();
+        }
+        // 4800 writes: four full batches committed; the rest is in the open
+        // transaction, which a query sees (same connection, in order).
+        let found = db
+            .find_records(
+                &json!({"completed": {"$ne": null}}),
+                Some(&["msg_id".into()]),
+            )
+            .unwrap();
+        assert_eq!(found.len(), n);
+        assert_eq!(db.commits(), 4);
+        // Another connection sees only what is committed.
+        let other = Connection::open(dir.db()).unwrap();
+        let committed: i64 = other
+            .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
+            .unwrap();
+        assert!(committed < n as i64, "{committed}");
+        db.flush().unwrap();
+        assert_eq!(db.commits(), 5);
+        let committed: i64 = other
+            .query_row(
+                "SELECT count(*) FROM tasks WHERE completed IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(committed, n as i64);
+        // The cache holds the most recent records only.
+        assert_eq!(db.len(), 16);
+        assert!(db.size_bytes() > 0);
+    }
+
+    #[test]
+    fn purged_space_is_returned_to_the_file_system() {
+        let dir = TempDir::new("vacuum");
+        let mut db = open(&dir.db(), 8);
+        let big = Bytes::from(vec![7u8; 256 * 1024]);
+        for i in 0..64 {
+            let id = format!("t{i}");
+            let mut rec = task(
+                &id,
+                Some("2026-11-22T00:00:01Z"),
+                json!({"completed": "2026-11-22T00:00:02Z"}),
+            );
+            rec.buffers = vec![big.clone()];
+            db.add_request(&id, rec).unwrap();
+        }
+        db.flush().unwrap();
+        let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        // Fold the WAL into the file to see its full size.
+        Connection::open(dir.db())
+            .unwrap()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let full = size(&dir.db());
+        assert!(full > 16 << 20, "{full}");
+        assert_eq!(
+            db.drop_matching_records(&json!({"completed": {"$ne": null}})),
+            Ok(64)
+        );
+        // Freed a slice at a time by the idle writer.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now_size = size(&dir.db());
+            if now_size < full / 8 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "file still {now_size} bytes (was {full})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(db.find_records(&json!({}), None), Ok(vec![]));
+    }
+
+    #[test]
+    fn updates_reach_records_no_longer_cached() {
+        let dir = TempDir::new("evicted");
+        let mut db = open(&dir.db(), 1);
+        db.add_request("old", task("old", Some("2026-11-22T00:00:01Z"), json!({})))
+            .unwrap();
+        db.add_request("new", task("new", Some("2026-11-22T00:00:02Z"), json!({})))
+            .unwrap();
+        assert_eq!(db.len(), 1);
+        db.append_output("old", "stdout", "a\"b\n");
+        db.append_output("old", "stdout", "\u{e9}\u{1}");
+        db.update_record(
+            "old",
+            fields(json!({"completed": "2026-11-22T00:00:03Z", "custom": [1]})),
+            Some(vec![Bytes::from_static(b"r")]),
+        )
+        .unwrap();
+        let old = db.get_record("old").unwrap().into_owned();
+        assert_eq!(old.get("stdout"), &json!("a\"b\n\u{e9}\u{1}"));
+        assert_eq!(old.get("completed"), &json!("2026-11-22T00:00:03Z"));
+        assert_eq!(old.get("custom"), &json!([1]));
+        assert_eq!(old.result_buffers, [Bytes::from_static(b"r")]);
+        // A repeated msg_id merges with the record on disk.
+        db.add_request("old", task("old", None, json!({"label": "x"})))
+            .unwrap();
+        let old = db.get_record("old").unwrap().into_owned();
+        assert_eq!(old.get("submitted"), &json!("2026-11-22T00:00:01Z"));
+        assert_eq!(old.get("label"), &json!("x"));
+        assert_eq!(old.get("stdout"), &json!("a\"b\n\u{e9}\u{1}"));
+        assert_eq!(
+            db.find_records(&json!({}), Some(&["msg_id".into()]))
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_foreign_table_is_refused_and_names_are_quoted() {
+        let dir = TempDir::new("foreign");
+        Connection::open(dir.db())
+            .unwrap()
+            .execute_batch("CREATE TABLE tasks (id INTEGER); CREATE TABLE \"odd\"\"name\" (x);")
+            .unwrap();
+        let err = SqliteDb::open(&SqliteConfig::new(dir.db())).unwrap_err();
+        assert!(err.to_string().contains("--table"), "{err}");
+        let mut cfg = SqliteConfig::new(dir.db());
+        cfg.table = "runs; DROP TABLE tasks".into();
+        let mut db = SqliteDb::open(&cfg).unwrap();
+        db.add_request("a", task("a", Some("2026-11-22T00:00:01Z"), json!({})))
+            .unwrap();
+        assert_eq!(db.get_history(), Ok(vec!["a".to_string()]));
+        drop(db);
+        let n: i64 = Connection::open(dir.db())
+            .unwrap()
+            .query_row("SELECT count(*) FROM tasks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+}
