@@ -20,6 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::cluster_controller::Hub;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use parallax_launch::driver as ldriver;
@@ -390,14 +391,14 @@ fn cmdline_is_cluster_process(args: &[String]) -> bool {
 
 /// A process of the cluster: our child (foreground start) or a pid from a
 /// cluster file.
-struct Proc {
-    label: String,
-    pid: i64,
-    child: Option<Child>,
+pub(crate) struct Proc {
+    pub(crate) label: String,
+    pub(crate) pid: i64,
+    pub(crate) child: Option<Child>,
 }
 
 impl Proc {
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         match &mut self.child {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => pid_alive(self.pid),
@@ -531,6 +532,8 @@ struct ClusterState {
     engine_class: &'static str,
     /// Engine sets by id, each its launcher's `to_dict()`.
     sets: serde_json::Map<String, Value>,
+    /// A launched hub's class and `to_dict()` (a local one: pid and log).
+    controller: Option<(&'static str, Value)>,
 }
 
 impl ClusterState {
@@ -548,9 +551,12 @@ impl ClusterState {
                 "profile_dir": pd.to_string_lossy(),
                 "class": "ipyparallel.cluster.cluster.Cluster",
             },
-            "controller": {
-                "class": "local",
-                "state": launcher_state(pd, cid, self.hub.0, &self.hub.1, None),
+            "controller": match &self.controller {
+                Some((class, state)) => json!({"class": class, "state": state}),
+                None => json!({
+                    "class": "local",
+                    "state": launcher_state(pd, cid, self.hub.0, &self.hub.1, None),
+                }),
             },
             "engines": {"class": self.engine_class, "sets": self.sets},
         })
@@ -574,6 +580,8 @@ struct LoadedCluster {
     cluster_id: String,
     hub_pid: Option<i64>,
     hub_log: Option<PathBuf>,
+    /// A hub launched as a job: the controller's class and state.
+    hub_job: Option<(String, Value)>,
     /// (label, pid, log) of every engine process recorded.
     engines: Vec<(String, i64, Option<PathBuf>)>,
     /// Engines in sets without per-process pids (batch launchers): n each.
@@ -612,6 +620,15 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
     let state = raw.get("controller").and_then(|c| c.get("state"));
     let hub_pid = state.and_then(pid_of);
     let hub_log = state.and_then(path_of);
+    let hub_job = raw
+        .get("controller")
+        .and_then(|c| c.get("class"))
+        .and_then(Value::as_str)
+        .filter(|c| LauncherKind::parse(c).is_some_and(|k| k != LauncherKind::Local))
+        .zip(state)
+        .map(|(c, st)| (c.to_owned(), st.clone()));
+    // a launched hub is stopped through its launcher, not by its pid
+    let hub_pid = hub_pid.filter(|_| hub_job.is_none());
     let mut engines = Vec::new();
     let mut unverifiable_engines = 0;
     let mut batch_sets = Vec::new();
@@ -664,6 +681,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
         cluster_id,
         hub_pid,
         hub_log,
+        hub_job,
         engines,
         unverifiable_engines,
         batch_sets,
@@ -682,6 +700,10 @@ fn load_cluster(file: &Path) -> Result<LoadedCluster> {
 
 impl LoadedCluster {
     fn hub_alive(&self) -> bool {
+        if let Some((class, state)) = &self.hub_job {
+            return crate::cluster_controller::restore(class, state, Duration::ZERO)
+                .is_some_and(|mut l| crate::cluster_controller::restored_alive(l.as_mut()));
+        }
         self.hub_pid.is_some_and(pid_alive)
     }
 
@@ -924,7 +946,7 @@ impl EngineSet {
 
 /// The processes `start` launched, for cleanup.
 struct Launched {
-    hub: Option<Proc>,
+    hub: Option<Hub>,
     hub_log: PathBuf,
     sets: Vec<EngineSet>,
     cluster_file: PathBuf,
@@ -940,13 +962,21 @@ impl Launched {
             }
         }
         let mut hub_killed = Vec::new();
-        if let Some(hub) = &mut self.hub {
-            hub_killed = terminate(std::slice::from_mut(hub), self.grace);
+        match &mut self.hub {
+            Some(Hub::Local(hub)) => {
+                hub_killed = terminate(std::slice::from_mut(hub), self.grace);
+            }
+            Some(Hub::Launched(h)) => {
+                if let Err(e) = h.launcher.stop() {
+                    esay!("warning: stopping the hub ({}): {e}", h.launcher.label());
+                }
+            }
+            None => {}
         }
         for k in &hub_killed {
             esay!("warning: {k} did not stop after SIGTERM; killed");
         }
-        let ours = self.hub.as_ref().map(|h| h.pid);
+        let ours = self.hub.as_ref().map(Hub::pid).filter(|p| *p > 0);
         if let Ok(c) = load_cluster(&self.cluster_file)
             && c.hub_pid == ours
         {
@@ -1292,12 +1322,7 @@ async fn start(args: StartArgs) -> Result<()> {
     if n == 0 {
         bail!("-n must be at least 1");
     }
-    if args.controller != LauncherKind::Local {
-        bail!(
-            "--controller {}: only the local controller (hub) launcher is implemented",
-            args.controller
-        );
-    }
+    crate::cluster_controller::check(&args)?;
     if args.engines == LauncherKind::Ssh {
         crate::cluster_ssh::check_reachable(&args)?;
     }
@@ -1370,7 +1395,13 @@ async fn start(args: StartArgs) -> Result<()> {
         format!("--profile-dir={}", profile_dir.display()),
         format!("--cluster-id={cid}"),
     ];
-    if let Some(ip) = &args.ip {
+    // a hub launched elsewhere (a job's node) listens on all interfaces
+    // unless told otherwise, and names its own host as `location`
+    let ip = args
+        .ip
+        .clone()
+        .or_else(|| (args.controller != LauncherKind::Local).then(|| "0.0.0.0".to_owned()));
+    if let Some(ip) = &ip {
         hub_cmd.push(format!("--ip={ip}"));
     }
     if let Some(location) = &args.location {
@@ -1378,13 +1409,31 @@ async fn start(args: StartArgs) -> Result<()> {
     }
     let hub_args = split_args(&args.hub_args);
     hub_cmd.extend(hub_args.iter().cloned());
-    let hub_child = spawn(&exe, &hub_cmd, &hub_log)?;
-    let mut launched = Launched {
-        hub: Some(Proc {
+    let hub = if args.controller == LauncherKind::Local {
+        let hub_child = spawn(&exe, &hub_cmd, &hub_log)?;
+        Hub::Local(Proc {
             label: "hub".into(),
             pid: hub_child.id() as i64,
             child: Some(hub_child),
-        }),
+        })
+    } else {
+        let mut argv = vec![exe.to_string_lossy().into_owned()];
+        argv.extend(hub_cmd.iter().cloned());
+        let h = crate::cluster_controller::start(
+            &args,
+            argv,
+            &profile_dir,
+            &cid,
+            &id_part,
+            &hub_log,
+            grace,
+            Duration::from_secs_f64(args.poll_interval.max(0.05)),
+        )?;
+        say!("Launched the hub: {}", h.launcher.label());
+        Hub::Launched(h)
+    };
+    let mut launched = Launched {
+        hub: Some(hub),
         hub_log: hub_log.clone(),
         sets: Vec::new(),
         cluster_file: cluster_file.clone(),
@@ -1395,8 +1444,12 @@ async fn start(args: StartArgs) -> Result<()> {
         cluster_id: cid.clone(),
         n,
         hub_args,
-        hub: (launched.hub.as_ref().map_or(-1, |h| h.pid), hub_log.clone()),
-        controller_ip: args.ip.clone().unwrap_or_default(),
+        hub: (launched.hub.as_ref().map_or(-1, Hub::pid), hub_log.clone()),
+        controller: match &launched.hub {
+            Some(Hub::Launched(h)) => Some(h.class_and_state()),
+            _ => None,
+        },
+        controller_ip: ip.clone().unwrap_or_default(),
         controller_location: args.location.clone().unwrap_or_default(),
         engine_class: args.engines.name(),
         sets: Default::default(),
@@ -1406,15 +1459,21 @@ async fn start(args: StartArgs) -> Result<()> {
     let ready = async {
         // --- the hub: wait for fresh connection files
         let deadline = Instant::now() + timeout;
+        let mut hub_note = String::new();
         loop {
             let hub = launched.hub.as_mut().expect("hub");
             if !hub.alive() {
-                let status = hub.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
                 bail!(
                     "the hub exited ({}) before writing its connection files; {}",
-                    status.map_or("unknown status".into(), |s| s.to_string()),
+                    hub.ended(),
                     log_tail(&hub_log, 20)
                 );
+            }
+            if let Some(note) = hub.waiting_note()
+                && note != hub_note
+            {
+                esay!("{note}");
+                hub_note = note;
             }
             let now = (file_identity(&client_file), file_identity(&engine_file));
             let fresh =
@@ -1452,7 +1511,8 @@ async fn start(args: StartArgs) -> Result<()> {
             let hub = launched.hub.as_mut().expect("hub");
             if !hub.alive() {
                 bail!(
-                    "the hub exited while engines were registering; {}",
+                    "the hub exited ({}) while engines were registering; {}",
+                    hub.ended(),
                     log_tail(&hub_log, 20)
                 );
             }
@@ -1518,14 +1578,17 @@ async fn start(args: StartArgs) -> Result<()> {
     };
     let elapsed = t0.elapsed();
     say!(
-        "Cluster {} started in {:.2} s: hub pid {}, {registered} engines registered",
+        "Cluster {} started in {:.2} s: hub {}, {registered} engines registered",
         if cid.is_empty() {
             "''".to_owned()
         } else {
             cid.clone()
         },
         elapsed.as_secs_f64(),
-        state.hub.0,
+        match &launched.hub {
+            Some(Hub::Launched(h)) => h.launcher.label(),
+            _ => format!("pid {}", state.hub.0),
+        },
     );
     say!("Client connection file: {}", client_file.display());
     say!("Cluster file: {}", cluster_file.display());
@@ -1544,11 +1607,7 @@ async fn start(args: StartArgs) -> Result<()> {
         }
         let hub = launched.hub.as_mut().expect("hub");
         if !hub.alive() {
-            let status = hub.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            break format!(
-                "the hub exited ({})",
-                status.map_or("unknown status".into(), |s| s.to_string())
-            );
+            break format!("the hub exited ({})", hub.ended());
         }
         for set in &mut launched.sets {
             let interval = poll_interval.max(Duration::from_secs(2));
@@ -1816,8 +1875,14 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     let hub_alive = c.hub_alive();
     say!(
         "Stopping cluster {name}: {live} engine(s){}",
-        match (c.hub_pid, hub_alive) {
-            (Some(p), true) => format!(", hub (pid {p})"),
+        match (c.hub_pid, &c.hub_job, hub_alive) {
+            (_, Some((class, st)), true) => format!(
+                ", hub ({} {})",
+                launcher_display_name(class),
+                crate::cluster_controller::restore(class, st, grace)
+                    .map_or_else(|| "launcher".to_owned(), |l| l.label())
+            ),
+            (Some(p), _, true) => format!(", hub (pid {p})"),
             _ => ", hub not running".to_owned(),
         }
     );
@@ -1893,6 +1958,20 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             }
         }
         killed.extend(hub_killed);
+    }
+    if let Some((class, state)) = &c.hub_job
+        && let Some(mut l) = crate::cluster_controller::restore(class, state, grace)
+    {
+        say!("Cancelling the hub's {}", l.label());
+        if let Err(e) = l.stop() {
+            esay!("error: {e}");
+            not_cancelled.push(format!("the hub's {}", l.label()));
+        }
+        // a hub whose job was cancelled may not have removed its files
+        let (client, engine) = connection_file_names(&c.cluster_id);
+        for f in [client, engine] {
+            let _ = std::fs::remove_file(c.profile_dir.join("security").join(f));
+        }
     }
     for k in &killed {
         esay!("warning: {k} did not stop after SIGTERM; killed");
@@ -2014,6 +2093,7 @@ mod tests {
             n: 2,
             hub_args: vec!["--scheme=lru".into()],
             hub: (100, "/p/profile_x/log/hub.log".into()),
+            controller: None,
             controller_ip: String::new(),
             controller_location: String::new(),
             engine_class: "local",

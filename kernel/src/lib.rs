@@ -21,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod cluster_cmd;
+pub mod cluster_controller;
 pub mod cluster_jobs;
 pub mod cluster_ssh;
 pub mod frontend;
