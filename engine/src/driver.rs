@@ -61,6 +61,13 @@ impl Interpreter for AnyInterpreter {
         }
     }
 
+    fn input_handle(&self) -> Option<crate::interpreter::InputHandle> {
+        match self {
+            AnyInterpreter::Python(i) => i.input_handle(),
+            AnyInterpreter::Rust(i) => i.input_handle(),
+        }
+    }
+
     async fn shutdown(&mut self) {
         match self {
             AnyInterpreter::Python(i) => i.shutdown().await,
