@@ -226,6 +226,10 @@ pub struct Session {
     /// The last "k of n engines registered" note a cell showed (shown again
     /// only when the count changes).
     noted_registered: Option<usize>,
+    /// Per engine uuid: whether it is a Parallax engine (which forwards
+    /// `input()`; a stock ipengine would send its input_request to a stdin
+    /// socket nobody connects to, and wait until interrupted).
+    forwards_input: HashMap<String, bool>,
     assist: watch::Sender<Option<Assist>>,
 }
 
@@ -265,6 +269,7 @@ impl Session {
             engine_timeout: cfg.engine_timeout,
             running: Vec::new(),
             noted_registered: None,
+            forwards_input: HashMap::new(),
             assist: cfg.assist,
         };
         s.publish_assist();
@@ -441,7 +446,13 @@ impl Session {
                 format!("{base} execution on engine(s): {}\n", fmt_ids(&ids)),
             );
         }
-        let refused = stdin_refused(stdin.allowed, cfg.block, &targets);
+        let mut refused = stdin_refused(stdin.allowed, cfg.block, &targets);
+        if refused.is_none() && !self.forwards_input(&targets[0].1).await {
+            refused = Some(format!(
+                "{STDIN_ONLY} by Parallax engines; engine {} is not one (an ipengine has no stdin channel through the hub)",
+                targets[0].0
+            ));
+        }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut sent = Vec::new();
         for (id, uuid) in &targets {
@@ -715,6 +726,28 @@ impl Session {
             CellOutcome::Error(already_displayed_error(errors.len()))
         } else {
             CellOutcome::Error(results_composite_error(&r).expect("errors"))
+        }
+    }
+
+    /// Whether the engine `uuid` forwards `input()`: its kernel_info (on
+    /// control, answered at once even while it runs a cell) names
+    /// `parallax-engine`. Asked once per engine, only for cells that would
+    /// forward; no answer within 2 s counts as no (not remembered).
+    async fn forwards_input(&mut self, uuid: &str) -> bool {
+        if let Some(&yes) = self.forwards_input.get(uuid) {
+            return yes;
+        }
+        let asked =
+            self.client
+                .request(Chan::Control, "kernel_info_request", json!({}), Some(uuid));
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(m)) => {
+                let yes = m.content.get("implementation").and_then(Value::as_str)
+                    == Some("parallax-engine");
+                self.forwards_input.insert(uuid.to_owned(), yes);
+                yes
+            }
+            _ => false,
         }
     }
 
@@ -1154,8 +1187,10 @@ impl Drop for AbortOnDrop {
 /// (the end of the engine's StdinNotImplementedError sentence, after
 /// "input() "), or `None` when it is: a blocking cell with one target
 /// whose execute_request allowed stdin.
+const STDIN_ONLY: &str = "is forwarded to the notebook only";
+
 fn stdin_refused(allowed: bool, block: bool, targets: &[(i64, String)]) -> Option<String> {
-    const WHERE: &str = "is forwarded to the notebook only";
+    const WHERE: &str = STDIN_ONLY;
     if !allowed {
         Some(format!(
             "{WHERE} when the frontend accepts input; this execute_request has allow_stdin false"
