@@ -20,6 +20,12 @@ per-process ``end_prefix`` is announced in the ``ready`` event.  The marker
 is not necessarily at the start of a line (output that did not end with a
 newline precedes it directly).
 
+``input()``/``getpass()`` during an ``execute`` command with ``"stdin":
+true`` send ``{"ev": "input_request", "seq", "prompt", "password"}`` and wait
+for the command ``{"op": "input_reply", "seq", "value"}`` (no reply event is
+sent for it; a stale one is skipped).  Without ``"stdin": true`` they raise
+StdinNotImplementedError, completed by the command's ``stdin_refused``.
+
 SIGINT raises KeyboardInterrupt only while user code runs; otherwise it is
 ignored.  Interrupts that arrive while an event frame is being written are
 deferred until the frame is complete, so the pipes never carry a torn frame.
@@ -375,9 +381,11 @@ _NO_STDIN = (
 )
 
 
-def _stdin_error(what):
+def _stdin_error(what, reason=None):
     """ipykernel's error for input() without allow_stdin (same class when
-    IPython is importable, so ``except StdinNotImplementedError`` works)."""
+    IPython is importable, so ``except StdinNotImplementedError`` works).
+    ``reason`` (the client's ``stdin_refused``) completes the sentence after
+    ``what``; without one, ipykernel's words."""
     cls = None
     if _importable("IPython"):
         try:
@@ -386,15 +394,9 @@ def _stdin_error(what):
             cls = None
     if cls is None:
         cls = type("StdinNotImplementedError", (NotImplementedError,), {})
+    if reason:
+        return cls("%s %s" % (what, reason))
     return cls(_NO_STDIN % what)
-
-
-def _no_input(prompt=""):
-    raise _stdin_error("input()")
-
-
-def _no_getpass(prompt="Password: ", stream=None):
-    raise _stdin_error("getpass()")
 
 
 class _DataPub:
@@ -441,6 +443,11 @@ class Engine:
         self._unders = ["", "", ""]
         self.out_hist = {}
         self._token_prefix = "pxe-%s-" % os.urandom(6).hex()
+        # input(): forwarded to the client only during an execute request
+        # that allows it (see request_input); else refused with the reason
+        self._stdin_ok = False
+        self._stdin_reason = None
+        self._input_seq = 0
         self._seq = 0
         self._replied = False
         self._libc_fflush = _MISSING
@@ -703,7 +710,66 @@ class Engine:
         module.publish_data = publish_data
 
     def _on_getpass_imported(self, module):
-        module.getpass = _no_getpass
+        engine = self
+
+        def getpass(prompt="Password: ", stream=None):
+            """getpass on a Parallax engine: asks the notebook (password
+            input) when the cell allows it, else StdinNotImplementedError"""
+            return engine.request_input("getpass()", prompt, True)
+
+        module.getpass = getpass
+
+    def _input(self, prompt=""):
+        return self.request_input("input()", prompt, False)
+
+    # ---- stdin -----------------------------------------------------------
+
+    def request_input(self, what, prompt, password):
+        """input()/getpass(): an ``input_request`` event, then wait on the
+        command pipe for the ``input_reply`` op with the same ``seq``.  The
+        wait is user code: SIGINT (the kernel's interrupt) raises
+        KeyboardInterrupt out of it, so a client that never answers is
+        bounded by the cell's interrupt.  Only the main thread, during a
+        request, may wait: the main loop reads the same pipe otherwise."""
+        if not self._stdin_ok:
+            raise _stdin_error(what, self._stdin_reason)
+        if _thread.get_ident() != self._main_tid:
+            raise _stdin_error(
+                what, "is forwarded to the notebook only from the main thread"
+            )
+        prompt = "" if prompt is None else str(prompt)
+        self._input_seq += 1
+        seq = self._input_seq
+        self._flush_std()  # output before the prompt is shown before it
+        self.send_event({
+            "ev": "input_request",
+            "id": self.current_id,
+            "seq": seq,
+            "prompt": prompt,
+            "password": bool(password),
+        })
+        import select
+
+        p = select.poll()
+        p.register(self.chan.cmd_fd, select.POLLIN | select.POLLHUP)
+        while True:
+            p.poll()  # interruptible: the SIGINT handler raises here
+            # a frame is read whole: an interrupt meanwhile is deferred
+            prev = self.critical
+            self.critical = True
+            try:
+                msg, _ = self.chan.read()
+            except (EOFError, OSError):
+                os._exit(0)  # the engine is gone
+            finally:
+                self.critical = prev
+            if self.pending_interrupt and self.user_running and not prev:
+                self.pending_interrupt = False
+                raise KeyboardInterrupt
+            if msg.get("op") == "input_reply" and msg.get("seq") == seq:
+                value = msg.get("value")
+                return value if isinstance(value, str) else ""
+            # a stale answer (to an interrupted input()): skip it
 
     def _before_matplotlib(self, module):
         # like ipykernel: default to the inline backend (lower priority than
@@ -1209,6 +1275,9 @@ class Engine:
         self.pending_interrupt = False
         self.shutting_down = op == "shutdown"
         self.busy = True
+        self._stdin_ok = op == "execute" and msg.get("stdin") is True
+        reason = msg.get("stdin_refused") if op == "execute" else None
+        self._stdin_reason = reason if isinstance(reason, str) else None
         handler = getattr(self, "op_%s" % op, None) if isinstance(op, str) else None
         try:
             if handler is None:
@@ -1226,6 +1295,8 @@ class Engine:
         finally:
             self.user_running = False
             self.critical = False
+            self._stdin_ok = False
+            self._stdin_reason = None
         self._ensure_sigint_handler()
         self._finish(rid, content, rbufs)
         self.busy = False
@@ -1297,6 +1368,10 @@ class Engine:
                 msg, bufs = self.chan.read()
             except (EOFError, OSError):
                 os._exit(0)
+            if msg.get("op") == "input_reply":
+                # the answer to an input() that was interrupted: it gets
+                # no reply (the engine expects none)
+                continue
             self._replied = False
             try:
                 self.handle(msg, bufs)
@@ -1558,10 +1633,10 @@ def main():
         "ipyparallel.engine.datapub": (None, engine._on_datapub_imported),
         "getpass": (None, engine._on_getpass_imported),
     }))
-    # stdin is /dev/null: input() would raise a bare EOFError; raise
-    # ipykernel's StdinNotImplementedError instead (as ipengine does for a
-    # request without allow_stdin, which is every request on an engine)
-    builtins.input = _no_input
+    # stdin is /dev/null: input() would raise a bare EOFError.  It asks the
+    # client when the request allows it, else raises ipykernel's
+    # StdinNotImplementedError (as ipengine does without allow_stdin)
+    builtins.input = engine._input
 
     # exit promptly if the engine dies, even while user code is running:
     # poll() with no requested events reports only POLLHUP / POLLERR /

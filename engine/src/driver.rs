@@ -34,7 +34,7 @@ use zeromq::{
 
 use crate::cli::EngineArgs;
 use crate::cli::Language;
-use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle};
+use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle, Stdin};
 use crate::python::{PythonConfig, PythonInterpreter};
 use crate::rust::RustInterpreter;
 
@@ -58,6 +58,13 @@ impl Interpreter for AnyInterpreter {
         match self {
             AnyInterpreter::Python(i) => i.signal_handle(),
             AnyInterpreter::Rust(i) => i.signal_handle(),
+        }
+    }
+
+    fn input_handle(&self) -> Option<crate::interpreter::InputHandle> {
+        match self {
+            AnyInterpreter::Python(i) => i.input_handle(),
+            AnyInterpreter::Rust(i) => i.input_handle(),
         }
     }
 
@@ -159,6 +166,11 @@ struct Shared {
     queue: Mutex<VecDeque<Queued>>,
     notify: Notify,
     aborted: Mutex<HashSet<String>>,
+    /// The msg_id of the `input_request` the running request waits on: set
+    /// by the executor when it publishes one, taken by the control task
+    /// when the `input_reply` parented to it arrives, cleared after the
+    /// request. Replies to anything else (stale, forged) are dropped.
+    pending_input: Mutex<Option<String>>,
 }
 
 pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
@@ -349,6 +361,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         queue: Mutex::new(VecDeque::new()),
         notify: Notify::new(),
         aborted: Mutex::new(HashSet::new()),
+        pending_input: Mutex::new(None),
     });
     let (shell_send, mut shell_recv) = shell.split();
 
@@ -401,6 +414,24 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     continue;
                 };
                 let idents = raw.idents.clone();
+                if msg.header.msg_type == "input_reply" {
+                    // The answer to input() (see `stdin_policy`): a reply,
+                    // so nothing is sent back.
+                    let mut pending = shared.pending_input.lock().expect("input lock");
+                    if pending.is_some() && pending.as_deref() == msg.parent_msg_id() {
+                        *pending = None;
+                        let value = msg
+                            .content
+                            .get("value")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_owned();
+                        let _ = sig_tx.send(ControlAction::Input(value));
+                    } else {
+                        debug!(parent = ?msg.parent_msg_id(), "input_reply for no pending input_request dropped");
+                    }
+                    continue;
+                }
                 let (reply_type, content) = match msg.header.msg_type.as_str() {
                     "abort_request" => {
                         let ids: Vec<String> = match msg.content.get("msg_ids") {
@@ -555,6 +586,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     let mut shell_send = shell_send;
     let mut execution_count: i64 = 0;
     let signals = interp.signal_handle();
+    let inputs = interp.input_handle();
     loop {
         // control actions first
         while let Ok(a) = sig_rx.try_recv() {
@@ -630,6 +662,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     store_history: store,
                     user_expressions: c.get("user_expressions").cloned().unwrap_or(json!({})),
                     execution_count,
+                    stdin: stdin_policy(c),
                 })
             }
             "apply_request" => Some(Request::Apply {
@@ -716,12 +749,21 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                 let reply = loop {
                     tokio::select! {
                         r = &mut fut => break r,
-                        Some(o) = rx.recv() => ctx.publish_output(o, msg),
+                        Some(o) = rx.recv() => {
+                            if let Some(input_id) = ctx.publish_output(o, msg) {
+                                *shared.pending_input.lock().expect("input lock") = Some(input_id);
+                            }
+                        }
                         Some(a) = sig_rx.recv() => {
                             match a {
                                 ControlAction::Signal(s) => {
                                     if let Err(e) = signals.send(s) {
                                         warn!(error = %e, "signal not delivered");
+                                    }
+                                }
+                                ControlAction::Input(v) => {
+                                    if let Some(h) = &inputs {
+                                        let _ = h.send(v);
                                     }
                                 }
                                 ControlAction::Clear => {}
@@ -732,6 +774,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                 while let Ok(o) = rx.try_recv() {
                     ctx.publish_output(o, msg);
                 }
+                *shared.pending_input.lock().expect("input lock") = None;
                 reply
             }
         };
@@ -842,6 +885,8 @@ async fn abort_queued_executes(shared: &Shared) {
 enum ControlAction {
     Signal(i32),
     Clear,
+    /// The value of an `input_reply` matched to the pending input_request.
+    Input(String),
 }
 
 /// Carry out a control action between requests (a clear during a request
@@ -857,6 +902,33 @@ async fn apply_control<I: Interpreter>(a: ControlAction, signals: &SignalHandle,
             let (tx, _rx) = mpsc::unbounded_channel();
             interp.run(Request::Clear, tx).await;
         }
+        // the request that asked has ended: nobody waits for it
+        ControlAction::Input(_) => {}
+    }
+}
+
+/// What `input()` does in an execute_request: forwarded to the client when
+/// it set `allow_stdin` (a Parallax kernel does so only for a blocking cell
+/// with one target; ipykernel's default is false, and ipyparallel's Client
+/// never sets it), else refused with the client's `stdin_refused` reason.
+///
+/// The path of a forwarded input(): the shim sends an `input_request` event;
+/// the engine publishes it on iopub parented to the execute_request (an
+/// engine has no stdin channel through the hub, and the client is already
+/// subscribed there for that parent); the client answers with an
+/// `input_reply` on the hub's control channel to this engine, parented to
+/// the input_request; the control task matches it to `pending_input` and
+/// the executor hands the value to the interpreter's `InputHandle`.
+fn stdin_policy(content: &Value) -> Stdin {
+    if content.get("allow_stdin").and_then(Value::as_bool) == Some(true) {
+        Stdin::Forward
+    } else {
+        Stdin::Refuse(
+            content
+                .get("stdin_refused")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        )
     }
 }
 
@@ -957,25 +1029,38 @@ impl Ctx {
         content: &Value,
         parent: &Message,
         buffers: Vec<Bytes>,
-    ) {
-        let frames = {
+    ) -> String {
+        let (msg_id, frames) = {
             let mut s = self.session.lock().expect("session lock");
             let h = s.header(msg_type, &now_str());
             let topic = Bytes::from(format!("engine.{}.{topic}", self.id));
-            s.serialize(
+            let frames = s.serialize(
                 vec![topic],
                 &h,
                 &Self::parent(parent),
                 &json!({"engine": self.uuid}),
                 content,
                 buffers,
-            )
+            );
+            (h.msg_id, frames)
         };
         let _ = self.iopub.send(frames);
+        msg_id
     }
 
-    fn publish_output(&self, o: Output, parent: &Message) {
-        match o {
+    /// Publish one output; returns the msg_id of an `input_request` (the
+    /// `input_reply` on control must name it as its parent).
+    fn publish_output(&self, o: Output, parent: &Message) -> Option<String> {
+        let _msg_id = match o {
+            Output::InputRequest { prompt, password } => {
+                return Some(self.publish(
+                    "input_request",
+                    "input_request",
+                    &json!({"prompt": prompt, "password": password}),
+                    parent,
+                    vec![],
+                ));
+            }
             Output::Stream { name, text } => self.publish(
                 &name.clone(),
                 "stream",
@@ -1035,7 +1120,8 @@ impl Ctx {
                 parent,
                 buffers,
             ),
-        }
+        };
+        None
     }
 
     #[allow(clippy::too_many_arguments)]

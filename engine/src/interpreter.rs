@@ -38,7 +38,30 @@ pub enum Output {
         keys: Value,
         buffers: Vec<Bytes>,
     },
+    /// `input()`/`getpass()` asks the client (Jupyter's `input_request`
+    /// content); only under [`Stdin::Forward`]. The answer comes back
+    /// through the interpreter's [`InputHandle`].
+    InputRequest {
+        prompt: String,
+        password: bool,
+    },
 }
+
+/// What `input()` does during an execute_request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stdin {
+    /// Ask the client: the request had `allow_stdin: true` (a Parallax
+    /// kernel sets it only for a blocking cell with one target engine).
+    Forward,
+    /// Raise StdinNotImplementedError. The reason is the client's
+    /// (`stdin_refused` in the request content: "this cell targets 4
+    /// engines"), or none (a stock ipyparallel Client never sets either).
+    Refuse(Option<String>),
+}
+
+/// Delivers the value of an `input_reply` to the request waiting in
+/// `input()`. Values that arrive when nothing waits are dropped.
+pub type InputHandle = mpsc::UnboundedSender<String>;
 
 /// Where an interpreter sends its output. Dropping it means the request is
 /// over (the driver stops listening).
@@ -53,6 +76,7 @@ pub enum Request {
         store_history: bool,
         user_expressions: Value,
         execution_count: i64,
+        stdin: Stdin,
     },
     Apply {
         buffers: Vec<Bytes>,
@@ -158,6 +182,13 @@ pub trait Interpreter: Send {
     /// A handle that delivers signals to the running code (SIGINT
     /// interrupts it); usable while a request runs.
     fn signal_handle(&self) -> SignalHandle;
+
+    /// Where `input_reply` values go while a request runs; `None` when the
+    /// language never forwards input (it then refuses, whatever [`Stdin`]
+    /// says).
+    fn input_handle(&self) -> Option<InputHandle> {
+        None
+    }
 
     /// The runtime died and was not restarted (`--restart-on-crash=false`):
     /// the engine leaves the hub, as ipengine does when its kernel dies.

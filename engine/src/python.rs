@@ -26,7 +26,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::interpreter::{Interpreter, Output, OutputSink, Reply, Request, SignalHandle};
+use crate::interpreter::{
+    InputHandle, Interpreter, Output, OutputSink, Reply, Request, SignalHandle, Stdin,
+};
 
 /// The Python side, embedded so the binary is self-contained.
 pub const SHIM_SOURCE: &str = include_str!("../python/parallax_engine_shim.py");
@@ -106,6 +108,10 @@ pub struct PythonInterpreter {
     signals: SignalHandle,
     /// The process crashed and `restart_on_crash` is off.
     dead: bool,
+    /// `input_reply` values from the driver (the sender is its
+    /// [`InputHandle`]); read only while a request runs.
+    input_tx: InputHandle,
+    input_rx: mpsc::UnboundedReceiver<String>,
 }
 
 fn shim_path() -> std::io::Result<PathBuf> {
@@ -279,6 +285,7 @@ async fn read_stream<R: AsyncRead + Unpin>(
 impl PythonInterpreter {
     pub async fn start(cfg: PythonConfig) -> anyhow::Result<PythonInterpreter> {
         let shim_path = shim_path()?;
+        let (input_tx, input_rx) = mpsc::unbounded_channel();
         let mut me = PythonInterpreter {
             cfg,
             shim_path,
@@ -287,6 +294,8 @@ impl PythonInterpreter {
             python_version: String::new(),
             signals: SignalHandle::default(),
             dead: false,
+            input_tx,
+            input_rx,
         };
         me.spawn().await?;
         Ok(me)
@@ -482,12 +491,18 @@ impl PythonInterpreter {
                 store_history,
                 user_expressions,
                 execution_count,
-            } => (
-                json!({"op": "execute", "id": id, "code": code, "silent": silent,
+                stdin,
+            } => {
+                let mut cmd = json!({"op": "execute", "id": id, "code": code, "silent": silent,
                        "store_history": store_history, "user_expressions": user_expressions,
-                       "execution_count": execution_count}),
-                vec![],
-            ),
+                       "execution_count": execution_count});
+                match stdin {
+                    Stdin::Forward => cmd["stdin"] = json!(true),
+                    Stdin::Refuse(Some(why)) => cmd["stdin_refused"] = json!(why),
+                    Stdin::Refuse(None) => {}
+                }
+                (cmd, vec![])
+            }
             Request::Apply { buffers } => (json!({"op": "apply", "id": id}), buffers),
             Request::Complete { code, cursor_pos } => (
                 json!({"op": "complete", "id": id, "code": code, "cursor_pos": cursor_pos}),
@@ -507,6 +522,8 @@ impl PythonInterpreter {
             }
             Request::Clear => (json!({"op": "clear", "id": id}), vec![]),
         };
+        // Values for an earlier request's input() (answered after it ended).
+        while self.input_rx.try_recv().is_ok() {}
         let proc = self.proc.as_mut().expect("spawned above");
         if let Err(e) = Self::send_cmd(proc, &cmd, &buffers).await {
             let why = Self::death(proc).await;
@@ -519,6 +536,8 @@ impl PythonInterpreter {
         let mut end_token: Option<String> = None;
         let mut marks: Vec<(&'static str, String)> = Vec::new();
         let mut eof = false;
+        // The shim's sequence number of the input() waiting for an answer.
+        let mut awaiting_input: Option<u64> = None;
         loop {
             if let (Some(_), Some(tok)) = (&reply, &end_token) {
                 let seen = |n: &str| marks.iter().any(|(s, t)| *s == n && t == tok);
@@ -526,7 +545,25 @@ impl PythonInterpreter {
                     break;
                 }
             }
-            let ev = match proc.events.recv().await {
+            let ev = tokio::select! {
+                ev = proc.events.recv() => Ok(ev),
+                Some(value) = self.input_rx.recv() => Err(value),
+            };
+            let ev = match ev {
+                Ok(ev) => ev,
+                Err(value) => {
+                    // One answer per input_request; a second (or one after
+                    // the input() was interrupted) is dropped.
+                    if let Some(seq) = awaiting_input.take() {
+                        let cmd = json!({"op": "input_reply", "seq": seq, "value": value});
+                        if let Err(e) = Self::send_cmd(proc, &cmd, &[]).await {
+                            debug!(error = %e, "input_reply not delivered");
+                        }
+                    }
+                    continue;
+                }
+            };
+            let ev = match ev {
                 Some(ev) => ev,
                 None => {
                     eof = true;
@@ -605,6 +642,20 @@ impl PythonInterpreter {
                                 traceback: tb,
                             });
                         }
+                        "input_request" => {
+                            awaiting_input = m.get("seq").and_then(Value::as_u64);
+                            let _ = out.send(Output::InputRequest {
+                                prompt: m
+                                    .get("prompt")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("")
+                                    .to_owned(),
+                                password: m
+                                    .get("password")
+                                    .and_then(Value::as_bool)
+                                    .unwrap_or(false),
+                            });
+                        }
                         "data_pub" => {
                             let _ = out.send(Output::DataMessage {
                                 keys: m.get("keys").cloned().unwrap_or(json!([])),
@@ -612,6 +663,7 @@ impl PythonInterpreter {
                             });
                         }
                         "reply" => {
+                            awaiting_input = None;
                             let mut content = match m.get("content") {
                                 Some(Value::Object(c)) => c.clone(),
                                 _ => Map::new(),
@@ -681,6 +733,10 @@ impl Interpreter for PythonInterpreter {
 
     fn signal_handle(&self) -> SignalHandle {
         self.signals.clone()
+    }
+
+    fn input_handle(&self) -> Option<InputHandle> {
+        Some(self.input_tx.clone())
     }
 
     fn is_dead(&self) -> bool {

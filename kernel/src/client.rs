@@ -438,6 +438,25 @@ impl HubClient {
         Ok(())
     }
 
+    /// Answer an engine's `input_request` ([`crate::stdin`]): on control to
+    /// that engine, parented to the request (the engine matches it).
+    pub fn input_reply(&self, uuid: &str, value: &str, request: &Message) -> Result<()> {
+        let frames = {
+            let mut s = self.inner.session.lock().expect("session");
+            let h = s.header("input_reply", &now_str());
+            let parent = serde_json::to_value(&request.header).unwrap_or_else(|_| json!({}));
+            s.serialize(
+                vec![Bytes::copy_from_slice(uuid.as_bytes())],
+                &h,
+                &parent,
+                &json!({}),
+                &json!({"value": value}),
+                vec![],
+            )
+        };
+        self.send_frames(Chan::Control, frames)
+    }
+
     /// `queue_request`: per-engine queue, completed and tasks counts.
     pub async fn queue_status(&self) -> Result<Value> {
         let m = self

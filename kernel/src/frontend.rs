@@ -36,6 +36,7 @@ use zeromq::{RepSocket, RouterSocket, Socket, SocketRecv, SocketSend, XPubSocket
 
 use crate::cli::{KernelArgs, Language};
 use crate::session::{Assist, CellOutcome, Session as PxSession, SessionConfig};
+use crate::stdin::StdinChannel;
 
 pub const PROTOCOL_VERSION: &str = "5.3";
 
@@ -249,7 +250,7 @@ async fn probe_language_version(
     }
 }
 
-fn verify(
+pub(crate) fn verify(
     frames: Vec<Bytes>,
     auth: &mut Authenticator,
     limits: &Limits,
@@ -319,9 +320,8 @@ pub async fn run(args: KernelArgs) -> Result<()> {
     let (iopub_tx, iopub_rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
     let iopub_task = tokio::spawn(iopub_sender(iopub, iopub_rx, session.clone()));
     tokio::spawn(heartbeat(hb, shutdown.clone()));
-    // stdin: input() on engines is not forwarded; nothing is ever sent here,
-    // but the socket stays bound so frontends can connect.
-    let _stdin = stdin;
+    // stdin: an engine's input() asks the frontend here (crate::stdin).
+    let stdin = StdinChannel::spawn(stdin, Authenticator::new(signer.clone()), session.clone());
 
     let shared = Arc::new(Shared {
         session: session.clone(),
@@ -381,6 +381,7 @@ pub async fn run(args: KernelArgs) -> Result<()> {
         queue_rx,
         starting,
         interrupt_rx,
+        stdin,
         shutdown.clone(),
     ));
 
@@ -737,6 +738,7 @@ async fn shell_worker(
     mut queue: mpsc::UnboundedReceiver<Message>,
     starting: tokio::task::JoinHandle<Result<PxSession>>,
     mut interrupts: watch::Receiver<u64>,
+    stdin: StdinChannel,
     shutdown: CancellationToken,
 ) {
     let mut execution_count: i64 = 0;
@@ -808,10 +810,12 @@ async fn shell_worker(
                 let mut p = pubr.clone();
                 p.silent = silent;
                 interrupts.borrow_and_update();
+                let frontend_stdin =
+                    stdin.for_request(msg.idents.clone(), header_value(&msg), req.allow_stdin);
                 let outcome = match (&mut session, &start_error) {
                     (Some(s), _) => {
                         tokio::select! {
-                            o = s.execute(&req.code, execution_count, &p, &mut interrupts) => o,
+                            o = s.execute(&req.code, execution_count, &p, &frontend_stdin, &mut interrupts) => o,
                             _ = shutdown.cancelled() => {
                                 s.interrupt_running();
                                 CellOutcome::error("KernelShutdown", "the kernel is shutting down")

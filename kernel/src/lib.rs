@@ -11,6 +11,7 @@
 //! * [`magics`] — parsing of `%%px`, `%px`, `%pxconfig`, … (pure).
 //! * [`merge`] — the `[stdout:N]`, `Out[N:C]`, `[N:execute]` formats (pure).
 //! * [`syntax`] — is_complete from the text alone (pure).
+//! * [`stdin`] — the stdin channel: an engine's `input()` asks the frontend.
 //! * [`parent`] — whether the process that started the kernel is still there.
 //! * [`client`] — the hub's client protocol (query, mux, control, iopub).
 //! * [`cluster`] — the embedded cluster: hub task + local engine processes.
@@ -31,4 +32,5 @@ pub mod magics;
 pub mod merge;
 pub mod parent;
 pub mod session;
+pub mod stdin;
 pub mod syntax;

@@ -29,6 +29,7 @@ use crate::merge::{
     CellError, EngineEvent, MERGE_MIN_TARGETS, Out, RemoteError, Results, Streamer,
     already_displayed_error, display_outputs, results_composite_error,
 };
+use crate::stdin::FrontendStdin;
 
 const NO_LAST_RESULT: &str = "%pxresult recalls last %px result, which has not yet been used.";
 /// How long to wait for an engine's `idle` after its reply (ipyparallel's
@@ -233,6 +234,10 @@ pub struct Session {
     /// The last "k of n engines registered" note a cell showed (shown again
     /// only when the count changes).
     noted_registered: Option<usize>,
+    /// Per engine uuid: whether it is a Parallax engine (which forwards
+    /// `input()`; a stock ipengine would send its input_request to a stdin
+    /// socket nobody connects to, and wait until interrupted).
+    forwards_input: HashMap<String, bool>,
     assist: watch::Sender<Option<Assist>>,
     /// Engines launched through a launcher (`%cluster start`, `--launcher`).
     launched: Launched,
@@ -290,6 +295,7 @@ impl Session {
             engine_timeout: cfg.engine_timeout,
             running: Vec::new(),
             noted_registered: None,
+            forwards_input: HashMap::new(),
             assist: cfg.assist,
             launched: Launched::default(),
             hub_place,
@@ -487,9 +493,10 @@ impl Session {
         code: &str,
         count: i64,
         p: &Publisher,
+        stdin: &FrontendStdin,
         interrupts: &mut watch::Receiver<u64>,
     ) -> CellOutcome {
-        let o = self.run_items(code, count, p, interrupts).await;
+        let o = self.run_items(code, count, p, stdin, interrupts).await;
         self.publish_assist();
         o
     }
@@ -499,6 +506,7 @@ impl Session {
         code: &str,
         _count: i64,
         p: &Publisher,
+        stdin: &FrontendStdin,
         interrupts: &mut watch::Receiver<u64>,
     ) -> CellOutcome {
         let items = match parse_cell(code) {
@@ -514,10 +522,11 @@ impl Session {
                             "%autopx is disabled, so this cell ran nowhere: the Parallax kernel has no local interpreter. Use %%px / %px, or %autopx to fan unmarked cells out again.",
                         )
                     } else {
-                        self.px(&code, &PxOptions::default(), p, interrupts).await
+                        self.px(&code, &PxOptions::default(), p, stdin, interrupts)
+                            .await
                     }
                 }
-                Item::Px { code, options } => self.px(&code, &options, p, interrupts).await,
+                Item::Px { code, options } => self.px(&code, &options, p, stdin, interrupts).await,
                 Item::PxConfig(o) => self.pxconfig(&o, p),
                 Item::PxResult { group_by, name } => {
                     self.pxresult(group_by, name, p, interrupts).await
@@ -574,6 +583,7 @@ impl Session {
         code: &str,
         o: &PxOptions,
         p: &Publisher,
+        stdin: &FrontendStdin,
         interrupts: &mut watch::Receiver<u64>,
     ) -> CellOutcome {
         let cfg = self.config.with(o);
@@ -604,11 +614,22 @@ impl Session {
                 format!("{base} execution on engine(s): {}\n", fmt_ids(&ids)),
             );
         }
+        let mut refused = stdin_refused(stdin.allowed, cfg.block, &targets);
+        if refused.is_none() && !self.forwards_input(&targets[0].1).await {
+            refused = Some(format!(
+                "{STDIN_ONLY} by Parallax engines; engine {} is not one (an ipengine has no stdin channel through the hub)",
+                targets[0].0
+            ));
+        }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let mut sent = Vec::new();
         for (id, uuid) in &targets {
-            let content = json!({"code": code, "silent": false, "store_history": true,
-                                 "user_expressions": {}, "allow_stdin": false, "stop_on_error": true});
+            let mut content = json!({"code": code, "silent": false, "store_history": true,
+                                 "user_expressions": {}, "allow_stdin": refused.is_none(),
+                                 "stop_on_error": true});
+            if let Some(why) = &refused {
+                content["stdin_refused"] = json!(why);
+            }
             match self
                 .client
                 .send_to(Chan::Mux, Some(uuid), "execute_request", content, &tx)
@@ -667,7 +688,7 @@ impl Session {
         }
         self.running = targets.iter().map(|t| t.1.clone()).collect();
         let outcome = self
-            .wait_blocking(&pending, &mut rx, uuids, &cfg, p, interrupts)
+            .wait_blocking(&pending, &mut rx, uuids, &cfg, p, stdin, interrupts)
             .await;
         self.running.clear();
         let ids: Vec<String> = pending
@@ -685,6 +706,7 @@ impl Session {
         outcome
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn wait_blocking(
         &mut self,
         pending: &Pending,
@@ -692,8 +714,12 @@ impl Session {
         uuids: Vec<String>,
         cfg: &PxConfig,
         p: &Publisher,
+        stdin: &FrontendStdin,
         interrupts: &mut watch::Receiver<u64>,
     ) -> CellOutcome {
+        // The engine's open input(), relayed to the frontend (crate::stdin);
+        // withdrawn when the cell ends however it ends.
+        let mut asking: Option<AbortOnDrop> = None;
         let mut col = Collector::new(&pending.results.lock().expect("results"), uuids);
         let mut engines = self.client.watch_engines();
         let mut streamer = Streamer::new(self.color);
@@ -732,6 +758,12 @@ impl Session {
             tokio::select! {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
+                    if let ClientEvent::Iopub(m) = &ev
+                        && m.msg_type() == "input_request"
+                    {
+                        asking = self.relay_input(m, &col, stdin).or(asking);
+                        continue;
+                    }
                     let mut r = pending.results.lock().expect("results");
                     if let Some((idx, ev)) = col.handle(&mut r, ev)
                         && stream {
@@ -810,6 +842,7 @@ impl Session {
                 }
             }
         }
+        drop(asking);
         if progress_shown {
             p.publish(
                 "update_display_data",
@@ -862,6 +895,65 @@ impl Session {
         } else {
             CellOutcome::Error(results_composite_error(&r).expect("errors"))
         }
+    }
+
+    /// Whether the engine `uuid` forwards `input()`: its kernel_info (on
+    /// control, answered at once even while it runs a cell) names
+    /// `parallax-engine`. Asked once per engine, only for cells that would
+    /// forward; no answer within 2 s counts as no (not remembered).
+    async fn forwards_input(&mut self, uuid: &str) -> bool {
+        if let Some(&yes) = self.forwards_input.get(uuid) {
+            return yes;
+        }
+        let asked =
+            self.client
+                .request(Chan::Control, "kernel_info_request", json!({}), Some(uuid));
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(m)) => {
+                let yes = m.content.get("implementation").and_then(Value::as_str)
+                    == Some("parallax-engine");
+                self.forwards_input.insert(uuid.to_owned(), yes);
+                yes
+            }
+            _ => false,
+        }
+    }
+
+    /// An engine's `input_request`: ask the frontend on a task of its own
+    /// (the cell keeps streaming output and reacting to interrupts), then
+    /// send the answer to the engine. Only for a cell that forwards stdin
+    /// (the engine asks only then); the task is aborted with the returned
+    /// guard.
+    fn relay_input(
+        &self,
+        m: &parallax_wire::Message,
+        col: &Collector,
+        stdin: &FrontendStdin,
+    ) -> Option<AbortOnDrop> {
+        let idx = *col.idx_of.get(m.parent_msg_id()?)?;
+        if !stdin.allowed {
+            return None;
+        }
+        let uuid = col.uuids[idx].clone();
+        let prompt = m
+            .content
+            .get("prompt")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let password = m
+            .content
+            .get("password")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let (client, stdin, request) = (self.client.clone(), stdin.clone(), m.clone());
+        Some(AbortOnDrop(tokio::spawn(async move {
+            if let Some(value) = stdin.ask(&prompt, password).await
+                && let Err(e) = client.input_reply(&uuid, &value, &request)
+            {
+                warn!(error = %e, "input_reply not sent to the engine");
+            }
+        })))
     }
 
     fn pxconfig(&mut self, o: &PxOptions, p: &Publisher) -> CellOutcome {
@@ -1263,6 +1355,42 @@ impl Assist {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why `input()` on the engines of a cell is not forwarded to the frontend
+/// (the end of the engine's StdinNotImplementedError sentence, after
+/// "input() "), or `None` when it is: a blocking cell with one target
+/// whose execute_request allowed stdin.
+const STDIN_ONLY: &str = "is forwarded to the notebook only";
+
+fn stdin_refused(allowed: bool, block: bool, targets: &[(i64, String)]) -> Option<String> {
+    const WHERE: &str = STDIN_ONLY;
+    if !allowed {
+        Some(format!(
+            "{WHERE} when the frontend accepts input; this execute_request has allow_stdin false"
+        ))
+    } else if !block {
+        Some(format!(
+            "{WHERE} when a cell blocks; this cell runs with --noblock"
+        ))
+    } else if targets.len() != 1 {
+        let first = targets.first().map(|t| t.0).unwrap_or(0);
+        Some(format!(
+            "{WHERE} when a cell targets one engine; this cell targets {} engines (use %%px --targets {first})",
+            targets.len()
+        ))
+    } else {
+        None
+    }
+}
+
 fn fmt_ids(ids: &[i64]) -> String {
     let s: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     format!("[{}]", s.join(", "))
@@ -1300,6 +1428,32 @@ fn fmt_mmss(s: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stdin_is_forwarded_only_for_one_blocking_target_that_allows_it() {
+        let one = [(2, "u2".to_owned())];
+        let four: Vec<(i64, String)> = (0..4).map(|i| (i, format!("u{i}"))).collect();
+        assert_eq!(stdin_refused(true, true, &one), None);
+        assert_eq!(
+            stdin_refused(true, true, &four).as_deref(),
+            Some(
+                "is forwarded to the notebook only when a cell targets one engine; this cell targets 4 engines (use %%px --targets 0)"
+            )
+        );
+        assert_eq!(
+            stdin_refused(true, false, &one).as_deref(),
+            Some(
+                "is forwarded to the notebook only when a cell blocks; this cell runs with --noblock"
+            )
+        );
+        // the frontend's refusal is named first: it is the one to fix
+        assert_eq!(
+            stdin_refused(false, true, &four).as_deref(),
+            Some(
+                "is forwarded to the notebook only when the frontend accepts input; this execute_request has allow_stdin false"
+            )
+        );
+    }
 
     #[test]
     fn progress_bar_text() {

@@ -1175,3 +1175,74 @@ def test_input_raises_stdin_not_implemented(shim):
         "try:\n    input()\nexcept StdinNotImplementedError:\n    ok = 1\nok"
     )
     assert res.result_text() == "1", res.content
+
+
+def _execute_cmd(rid, code, **kw):
+    return dict(op="execute", id=rid, code=code, silent=False, store_history=True,
+                user_expressions={}, execution_count=1, **kw)
+
+
+def _until_reply(shim, timeout=10):
+    events = []
+    while True:
+        msg = shim.next_event(timeout=timeout)
+        events.append(msg)
+        if msg["ev"] == "reply":
+            shim.out.until_token(msg["end"], 5)
+            shim.err.until_token(msg["end"], 5)
+            return events
+
+
+def test_input_is_forwarded_when_the_request_allows_stdin(shim):
+    shim.send(_execute_cmd("ask", "print('before')\nx = input('name? ')\nprint(x.upper())\n"
+                                  "import getpass\npw = getpass.getpass()\nlen(pw)", stdin=True))
+    ev = shim.next_event(timeout=10)
+    assert ev["ev"] == "input_request", ev
+    assert (ev["id"], ev["prompt"], ev["password"]) == ("ask", "name? ", False)
+    # output printed before input() is flushed before the prompt goes out
+    shim.out.wait_for(b"before\n", timeout=5)
+    shim.send(dict(op="input_reply", seq=ev["seq"] + 100, value="stale"))  # skipped
+    shim.send(dict(op="input_reply", seq=ev["seq"], value="ada"))
+    ev2 = shim.next_event(timeout=10)
+    assert ev2["ev"] == "input_request" and ev2["password"] is True, ev2
+    assert ev2["prompt"] == "Password: " and ev2["seq"] != ev["seq"]
+    shim.send(dict(op="input_reply", seq=ev2["seq"], value="s3cret"))
+    events = _until_reply(shim)
+    assert events[-1]["content"]["status"] == "ok", events
+    assert [e["data"]["text/plain"] for e in events if e["ev"] == "execute_result"] == ["6"]
+    assert b"ADA\n" in bytes(shim.out.data)
+    # the next request without stdin refuses again
+    res = shim.execute("input()")
+    assert res.content["ename"] == "StdinNotImplementedError", res.content
+
+
+def test_refused_input_names_the_clients_reason(shim):
+    why = "is forwarded to the notebook only when a cell targets one engine; this cell targets 4 engines"
+    res = shim.execute("input('x')", stdin_refused=why)
+    assert res.content["ename"] == "StdinNotImplementedError"
+    assert res.content["evalue"] == "input() " + why
+    res = shim.execute("import getpass\ngetpass.getpass()", stdin_refused=why)
+    assert res.content["evalue"] == "getpass() " + why
+    # a thread may not wait (the main loop reads the same pipe)
+    res = shim.execute(
+        "import threading\nerr = []\n"
+        "def f():\n    try:\n        input()\n    except Exception as e:\n        err.append(str(e))\n"
+        "t = threading.Thread(target=f); t.start(); t.join()\nerr[0]", stdin=True)
+    assert "only from the main thread" in res.result_text(), res.content
+
+
+def test_sigint_ends_a_wait_for_input_and_a_late_answer_is_dropped(shim):
+    shim.execute("kept = 'yes'")
+    shim.send(_execute_cmd("ask", "kept = input('never? ')", stdin=True))
+    ev = shim.next_event(timeout=10)
+    assert ev["ev"] == "input_request", ev
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    os.kill(shim.proc.pid, signal.SIGINT)
+    events = _until_reply(shim, timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    c = events[-1]["content"]
+    assert c["status"] == "error" and c["ename"] == "KeyboardInterrupt", c
+    # the answer arrives after the interrupt: the shim skips it silently
+    shim.send(dict(op="input_reply", seq=ev["seq"], value="late"))
+    assert shim.execute("kept").result_text() == "'yes'"

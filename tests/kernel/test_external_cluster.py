@@ -6,6 +6,7 @@ running when it shuts down (it stops only what it started)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,6 +121,15 @@ def test_kernel_on_stock_ipcontroller(stock_cluster):
         assert c["status"] == "ok"
         [(t, d)] = outs
         assert int(d["data"]["text/plain"].rsplit("m", 1)[-1]) in engine_pids
+        # input() on a stock ipengine is not forwarded (its kernel's stdin
+        # socket has no path to the notebook): a clear error, no wait
+        t0 = time.monotonic()
+        c, outs = run(kc, '%%px --targets 0\ninput("name? ")')
+        assert time.monotonic() - t0 < 10
+        assert c["status"] == "error", c
+        err = re.sub(r"\x1b\[[0-9;]*m", "", "".join(d["text"] for t, d in outs if t == "stream"))
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("StdinNotImplementedError:") and "does not support input requests" in last, err
         c, outs = run(kc, "%engines")
         table = "".join(d["text"] for t, d in outs if t == "stream")
         assert "2 engines registered" in table and "connected to the hub" in table, table
