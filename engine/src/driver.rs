@@ -171,6 +171,9 @@ struct Shared {
     /// when the `input_reply` parented to it arrives, cleared after the
     /// request. Replies to anything else (stale, forged) are dropped.
     pending_input: Mutex<Option<String>>,
+    /// A request runs in the interpreter (SIGINT then interrupts it instead
+    /// of stopping the engine).
+    busy: std::sync::atomic::AtomicBool,
 }
 
 pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
@@ -362,6 +365,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         notify: Notify::new(),
         aborted: Mutex::new(HashSet::new()),
         pending_input: Mutex::new(None),
+        busy: std::sync::atomic::AtomicBool::new(false),
     });
     let (shell_send, mut shell_recv) = shell.split();
 
@@ -398,6 +402,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 
     // control: answered while requests run
     let (sig_tx, mut sig_rx) = mpsc::unbounded_channel::<ControlAction>();
+    let int_tx = sig_tx.clone();
     {
         let ctx = ctx.clone();
         let shared = shared.clone();
@@ -534,17 +539,38 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         });
     }
 
-    // Signals to the engine process: leave the hub cleanly.
+    // Signals to the engine process: SIGTERM leaves the hub cleanly;
+    // SIGINT interrupts the running request as ipengine's does (what
+    // `parallax cluster signal` and an mpiexec forwarding Ctrl-C send). An
+    // idle engine ignores it, as ipengine does, so a signal to a whole
+    // cluster never stops the engines that had finished — except when the
+    // engine runs in a terminal, where Ctrl-C is how a person stops it.
     {
         let stop = stop.clone();
+        let shared = shared.clone();
+        let sig_tx = int_tx;
+        let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
         tokio::spawn(async move {
+            use std::sync::atomic::Ordering;
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
             let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: shutting down"),
-                _ = int.recv() => info!("SIGINT: shutting down"),
-                _ = stop.cancelled() => {}
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { info!("SIGTERM: shutting down"); break }
+                    _ = int.recv() => {
+                        if shared.busy.load(Ordering::SeqCst) {
+                            info!("SIGINT: interrupting the running request");
+                            let _ = sig_tx.send(ControlAction::Signal(libc::SIGINT));
+                        } else if interactive {
+                            info!("SIGINT while idle in a terminal: shutting down");
+                            break;
+                        } else {
+                            info!("SIGINT while idle: nothing to interrupt (SIGTERM stops the engine)");
+                        }
+                    }
+                    _ = stop.cancelled() => break,
+                }
             }
             stop.cancel();
         });
@@ -744,6 +770,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     );
                 }
                 let (tx, mut rx) = mpsc::unbounded_channel::<Output>();
+                shared.busy.store(true, std::sync::atomic::Ordering::SeqCst);
                 let fut = interp.run(req, tx);
                 tokio::pin!(fut);
                 let reply = loop {
@@ -775,6 +802,9 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     ctx.publish_output(o, msg);
                 }
                 *shared.pending_input.lock().expect("input lock") = None;
+                shared
+                    .busy
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
                 reply
             }
         };

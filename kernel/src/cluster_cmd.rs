@@ -63,6 +63,51 @@ pub enum ClusterCommand {
     Stop(StopArgs),
     /// List clusters (running ones; stale cluster files are removed).
     List(ListArgs),
+    /// Send a signal to a cluster's engines (SIGINT interrupts what they
+    /// run): local processes, batch jobs (scancel -s, qsig -s, bkill -s),
+    /// ssh hosts.
+    Signal(SignalArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SignalArgs {
+    #[command(flatten)]
+    pub profile: ProfileArgs,
+    /// Cluster id (default: $IPP_CLUSTER_ID, else "").
+    #[arg(long = "cluster-id")]
+    pub cluster_id: Option<String>,
+    /// The signal: a name (INT, SIGTERM, usr1) or a number.
+    #[arg(long = "signal", short = 's', default_value = "INT", value_parser = parse_signal)]
+    pub signal: i32,
+}
+
+/// `INT`, `SIGINT`, `sigint`, `2` → 2.
+fn parse_signal(s: &str) -> Result<i32, String> {
+    if let Ok(n) = s.parse::<i32>() {
+        return if (1..=64).contains(&n) {
+            Ok(n)
+        } else {
+            Err(format!("{n} is not a signal number"))
+        };
+    }
+    let up = s.to_ascii_uppercase();
+    let name = up.strip_prefix("SIG").unwrap_or(&up);
+    Ok(match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        _ => {
+            return Err(format!(
+                "unknown signal {s:?} (INT, TERM, KILL, HUP, QUIT, USR1, USR2, CONT, STOP or a number)"
+            ));
+        }
+    })
 }
 
 /// Which profile directory, as ipcluster chooses it.
@@ -244,6 +289,7 @@ pub fn run(cmd: ClusterCommand) -> Result<()> {
         }
         ClusterCommand::Stop(args) => stop(&args),
         ClusterCommand::List(args) => list(&args),
+        ClusterCommand::Signal(args) => signal_engines(&args),
     }
 }
 
@@ -2007,6 +2053,82 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     Ok(())
 }
 
+// ----------------------------------------------------------------- signal
+
+/// `parallax cluster signal`: the signal to every engine set the cluster
+/// file knows, each through its launcher.
+fn signal_engines(args: &SignalArgs) -> Result<()> {
+    let profile_dir = profile_dir(&args.profile);
+    let cid = cluster_id(&args.cluster_id);
+    let file = cluster_file_path(&profile_dir, &cid);
+    let c = load_cluster(&file).with_context(|| {
+        format!(
+            "no cluster {cid:?} in {} (see parallax cluster list)",
+            profile_dir.display()
+        )
+    })?;
+    let sig = args.signal;
+    let mut sent = Vec::new();
+    let mut failed = Vec::new();
+    for (label, pid, _) in &c.engines {
+        // local engine processes (an mpiexec forwards it to its ranks); the
+        // local ssh clients of ssh sets are signalled through their hosts
+        if label.starts_with("ssh ") || !pid_alive(*pid) {
+            continue;
+        }
+        if !looks_like_cluster_process(*pid) {
+            esay!(
+                "warning: pid {pid} ({label}) is not an engine process any more; not signalling it"
+            );
+            continue;
+        }
+        Proc {
+            label: label.clone(),
+            pid: *pid,
+            child: None,
+        }
+        .signal(sig);
+        sent.push(format!("{label} (pid {pid})"));
+    }
+    if let Some(system) = LauncherKind::parse(&c.engine_class).and_then(LauncherKind::batch_system)
+    {
+        for (_, set) in &c.batch_sets {
+            if let Some(mut l) = ldriver::BatchLauncher::from_dict(system, set) {
+                match l.signal(sig) {
+                    Ok(()) => sent.push(l.label()),
+                    Err(e) => failed.push(format!("{}: {e}", l.label())),
+                }
+            }
+        }
+    }
+    for h in &c.ssh_hosts {
+        if let Some(mut l) = ldriver::SshLauncher::from_dict(h, Duration::from_secs(5)) {
+            match l.signal(sig) {
+                Ok(()) => sent.push(l.label()),
+                Err(e) => failed.push(format!("{}: {e}", l.label())),
+            }
+        }
+    }
+    for f in &failed {
+        esay!("error: {f}");
+    }
+    if sent.is_empty() {
+        bail!(
+            "no engine of cluster {cid:?} took signal {sig}{}",
+            if failed.is_empty() {
+                " (none is running)"
+            } else {
+                ""
+            }
+        );
+    }
+    say!("Sent signal {sig} to {}", sent.join(", "));
+    if !failed.is_empty() {
+        bail!("{} engine set(s) could not be signalled", failed.len());
+    }
+    Ok(())
+}
+
 // ------------------------------------------------------------------- list
 
 fn list(args: &ListArgs) -> Result<()> {
@@ -2056,11 +2178,12 @@ fn list(args: &ListArgs) -> Result<()> {
         }
         OutputFormat::Text => {
             say!(
-                "{:16} {:32} {:7} {:7} LAUNCHER",
+                "{:16} {:32} {:7} {:7} {:10} JOBS",
                 "PROFILE",
                 "CLUSTER ID",
                 "RUNNING",
-                "ENGINES"
+                "ENGINES",
+                "LAUNCHER"
             );
             for c in &clusters {
                 let profile = abbreviate_profile_dir(&c.profile_dir, &ipy);
@@ -2072,8 +2195,9 @@ fn list(args: &ListArgs) -> Result<()> {
                 let running = if c.hub_alive() { "True" } else { "False" };
                 let engines = c.engines_alive() + c.unverifiable_engines;
                 say!(
-                    "{profile:16} {id:32} {running:7} {engines:7} {}",
-                    c.launcher_name()
+                    "{profile:16} {id:32} {running:7} {engines:7} {:10} {}",
+                    c.launcher_name(),
+                    job_states(c)
                 );
             }
         }
@@ -2081,9 +2205,54 @@ fn list(args: &ListArgs) -> Result<()> {
     Ok(())
 }
 
+/// `hub job 11 RUNNING, job 12 PENDING (Resources)`: the state of each
+/// job the cluster file knows (hub and engine sets), `-` if none.
+fn job_states(c: &LoadedCluster) -> String {
+    let mut out = Vec::new();
+    if let Some((class, state)) = &c.hub_job
+        && let Some(mut l) = crate::cluster_controller::restore(class, state, Duration::ZERO)
+        && class != "mpi"
+    {
+        let st = l
+            .poll()
+            .map_or_else(|e| format!("unknown ({e})"), |s| s.describe());
+        out.push(format!("hub {} {st}", l.label()));
+    }
+    if let Some(system) = LauncherKind::parse(&c.engine_class).and_then(LauncherKind::batch_system)
+    {
+        for (_, set) in &c.batch_sets {
+            if let Some(mut l) = ldriver::BatchLauncher::from_dict(system, set) {
+                let st = l
+                    .poll()
+                    .map_or_else(|e| format!("unknown ({e})"), |s| s.describe());
+                out.push(format!("{} {st}", l.label()));
+            }
+        }
+    }
+    if out.is_empty() {
+        "-".into()
+    } else {
+        out.join(", ")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("INT"), Ok(libc::SIGINT));
+        assert_eq!(parse_signal("sigterm"), Ok(libc::SIGTERM));
+        assert_eq!(parse_signal("SIGUSR1"), Ok(libc::SIGUSR1));
+        assert_eq!(parse_signal("9"), Ok(9));
+        assert!(parse_signal("0").is_err());
+        assert!(
+            parse_signal("SIGFOO")
+                .unwrap_err()
+                .contains("unknown signal")
+        );
+    }
 
     #[test]
     fn cluster_file_round_trip() {

@@ -180,9 +180,10 @@ def test_daemonized_cluster_client_list_stop(env):
     env.remember()
 
     out = cluster("list", "--profile-dir", env.profile_dir).stdout.splitlines()
-    assert out[0].split() == ["PROFILE", "CLUSTER", "ID", "RUNNING", "ENGINES", "LAUNCHER"]
+    # ipcluster's columns, then the states of the jobs (none: local engines)
+    assert out[0].split() == ["PROFILE", "CLUSTER", "ID", "RUNNING", "ENGINES", "LAUNCHER", "JOBS"]
     row = [line for line in out if env.cluster_id in line]
-    assert len(row) == 1 and row[0].split()[1:] == [env.cluster_id, "True", "3", "Local"]
+    assert len(row) == 1 and row[0].split()[1:] == [env.cluster_id, "True", "3", "Local", "-"]
     listed = json.loads(cluster("list", "--profile-dir", env.profile_dir, "-o", "json").stdout)
     assert [c["cluster"]["cluster_id"] for c in listed] == [env.cluster_id]
 
@@ -337,7 +338,7 @@ def test_stops_a_cluster_started_by_ipcluster(env):
     pids = env.remember()
     out = cluster("list", "--profile-dir", env.profile_dir).stdout
     row = [line for line in out.splitlines() if env.cluster_id in line]
-    assert len(row) == 1 and row[0].split()[1:] == [env.cluster_id, "True", "1", "Local"]
+    assert len(row) == 1 and row[0].split()[1:] == [env.cluster_id, "True", "1", "Local", "-"]
     cluster("stop", *env.args)
     assert wait_gone(pids) == []
     assert not env.cluster_file.exists()

@@ -62,10 +62,14 @@ def run(kc, code: str, timeout: float = 30):
 
 
 def texts(outs):
+    """The cell's output displays; the progress bar (shown when a cell runs
+    longer than --progress-after, as a first cell on a loaded machine can)
+    is not output."""
     return sorted(
         c["data"]["text/plain"]
         for t, c in outs
         if t in ("display_data", "update_display_data") and "text/plain" in c["data"]
+        and not c.get("transient", {}).get("display_id", "").endswith("-progress")
     )
 
 

@@ -169,6 +169,8 @@ def test_stdout_is_one_display_per_engine_updated_in_place(k4):
     for m in r.of_type("display_data", "update_display_data"):
         text = m["content"]["data"]["text/plain"]
         did = m["content"]["transient"]["display_id"]
+        if did.endswith("-progress"):
+            continue  # the progress bar of a cell slower than 2 s (a loaded machine)
         eid = int(re.match(r"\[stdout:(\d+)\] ", text)[1])
         if m["msg_type"] == "display_data":
             assert eid not in first, f"two displays for engine {eid}:\n{r.describe()}"
