@@ -561,9 +561,9 @@ async fn core_loop(
         Some(db) => Hub::with_store(cfg, db, now()),
         None => Hub::new(cfg, now()),
     };
-    if let Some(state) = &persist.restore {
-        hub.restore(state, now());
-    }
+    // Without --restore the table starts empty, but the records a previous
+    // hub left unfinished are settled all the same (never pending forever).
+    hub.restore(&persist.restore.clone().unwrap_or_default(), now());
     let durability = persist.durability.as_ref();
     let mut held = Held::default();
     // Written at start too: a hub that is restarted before any engine
