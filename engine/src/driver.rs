@@ -27,9 +27,7 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use zeromq::{
-    DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage,
-};
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::cli::EngineArgs;
 use crate::cli::Language;
@@ -244,8 +242,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         registration: url(info.registration),
         mux: url(info.mux),
         task: url(info.task),
-        broadcast: (!leaves.is_empty())
-            .then(|| url(leaves[(id.max(0) as usize) % leaves.len()])),
+        broadcast: (!leaves.is_empty()).then(|| url(leaves[(id.max(0) as usize) % leaves.len()])),
         control: url(info.control),
         iopub: url(info.iopub),
         hb_ping: url(info.hb_ping),

@@ -108,7 +108,11 @@ struct Sockets {
     lost: Vec<futures::channel::mpsc::Receiver<SocketEvent>>,
 }
 
-async fn dealer(uuid: &str, url: &str, lost: &mut Vec<futures::channel::mpsc::Receiver<SocketEvent>>) -> Result<DealerSocket> {
+async fn dealer(
+    uuid: &str,
+    url: &str,
+    lost: &mut Vec<futures::channel::mpsc::Receiver<SocketEvent>>,
+) -> Result<DealerSocket> {
     let mut s = DealerSocket::with_options(identity_opts(uuid));
     lost.push(s.monitor());
     tokio::time::timeout(CONNECT_TIMEOUT, s.connect(url))
@@ -292,14 +296,28 @@ async fn run(
             }
         };
         let gen_stop = cfg.stop.child_token();
-        spawn_heartbeat(ping, pong, cfg.last_ping.clone(), cfg.started, gen_stop.clone());
+        spawn_heartbeat(
+            ping,
+            pong,
+            cfg.last_ping.clone(),
+            cfg.started,
+            gen_stop.clone(),
+        );
         if generation > 0 {
             let req = (cfg.registration_request)();
             if let Ok(m) = ZmqMessage::try_from(req) {
                 let _ = socks.reg.send(m).await;
             }
         }
-        let end = serve(&mut socks, &inbound, &mut out_rx, &mut iopub_rx, &mut pending, &mut pending_iopub).await;
+        let end = serve(
+            &mut socks,
+            &inbound,
+            &mut out_rx,
+            &mut iopub_rx,
+            &mut pending,
+            &mut pending_iopub,
+        )
+        .await;
         gen_stop.cancel();
         match end {
             End::Closed => {
