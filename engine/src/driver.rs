@@ -27,14 +27,12 @@ use serde_json::{Map, Value, json};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use zeromq::{
-    DealerSocket, RouterSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket,
-    XPubSocket, ZmqMessage,
-};
+use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMessage};
 
 use crate::cli::EngineArgs;
 use crate::cli::Language;
 use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle, Stdin};
+use crate::link::Route;
 use crate::python::{PythonConfig, PythonInterpreter};
 use crate::rust::RustInterpreter;
 
@@ -158,6 +156,8 @@ pub fn identity_opts(uuid: &str) -> SocketOptions {
 
 /// A shell request waiting to run.
 struct Queued {
+    /// The hub socket it came on; the reply goes back on it.
+    route: Route,
     idents: Vec<Bytes>,
     msg: Message,
 }
@@ -249,68 +249,75 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     );
     info!(engine = id, %uuid, "registered");
 
-    // --- sockets
-    let mut shell = RouterSocket::with_options(identity_opts(&uuid));
+    // --- the link: every socket facing the hub, rebuilt if the hub goes
+    // away and comes back (see link.rs)
+    drop(reg);
     let leaves = &info.broadcast;
-    let mut shell_urls = vec![url(info.mux), url(info.task)];
-    if !leaves.is_empty() {
-        shell_urls.push(url(leaves[(id.max(0) as usize) % leaves.len()]));
-    }
-    for u in &shell_urls {
-        shell
-            .connect(u)
-            .await
-            .with_context(|| format!("connecting shell to {u}"))?;
-    }
-    let mut control = RouterSocket::with_options(identity_opts(&uuid));
-    control
-        .connect(&url(info.control))
-        .await
-        .context("connecting control")?;
-    let mut iopub = XPubSocket::new();
-    iopub
-        .connect(&url(info.iopub))
-        .await
-        .context("connecting iopub")?;
-    let mut ping = SubSocket::new();
-    ping.subscribe("").await?;
-    ping.connect(&url(info.hb_ping))
-        .await
-        .context("connecting heartbeat")?;
-    let mut pong = DealerSocket::with_options(identity_opts(&uuid));
-    pong.connect(&url(info.hb_pong))
-        .await
-        .context("connecting heartbeat")?;
-    // A first pong at once: the hub completes a registration on any pong
-    // of that uuid, so this one needs no ping (which every engine would
-    // answer); for an engine already registered it is a harmless stale beat.
-    first_pong(&mut pong).await;
-
+    let endpoints = crate::link::Endpoints {
+        registration: url(info.registration),
+        mux: url(info.mux),
+        task: url(info.task),
+        broadcast: (!leaves.is_empty()).then(|| url(leaves[(id.max(0) as usize) % leaves.len()])),
+        control: url(info.control),
+        iopub: url(info.iopub),
+        hb_ping: url(info.hb_ping),
+        hb_pong: url(info.hb_pong),
+    };
     let stop = shutdown.child_token();
     let last_ping = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-
-    // heartbeat: echo every ping from Rust
+    let session = Arc::new(Mutex::new(session));
+    let registration_request = {
+        let session = session.clone();
+        let content = json!({"uuid": uuid, "id": id});
+        Box::new(move || {
+            let mut s = session.lock().expect("session lock");
+            let h = s.header("registration_request", &now_str());
+            s.serialize(vec![], &h, &json!({}), &json!({}), &content, vec![])
+        })
+    };
+    let (shell_in_tx, mut shell_in) = mpsc::unbounded_channel::<(Route, Vec<Bytes>)>();
+    let (control_in_tx, mut control_in) = mpsc::unbounded_channel::<Vec<Bytes>>();
+    let (reg_in_tx, mut reg_in) = mpsc::unbounded_channel::<Vec<Bytes>>();
+    let link = crate::link::start(
+        crate::link::LinkConfig {
+            uuid: uuid.clone(),
+            endpoints,
+            last_ping: last_ping.clone(),
+            started,
+            stop: stop.clone(),
+            registration_request,
+        },
+        crate::link::Inbound {
+            shell: shell_in_tx,
+            control: control_in_tx,
+            registration: reg_in_tx,
+        },
+    )
+    .await?;
+    let link_task = link.task;
+    // Registration replies after a reconnection: the hub confirms the id.
     {
-        let last_ping = last_ping.clone();
-        let stop = stop.clone();
+        let mut auth = auth.clone();
         tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    m = ping.recv() => match m {
-                        Ok(m) => {
-                            last_ping.store(started.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
-                            if pong.send(m).await.is_err() {
-                                debug!("heartbeat reply failed");
-                            }
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-                    }
+            while let Some(m) = reg_in.recv().await {
+                let Some((_, reply)) = accept(m, &limits, &mut auth, "registration") else {
+                    continue;
+                };
+                match reply.content.get("id").and_then(Value::as_i64) {
+                    Some(got) if got == id => info!(engine = id, "the hub knows this engine again"),
+                    got => warn!(
+                        engine = id,
+                        reply = ?got,
+                        status = ?reply.content.get("status"),
+                        "the hub answered the re-registration with another id; requests keep \
+                         reaching this engine by its uuid"
+                    ),
                 }
             }
         });
     }
+
     // heartbeat monitor: a controller that stops pinging makes us leave
     {
         let last_ping = last_ping.clone();
@@ -344,22 +351,6 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         });
     }
 
-    // iopub publisher
-    let (iopub_tx, mut iopub_rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
-    let iopub_task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                f = iopub_rx.recv() => {
-                    let Some(f) = f else { return };
-                    if let Ok(m) = ZmqMessage::try_from(f) {
-                        let _ = iopub.send(m).await;
-                    }
-                }
-                _ = iopub.recv() => {}
-            }
-        }
-    });
-
     let shared = Arc::new(Shared {
         queue: Mutex::new(VecDeque::new()),
         notify: Notify::new(),
@@ -367,8 +358,6 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         pending_input: Mutex::new(None),
         busy: std::sync::atomic::AtomicBool::new(false),
     });
-    let (shell_send, mut shell_recv) = shell.split();
-
     // shell receive: verify and queue
     {
         let shared = shared.clone();
@@ -378,13 +367,14 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             loop {
                 let m = tokio::select! {
                     _ = stop.cancelled() => return,
-                    m = shell_recv.recv() => m,
+                    m = shell_in.recv() => m,
                 };
-                let Ok(m) = m else { continue };
-                let Some((raw, msg)) = accept(m.into_vec(), &limits, &mut auth, "shell") else {
+                let Some((route, m)) = m else { return };
+                let Some((raw, msg)) = accept(m, &limits, &mut auth, "shell") else {
                     continue;
                 };
                 shared.queue.lock().expect("queue lock").push_back(Queued {
+                    route,
                     idents: raw.idents,
                     msg,
                 });
@@ -394,10 +384,11 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     }
 
     let ctx = Ctx {
-        session: Arc::new(Mutex::new(session)),
+        session,
         uuid: uuid.clone(),
         id,
-        iopub: iopub_tx.clone(),
+        iopub: link.iopub,
+        out: link.out,
     };
 
     // control: answered while requests run
@@ -412,10 +403,10 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             loop {
                 let m = tokio::select! {
                     _ = stop.cancelled() => return,
-                    m = control.recv() => m,
+                    m = control_in.recv() => m,
                 };
-                let Ok(m) = m else { continue };
-                let Some((raw, msg)) = accept(m.into_vec(), &limits, &mut auth, "control") else {
+                let Some(m) = m else { return };
+                let Some((raw, msg)) = accept(m, &limits, &mut auth, "control") else {
                     continue;
                 };
                 let idents = raw.idents.clone();
@@ -503,7 +494,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                         let content = json!({"status": "ok", "restart": restart});
                         ctx.publish("shutdown_reply", "shutdown_reply", &content, &msg, vec![]);
                         ctx.send_to(
-                            &mut ControlSender::Router(&mut control),
+                            Route::Control,
                             idents,
                             "shutdown_reply",
                             &content,
@@ -526,7 +517,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                     }
                 };
                 ctx.send_to(
-                    &mut ControlSender::Router(&mut control),
+                    Route::Control,
                     idents,
                     reply_type,
                     &content,
@@ -602,14 +593,13 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     let mut interp = match started_interp {
         Ok(i) => i,
         Err(e) => {
-            unregister(&mut reg, &ctx, id).await;
+            unregister(&ctx, id);
             stop.cancel();
             return Err(e);
         }
     };
 
     // --- executor
-    let mut shell_send = shell_send;
     let mut execution_count: i64 = 0;
     let signals = interp.signal_handle();
     let inputs = interp.input_handle();
@@ -648,7 +638,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                 json!({"status": "aborted", "engine_info": {"engine_uuid": uuid, "engine_id": id}});
             let rt = reply_type(&msg.header.msg_type);
             ctx.send_to(
-                &mut ControlSender::Shell(&mut shell_send),
+                item.route,
                 item.idents.clone(),
                 &rt,
                 &content,
@@ -844,7 +834,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         }
         let rt = reply_type(&msg.header.msg_type);
         ctx.send_to(
-            &mut ControlSender::Shell(&mut shell_send),
+            item.route,
             item.idents.clone(),
             &rt,
             &Value::Object(content),
@@ -874,13 +864,12 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 
     // --- leave: unregister, stop Python
     info!(engine = id, "unregistering");
-    unregister(&mut reg, &ctx, id).await;
+    unregister(&ctx, id);
     interp.shutdown().await;
-    drop(iopub_tx);
+    stop.cancel();
     drop(ctx);
-    let _ = tokio::time::timeout(Duration::from_millis(500), iopub_task).await;
-    // zmq.rs has no linger: give queued messages a moment to leave.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The link sends what is queued once every sender is gone.
+    let _ = tokio::time::timeout(Duration::from_millis(1000), link_task).await;
     Ok(())
 }
 
@@ -1033,17 +1022,14 @@ fn kernel_info_with(language_info: Value) -> Map<String, Value> {
     }
 }
 
-enum ControlSender<'a> {
-    Router(&'a mut RouterSocket),
-    Shell(&'a mut zeromq::RouterSendHalf),
-}
-
 #[derive(Clone)]
 struct Ctx {
     session: Arc<Mutex<Session>>,
     uuid: String,
     id: i64,
     iopub: mpsc::UnboundedSender<Vec<Bytes>>,
+    /// Replies and the unregistration, through the link.
+    out: mpsc::UnboundedSender<(Route, Vec<Bytes>)>,
 }
 
 impl Ctx {
@@ -1157,7 +1143,7 @@ impl Ctx {
     #[allow(clippy::too_many_arguments)]
     async fn send_to(
         &self,
-        sock: &mut ControlSender<'_>,
+        route: Route,
         idents: Vec<Bytes>,
         msg_type: &str,
         content: &Value,
@@ -1179,15 +1165,8 @@ impl Ctx {
                 buffers,
             )
         };
-        let Ok(m) = ZmqMessage::try_from(frames) else {
-            return;
-        };
-        let r = match sock {
-            ControlSender::Router(r) => r.send(m).await,
-            ControlSender::Shell(r) => r.send(m).await,
-        };
-        if let Err(e) = r {
-            warn!(error = %e, msg_type, "reply not sent");
+        if self.out.send((route, frames)).is_err() {
+            warn!(msg_type, "reply not sent: the link to the hub is closed");
         }
     }
 }
@@ -1267,7 +1246,7 @@ pub async fn register(
 }
 
 /// Tell the hub this engine is leaving.
-async fn unregister(reg: &mut DealerSocket, ctx: &Ctx, id: i64) {
+fn unregister(ctx: &Ctx, id: i64) {
     let frames = {
         let mut s = ctx.session.lock().expect("session lock");
         let h = s.header("unregistration_request", &now_str());
@@ -1280,9 +1259,7 @@ async fn unregister(reg: &mut DealerSocket, ctx: &Ctx, id: i64) {
             vec![],
         )
     };
-    let _ = reg
-        .send(ZmqMessage::try_from(frames).expect("non-empty"))
-        .await;
+    let _ = ctx.out.send((Route::Registration, frames));
 }
 
 /// The unsolicited first heartbeat reply that completes the registration.

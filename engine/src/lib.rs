@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod driver;
 pub mod interpreter;
+pub mod link;
 pub mod python;
 pub mod rank;
 pub mod reach;

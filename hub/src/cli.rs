@@ -106,7 +106,8 @@ pub struct HubArgs {
     /// Accepted for ipcontroller compatibility (the hub is one process; no effect).
     #[arg(long)]
     pub usethreads: bool,
-    /// Accepted for ipcontroller compatibility; engine state restore is not supported.
+    /// Restart without losing the cluster: reload the engine table from the state
+    /// file and reuse the connection files (implies --reuse).
     #[arg(long)]
     pub restore: bool,
     /// Accepted for ipcontroller compatibility (logs go to stderr).

@@ -132,6 +132,9 @@ pub struct CoreConfig {
     pub seed: u64,
     /// How many finished task ids are remembered for dependencies.
     pub dependency_history: usize,
+    /// After [`Hub::restore`], how long requests of the previous hub's life
+    /// may wait for their engine's reply before they fail.
+    pub orphan_grace: Duration,
 }
 
 impl CoreConfig {
@@ -153,6 +156,7 @@ impl CoreConfig {
             limits: Limits::default(),
             seed: 0x5eed,
             dependency_history: 32 * 1024,
+            orphan_grace: Duration::from_secs(33),
         }
     }
 }
@@ -194,6 +198,8 @@ pub(crate) enum Timer {
     },
     /// Publish the held notifications that are due.
     Notifications,
+    /// Fail the restored requests still without a reply (`restore.rs`).
+    Orphans,
 }
 
 pub(crate) struct Engine {
@@ -277,7 +283,11 @@ pub struct Hub {
     pub(crate) engines: BTreeMap<i64, Engine>,
     pub(crate) by_uuid: HashMap<String, i64>,
     incoming: HashMap<String, Incoming>,
-    id_counter: i64,
+    pub(crate) id_counter: i64,
+    /// Bumped whenever `engines` changes (the state file is rewritten).
+    pub(crate) registry_version: u64,
+    /// Requests of a previous hub's life without a reply (`restore.rs`).
+    pub(crate) orphans: HashMap<String, crate::restore::Orphan>,
     beat: u64,
     reg_ping_armed: bool,
     /// Notifications waiting for `notification_delay` (due time, type,
@@ -361,6 +371,8 @@ impl Hub {
             by_uuid: HashMap::new(),
             incoming: HashMap::new(),
             id_counter: 0,
+            registry_version: 0,
+            orphans: HashMap::new(),
             beat: 0,
             reg_ping_armed: false,
             held_notifications: VecDeque::new(),
@@ -594,6 +606,7 @@ impl Hub {
                     self.task_timeout(&msg_id, generation, now)
                 }
                 Timer::Notifications => self.release_notifications(now),
+                Timer::Orphans => self.expire_orphans(now),
             }
             self.drain_graph_work(now);
         }
@@ -807,11 +820,17 @@ impl Hub {
         })
     }
 
-    fn finish_registration(&mut self, uuid: &str, now: Now) {
+    /// A registration accepted with `id`, waiting for its first heartbeat.
+    pub(crate) fn insert_incoming(&mut self, uuid: &str, id: i64) {
+        self.incoming.insert(uuid.to_owned(), Incoming { id });
+    }
+
+    pub(crate) fn finish_registration(&mut self, uuid: &str, now: Now) {
         let Some(inc) = self.incoming.remove(uuid) else {
             return;
         };
         let id = inc.id;
+        self.registry_version += 1;
         self.engines.insert(
             id,
             Engine {
@@ -851,6 +870,7 @@ impl Hub {
             return;
         };
         self.by_uuid.remove(&engine.uuid);
+        self.registry_version += 1;
         info!(engine = id, uuid = %engine.uuid, "engine unregistered");
         self.notify(
             "unregistration_notification",
@@ -1551,6 +1571,7 @@ impl Hub {
             return;
         };
         let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
+        self.orphan_answered(&parent_id);
         if self.pending.remove(&parent_id) {
             if let Some(e) = self
                 .by_uuid

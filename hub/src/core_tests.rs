@@ -2967,3 +2967,131 @@ fn broadcast_request_is_recorded_and_completes_with_the_last_reply() {
         );
     }
 }
+
+// ======================================================= 13. restart (restore)
+
+/// The hub dies with one task done, one task and one direct request on
+/// engines, and one task still queued; a new hub restores the engine table
+/// on the same task database.
+#[test]
+fn restore_brings_back_engines_and_settles_orphans() {
+    let cfg = cfg_with(|c| c.orphan_grace = Duration::from_secs(10));
+    let mut sim = Sim::with_engines(cfg.clone(), 2);
+    let (v0, _) = sim.hub.engine_state();
+    let done = sim.submit(json!({}));
+    let t_done = sim.task_sent();
+    sim.reply(Channel::TaskEngine, &t_done, "ok");
+    sim.task_result();
+    let running = sim.submit(json!({}));
+    let t_running = sim.task_sent();
+    let lost = sim.submit(json!({}));
+    let t_lost = sim.task_sent();
+    assert_ne!(t_running.ident(0), t_lost.ident(0), "one task per engine");
+    let direct = sim.submit_direct("e1");
+    let d_req = sim.take_one(Channel::MuxEngine);
+    let queued = sim.submit(json!({}));
+    assert!(sim.tasks_sent().is_empty(), "hwm 1: the fourth task waits");
+    let (v1, state) = sim.hub.engine_state();
+    assert_eq!(v1, v0, "no engine came or went");
+    assert_eq!(state.pairs(), vec![(0, "e0".into()), (1, "e1".into())]);
+    assert_eq!(state.next_id, 2);
+
+    // kill: the records stay (the store outlives the hub), the rest is gone
+    let db = std::mem::replace(
+        &mut sim.hub.db,
+        Box::new(crate::records::RecordStore::new(DbBackend::None)),
+    );
+    let now = sim.now;
+    sim.hub = Hub::with_store(cfg, db, now);
+    sim.outbox.clear();
+    let restored = sim.hub.restore(&state, now);
+    assert_eq!(restored.engines, 2);
+    assert_eq!(restored.orphans, 4, "running, lost, direct and queued");
+    sim.pump();
+    assert_eq!(sim.take(Channel::Notification).len(), 2);
+    assert_eq!(sim.connected_engines(), json!({"0": "e0", "1": "e1"}));
+    assert_eq!(sim.hub.engine_state().1, state, "the table is the same");
+
+    // completed before the kill: served from the database
+    let r = sim.result_request(&[&done]);
+    assert_eq!(r.content()["completed"], json!([done]));
+    // in flight: pending until answered or expired
+    let r = sim.result_request(&[&running, &lost, &direct, &queued]);
+    assert_eq!(r.content()["pending"].as_array().unwrap().len(), 4);
+
+    // the engine finished a task while the hub was away: relayed, recorded
+    sim.reply(Channel::TaskEngine, &t_running, "ok");
+    let res = sim.task_result();
+    assert_eq!(res.parent_id(), running);
+    sim.reply(Channel::MuxEngine, &d_req, "ok");
+    assert_eq!(sim.take_one(Channel::MuxClient).parent_id(), direct);
+    let r = sim.result_request(&[&running, &direct]);
+    assert_eq!(r.content()["completed"].as_array().unwrap().len(), 2);
+
+    // new work runs on the restored engines; a new engine gets a new id
+    let fresh = sim.submit(json!({}));
+    let t_fresh = sim.task_sent();
+    assert_eq!(t_fresh.parent_id(), "");
+    sim.reply(Channel::TaskEngine, &t_fresh, "ok");
+    assert_eq!(sim.task_result().parent_id(), fresh);
+    assert_eq!(sim.add_engine("e2"), 2, "ids are never reused");
+    assert_ne!(
+        sim.hub.engine_state().0,
+        v1,
+        "a registration changes the table"
+    );
+
+    // the rest fail after the grace period, with a reply to the client's
+    // session (a client whose routing identity is its session id, as the
+    // kernel's, gets it)
+    sim.advance(Duration::from_secs(11));
+    let mut failed: Vec<String> = sim
+        .take(Channel::TaskClient)
+        .iter()
+        .map(|o| {
+            assert_eq!(o.ident(0), "client-session");
+            assert_eq!(o.ename(), "HubRestartError");
+            assert_eq!(o.md("status"), "error");
+            o.parent_id().to_owned()
+        })
+        .collect();
+    failed.sort();
+    let mut want = vec![lost.clone(), queued.clone()];
+    want.sort();
+    assert_eq!(failed, want);
+    let r = sim.result_request(&[&lost, &queued]);
+    assert_eq!(r.content()["completed"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        r.content()[&lost]["result_content"]["ename"],
+        "HubRestartError",
+        "{r:#?}"
+    );
+    // a late reply to a failed orphan does not disturb the hub
+    sim.reply(Channel::TaskEngine, &t_lost, "ok");
+    assert_eq!(sim.connected_engines().as_object().unwrap().len(), 3);
+}
+
+/// Restored engines that never beat again are unregistered like any other.
+#[test]
+fn restored_engines_that_stay_silent_are_unregistered() {
+    let mut sim = Sim::new(base_config());
+    let mut state = crate::restore::EngineState {
+        next_id: 5,
+        ..Default::default()
+    };
+    state.engines.insert("3".into(), "gone".into());
+    let now = sim.now;
+    sim.hub.restore(&state, now);
+    sim.pump();
+    assert_eq!(sim.connected_engines(), json!({"3": "gone"}));
+    sim.advance(Duration::from_secs(6));
+    let notes = sim.take(Channel::Notification);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.msg_type() == "unregistration_notification" && n.content()["id"] == 3),
+        "{notes:#?}"
+    );
+    assert_eq!(sim.connected_engines(), json!({}));
+    assert_eq!(sim.add_engine("new"), 5);
+}

@@ -6,7 +6,7 @@
 //! frames into one unbounded queue per socket, drained by that socket's send
 //! task. The core task is the only owner of the `Hub`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,9 +25,10 @@ use zeromq::{
 };
 
 use crate::cli::{DbKind, HubArgs};
-use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now};
+use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now, Transmit};
 use crate::records::{DbBackend, DbLimits, TaskDb};
-use crate::sqlite_db::{SqliteConfig, SqliteDb};
+use crate::restore::EngineState;
+use crate::sqlite_db::{Durability, SqliteConfig, SqliteDb};
 
 /// Where the connection files are and what they contain.
 #[derive(Debug, Clone)]
@@ -169,6 +170,21 @@ pub async fn run_notify(
     let (client_name, engine_name) = connection_file_names(&cluster_id);
     let client_file = security.join(client_name);
     let engine_file = security.join(engine_name);
+    let state_path = crate::state_file::path(&security, &cluster_id);
+    // ipcontroller's --restore implies --reuse: the engines of the previous
+    // hub are connected to its ports and sign with its key.
+    let reuse = args.reuse || args.restore;
+    let restore = if args.restore {
+        match crate::state_file::load(&state_path)? {
+            Some(s) => Some(s),
+            None => {
+                warn!(file = %state_path.display(), "--restore: no state file; starting with no engines");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     // Ports and key: reused from existing files with --reuse.
     let mut wanted: HashMap<Channel, u16> = HashMap::new();
@@ -177,7 +193,7 @@ pub async fn run_notify(
         .clone()
         .or_else(|| std::env::var("IPP_SESSION_KEY").ok())
         .filter(|k| !k.is_empty());
-    if args.reuse && client_file.exists() && engine_file.exists() {
+    if reuse && client_file.exists() && engine_file.exists() {
         let c: ClientConnectionInfo = serde_json::from_str(&std::fs::read_to_string(&client_file)?)
             .with_context(|| format!("reading {}", client_file.display()))?;
         let e: EngineConnectionInfo = serde_json::from_str(&std::fs::read_to_string(&engine_file)?)
@@ -225,6 +241,7 @@ pub async fn run_notify(
         record_limit: args.record_limit.max(1),
         ..DbLimits::default()
     };
+    let mut durability = None;
     let (db, store): (DbBackend, Option<Box<dyn TaskDb>>) = match args.db_kind() {
         DbKind::Dict => (DbBackend::Dict(limits), None),
         DbKind::None => (DbBackend::None, None),
@@ -238,12 +255,10 @@ pub async fn run_notify(
             cfg.table = args.table.clone();
             cfg.cache_records = limits.record_limit;
             let store = SqliteDb::open(&cfg).map_err(anyhow::Error::new)?;
+            durability = Some(store.durability());
             (DbBackend::Dict(limits), Some(Box::new(store)))
         }
     };
-    if args.restore {
-        warn!("--restore: restoring engine state is not supported; engines must register again");
-    }
 
     // Bind every socket.
     let all = [
@@ -366,6 +381,9 @@ pub async fn run_notify(
     });
     // ipyparallel: registration_timeout = max(30 s, 10 heartbeats)
     core.registration_timeout = Duration::from_secs(30).max(core.hb_period * 10);
+    // Restored engines are unregistered after this many silent beats; a
+    // request of the previous hub's life waits as long for its reply.
+    core.orphan_grace = core.hb_period * (core.max_heartmonitor_misses + 2);
 
     // Spawn the socket tasks.
     let (in_tx, in_rx) = mpsc::channel::<(Channel, Vec<Bytes>)>(8192);
@@ -419,7 +437,12 @@ pub async fn run_notify(
     if let Some(ready) = ready {
         let _ = ready.send(bound.clone());
     }
-    let result = core_loop(core, store, in_rx, &out_tx, shutdown).await;
+    let persist = Persist {
+        state_path: state_path.clone(),
+        restore,
+        durability,
+    };
+    let result = core_loop(core, store, persist, in_rx, &out_tx, shutdown).await;
 
     // Let queued replies (e.g. shutdown_reply) go out: close the queues and
     // wait for the send tasks to drain them, then give the socket writers a
@@ -435,8 +458,8 @@ pub async fn run_notify(
     for t in recv_tasks {
         t.abort();
     }
-    if !args.reuse {
-        for f in [&bound.client_file, &bound.engine_file] {
+    if !reuse {
+        for f in [&bound.client_file, &bound.engine_file, &state_path] {
             if let Err(e) = std::fs::remove_file(f) {
                 debug!(file = %f.display(), error = %e, "could not remove connection file");
             }
@@ -446,9 +469,90 @@ pub async fn run_notify(
     result
 }
 
+/// What the core loop keeps across hub restarts.
+struct Persist {
+    /// The engine table, rewritten whenever it changes.
+    state_path: PathBuf,
+    /// `--restore`: the previous hub's table.
+    restore: Option<EngineState>,
+    /// With a store on disk: results reach clients only once recorded.
+    durability: Option<Durability>,
+}
+
+/// Channels whose messages carry results: with a durable store they are
+/// held until the records they complete are committed.
+fn carries_results(ch: Channel) -> bool {
+    matches!(
+        ch,
+        Channel::MuxClient | Channel::TaskClient | Channel::BroadcastClient
+    )
+}
+
+/// Results held for their records' commit, in order: (sequence number the
+/// store must have committed, message).
+#[derive(Default)]
+struct Held(VecDeque<(u64, Transmit)>);
+
+impl Held {
+    /// Sends `t` now, or holds it behind the writes queued so far.
+    fn route(
+        &mut self,
+        t: Transmit,
+        durability: Option<&Durability>,
+        out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
+    ) {
+        if let Some(d) = durability
+            && carries_results(t.channel)
+        {
+            let need = d.queued();
+            if !self.0.is_empty() || need > d.durable() {
+                self.0.push_back((need, t));
+                return;
+            }
+        }
+        if let Some(tx) = out_tx.get(&t.channel) {
+            let _ = tx.send(t.frames);
+        }
+    }
+
+    /// At exit: closes the store (which commits everything queued), then
+    /// sends what was held.
+    fn flush(&mut self, hub: Hub, out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>) {
+        drop(hub);
+        for (_, t) in self.0.drain(..) {
+            if let Some(tx) = out_tx.get(&t.channel) {
+                let _ = tx.send(t.frames);
+            }
+        }
+    }
+
+    /// Sends the held messages whose writes are committed.
+    fn release(
+        &mut self,
+        d: &Durability,
+        out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
+    ) {
+        let durable = d.durable();
+        while self.0.front().is_some_and(|(need, _)| *need <= durable) {
+            let (_, t) = self.0.pop_front().expect("front exists");
+            if let Some(tx) = out_tx.get(&t.channel) {
+                let _ = tx.send(t.frames);
+            }
+        }
+    }
+}
+
+async fn committed(d: Option<&Durability>) {
+    match d {
+        Some(d) => d.committed().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn core_loop(
     cfg: CoreConfig,
     store: Option<Box<dyn TaskDb>>,
+    persist: Persist,
     mut in_rx: mpsc::Receiver<(Channel, Vec<Bytes>)>,
     out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
     shutdown: CancellationToken,
@@ -457,6 +561,14 @@ async fn core_loop(
         Some(db) => Hub::with_store(cfg, db, now()),
         None => Hub::new(cfg, now()),
     };
+    // Without --restore the table starts empty, but the records a previous
+    // hub left unfinished are settled all the same (never pending forever).
+    hub.restore(&persist.restore.clone().unwrap_or_default(), now());
+    let durability = persist.durability.as_ref();
+    let mut held = Held::default();
+    // Written at start too: a hub that is restarted before any engine
+    // registers still finds (an empty) table.
+    let mut saved_version = None;
     let mut trim = tokio::time::interval(Duration::from_secs(2));
     trim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut busy_since_trim = false;
@@ -467,6 +579,7 @@ async fn core_loop(
             biased;
             _ = shutdown.cancelled() => {
                 info!("shutting down on signal");
+                held.flush(hub, out_tx);
                 return Ok(());
             }
             input = in_rx.recv() => {
@@ -493,6 +606,7 @@ async fn core_loop(
             _ = sleep_until(deadline) => {
                 hub.handle_timeout(now());
             }
+            _ = committed(durability), if !held.0.is_empty() => {}
         }
         // When a burst of queued tasks has drained, give its memory back now
         // rather than at the next periodic trim.
@@ -505,13 +619,22 @@ async fn core_loop(
         } else {
             peak_backlog = peak_backlog.max(backlog);
         }
+        if let Some(d) = durability {
+            held.release(d, out_tx);
+        }
         while let Some(t) = hub.poll_transmit() {
-            if let Some(tx) = out_tx.get(&t.channel) {
-                let _ = tx.send(t.frames);
+            held.route(t, durability, out_tx);
+        }
+        if saved_version != Some(hub.engine_state_version()) {
+            let (version, state) = hub.engine_state();
+            if let Err(e) = crate::state_file::save(&persist.state_path, &state) {
+                warn!(error = %e, "could not write the hub state file");
             }
+            saved_version = Some(version);
         }
         if let Some(HubEvent::Shutdown) = hub.poll_event() {
             info!("shutting down on request");
+            held.flush(hub, out_tx);
             return Ok(());
         }
     }

@@ -8,6 +8,9 @@
 //!   bounded in-memory store (DictDB semantics, query matcher).
 //! * [`sqlite_db`] — the SQLite store behind the same trait (writer thread,
 //!   batched transactions, cache of recent records).
+//! * [`restore`] — `--restore`: the engine table the state file keeps, and
+//!   the requests a previous hub left without a reply (sans-IO);
+//!   [`state_file`] reads and writes that file.
 //! * [`driver`] — binds the zeromq sockets, writes the connection files and
 //!   feeds the core; [`cli`] — `parallax hub` options in ipcontroller's form.
 
@@ -15,8 +18,10 @@ pub mod cli;
 pub mod core;
 pub mod driver;
 pub mod records;
+pub mod restore;
 pub mod scheduler;
 pub mod sqlite_db;
+pub mod state_file;
 mod tasks;
 
 pub use crate::cli::HubArgs;

@@ -128,6 +128,40 @@ fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Which of the store's writes are committed. The driver holds a client's
+/// result back until the write that recorded it is committed, so a result a
+/// client has received is in the database even if the hub is killed the
+/// next instant (group commit: the batch window adds latency, not work).
+#[derive(Clone)]
+pub struct Durability(Arc<Shared>);
+
+impl Durability {
+    /// Sequence number of the last operation queued so far.
+    pub fn queued(&self) -> u64 {
+        self.0.sent.load(Ordering::Acquire)
+    }
+
+    /// Sequence number of the last operation committed.
+    pub fn durable(&self) -> u64 {
+        self.0.durable.load(Ordering::Acquire)
+    }
+
+    /// Resolves after the next commit (or at once if one happened since
+    /// the last call).
+    pub async fn committed(&self) {
+        self.0.committed.notified().await
+    }
+}
+
+impl std::fmt::Debug for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durability")
+            .field("queued", &self.queued())
+            .field("durable", &self.durable())
+            .finish()
+    }
+}
+
 // ---------------------------------------------------------------------------
 // The store the core holds
 // ---------------------------------------------------------------------------
@@ -140,16 +174,21 @@ pub struct SqliteDb {
     writer: Option<JoinHandle<()>>,
     cache: Cache,
     path: PathBuf,
-    /// Sequence number of the last operation sent.
-    sent: AtomicU64,
     shared: Arc<Shared>,
 }
 
 /// What the writer reports back to the store.
 #[derive(Debug, Default)]
 struct Shared {
+    /// Sequence number of the last operation sent.
+    sent: AtomicU64,
     /// Sequence number of the last operation the writer applied.
     applied: AtomicU64,
+    /// Sequence number of the last operation committed (on disk: it
+    /// survives the hub's death).
+    durable: AtomicU64,
+    /// Woken after each commit (see [`Durability`]).
+    committed: tokio::sync::Notify,
     commits: AtomicU64,
     /// msg_ids whose request the writer merged into a record that was on
     /// disk but no longer cached: the cache's copy (the request alone) is
@@ -208,7 +247,6 @@ impl SqliteDb {
             writer: Some(writer),
             cache: Cache::new(cfg.cache_records),
             path: cfg.path.clone(),
-            sent: AtomicU64::new(0),
             shared,
         })
     }
@@ -216,7 +254,7 @@ impl SqliteDb {
     /// Queues `op` for the writer; returns its sequence number.
     fn send(&self, op: Op) -> Result<u64, DbError> {
         let tx = self.tx.as_ref().expect("sender held until drop");
-        let seq = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
+        let seq = self.shared.sent.fetch_add(1, Ordering::AcqRel) + 1;
         tx.send((seq, op)).map(|()| seq).map_err(|_| {
             DbError::Storage(format!(
                 "task database {}: writer has stopped",
@@ -258,6 +296,12 @@ impl SqliteDb {
                 self.cache.remove(&id);
             }
         }
+    }
+
+    /// A handle telling which writes are committed, for the driver to hold
+    /// replies back until their records are (see [`Durability`]).
+    pub fn durability(&self) -> Durability {
+        Durability(Arc::clone(&self.shared))
     }
 
     /// Waits until every write queued so far is committed.
@@ -653,6 +697,12 @@ impl Writer {
             }
             let committed = self.conn.execute_batch("COMMIT").map_err(storage);
             self.shared.commits.fetch_add(1, Ordering::Relaxed);
+            // Even a failed commit (reported below) releases the replies
+            // held for it: a client must not wait for a write that will
+            // never happen.
+            let applied = self.shared.applied.load(Ordering::Acquire);
+            self.shared.durable.store(applied, Ordering::Release);
+            self.shared.committed.notify_one();
             if let Err(e) = &committed {
                 warn!(path = %self.path.display(), error = %e, ops = n, "task database: commit failed");
             }

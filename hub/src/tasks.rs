@@ -16,7 +16,7 @@ use bytes::Bytes;
 use parallax_wire::content::{Dependency, ErrorContent, TaskMetadata};
 use parallax_wire::{Message, RawMessage, format_date};
 use serde_json::{Map, Value, json};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::core::{Channel, Hub, Now, RESUBMIT_CLIENT, Timer, owned, peer, push_completed};
 use crate::scheduler::{DoneSet, Outcome, Scheme, choose, dep_met, dep_unreachable};
@@ -558,7 +558,21 @@ impl Hub {
             .get_mut(&uuid)
             .and_then(|r| r.remove(&msg_id))
         else {
-            debug!(msg_id = %msg_id, engine = %uuid, "reply for a task the scheduler no longer tracks");
+            // A task of a previous hub's life (`--restore`), or one whose
+            // record that hub did not write before it died: the client may
+            // still be waiting, so relay and record the reply.
+            if self.orphan_answered(&msg_id) || !self.tasks.is_done(&msg_id) {
+                info!(msg_id = %msg_id, engine = %uuid, "reply to a request of the previous hub's life");
+                let mut frames = raw.into_frames();
+                frames.swap(0, 1);
+                self.send(Channel::TaskClient, frames);
+                let success = msg.metadata.get("status").and_then(Value::as_str) == Some("ok");
+                self.tasks.record_done(&msg_id, success, &uuid);
+                self.tasks.work.push_back(msg_id);
+                self.record_result(&msg, &uuid, now);
+            } else {
+                debug!(msg_id = %msg_id, engine = %uuid, "reply for a task the scheduler no longer tracks");
+            }
             return;
         };
         self.tasks.running_total -= 1;
