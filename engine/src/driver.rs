@@ -36,6 +36,7 @@ use crate::cli::EngineArgs;
 use crate::cli::Language;
 use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle};
 use crate::python::{PythonConfig, PythonInterpreter};
+#[cfg(feature = "rust-engine")]
 use crate::rust::RustInterpreter;
 
 /// The engine's language runtime, chosen by `--language` (one per engine,
@@ -43,6 +44,7 @@ use crate::rust::RustInterpreter;
 #[allow(clippy::large_enum_variant)]
 enum AnyInterpreter {
     Python(PythonInterpreter),
+    #[cfg(feature = "rust-engine")]
     Rust(RustInterpreter),
 }
 
@@ -50,6 +52,7 @@ impl Interpreter for AnyInterpreter {
     async fn run(&mut self, req: Request, out: crate::interpreter::OutputSink) -> Reply {
         match self {
             AnyInterpreter::Python(i) => i.run(req, out).await,
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.run(req, out).await,
         }
     }
@@ -57,6 +60,7 @@ impl Interpreter for AnyInterpreter {
     fn signal_handle(&self) -> SignalHandle {
         match self {
             AnyInterpreter::Python(i) => i.signal_handle(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.signal_handle(),
         }
     }
@@ -64,6 +68,7 @@ impl Interpreter for AnyInterpreter {
     async fn shutdown(&mut self) {
         match self {
             AnyInterpreter::Python(i) => i.shutdown().await,
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.shutdown().await,
         }
     }
@@ -71,6 +76,7 @@ impl Interpreter for AnyInterpreter {
     fn language_info(&self) -> Value {
         match self {
             AnyInterpreter::Python(i) => i.language_info(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.language_info(),
         }
     }
@@ -78,6 +84,7 @@ impl Interpreter for AnyInterpreter {
     fn is_dead(&self) -> bool {
         match self {
             AnyInterpreter::Python(i) => i.is_dead(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.is_dead(),
         }
     }
@@ -204,8 +211,12 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 
     // The interpreter starts after registration (below); a Python that
     // cannot be found is reported now, before the hub counts this engine.
-    if args.language == Language::Python {
-        crate::python::find_executable(&args.python)?;
+    match args.language {
+        Language::Python => {
+            crate::python::find_executable(&args.python)?;
+        }
+        Language::Rust if !crate::RUST_ENGINE_BUILT => bail!(crate::RUST_ENGINE_MISSING),
+        Language::Rust => {}
     }
 
     // --- registration
@@ -540,7 +551,10 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         })
         .await
         .map(AnyInterpreter::Python),
+        #[cfg(feature = "rust-engine")]
         Language::Rust => Ok(AnyInterpreter::Rust(RustInterpreter::start(env))),
+        #[cfg(not(feature = "rust-engine"))]
+        Language::Rust => Err(anyhow::anyhow!(crate::RUST_ENGINE_MISSING)),
     };
     let mut interp = match started_interp {
         Ok(i) => i,
