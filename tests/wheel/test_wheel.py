@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import textwrap
 
 import pytest
@@ -32,6 +33,9 @@ def test_wheel_holds_binary_kernelspec_and_entry_points(venv):
     p = run([parallax, "kernelspec", "install", "--prefix", venv["root"] / "ks", "--all"],
             env=venv["env"])
     assert "Not installing parallax-rust" in p.stdout and "make build-rust" in p.stdout
+    e = subprocess.run([parallax, "engine", "--language", "rust"], env=venv["env"],
+                       capture_output=True, text=True, timeout=30)
+    assert e.returncode != 0 and "--features rust-engine" in e.stderr, e
     got = venv_python(venv, """
         import json
         from importlib.metadata import entry_points
