@@ -6,6 +6,12 @@ PYTHON3 ?= python3
 CARGO ?= cargo
 STAMP := $(VENV)/.requirements.stamp
 BIN := target/release/parallax
+# the Rust engine (evcxr and rust-analyzer's crates: most of a cold build)
+# is the cargo feature rust-engine; `make build` leaves it out
+RUST_FEATURES := --features rust-engine
+# the wheel (maturin, `bindings = "bin"`): make wheel
+MATURIN := $(VENV)/bin/maturin
+DIST := dist
 # one-time installs outside the venv (Debian chromium, node modules for the
 # JupyterLab browser test, tmux for the jupyter console test), recorded by
 # stamp files so they are not redone
@@ -24,7 +30,8 @@ VENV_ENV = VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
 KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
 	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
-.PHONY: all venv build run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python test-launch bench lint clean
+# test-wheel: the wheel in a fresh venv (tests/wheel)
+.PHONY: all venv build build-rust wheel test-wheel run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python test-launch bench lint clean
 
 all: build
 
@@ -35,8 +42,22 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-build: $(STAMPS)/rust-src
+# the Python path: hub, Python engines, kernel, cluster commands
+build:
 	$(CARGO) build --release --locked
+
+# the same binary with the Rust engine (Rust kernel, `parallax engine
+# --language rust`); both builds share target/, so switching relinks only
+build-rust: $(STAMPS)/rust-src
+	$(CARGO) build --release --locked $(RUST_FEATURES)
+
+# dist/parallax_jupyter-VERSION-py3-none-PLATFORM.whl: the `parallax` binary
+# (Python path), the parallax-python kernelspec and the parallax_jupyter
+# package (kernel launcher, ipyparallel launchers); maturin builds in
+# target/ like `make build`
+wheel: venv
+	rm -f $(DIST)/parallax_jupyter-*.whl
+	$(MATURIN) build --release --locked --out $(DIST)
 
 # Rust engines: evcxr's embedded rust-analyzer infers the types of cell
 # variables from the standard library's sources (the rust-src component)
@@ -52,7 +73,7 @@ run: venv build
 	$(VENV_ENV) $(PY) scripts/run_notebook.py notebooks/overview.ipynb
 
 # the Rust notebook (notebooks/rust-overview.ipynb) on the Parallax Rust kernel
-run-rust: venv build
+run-rust: venv build-rust
 	$(KERNELSPEC_INSTALL) --all
 	$(VENV_ENV) $(PY) scripts/run_notebook.py notebooks/rust-overview.ipynb
 
@@ -98,10 +119,15 @@ $(STAMPS)/lab-node: tests/lab/package.json tests/lab/package-lock.json
 	cd tests/lab && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-test: venv build test-rust test-python
+# the tests need the Rust engine (tests/kernel/test_rust_*.py,
+# tests/engine/test_rustc_cache.py, the engine crate's Rust cells).
+# test-python builds the wheel before build-rust: maturin's build of the
+# binary without the feature replaces target/release/parallax, and
+# build-rust (fresh, no compilation) puts the featured one back
+test: venv build-rust test-rust test-python
 
 test-rust:
-	$(CARGO) test --release --locked --workspace
+	$(CARGO) test --release --locked --workspace $(RUST_FEATURES)
 
 # the batch systems and MPI the launcher tests start by hand (tests/launch):
 # Slurm (+ munge), Son of Grid Engine, OpenMPI and MPICH from Debian. No
@@ -128,8 +154,10 @@ $(STAMPS)/torque/usr/bin/qsub: $(STAMPS)/launchers
 	rm -rf $(STAMPS)/torque.tmp
 	test -x $@
 
-test-python: venv build lab-deps console-deps $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
-	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider
+test-python: venv wheel build-rust lab-deps console-deps $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
+	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/wheel
+	# the wheel in a fresh venv: kernelspec, a notebook, ipp.Cluster(controller="parallax")
+	PARALLAX_WHEEL=$$(ls $(abspath $(DIST))/parallax_jupyter-*.whl) $(PY) -m pytest tests/wheel -q -p no:cacheprovider
 	# the interop suite again, with Parallax engines in place of ipengine,
 	# against our hub and against stock ipcontroller (not the tests of our
 	# SQLite store's own file: ipcontroller's keeps one table per session)
@@ -139,17 +167,18 @@ test-python: venv build lab-deps console-deps $(STAMPS)/launchers $(STAMPS)/torq
 		--ignore=tests/interop/test_sqlitedb.py --ignore=tests/interop/test_hub_queries_sqlitedb.py
 
 # the launcher tests alone (MPI, Slurm daemons started by the fixtures)
-test-launch: venv build $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
+test-launch: venv build-rust $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/launch -q -p no:cacheprovider
 
 # BENCH=hub|kernel|rust|scale|launch runs one of them (default: hub kernel rust scale, in that order)
-bench: venv build
+bench: venv build-rust
 	for b in $(or $(BENCH),hub kernel rust scale); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
 
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release --locked --workspace --all-targets $(RUST_FEATURES) -- -D warnings
 
 clean:
 	$(CARGO) clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(DIST)

@@ -108,6 +108,7 @@ fn main() -> Result<()> {
     // evcxr re-executes this binary as the runtime process that loads and
     // runs compiled Rust cells; in that process this call never returns. It
     // must come first, before anything else looks at the command line.
+    #[cfg(feature = "rust-engine")]
     parallax_engine::rust::runtime_hook();
     let (argv, notes) = ipengine_compatible_argv();
     let cli = Cli::parse_from(argv);
@@ -130,6 +131,12 @@ fn main() -> Result<()> {
             parallax_kernel::loadgen::run(cmd)
         }
         Command::Engine(args) => {
+            if args.language == parallax_engine::cli::Language::Rust
+                && !parallax_engine::RUST_ENGINE_BUILT
+            {
+                anyhow::bail!(parallax_engine::RUST_ENGINE_MISSING);
+            }
+            #[cfg(feature = "rust-engine")]
             if args.language == parallax_engine::cli::Language::Rust {
                 // before any thread starts: it sets environment variables
                 parallax_engine::rust::prepare_process_env();

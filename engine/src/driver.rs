@@ -34,6 +34,7 @@ use crate::cli::Language;
 use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle, Stdin};
 use crate::link::Route;
 use crate::python::{PythonConfig, PythonInterpreter};
+#[cfg(feature = "rust-engine")]
 use crate::rust::RustInterpreter;
 
 /// The engine's language runtime, chosen by `--language` (one per engine,
@@ -41,6 +42,7 @@ use crate::rust::RustInterpreter;
 #[allow(clippy::large_enum_variant)]
 enum AnyInterpreter {
     Python(PythonInterpreter),
+    #[cfg(feature = "rust-engine")]
     Rust(RustInterpreter),
 }
 
@@ -48,6 +50,7 @@ impl Interpreter for AnyInterpreter {
     async fn run(&mut self, req: Request, out: crate::interpreter::OutputSink) -> Reply {
         match self {
             AnyInterpreter::Python(i) => i.run(req, out).await,
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.run(req, out).await,
         }
     }
@@ -55,6 +58,7 @@ impl Interpreter for AnyInterpreter {
     fn signal_handle(&self) -> SignalHandle {
         match self {
             AnyInterpreter::Python(i) => i.signal_handle(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.signal_handle(),
         }
     }
@@ -69,6 +73,7 @@ impl Interpreter for AnyInterpreter {
     async fn shutdown(&mut self) {
         match self {
             AnyInterpreter::Python(i) => i.shutdown().await,
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.shutdown().await,
         }
     }
@@ -76,6 +81,7 @@ impl Interpreter for AnyInterpreter {
     fn language_info(&self) -> Value {
         match self {
             AnyInterpreter::Python(i) => i.language_info(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.language_info(),
         }
     }
@@ -83,6 +89,7 @@ impl Interpreter for AnyInterpreter {
     fn is_dead(&self) -> bool {
         match self {
             AnyInterpreter::Python(i) => i.is_dead(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.is_dead(),
         }
     }
@@ -219,8 +226,12 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 
     // The interpreter starts after registration (below); a Python that
     // cannot be found is reported now, before the hub counts this engine.
-    if args.language == Language::Python {
-        crate::python::find_executable(&args.python)?;
+    match args.language {
+        Language::Python => {
+            crate::python::find_executable(&args.python)?;
+        }
+        Language::Rust if !crate::RUST_ENGINE_BUILT => bail!(crate::RUST_ENGINE_MISSING),
+        Language::Rust => {}
     }
 
     // --- registration
@@ -588,7 +599,10 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         })
         .await
         .map(AnyInterpreter::Python),
+        #[cfg(feature = "rust-engine")]
         Language::Rust => Ok(AnyInterpreter::Rust(RustInterpreter::start(env))),
+        #[cfg(not(feature = "rust-engine"))]
+        Language::Rust => Err(anyhow::anyhow!(crate::RUST_ENGINE_MISSING)),
     };
     let mut interp = match started_interp {
         Ok(i) => i,

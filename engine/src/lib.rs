@@ -9,6 +9,10 @@
 //! * [`reach`] — a loopback hub seen from another host is an error at once.
 //! * [`python`] — the persistent Python subprocess behind the trait, and its
 //!   framed pipe protocol (the Python side is `python/parallax_engine_shim.py`).
+//! * [`rust`], [`rustc_cache`] — Rust cells in evcxr and the machine-wide
+//!   rustc cache: only with the `rust-engine` feature (evcxr and its
+//!   rust-analyzer crates are most of a cold build).
+//! * [`rust_syntax`] — Rust text the kernel reads in every build.
 
 pub mod cli;
 pub mod driver;
@@ -17,8 +21,18 @@ pub mod link;
 pub mod python;
 pub mod rank;
 pub mod reach;
+#[cfg(feature = "rust-engine")]
 pub mod rust;
 pub mod rust_syntax;
+#[cfg(feature = "rust-engine")]
 pub mod rustc_cache;
 
 pub use cli::EngineArgs;
+
+/// Whether this build runs Rust cells (`parallax engine --language rust`).
+pub const RUST_ENGINE_BUILT: bool = cfg!(feature = "rust-engine");
+
+/// What a build without the Rust engine says when Rust cells are asked for.
+pub const RUST_ENGINE_MISSING: &str = "this parallax binary was built without the Rust engine \
+     (evcxr): build it with `make build-rust` or \
+     `cargo build --release --features rust-engine`";

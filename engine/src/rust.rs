@@ -37,6 +37,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::interpreter::{Interpreter, Output, OutputSink, Reply, Request, SignalHandle};
+use crate::rust_syntax::rustc_version;
 use crate::rustc_cache;
 
 /// Lines the relay adds to the runtime's stdout (evcxr passes them on as
@@ -766,18 +767,6 @@ struct Worker {
     setup_pid: i32,
 }
 
-/// The version number in `rustc --version`'s output:
-/// `rustc 1.95.0 (59807616e 2026-04-14)` → `1.95.0` (also `1.96.0-nightly`).
-pub fn rustc_version(out: &str) -> Option<String> {
-    let mut words = out.split_whitespace();
-    if words.next()? != "rustc" {
-        return None;
-    }
-    let v = words.next()?;
-    v.starts_with(|c: char| c.is_ascii_digit())
-        .then(|| v.to_owned())
-}
-
 fn probe_rustc_version() -> Option<String> {
     let out = std::process::Command::new("rustc")
         .arg("--version")
@@ -1192,20 +1181,6 @@ mod tests {
             got,
             ["stdout:before\n", "stderr:warning: x\n", "stdout:\x1eodd\n"]
         );
-    }
-
-    #[test]
-    fn rustc_versions() {
-        assert_eq!(
-            rustc_version("rustc 1.95.0 (59807616e 2026-04-14)\n").as_deref(),
-            Some("1.95.0")
-        );
-        assert_eq!(
-            rustc_version("rustc 1.96.0-nightly (abc 2026-05-01)").as_deref(),
-            Some("1.96.0-nightly")
-        );
-        assert_eq!(rustc_version("error: no such command"), None);
-        assert_eq!(rustc_version(""), None);
     }
 
     #[test]

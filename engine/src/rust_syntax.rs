@@ -1,4 +1,6 @@
-//! Whether a Rust cell is complete (Jupyter's `is_complete`), for the engine
+//! Rust text the kernel reads without the Rust engine (built with or
+//! without the `rust-engine` feature): `rustc --version`'s output, and
+//! whether a Rust cell is complete (Jupyter's `is_complete`), for the engine
 //! and for the kernel's answer while its engines are busy. evcxr has no
 //! parser entry point for this, so it is lexical: a cell is complete when
 //! its brackets balance outside comments, strings (raw, byte, escaped) and
@@ -108,9 +110,35 @@ pub fn is_complete(code: &str) -> (&'static str, &'static str) {
     }
 }
 
+/// The version number in `rustc --version`'s output:
+/// `rustc 1.95.0 (59807616e 2026-04-14)` → `1.95.0` (also `1.96.0-nightly`).
+pub fn rustc_version(out: &str) -> Option<String> {
+    let mut words = out.split_whitespace();
+    if words.next()? != "rustc" {
+        return None;
+    }
+    let v = words.next()?;
+    v.starts_with(|c: char| c.is_ascii_digit())
+        .then(|| v.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::is_complete;
+    use super::{is_complete, rustc_version};
+
+    #[test]
+    fn rustc_versions() {
+        assert_eq!(
+            rustc_version("rustc 1.95.0 (59807616e 2026-04-14)\n").as_deref(),
+            Some("1.95.0")
+        );
+        assert_eq!(
+            rustc_version("rustc 1.96.0-nightly (abc 2026-05-01)").as_deref(),
+            Some("1.96.0-nightly")
+        );
+        assert_eq!(rustc_version("error: no such command"), None);
+        assert_eq!(rustc_version(""), None);
+    }
 
     #[test]
     fn brackets_outside_strings_comments_and_chars() {

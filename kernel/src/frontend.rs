@@ -238,7 +238,7 @@ async fn probe_language_version(
             let out = String::from_utf8_lossy(&o.stdout);
             let version = match language {
                 Language::Python => Some(out.trim().to_owned()).filter(|v| !v.is_empty()),
-                Language::Rust => parallax_engine::rust::rustc_version(&out),
+                Language::Rust => parallax_engine::rust_syntax::rustc_version(&out),
             };
             if let Some(v) = version {
                 shared.language_info.lock().expect("language_info").version = v;

@@ -160,7 +160,20 @@ pub struct ListArgs {
 
 pub fn run(cmd: KernelspecCommand) -> Result<()> {
     match cmd {
-        KernelspecCommand::Install(args) => {
+        KernelspecCommand::Install(mut args) => {
+            if !parallax_engine::RUST_ENGINE_BUILT {
+                // --all: every language this binary runs
+                if args.all {
+                    args.all = false;
+                    args.language = Language::Python;
+                    say!(
+                        "Not installing parallax-rust: {}",
+                        parallax_engine::RUST_ENGINE_MISSING
+                    );
+                } else if args.language == Language::Rust {
+                    bail!(parallax_engine::RUST_ENGINE_MISSING);
+                }
+            }
             for (name, dir) in install(&args)? {
                 say!("Installed kernelspec {name} in {}", dir.display());
             }
@@ -201,6 +214,31 @@ pub fn kernel_json(
     });
     if !env.is_empty() {
         spec["env"] = json!(env);
+    }
+    spec
+}
+
+/// The Python module the wheel's kernelspec runs: `python -m
+/// parallax_jupyter kernel …` execs the `parallax` binary installed beside
+/// it, with `PARALLAX_PYTHON` set to that Python (python/parallax_jupyter).
+pub const WHEEL_MODULE: &str = "parallax_jupyter";
+
+/// The `kernel.json` the wheel installs as a data file
+/// (python/parallax_jupyter.data/data/share/jupyter/kernels/parallax-python).
+/// A wheel's files cannot name the environment's absolute paths, so argv
+/// starts with `python`, which jupyter_client replaces by its own
+/// interpreter (as for ipykernel's spec): the environment's Python, which
+/// imports the package and finds the binary through the package's record.
+pub fn wheel_kernel_json() -> Value {
+    let mut spec = kernel_json(
+        Path::new("python"),
+        DEFAULT_ENGINES,
+        Language::Python,
+        None,
+        &BTreeMap::new(),
+    );
+    if let Some(argv) = spec["argv"].as_array_mut() {
+        argv.splice(1..1, [json!("-m"), json!(WHEEL_MODULE)]);
     }
     spec
 }
@@ -668,6 +706,32 @@ mod tests {
         assert!(format!("{e}").contains("unknown launcher"), "{e}");
         let bad = args(&["--launcher", "slurm", "--launcher-arg=--no-such-option"]);
         assert!(add_launcher(&mut spec, &bad, Language::Python).is_err());
+    }
+
+    #[test]
+    fn wheel_kernelspec_is_the_generated_one() {
+        let committed: Value = serde_json::from_str(include_str!(
+            "../../python/parallax_jupyter.data/data/share/jupyter/kernels/parallax-python/kernel.json"
+        ))
+        .unwrap();
+        assert_eq!(
+            committed,
+            wheel_kernel_json(),
+            "the wheel's kernel.json is wheel_kernel_json() pretty-printed: update the file"
+        );
+        assert_eq!(
+            committed["argv"].as_array().unwrap()[..3],
+            [json!("python"), json!("-m"), json!("parallax_jupyter")]
+        );
+        // the logos beside it are the ones the binary embeds
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../python/parallax_jupyter.data/data/share/jupyter/kernels/parallax-python");
+        assert_eq!(std::fs::read(dir.join("logo-32x32.png")).unwrap(), LOGO_32);
+        assert_eq!(std::fs::read(dir.join("logo-64x64.png")).unwrap(), LOGO_64);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("logo-svg.svg")).unwrap(),
+            LOGO_SVG
+        );
     }
 
     #[test]

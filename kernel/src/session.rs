@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
@@ -250,6 +250,14 @@ impl Session {
     /// the engines.
     pub async fn start(cfg: SessionConfig) -> Result<Session> {
         let t0 = Instant::now();
+        // engines started from this binary (local or through a launcher)
+        // run Rust cells only if it was built with the Rust engine
+        if cfg.cluster_file.is_none()
+            && cfg.language == Language::Rust
+            && !parallax_engine::RUST_ENGINE_BUILT
+        {
+            bail!(parallax_engine::RUST_ENGINE_MISSING);
+        }
         let spec = EngineSpec {
             exe: cfg.exe.clone(),
             python: cfg.python.clone(),
