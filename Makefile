@@ -121,9 +121,9 @@ $(STAMPS)/lab-node: tests/lab/package.json tests/lab/package-lock.json
 
 # the tests need the Rust engine (tests/kernel/test_rust_*.py,
 # tests/engine/test_rustc_cache.py, the engine crate's Rust cells).
-# test-python builds the wheel before build-rust: maturin's build of the
-# binary without the feature replaces target/release/parallax, and
-# build-rust (fresh, no compilation) puts the featured one back
+# The wheel's binary (maturin's `cargo rustc ... -C strip=symbols`, no
+# feature) stays in target/release/deps: target/release/parallax remains
+# the featured build the tests run (checked: evcxr is in it)
 test: venv build-rust test-rust test-python
 
 test-rust:
@@ -155,6 +155,7 @@ $(STAMPS)/torque/usr/bin/qsub: $(STAMPS)/launchers
 	test -x $@
 
 test-python: venv wheel build-rust lab-deps console-deps $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
+	grep -q evcxr $(BIN) || { echo "$(BIN) was built without the Rust engine: make build-rust" >&2; exit 1; }
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/wheel
 	# the wheel in a fresh venv: kernelspec, a notebook, ipp.Cluster(controller="parallax")
 	PARALLAX_WHEEL=$$(ls $(abspath $(DIST))/parallax_jupyter-*.whl) $(PY) -m pytest tests/wheel -q -p no:cacheprovider

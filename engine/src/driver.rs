@@ -66,6 +66,7 @@ impl Interpreter for AnyInterpreter {
     fn input_handle(&self) -> Option<crate::interpreter::InputHandle> {
         match self {
             AnyInterpreter::Python(i) => i.input_handle(),
+            #[cfg(feature = "rust-engine")]
             AnyInterpreter::Rust(i) => i.input_handle(),
         }
     }
