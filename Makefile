@@ -58,6 +58,9 @@ build-rust: $(STAMPS)/rust-src
 wheel: venv
 	rm -f $(DIST)/parallax_jupyter-*.whl
 	$(MATURIN) build --release --locked --out $(DIST)
+	# maturin's binary (no Rust engine, stripped) replaced target/release/parallax;
+	# removing it makes the next cargo build link its own binary there again
+	rm -f $(BIN)
 
 # Rust engines: evcxr's embedded rust-analyzer infers the types of cell
 # variables from the standard library's sources (the rust-src component)
@@ -121,9 +124,9 @@ $(STAMPS)/lab-node: tests/lab/package.json tests/lab/package-lock.json
 
 # the tests need the Rust engine (tests/kernel/test_rust_*.py,
 # tests/engine/test_rustc_cache.py, the engine crate's Rust cells).
-# The wheel's binary (maturin's `cargo rustc ... -C strip=symbols`, no
-# feature) stays in target/release/deps: target/release/parallax remains
-# the featured build the tests run (checked: evcxr is in it)
+# test-python builds the wheel first, then links the featured binary
+# again (cargo does not re-link an up-to-date build on its own, hence the
+# explicit cargo line) and checks it has the Rust engine
 test: venv build-rust test-rust test-python
 
 test-rust:
@@ -155,7 +158,8 @@ $(STAMPS)/torque/usr/bin/qsub: $(STAMPS)/launchers
 	test -x $@
 
 test-python: venv wheel build-rust lab-deps console-deps $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
-	grep -q evcxr $(BIN) || { echo "$(BIN) was built without the Rust engine: make build-rust" >&2; exit 1; }
+	$(CARGO) build --release --locked $(RUST_FEATURES)
+	grep -q EVCXR_IS_RUNTIME $(BIN) || { echo "$(BIN) was built without the Rust engine: make build-rust" >&2; exit 1; }
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests -q -p no:cacheprovider --ignore=tests/wheel
 	# the wheel in a fresh venv: kernelspec, a notebook, ipp.Cluster(controller="parallax")
 	PARALLAX_WHEEL=$$(ls $(abspath $(DIST))/parallax_jupyter-*.whl) $(PY) -m pytest tests/wheel -q -p no:cacheprovider
