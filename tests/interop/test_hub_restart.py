@@ -33,9 +33,9 @@ PARALLAX_ENGINE = [
     "engine",
 ]
 
-pytestmark = pytest.mark.skipif(
-    HUB_IS_IPCONTROLLER, reason="Parallax hub's --restore with Parallax engines"
-)
+# Parallax's hub --restore with Parallax engines: the Makefile's stock
+# ipcontroller pass leaves this file out
+assert not HUB_IS_IPCONTROLLER, "tests/interop/test_hub_restart.py tests the Parallax hub only"
 
 
 def double(i):
