@@ -905,17 +905,8 @@ impl Hub {
                 format!("Engine {id} died while running broadcast {original:?}"),
             )
             .with_engine_info(&uuid, Some(id), "apply");
-            let date = format_date(now.wall);
-            let mut f = Map::new();
-            f.insert("result_content".into(), err.to_value());
-            f.insert(
-                "result_header".into(),
-                json!({"engine": uuid, "date": date}),
-            );
-            f.insert("completed".into(), json!(date));
-            self.db_update(&original, f, Some(vec![]));
             self.pending.remove(&original);
-            self.tasks.record_done(&original, false, &uuid);
+            self.record_failure(&original, &err, &uuid, now, Map::new());
         }
         self.lb_unregister(&engine.uuid, id, now);
     }
@@ -930,18 +921,32 @@ impl Hub {
                 format!("Engine {id} died while running task {msg_id:?}"),
             )
             .with_engine_info(uuid, Some(id), "apply");
-            let date = format_date(now.wall);
             let mut f = Map::new();
-            f.insert("result_content".into(), err.to_value());
-            f.insert(
-                "result_header".into(),
-                json!({"engine": uuid, "date": date}),
-            );
-            f.insert("completed".into(), json!(date));
             f.insert("engine_uuid".into(), json!(uuid));
-            self.db_update(&msg_id, f, Some(vec![]));
-            self.tasks.record_done(&msg_id, false, uuid);
+            self.record_failure(&msg_id, &err, uuid, now, f);
         }
+    }
+
+    /// Records `msg_id` as failed with `err` on `engine` (result header and
+    /// completion time now, plus the fields already in `f`) and counts it
+    /// done.
+    pub(crate) fn record_failure(
+        &mut self,
+        msg_id: &str,
+        err: &ErrorContent,
+        engine: &str,
+        now: Now,
+        mut f: Map<String, Value>,
+    ) {
+        let date = format_date(now.wall);
+        f.insert("result_content".into(), err.to_value());
+        f.insert(
+            "result_header".into(),
+            json!({"engine": engine, "date": date}),
+        );
+        f.insert("completed".into(), json!(date));
+        self.db_update(msg_id, f, Some(vec![]));
+        self.tasks.record_done(msg_id, false, engine);
     }
 
     // ------------------------------------------------------------------ query

@@ -72,7 +72,12 @@ fn new_key() -> String {
     format!("{}-{}", &h[..8], &h[8..])
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
+/// Writes `contents` to `path` with mode 0600 through a rename, so readers
+/// never see a half-written file. `fsync`: flush to disk first (connection
+/// files, written once); the engine state file, rewritten on every
+/// registration, only has to survive the hub's death, which the page cache
+/// does.
+pub(crate) fn write_private(path: &Path, contents: &str, fsync: bool) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("json.tmp");
@@ -84,8 +89,10 @@ fn write_private(path: &Path, contents: &str) -> Result<()> {
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(contents.as_bytes())?;
-    f.sync_all().ok();
-    // Rename so readers never see a half-written file.
+    if fsync {
+        f.sync_all().ok();
+    }
+    drop(f);
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
@@ -416,8 +423,8 @@ pub async fn run_notify(
     drop(in_tx);
 
     // Connection files last: their presence means the hub is ready.
-    write_private(&client_file, &serde_json::to_string_pretty(&client)?)?;
-    write_private(&engine_file, &serde_json::to_string_pretty(&engine)?)?;
+    write_private(&client_file, &serde_json::to_string_pretty(&client)?, true)?;
+    write_private(&engine_file, &serde_json::to_string_pretty(&engine)?, true)?;
     info!(
         client = %client_file.display(),
         engine = %engine_file.display(),

@@ -22,7 +22,6 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use parallax_wire::content::ErrorContent;
-use parallax_wire::format_date;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use tracing::{info, warn};
@@ -172,7 +171,6 @@ impl Hub {
             requests = orphans.len(),
             "requests in flight when the previous hub stopped got no reply; failing them"
         );
-        let date = format_date(now.wall);
         for (msg_id, o) in orphans {
             self.pending.remove(&msg_id);
             let err = ErrorContent::new(
@@ -191,15 +189,8 @@ impl Hub {
             };
             let md = json!({"status": "error", "dependencies_met": true, "engine": engine});
             let mut f = Map::new();
-            f.insert("result_content".into(), err.to_value());
             f.insert("result_metadata".into(), md.clone());
-            f.insert(
-                "result_header".into(),
-                json!({"engine": engine, "date": date}),
-            );
-            f.insert("completed".into(), json!(date));
-            self.db_update(&msg_id, f, Some(vec![]));
-            self.tasks.record_done(&msg_id, false, &engine);
+            self.record_failure(&msg_id, &err, &engine, now, f);
             let channel = match o.queue.as_str() {
                 "mux" => Some(Channel::MuxClient),
                 "task" => Some(Channel::TaskClient),

@@ -34,24 +34,11 @@ pub fn load(path: &Path) -> Result<Option<EngineState>> {
     Ok(Some(state))
 }
 
-/// Writes the state file atomically with mode 0600.
+/// Writes the state file atomically with mode 0600 (no fsync: the file
+/// must survive the hub's death, kill -9, which the page cache does; a
+/// machine crash loses the engines anyway).
 pub fn save(path: &Path, state: &EngineState) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(serde_json::to_string(state)?.as_bytes())?;
-    // No fsync: the file must survive the hub's death (kill -9), which the
-    // page cache does; a machine crash loses the engines anyway.
-    drop(f);
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    crate::driver::write_private(path, &serde_json::to_string(state)?, false)
 }
 
 #[cfg(test)]

@@ -744,6 +744,23 @@ fn load_cluster(file: &Path) -> Result<LoadedCluster> {
     parse_cluster(file, raw).with_context(|| format!("reading {}", file.display()))
 }
 
+/// The cluster file of cluster `cid` in the profile and what it holds;
+/// `missing` words the error when there is none ("no running cluster …").
+fn load_named_cluster(
+    profile_dir: &Path,
+    cid: &str,
+    missing: &str,
+) -> Result<(PathBuf, LoadedCluster)> {
+    let file = cluster_file_path(profile_dir, cid);
+    let c = load_cluster(&file).with_context(|| {
+        format!(
+            "no {missing} {cid:?} in {} (see parallax cluster list)",
+            profile_dir.display()
+        )
+    })?;
+    Ok((file, c))
+}
+
 impl LoadedCluster {
     fn hub_alive(&self) -> bool {
         if let Some((class, state)) = &self.hub_job {
@@ -1682,13 +1699,7 @@ async fn add_engines(args: StartArgs) -> Result<()> {
     };
     let profile_dir = profile_dir(&args.profile);
     let cid = cluster_id(&args.cluster_id);
-    let cluster_file = cluster_file_path(&profile_dir, &cid);
-    let c = load_cluster(&cluster_file).with_context(|| {
-        format!(
-            "no running cluster {cid:?} in {} (see parallax cluster list)",
-            profile_dir.display()
-        )
-    })?;
+    let (cluster_file, c) = load_named_cluster(&profile_dir, &cid, "running cluster")?;
     if !c.hub_alive() {
         bail!("the hub of cluster {cid:?} is not running");
     }
@@ -2060,13 +2071,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
 fn signal_engines(args: &SignalArgs) -> Result<()> {
     let profile_dir = profile_dir(&args.profile);
     let cid = cluster_id(&args.cluster_id);
-    let file = cluster_file_path(&profile_dir, &cid);
-    let c = load_cluster(&file).with_context(|| {
-        format!(
-            "no cluster {cid:?} in {} (see parallax cluster list)",
-            profile_dir.display()
-        )
-    })?;
+    let (_, c) = load_named_cluster(&profile_dir, &cid, "cluster")?;
     let sig = args.signal;
     let mut sent = Vec::new();
     let mut failed = Vec::new();

@@ -141,6 +141,18 @@ def kernel_env(kernelspec_prefix):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module")
+def k4(kernel_env):
+    """One Parallax Python kernel with 4 engines, shared by a module's tests."""
+    from kernel_harness import Kernel
+
+    k = Kernel(engines=4)
+    try:
+        yield k
+    finally:
+        k.stop()
+
+
 # ---------------------------------------------------------------- orphans
 
 

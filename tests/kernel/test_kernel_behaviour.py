@@ -55,15 +55,6 @@ QUICK = 30
 # ---------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module")
-def k4(kernel_env):
-    k = Kernel(engines=4)
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
 @pytest.fixture
 def fresh4(kernel_env):
     """A kernel of its own (4 engines) for tests that change the engine set."""

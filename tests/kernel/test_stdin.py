@@ -22,15 +22,6 @@ ENGINES = [0, 1, 2, 3]
 WHERE = "is forwarded to the notebook only"
 
 
-@pytest.fixture(scope="module")
-def k4(kernel_env):
-    k = Kernel(engines=4)
-    try:
-        yield k
-    finally:
-        k.stop()
-
-
 def stdin_msg(k: Kernel, timeout: float = 20) -> dict:
     return k.kc.get_stdin_msg(timeout=timeout)
 
