@@ -1392,7 +1392,8 @@ def _looks_like_ipython_syntax(code):
     """Cheap pre-check before paying for IPython's input transformers."""
     import re
 
-    return re.search(r"^\s*[%!]|^[^#\n]*=\s*[%!]|\?\s*$", code, re.M) is not None
+    # %magic, !cmd, x = %magic / !cmd, ?obj, obj? and obj??
+    return re.search(r"^\s*[%!?]|^[^#\n]*=\s*[%!]|\?\s*$", code, re.M) is not None
 
 
 def _call(f, args, kwargs):

@@ -349,8 +349,198 @@ fn unknown_magic(prefix: &str, name: &str) -> MagicError {
     ))
 }
 
-/// Split a cell into the items the kernel runs.
+/// Split a cell into the items the kernel runs, every `%magic` a Parallax
+/// one (the Rust kernel: evcxr has no `%` magics).
 pub fn parse_cell(cell: &str) -> Result<Vec<Item>, MagicError> {
+    parse_cell_with(cell, false)
+}
+
+/// IPython's own magics, never taken for a misspelt Parallax magic however
+/// near their names are (`%config` is two edits from `%pxconfig`).
+const IPYTHON_MAGICS: &[&str] = &[
+    "alias",
+    "alias_magic",
+    "autoawait",
+    "autocall",
+    "automagic",
+    "bookmark",
+    "cat",
+    "cd",
+    "clear",
+    "colors",
+    "conda",
+    "config",
+    "connect_info",
+    "cp",
+    "debug",
+    "dhist",
+    "dirs",
+    "doctest_mode",
+    "ed",
+    "edit",
+    "env",
+    "gui",
+    "hist",
+    "history",
+    "killbgscripts",
+    "ldir",
+    "less",
+    "lf",
+    "lk",
+    "ll",
+    "load",
+    "load_ext",
+    "loadpy",
+    "logoff",
+    "logon",
+    "logstart",
+    "logstate",
+    "logstop",
+    "ls",
+    "lsmagic",
+    "lx",
+    "macro",
+    "magic",
+    "man",
+    "matplotlib",
+    "mkdir",
+    "more",
+    "mv",
+    "notebook",
+    "page",
+    "pastebin",
+    "pdb",
+    "pdef",
+    "pdoc",
+    "pfile",
+    "pinfo",
+    "pinfo2",
+    "pip",
+    "popd",
+    "pprint",
+    "precision",
+    "prun",
+    "psearch",
+    "psource",
+    "pushd",
+    "pwd",
+    "pycat",
+    "pylab",
+    "qtconsole",
+    "quickref",
+    "recall",
+    "rehashx",
+    "reload_ext",
+    "rep",
+    "rerun",
+    "reset",
+    "reset_selective",
+    "rm",
+    "rmdir",
+    "run",
+    "save",
+    "sc",
+    "set_env",
+    "store",
+    "sx",
+    "system",
+    "tb",
+    "time",
+    "timeit",
+    "unalias",
+    "unload_ext",
+    "who",
+    "who_ls",
+    "whos",
+    "xdel",
+    "xmode",
+    "bash",
+    "capture",
+    "debug",
+    "file",
+    "html",
+    "javascript",
+    "js",
+    "latex",
+    "markdown",
+    "perl",
+    "prun",
+    "pypy",
+    "python",
+    "python2",
+    "python3",
+    "ruby",
+    "script",
+    "sh",
+    "svg",
+    "writefile",
+];
+
+/// Levenshtein distance of two short names.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The Parallax magic a non-Parallax `name` looks like a slip of, if any:
+/// `%pxconfg` → `pxconfig`, `%%pxx` → `px`, `%clster` → `cluster`. IPython's
+/// own magics are never slips.
+fn near_parallax_magic(prefix: &str, name: &str) -> Option<&'static str> {
+    if IPYTHON_MAGICS.contains(&name) {
+        return None;
+    }
+    let names = if prefix == "%%" {
+        CELL_MAGICS
+    } else {
+        LINE_MAGICS
+    };
+    let best = names.iter().map(|m| (edit_distance(name, m), *m)).min()?;
+    let (d, m) = best;
+    // Short names need a closer match: `%px` is one edit from many words.
+    let allowed = if m.len() >= 6 { 2 } else { 1 };
+    if d <= allowed || (name.starts_with("px") && name.len() <= 10) {
+        Some(m)
+    } else {
+        None
+    }
+}
+
+/// A `%name` that is not a Parallax magic: with `engine_magics` (the Python
+/// kernel) it goes to the engines' IPython as ipyparallel's `%autopx` sends
+/// it, unless it looks like a slip of a Parallax magic, which is a
+/// UsageError suggesting the near name.
+fn foreign_magic(prefix: &str, name: &str, engine_magics: bool) -> Result<(), MagicError> {
+    if name.is_empty() || !engine_magics {
+        return Err(if name.is_empty() && prefix == "%" {
+            MagicError::new(
+                "UsageError: a lone % is not a magic; Parallax magics: %px, %pxconfig, %pxresult, %autopx, %engines, %cluster",
+            )
+        } else {
+            unknown_magic(prefix, name)
+        });
+    }
+    match near_parallax_magic(prefix, name) {
+        Some(near) => Err(MagicError::new(format!(
+            "{} Did you mean {prefix}{near}? (IPython's own magics, such as %timeit or %%bash, run on the engines.)",
+            unknown_magic(prefix, name).0
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Split a cell into the items the kernel runs; with `engine_magics` (the
+/// Python kernel), `%magic`/`%%magic` that are not Parallax's stay in the
+/// code for the engines' IPython.
+pub fn parse_cell_with(cell: &str, engine_magics: bool) -> Result<Vec<Item>, MagicError> {
     let first_nonblank = cell.lines().position(|l| !l.trim().is_empty());
     let Some(first) = first_nonblank else {
         return Ok(vec![]);
@@ -359,7 +549,8 @@ pub fn parse_cell(cell: &str) -> Result<Vec<Item>, MagicError> {
     if let Some(rest) = lines[first].strip_prefix("%%") {
         let (name, args) = split_name(rest);
         if name != "px" {
-            return Err(unknown_magic("%%", name));
+            foreign_magic("%%", name, engine_magics)?;
+            return Ok(vec![Item::Code(lines[first..].join("\n"))]);
         }
         let options = parse_options(
             args,
@@ -395,6 +586,12 @@ pub fn parse_cell(cell: &str) -> Result<Vec<Item>, MagicError> {
             )));
         }
         if let Some(rest) = line.strip_prefix('%') {
+            let (name, _) = split_name(rest);
+            if !LINE_MAGICS.contains(&name) {
+                foreign_magic("%", name, engine_magics)?;
+                code.push(line);
+                continue;
+            }
             flush(&mut code, &mut items);
             items.push(parse_line_magic(rest)?);
         } else {
@@ -816,6 +1013,63 @@ mod tests {
                 },
                 Item::Code("let x = 1;".into()),
             ]
+        );
+    }
+
+    #[test]
+    fn ipython_magics_reach_the_python_engines() {
+        let py = |c: &str| parse_cell_with(c, true);
+        assert_eq!(
+            py("%%bash\necho hi").unwrap(),
+            vec![Item::Code("%%bash\necho hi".into())]
+        );
+        assert_eq!(
+            py("%matplotlib inline\nimport numpy\n%timeit sum(range(9))").unwrap(),
+            vec![Item::Code(
+                "%matplotlib inline\nimport numpy\n%timeit sum(range(9))".into()
+            )]
+        );
+        // Parallax magics keep priority and still split the cell.
+        assert_eq!(
+            py("%load_ext foo\n%px x = 1\n%config A.b = 1").unwrap(),
+            vec![
+                Item::Code("%load_ext foo".into()),
+                Item::Px {
+                    code: "x = 1".into(),
+                    options: PxOptions::default()
+                },
+                Item::Code("%config A.b = 1".into()),
+            ]
+        );
+        assert_eq!(py("?print").unwrap(), vec![Item::Code("?print".into())]);
+        // Slips of Parallax magics are still UsageErrors naming the near one.
+        for (cell, near) in [
+            ("%pxconfg --no-stream", "%pxconfig"),
+            ("%clster", "%cluster"),
+            ("%autpx", "%autopx"),
+            ("%pxreslt", "%pxresult"),
+            ("%%pxx\nx", "%%px"),
+        ] {
+            let e = py(cell).unwrap_err().0;
+            assert!(e.contains(&format!("Did you mean {near}?")), "{cell}: {e}");
+        }
+        // IPython's own names are never slips, however near.
+        for m in [
+            "%config x",
+            "%reset -f",
+            "%env A=1",
+            "%time x",
+            "%%time\nx",
+            "%%html\n<b/>",
+        ] {
+            assert!(py(m).is_ok(), "{m}");
+        }
+        assert!(py("%").unwrap_err().0.contains("lone %"));
+        assert!(
+            py("x = 1\n%%bash\nls")
+                .unwrap_err()
+                .0
+                .contains("first line")
         );
     }
 

@@ -23,7 +23,7 @@ use crate::cluster_jobs::{self, HubPlace, Launched, parse_start};
 use crate::frontend::Publisher;
 use crate::kernelspec::Language;
 use crate::magics::{
-    ClusterCommand, GroupBy, Item, PxConfig, PxOptions, Targets, parse_cell, signal_number,
+    ClusterCommand, GroupBy, Item, PxConfig, PxOptions, Targets, parse_cell_with, signal_number,
 };
 use crate::merge::{
     CellError, EngineEvent, MERGE_MIN_TARGETS, Out, RemoteError, Results, Streamer,
@@ -517,7 +517,9 @@ impl Session {
         stdin: &FrontendStdin,
         interrupts: &mut watch::Receiver<u64>,
     ) -> CellOutcome {
-        let items = match parse_cell(code) {
+        // The Python engines' IPython takes `%timeit`, `%%bash`, …; evcxr has
+        // no `%` magics, so the Rust kernel keeps every `%` for Parallax.
+        let items = match parse_cell_with(code, self.spec.language == Language::Python) {
             Ok(i) => i,
             Err(e) => return CellOutcome::usage(&e.0),
         };
