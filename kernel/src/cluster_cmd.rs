@@ -151,9 +151,12 @@ pub struct StartArgs {
         value_name = "HOST"
     )]
     pub location: Option<String>,
-    /// How the hub is launched (only local is implemented).
+    /// How the hub is launched: local, mpi, slurm, pbs, sge, lsf, htcondor
+    /// or ssh (with --controller-host).
     #[arg(long = "controller", default_value = "local", value_parser = parse_launcher)]
     pub controller: LauncherKind,
+    #[command(flatten)]
+    pub ssh_controller: crate::cluster_ssh_controller::SshControllerArgs,
     /// mpi: the mpiexec command (split on whitespace), e.g. mpiexec.mpich.
     #[arg(long = "mpi-cmd", default_value = "mpiexec", value_name = "CMD")]
     pub mpi_cmd: String,
@@ -1467,7 +1470,13 @@ async fn start(args: StartArgs) -> Result<()> {
     if let Some(ip) = &ip {
         hub_cmd.push(format!("--ip={ip}"));
     }
-    if let Some(location) = &args.location {
+    // an ssh hub is reached by the name ssh reaches its host with
+    let location = args.location.clone().or_else(|| {
+        (args.controller == LauncherKind::Ssh)
+            .then(|| crate::cluster_ssh_controller::default_location(&args))
+            .flatten()
+    });
+    if let Some(location) = &location {
         hub_cmd.push(format!("--location={location}"));
     }
     let hub_args = split_args(&args.hub_args);
@@ -1513,7 +1522,7 @@ async fn start(args: StartArgs) -> Result<()> {
             _ => None,
         },
         controller_ip: ip.clone().unwrap_or_default(),
-        controller_location: args.location.clone().unwrap_or_default(),
+        controller_location: location.clone().unwrap_or_default(),
         engine_class: args.engines.name(),
         sets: Default::default(),
     };
@@ -1553,6 +1562,13 @@ async fn start(args: StartArgs) -> Result<()> {
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // an ssh hub's pid and directory on its host: what stop needs
+        if let Some(Hub::Launched(h)) = launched.hub.as_mut()
+            && h.kind == LauncherKind::Ssh
+        {
+            let _ = h.launcher.poll();
+            state.controller = Some(h.class_and_state());
         }
         write_json_atomic(&cluster_file, &state.to_value())?;
         let info: ClientConnectionInfo = serde_json::from_str(

@@ -1,4 +1,4 @@
-//! `parallax cluster start --controller mpi|slurm|pbs|sge|lsf|htcondor`:
+//! `parallax cluster start --controller mpi|slurm|pbs|sge|lsf|htcondor|ssh`:
 //! the hub launched like engines are (ipyparallel's `*ControllerLauncher`s)
 //! — a hub inside a batch job, with clients and kernels on the login node
 //! reading its connection files from the (shared) profile directory.
@@ -8,7 +8,7 @@
 //! otherwise (it runs on a node other than this one) and writes its own
 //! host name as `location`. Its state is polled at most every poll
 //! interval (a batch system's state command is not free); a hub whose job
-//! ended is a hub that exited.
+//! ended is a hub that exited. `ssh` is `cluster_ssh_controller`'s.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -108,11 +108,15 @@ impl LaunchedHub {
 
 /// Refuse what cannot be launched as a hub.
 pub(crate) fn check(args: &StartArgs) -> Result<()> {
+    if args.controller != LauncherKind::Ssh && args.ssh_controller.controller_host.is_some() {
+        bail!("--controller-host is the hub's host for --controller ssh");
+    }
     match args.controller {
         LauncherKind::Local | LauncherKind::Mpi => Ok(()),
+        LauncherKind::Ssh => crate::cluster_ssh_controller::host(args).map(drop),
         k if k.batch_system().is_some() => Ok(()),
         k => bail!(
-            "--controller {k}: the hub can be launched local, mpi, slurm, pbs, sge, lsf or htcondor"
+            "--controller {k}: the hub can be launched local, mpi, slurm, pbs, sge, lsf, htcondor or ssh"
         ),
     }
 }
@@ -176,6 +180,14 @@ pub(crate) fn start(
                 grace,
             ))
         }
+        None if kind == LauncherKind::Ssh => Box::new(crate::cluster_ssh_controller::launcher(
+            args,
+            hub_argv,
+            profile_dir,
+            cid,
+            log,
+            grace,
+        )?),
         None => bail!("--controller {kind} cannot launch a hub"),
     };
     launcher
@@ -185,7 +197,12 @@ pub(crate) fn start(
         launcher,
         kind,
         last: None,
-        interval: poll_interval,
+        // an ssh hub's poll reads what its local ssh said: no command
+        interval: if kind == LauncherKind::Ssh {
+            Duration::ZERO
+        } else {
+            poll_interval
+        },
     })
 }
 
@@ -197,6 +214,10 @@ pub(crate) fn restore(class: &str, state: &Value, grace: Duration) -> Option<Box
         let mut l = BatchLauncher::from_dict(system, state)?;
         l.grace = grace.max(Duration::from_secs(10));
         return Some(Box::new(l));
+    }
+    if kind == LauncherKind::Ssh {
+        return parallax_launch::driver::ssh_hub::SshHubLauncher::from_dict(state, grace)
+            .map(|l| Box::new(l) as Box<dyn Launcher>);
     }
     if kind == LauncherKind::Mpi {
         // only an mpiexec still running our hub (not a reused pid)
@@ -245,8 +266,11 @@ mod tests {
         for ok in ["local", "mpi", "slurm", "PBS", "sge", "lsf", "htcondor"] {
             assert!(check(&args(&["--controller", ok])).is_ok(), "{ok}");
         }
+        assert!(check(&args(&["--controller", "ssh", "--controller-host", "h1"])).is_ok());
         let e = check(&args(&["--controller", "ssh"])).unwrap_err();
-        assert!(e.to_string().contains("local, mpi, slurm"), "{e}");
+        assert!(e.to_string().contains("--controller-host"), "{e}");
+        let e = check(&args(&["--controller", "ssh", "--controller-host", "h:x"])).unwrap_err();
+        assert!(e.to_string().contains("not a port"), "{e}");
     }
 
     #[test]
@@ -257,5 +281,9 @@ mod tests {
         assert_eq!(l.label(), "job 12");
         assert!(restore("local", &state, Duration::from_secs(1)).is_none());
         assert!(restore("slurm", &serde_json::json!({}), Duration::from_secs(1)).is_none());
+        let ssh = serde_json::json!({"hostname": "h1", "pid": -1, "remote_pid": 77,
+            "remote_dir": "/tmp/parallax-hub.x"});
+        let l = restore("ssh", &ssh, Duration::from_secs(1)).unwrap();
+        assert_eq!(l.label(), "ssh h1 (pid 77)");
     }
 }

@@ -60,7 +60,10 @@ pub fn parse_start(words: &[String]) -> Result<StartArgs, String> {
     if args.ip.is_some() || args.location.is_some() {
         foreign.push("--ip/--location (the kernel's own options)");
     }
-    if args.controller != LauncherKind::Local || !args.hub_args.is_empty() {
+    if args.controller != LauncherKind::Local
+        || !args.hub_args.is_empty()
+        || args.ssh_controller.controller_host.is_some()
+    {
         foreign.push("--controller/--hub-args");
     }
     if args.daemonize {

@@ -113,7 +113,13 @@ pub fn check_reachable(args: &StartArgs) -> Result<()> {
     if let Some(n) = args.n {
         ssh::assign(&hosts, Some(n)).map_err(anyhow::Error::msg)?;
     }
-    check(args.ip.as_deref().unwrap_or("127.0.0.1"), &hosts)
+    // a launched hub (ssh, a job) listens on all interfaces by default
+    let default_ip = if args.controller == parallax_launch::LauncherKind::Local {
+        "127.0.0.1"
+    } else {
+        "0.0.0.0"
+    };
+    check(args.ip.as_deref().unwrap_or(default_ip), &hosts)
 }
 
 /// The same for `cluster engines`, with the running hub's address from

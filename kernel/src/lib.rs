@@ -25,6 +25,7 @@ pub mod cluster_cmd;
 pub mod cluster_controller;
 pub mod cluster_jobs;
 pub mod cluster_ssh;
+pub mod cluster_ssh_controller;
 pub mod frontend;
 pub mod kernelspec;
 pub mod loadgen;

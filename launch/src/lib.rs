@@ -8,7 +8,8 @@
 //!   ([`slurm`], [`pbs`], [`sge`], [`lsf`], [`htcondor`]: default template,
 //!   directives, submit/delete/signal/state commands and the parsers of
 //!   their output) on the shared [`batch`] machinery, and the ssh host
-//!   lists and remote scripts ([`ssh`]);
+//!   lists and remote scripts ([`ssh`]), the hub over ssh's script and
+//!   output ([`ssh_controller`]);
 //! * a **driver** ([`driver`]) that runs commands (std::process, with
 //!   timeouts), spawns and stops processes, and implements [`Launcher`] for
 //!   a process (`local`, `mpi`), a batch job and a host's engines over ssh.
@@ -26,6 +27,7 @@ pub mod pbs;
 pub mod sge;
 pub mod slurm;
 pub mod ssh;
+pub mod ssh_controller;
 pub mod template;
 
 use std::fmt;

@@ -298,7 +298,7 @@ pub const KILLED_MARK: &str = "__parallax_ssh_killed__";
 /// process of a session (the engine leads its own, and its Python stays
 /// in it even in another process group), `live SID` counts the session's
 /// processes that are not zombies.
-const SESSION_FNS: &str = "sig() { if command -v pkill >/dev/null 2>&1; then pkill -\"$1\" -s \"$2\"; else kill -\"$1\" -\"$2\"; fi; } 2>/dev/null\n\
+pub(crate) const SESSION_FNS: &str = "sig() { if command -v pkill >/dev/null 2>&1; then pkill -\"$1\" -s \"$2\"; else kill -\"$1\" -\"$2\"; fi; } 2>/dev/null\n\
 live() { c=$(ps -o stat= -s \"$1\" 2>/dev/null | grep -vc '^Z'); echo \"${c:-0}\"; }\n";
 
 /// SIGTERM each engine's session, wait up to `grace_s` for all of them to

@@ -15,6 +15,8 @@ use crate::ssh::SshHost;
 use crate::template::shell_join;
 use crate::{JobState, LaunchError, Launcher, LauncherKind};
 
+pub mod ssh_hub;
+
 /// What a command printed.
 #[derive(Debug, Clone)]
 pub struct CommandOutput {
@@ -762,7 +764,7 @@ impl SshLauncher {
 }
 
 /// `exit status 255 (ssh could not connect or lost the connection)`.
-fn describe_ssh_exit(status: std::process::ExitStatus) -> String {
+pub(crate) fn describe_ssh_exit(status: std::process::ExitStatus) -> String {
     match status.code() {
         Some(255) => "exit status 255: ssh could not connect or lost the connection".into(),
         _ => status.to_string(),
