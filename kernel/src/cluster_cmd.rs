@@ -204,6 +204,8 @@ pub struct StartArgs {
     pub connection_info: Option<ConnectionInfo>,
     #[command(flatten)]
     pub ssh: crate::cluster_ssh::SshArgs,
+    #[command(flatten)]
+    pub ssh_proxy: crate::cluster_ssh_proxy::SshProxyArgs,
     /// Batch: seconds between job-state polls while engines register.
     #[arg(long = "poll-interval", default_value_t = 1.0)]
     pub poll_interval: f64,
@@ -631,6 +633,9 @@ struct LoadedCluster {
     hub_log: Option<PathBuf>,
     /// A hub launched as a job: the controller's class and state.
     hub_job: Option<(String, Value)>,
+    /// The hub runs elsewhere (an ssh proxy host's profile): assumed up
+    /// (`cluster engines` asks it), never stopped from here.
+    hub_external: bool,
     /// (label, pid, log) of every engine process recorded.
     engines: Vec<(String, i64, Option<PathBuf>)>,
     /// Engines in sets without per-process pids (batch launchers): n each.
@@ -678,6 +683,12 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
         .map(|(c, st)| (c.to_owned(), st.clone()));
     // a launched hub is stopped through its launcher, not by its pid
     let hub_pid = hub_pid.filter(|_| hub_job.is_none());
+    // an ssh proxy host's cluster: the hub runs elsewhere, not ours to stop
+    let hub_external = raw
+        .get("controller")
+        .and_then(|c| c.get("class"))
+        .and_then(Value::as_str)
+        == Some(parallax_launch::ssh_proxy::EXTERNAL_HUB_CLASS);
     let mut engines = Vec::new();
     let mut unverifiable_engines = 0;
     let mut batch_sets = Vec::new();
@@ -704,7 +715,13 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
                 // local ssh processes do
                 for h in hosts {
                     let location = h.get("location").and_then(Value::as_str).unwrap_or("?");
-                    if let Some(pid) = h.get("ssh_pid").and_then(Value::as_i64).filter(|p| *p > 0) {
+                    if h.get("proxy").and_then(Value::as_bool) == Some(true) {
+                        // started by the host's own launcher: counted, not
+                        // checkable from here (its ssh has ended)
+                        unverifiable_engines += h.get("n").and_then(Value::as_u64).unwrap_or(0);
+                    } else if let Some(pid) =
+                        h.get("ssh_pid").and_then(Value::as_i64).filter(|p| *p > 0)
+                    {
                         engines.push((format!("ssh {location}"), pid, path_of(h)));
                     }
                     ssh_hosts.push(h.clone());
@@ -731,6 +748,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
         hub_pid,
         hub_log,
         hub_job,
+        hub_external,
         engines,
         unverifiable_engines,
         batch_sets,
@@ -766,6 +784,9 @@ fn load_named_cluster(
 
 impl LoadedCluster {
     fn hub_alive(&self) -> bool {
+        if self.hub_external {
+            return true;
+        }
         if let Some((class, state)) = &self.hub_job {
             return crate::cluster_controller::restore(class, state, Duration::ZERO)
                 .is_some_and(|mut l| crate::cluster_controller::restored_alive(l.as_mut()));
@@ -782,7 +803,9 @@ impl LoadedCluster {
 
     /// Nothing recorded is running any more (and everything was checkable).
     fn is_stale(&self) -> bool {
-        !self.hub_alive() && self.engines_alive() == 0 && self.unverifiable_engines == 0
+        (self.hub_external || !self.hub_alive())
+            && self.engines_alive() == 0
+            && self.unverifiable_engines == 0
     }
 
     fn launcher_name(&self) -> String {
@@ -935,7 +958,7 @@ pub(crate) struct EngineSet {
 impl EngineSet {
     /// The set as `Cluster.to_dict()` writes it.
     fn to_value(&self, profile_dir: &Path, cid: &str) -> Value {
-        if self.kind == LauncherKind::Ssh {
+        if matches!(self.kind, LauncherKind::Ssh | LauncherKind::SshProxy) {
             return crate::cluster_ssh::set_value(&self.members, profile_dir, cid);
         }
         if self.kind == LauncherKind::Local {
@@ -1191,6 +1214,9 @@ impl EnginePlan<'_> {
                 }
                 out
             }
+            None if kind == LauncherKind::SshProxy => {
+                crate::cluster_ssh_proxy::describe(self.args, self.n, self.exe, self.cid)?
+            }
             None if kind == LauncherKind::Ssh => crate::cluster_ssh::describe(
                 self.args,
                 self.n,
@@ -1322,6 +1348,44 @@ impl EnginePlan<'_> {
                 sets.push(new_set(self.set_base.to_owned(), members, logs, None));
                 waited?;
             }
+            LauncherKind::SshProxy => {
+                let (client_name, _) = connection_file_names(self.cid);
+                let client_file = self.engine_file.with_file_name(client_name);
+                let log_for = |i: usize| {
+                    self.log_dir.join(format!(
+                        "parallax-sshproxy{}-{}-{i}.log",
+                        self.id_part, self.set_base
+                    ))
+                };
+                let launchers = crate::cluster_ssh_proxy::launchers(
+                    self.args,
+                    self.n,
+                    self.exe,
+                    &client_file,
+                    self.engine_file,
+                    self.profile_dir,
+                    self.cid,
+                    log_for,
+                    self.grace,
+                )?;
+                let mut members: Vec<Box<dyn Launcher>> = Vec::new();
+                let mut logs = Vec::new();
+                let mut failed = None;
+                for (i, mut l) in launchers.into_iter().enumerate() {
+                    let n = l.host.engines;
+                    if let Err(e) = l.start(n) {
+                        failed =
+                            Some(anyhow::Error::from(e).context(format!("starting {}", l.label())));
+                        break;
+                    }
+                    logs.push(log_for(i));
+                    members.push(Box::new(l));
+                }
+                sets.push(new_set(self.set_base.to_owned(), members, logs, None));
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+            }
             _ => {
                 let system = kind
                     .batch_system()
@@ -1382,14 +1446,17 @@ async fn start(args: StartArgs) -> Result<()> {
     let t0 = Instant::now();
     let n = match args.n {
         Some(n) => n,
-        None if args.engines == LauncherKind::Ssh => crate::cluster_ssh::default_n(&args)?,
+        None if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) => {
+            crate::cluster_ssh::default_n(&args)?
+        }
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
     if n == 0 {
         bail!("-n must be at least 1");
     }
     crate::cluster_controller::check(&args)?;
-    if args.engines == LauncherKind::Ssh {
+    crate::cluster_ssh_proxy::check(&args)?;
+    if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) {
         crate::cluster_ssh::check_reachable(&args)?;
     }
     let timeout = Duration::from_secs_f64(args.timeout.max(0.0));
@@ -1644,6 +1711,13 @@ async fn start(args: StartArgs) -> Result<()> {
         s = signals.recv() => Err(Interrupted::Signal(s)),
     };
     let registered = match outcome {
+        Ok(Ok(r)) if args.engines == LauncherKind::SshProxy => {
+            // what each proxy host reported (its profile there): for stop
+            refresh_sets(&mut launched.sets);
+            state.sets = launched.engine_sets_value(&profile_dir, &cid);
+            write_json_atomic(&cluster_file, &state.to_value())?;
+            r
+        }
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             launched.shutdown(false);
@@ -1704,15 +1778,28 @@ async fn start(args: StartArgs) -> Result<()> {
     Ok(())
 }
 
+/// Polls each member once, so their `to_dict` holds what they reported
+/// since (an ssh proxy host's profile directory).
+fn refresh_sets(sets: &mut [EngineSet]) {
+    for set in sets {
+        for m in &mut set.members {
+            let _ = m.poll();
+        }
+    }
+}
+
 /// `parallax cluster engines`: one more engine set for a running cluster.
 async fn add_engines(args: StartArgs) -> Result<()> {
     let t0 = Instant::now();
     let n = match args.n {
         Some(n) if n > 0 => n,
         Some(_) => bail!("-n must be at least 1"),
-        None if args.engines == LauncherKind::Ssh => crate::cluster_ssh::default_n(&args)?,
+        None if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) => {
+            crate::cluster_ssh::default_n(&args)?
+        }
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
+    crate::cluster_ssh_proxy::check(&args)?;
     let profile_dir = profile_dir(&args.profile);
     let cid = cluster_id(&args.cluster_id);
     let (cluster_file, c) = load_named_cluster(&profile_dir, &cid, "running cluster")?;
@@ -1732,7 +1819,7 @@ async fn add_engines(args: StartArgs) -> Result<()> {
             existing.map_or(c.engine_class.clone(), |k| k.name().to_owned())
         );
     }
-    if args.engines == LauncherKind::Ssh {
+    if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) {
         crate::cluster_ssh::check_reachable_from(&args, &c.raw)?;
     }
     let security = profile_dir.join("security");
@@ -1795,7 +1882,8 @@ async fn add_engines(args: StartArgs) -> Result<()> {
         for set in sets {
             raw["engines"]["sets"][&set.id] = set.to_value(&profile_dir, &cid);
         }
-        let total = raw["cluster"]["n"].as_u64().unwrap_or(0) + u64::from(n);
+        // from the file as it was: written again after registration
+        let total = c.raw["cluster"]["n"].as_u64().unwrap_or(0) + u64::from(n);
         raw["cluster"]["n"] = json!(total);
         write_json_atomic(&cluster_file, &raw)
     };
@@ -1832,6 +1920,13 @@ async fn add_engines(args: StartArgs) -> Result<()> {
         }
     }
     .await;
+    let outcome = match outcome {
+        Ok(r) if args.engines == LauncherKind::SshProxy => {
+            refresh_sets(&mut sets);
+            write(&sets).map(|()| r)
+        }
+        other => other,
+    };
     match outcome {
         Ok(registered) => {
             say!(
@@ -1955,6 +2050,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
                 crate::cluster_controller::restore(class, st, grace)
                     .map_or_else(|| "launcher".to_owned(), |l| l.label())
             ),
+            _ if c.hub_external => ", hub elsewhere (left running)".to_owned(),
             (Some(p), _, true) => format!(", hub (pid {p})"),
             _ => ", hub not running".to_owned(),
         }
@@ -2123,7 +2219,7 @@ fn signal_engines(args: &SignalArgs) -> Result<()> {
         }
     }
     for h in &c.ssh_hosts {
-        if let Some(mut l) = ldriver::SshLauncher::from_dict(h, Duration::from_secs(5)) {
+        if let Some(mut l) = crate::cluster_ssh::restore_host(h, Duration::from_secs(5)) {
             match l.signal(sig) {
                 Ok(()) => sent.push(l.label()),
                 Err(e) => failed.push(format!("{}: {e}", l.label())),

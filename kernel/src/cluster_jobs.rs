@@ -188,10 +188,13 @@ pub(crate) fn launch(args: &StartArgs, hub: &HubPlace) -> Result<Vec<LaunchedSet
     let n = match args.n {
         Some(n) if n > 0 => n,
         Some(_) => anyhow::bail!("-n must be at least 1"),
-        None if args.engines == LauncherKind::Ssh => crate::cluster_ssh::default_n(args)?,
+        None if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) => {
+            crate::cluster_ssh::default_n(args)?
+        }
         None => anyhow::bail!("-n N: how many engines to launch"),
     };
-    if args.engines == LauncherKind::Ssh {
+    crate::cluster_ssh_proxy::check(args)?;
+    if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) {
         let mut with_ip = args.clone();
         with_ip.ip = Some(hub.ip.clone());
         crate::cluster_ssh::check_reachable(&with_ip)?;

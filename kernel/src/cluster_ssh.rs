@@ -210,12 +210,22 @@ pub fn set_value(members: &[Box<dyn Launcher>], profile_dir: &Path, cid: &str) -
     })
 }
 
+/// One host's launcher from its cluster-file entry: an ssh engine set's,
+/// or an ssh proxy's (`"proxy": true`).
+pub fn restore_host(h: &Value, grace: Duration) -> Option<Box<dyn Launcher>> {
+    if h.get("proxy").and_then(Value::as_bool) == Some(true) {
+        return parallax_launch::driver::ssh_proxy::SshProxyLauncher::from_dict(h, grace)
+            .map(|l| Box::new(l) as Box<dyn Launcher>);
+    }
+    SshLauncher::from_dict(h, grace).map(|l| Box::new(l) as Box<dyn Launcher>)
+}
+
 /// Stops what a cluster file's ssh entries started; the hosts whose
 /// engines could not be stopped, with why.
 pub fn stop_hosts(hosts: &[Value], grace: Duration) -> Vec<String> {
     let mut failed = Vec::new();
     for h in hosts {
-        let Some(mut l) = SshLauncher::from_dict(h, grace) else {
+        let Some(mut l) = restore_host(h, grace) else {
             continue;
         };
         crate::cluster_cmd::say_line(&format!("Stopping {}", l.label()));

@@ -26,6 +26,7 @@ pub mod cluster_controller;
 pub mod cluster_jobs;
 pub mod cluster_ssh;
 pub mod cluster_ssh_controller;
+pub mod cluster_ssh_proxy;
 pub mod frontend;
 pub mod kernelspec;
 pub mod loadgen;

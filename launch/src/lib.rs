@@ -9,7 +9,7 @@
 //!   directives, submit/delete/signal/state commands and the parsers of
 //!   their output) on the shared [`batch`] machinery, and the ssh host
 //!   lists and remote scripts ([`ssh`]), the hub over ssh's script and
-//!   output ([`ssh_controller`]);
+//!   output ([`ssh_controller`]), the ssh proxy's ([`ssh_proxy`]);
 //! * a **driver** ([`driver`]) that runs commands (std::process, with
 //!   timeouts), spawns and stops processes, and implements [`Launcher`] for
 //!   a process (`local`, `mpi`), a batch job and a host's engines over ssh.
@@ -28,6 +28,7 @@ pub mod sge;
 pub mod slurm;
 pub mod ssh;
 pub mod ssh_controller;
+pub mod ssh_proxy;
 pub mod template;
 
 use std::fmt;
@@ -43,10 +44,13 @@ pub enum LauncherKind {
     Lsf,
     HtCondor,
     Ssh,
+    /// `parallax cluster engines` run on another host over ssh, whose own
+    /// launcher starts the engines (ipyparallel's `sshproxy`).
+    SshProxy,
 }
 
 impl LauncherKind {
-    pub const ALL: [LauncherKind; 8] = [
+    pub const ALL: [LauncherKind; 9] = [
         LauncherKind::Local,
         LauncherKind::Mpi,
         LauncherKind::Slurm,
@@ -55,6 +59,7 @@ impl LauncherKind {
         LauncherKind::Lsf,
         LauncherKind::HtCondor,
         LauncherKind::Ssh,
+        LauncherKind::SshProxy,
     ];
 
     /// The entry-point name ipyparallel writes in a cluster file's `class`.
@@ -68,6 +73,7 @@ impl LauncherKind {
             LauncherKind::Lsf => "lsf",
             LauncherKind::HtCondor => "htcondor",
             LauncherKind::Ssh => "ssh",
+            LauncherKind::SshProxy => "sshproxy",
         }
     }
 
@@ -82,6 +88,7 @@ impl LauncherKind {
             LauncherKind::Lsf => "LSF",
             LauncherKind::HtCondor => "HTCondor",
             LauncherKind::Ssh => "SSH",
+            LauncherKind::SshProxy => "SSHProxy",
         }
     }
 
@@ -105,6 +112,7 @@ impl LauncherKind {
             "lsf" => LauncherKind::Lsf,
             "htcondor" | "condor" => LauncherKind::HtCondor,
             "ssh" => LauncherKind::Ssh,
+            "sshproxy" => LauncherKind::SshProxy,
             _ => return None,
         })
     }
@@ -232,6 +240,10 @@ mod tests {
             Some(LauncherKind::Sge)
         );
         assert_eq!(p("HTCondor"), Some(LauncherKind::HtCondor));
+        assert_eq!(
+            p("ipyparallel.cluster.launcher.SSHProxyEngineSetLauncher"),
+            Some(LauncherKind::SshProxy)
+        );
         assert_eq!(p("windowshpc"), None);
         assert_eq!(p("launcher"), None);
     }

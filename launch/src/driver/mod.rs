@@ -16,6 +16,7 @@ use crate::template::shell_join;
 use crate::{JobState, LaunchError, Launcher, LauncherKind};
 
 pub mod ssh_hub;
+pub mod ssh_proxy;
 
 /// What a command printed.
 #[derive(Debug, Clone)]

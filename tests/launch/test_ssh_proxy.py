@@ -1,0 +1,130 @@
+"""`--engines sshproxy`: ssh proxy mode (ipyparallel's
+SSHProxyEngineSetLauncher). `parallax cluster engines` runs on each host
+over ssh, on a private profile holding the hub's connection files, and that
+host's own launcher (`--proxy-engines`, here local) starts the engines.
+The hosts are network namespaces with their own names and sshd (the
+`ssh_hosts` fixture). Checked: the engines run there and the stock Client
+here uses them, the key is on no command line, stop goes through each
+host's `cluster stop` and leaves no process or directory, and a host that
+cannot start its engines fails `start` at once with that host's words."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_harness import VENV_BIN, client, wait_gone
+from test_ssh import cmdlines_with, hostnames, ssh_processes
+
+pytestmark = pytest.mark.timeout(120)
+
+PY = f"--engine-args=--python={VENV_BIN / 'python3'}"
+
+
+def test_each_hosts_own_launcher_starts_its_engines(profile, ssh_hosts):
+    (h1, h2), (n1, n2) = ssh_hosts.addrs, ssh_hosts.names
+    t0 = time.monotonic()
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", f"{h1}:2,{h2}:1", "--proxy-engines", "local",
+                        "--ssh-args", ssh_hosts.ssh_args(), PY, "--ip", ssh_hosts.hub_ip,
+                        "--location", ssh_hosts.hub_ip, "--daemonize")
+    assert "3 engines registered" in r.stdout, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 30
+    rc = client(profile, 3)
+    try:
+        first, second = ssh_hosts.hostnames
+        assert hostnames(rc) == [first, first, second]
+    finally:
+        rc.close()
+    key = json.loads(profile.client_file.read_text())["key"]
+    assert key and cmdlines_with(key) == []
+    state = profile.state()
+    assert state["engines"]["class"] == "sshproxy"
+    (proxy_set,) = state["engines"]["sets"].values()
+    hosts = proxy_set["hosts"]
+    assert [h["proxy"] for h in hosts] == [True, True]
+    assert sorted(h["remote_hostname"] for h in hosts) == sorted(ssh_hosts.hostnames)
+    # each host's own cluster file records the engine set its launcher started
+    dirs = [Path(h["remote_dir"]) for h in hosts]
+    for d, n in zip(dirs, (2, 1)):
+        remote = json.loads((d / "security" / f"cluster-{profile.cluster_id}.json").read_text())
+        assert remote["controller"]["class"] == "external"
+        (s,) = remote["engines"]["sets"].values()
+        assert s["n"] == n
+        for f in (d / "security").iterdir():
+            assert (f.stat().st_mode & 0o077) == 0, f
+    listed = profile.cluster("list", "--profile-dir", profile.dir).stdout
+    assert "SSHProxy" in listed, listed
+    engines = {name: ssh_hosts.pids_in(name) for name in (n1, n2)}
+    assert all(engines.values()), engines
+
+    r = profile.cluster("stop")
+    assert "Stopped cluster" in r.stdout, r.stdout + r.stderr
+    assert not profile.cluster_file.exists()
+    for name in (n1, n2):
+        assert wait_gone(list(engines[name]), 15) == [], f"left on {name}"
+        assert ssh_hosts.pids_in(name) == set(), f"left on {name}"
+    assert not any(d.exists() for d in dirs)
+    assert wait_gone(ssh_processes(ssh_hosts), 10) == []
+    assert profile.left_running() == []
+
+
+def test_hub_over_ssh_with_proxied_engines(profile, ssh_hosts):
+    """Both ssh features: the hub on one host, the other host's own launcher
+    starts the engines, the stock Client here runs work on them."""
+    (h1, h2), (n1, n2) = ssh_hosts.addrs, ssh_hosts.names
+    r = profile.cluster("start", "--controller", "ssh", "--controller-host", h1, "--engines", "sshproxy",
+                        "--hosts", f"{h2}:2", "--ssh-args", ssh_hosts.ssh_args(), PY, "--daemonize")
+    assert "2 engines registered" in r.stdout, r.stdout + r.stderr
+    rc = client(profile, 2)
+    try:
+        assert hostnames(rc) == [ssh_hosts.hostnames[1]] * 2
+        assert rc[:].apply_sync(pow, 6, 2) == [36, 36]
+    finally:
+        rc.close()
+    assert ssh_hosts.pids_in(n1) and ssh_hosts.pids_in(n2)
+    profile.cluster("stop")
+    for name in (n1, n2):
+        assert wait_gone(list(ssh_hosts.pids_in(name)), 15) == [], f"left on {name}"
+    assert wait_gone(ssh_processes(ssh_hosts), 10) == []
+    assert profile.left_running() == []
+
+
+def test_a_host_that_cannot_start_its_engines_fails_the_start_with_its_words(profile, ssh_hosts):
+    h1 = ssh_hosts.addrs[0]
+    t0 = time.monotonic()
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", f"{h1}:1", "--ssh-args", ssh_hosts.ssh_args(),
+                        "--proxy-args=--no-such-option", "--ip", ssh_hosts.hub_ip, "--location", ssh_hosts.hub_ip,
+                        "--daemonize", check=False)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 15
+    assert "--no-such-option" in r.stderr and f"on {h1}" in r.stderr, r.stderr
+    assert ssh_hosts.pids_in(ssh_hosts.names[0]) == set()
+    assert profile.left_running() == []
+
+    t0 = time.monotonic()
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", f"{h1}:1", "--ssh-args", ssh_hosts.ssh_args(),
+                        "--remote-parallax", "/nonexistent/parallax", "--ip", ssh_hosts.hub_ip,
+                        "--location", ssh_hosts.hub_ip, "--daemonize", check=False)
+    assert r.returncode != 0
+    assert time.monotonic() - t0 < 15
+    assert "/nonexistent/parallax" in r.stderr, r.stderr
+    assert profile.left_running() == []
+
+
+def test_proxy_options_are_checked_before_anything_starts(profile):
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", "h1:1", "--proxy-engines", "nope",
+                        "--ip", "0.0.0.0", check=False)
+    assert r.returncode != 0 and "--proxy-engines \"nope\"" in r.stderr, r.stderr
+    r = profile.cluster("start", "--proxy-engines", "slurm", check=False)
+    assert r.returncode != 0 and "--engines sshproxy" in r.stderr, r.stderr
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", "10.1.2.3:1", check=False)
+    assert r.returncode != 0 and "loopback" in r.stderr, r.stderr
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", "h1:2", "--ip", "0.0.0.0",
+                        "--proxy-engines", "slurm", "--proxy-args=--queue=debug", "--print-script")
+    assert "cluster engines -n 2 --engines slurm" in r.stdout and "--queue=debug" in r.stdout, r.stdout
+    assert "<ipcontroller-" in r.stdout and not profile.cluster_file.exists()
+    assert profile.left_running() == []
