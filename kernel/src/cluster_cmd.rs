@@ -1040,6 +1040,9 @@ struct Launched {
     sets: Vec<EngineSet>,
     cluster_file: PathBuf,
     grace: Duration,
+    /// The connection files here (an ssh hub's are our copies: removed
+    /// with it).
+    connection_files: [PathBuf; 2],
 }
 
 impl Launched {
@@ -1058,6 +1061,11 @@ impl Launched {
             Some(Hub::Launched(h)) => {
                 if let Err(e) = h.launcher.stop() {
                     esay!("warning: stopping the hub ({}): {e}", h.launcher.label());
+                }
+                if h.kind == LauncherKind::Ssh {
+                    for f in &self.connection_files {
+                        let _ = std::fs::remove_file(f);
+                    }
                 }
             }
             None => {}
@@ -1577,6 +1585,7 @@ async fn start(args: StartArgs) -> Result<()> {
         sets: Vec::new(),
         cluster_file: cluster_file.clone(),
         grace,
+        connection_files: [client_file.clone(), engine_file.clone()],
     };
     let mut state = ClusterState {
         profile_dir: profile_dir.clone(),

@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from launch_harness import VENV_BIN, client, wait_gone
-from test_ssh import cmdlines_with, hostnames, ssh_processes
+from launch_harness import BIN, VENV_BIN, child_env, client, wait_gone
+from test_ssh import client_when_ready, cmdlines_with, hostnames, ssh_processes
 
 pytestmark = pytest.mark.timeout(120)
+
+PY = f"--engine-args=--python={VENV_BIN / 'python3'}"
 
 
 def hub_dirs() -> set[str]:
@@ -140,4 +144,54 @@ def test_controller_host_is_required_and_checked(profile):
     assert r.returncode != 0 and "not a port" in r.stderr, r.stderr
     r = profile.cluster("start", "--controller-host", "h1", check=False)
     assert r.returncode != 0 and "--controller ssh" in r.stderr, r.stderr
+    assert profile.left_running() == []
+
+
+def test_the_hub_outlives_its_ssh_and_stop_still_finds_it(profile, ssh_hosts):
+    """The connection that started the hub is lost (killed here): the hub
+    keeps running there, `list` asks the host, `stop` from the cluster file
+    stops it and removes its directory."""
+    h1, n1 = ssh_hosts.addrs[0], ssh_hosts.names[0]
+    profile.cluster("start", "-n", 1, "--controller", "ssh", "--controller-host", h1, "--engines", "ssh",
+                    "--hosts", f"{h1}:1", "--ssh-args", ssh_hosts.ssh_args(), PY, "--daemonize")
+    ctl = profile.state()["controller"]["state"]
+    os.kill(ctl["pid"], 9)  # the local ssh of the hub
+    assert wait_gone([ctl["pid"]], 10) == []
+    rc = client(profile, 1)
+    try:
+        assert hostnames(rc) == [ssh_hosts.hostnames[0]]
+    finally:
+        rc.close()
+    listed = profile.cluster("list", "--profile-dir", profile.dir).stdout
+    line = next(l for l in listed.splitlines() if profile.cluster_id in l)
+    assert " True " in line and "running" in line, listed
+    profile.cluster("stop")
+    assert wait_gone(list(ssh_hosts.pids_in(n1)), 15) == []
+    assert not Path(ctl["remote_dir"]).exists()
+    assert profile.left_running() == []
+
+
+def test_a_foreground_cluster_stops_its_remote_hub_on_sigint(profile, ssh_hosts):
+    h1, n1 = ssh_hosts.addrs[0], ssh_hosts.names[0]
+    argv = [str(BIN), "cluster", "start", "--profile-dir", str(profile.dir), "--cluster-id", profile.cluster_id,
+            "-n", "1", "--controller", "ssh", "--controller-host", h1, "--engines", "ssh", "--hosts", f"{h1}:1",
+            "--ssh-args", ssh_hosts.ssh_args(), PY]
+    p = subprocess.Popen(argv, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        rc = client_when_ready(profile, 1, p)
+        rc.close()
+        remote_dir = profile.state()["controller"]["state"]["remote_dir"]
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        assert "Cluster stopped" in out, out
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait(10)
+    assert wait_gone(list(ssh_hosts.pids_in(n1)), 15) == []
+    assert not Path(remote_dir).exists()
+    assert wait_gone(ssh_processes(ssh_hosts), 10) == []
+    assert not profile.client_file.exists()
     assert profile.left_running() == []

@@ -60,6 +60,9 @@ def test_each_hosts_own_launcher_starts_its_engines(profile, ssh_hosts):
     assert "SSHProxy" in listed, listed
     engines = {name: ssh_hosts.pids_in(name) for name in (n1, n2)}
     assert all(engines.values()), engines
+    # signals go through each host's own `cluster signal` (idle engines ignore SIGINT)
+    r = profile.cluster("signal", "--profile-dir", profile.dir, "--cluster-id", profile.cluster_id, "-s", "INT")
+    assert r.stdout.count("sshproxy ") == 2, r.stdout + r.stderr
 
     r = profile.cluster("stop")
     assert "Stopped cluster" in r.stdout, r.stdout + r.stderr
