@@ -27,8 +27,8 @@ pub struct SshProxyArgs {
     #[arg(long = "proxy-engines", value_name = "LAUNCHER")]
     pub proxy_engines: Option<String>,
     /// sshproxy: more options for the host's `parallax cluster engines`
-    /// (split on whitespace; repeatable), e.g. --proxy-args='--queue=debug
-    /// --time=1:00:00'.
+    /// (split as a shell would; repeatable), e.g. --proxy-args='--queue=debug
+    /// --time=1:00:00 --extra-directive="--mem 2G"'.
     #[arg(long = "proxy-args", allow_hyphen_values = true, value_name = "ARGS")]
     pub proxy_args: Vec<String>,
 }
@@ -38,6 +38,18 @@ fn split_words(values: &[String]) -> Vec<String> {
         .iter()
         .flat_map(|v| v.split_whitespace().map(str::to_owned))
         .collect()
+}
+
+/// `--proxy-args`, split as a shell would split them.
+fn proxy_args(args: &StartArgs) -> Result<Vec<String>> {
+    let mut v = Vec::new();
+    for a in &args.ssh_proxy.proxy_args {
+        v.extend(
+            parallax_launch::template::shell_split(a)
+                .map_err(|e| anyhow::anyhow!("--proxy-args: {e}"))?,
+        );
+    }
+    Ok(v)
 }
 
 /// The hosts' launcher, checked here before anything starts.
@@ -63,6 +75,7 @@ pub fn check(args: &StartArgs) -> Result<()> {
         }
         return Ok(());
     }
+    proxy_args(args)?;
     remote_launcher(args).map(drop)
 }
 
@@ -82,7 +95,7 @@ fn engines_args(args: &StartArgs, host: &SshHost, cid: &str, remote: LauncherKin
     if let Some(py) = &host.python {
         v.push(format!("--engine-args=--python={py}"));
     }
-    v.extend(split_words(&args.ssh_proxy.proxy_args));
+    v.extend(proxy_args(args).unwrap_or_default()); // checked at start
     v
 }
 
@@ -226,7 +239,7 @@ mod tests {
             "login1:4",
             "--proxy-engines",
             "Slurm",
-            "--proxy-args=--queue=debug --time=1:00:00",
+            "--proxy-args=--queue=debug --time=1:00:00 --extra-directive='--mem 2G'",
             "--engine-args=--warm-imports=false",
         ]);
         assert!(check(&a).is_ok());
@@ -244,7 +257,8 @@ mod tests {
                 "--engine-args=--warm-imports=false",
                 "--engine-args=--python=/opt/py",
                 "--queue=debug",
-                "--time=1:00:00"
+                "--time=1:00:00",
+                "--extra-directive=--mem 2G"
             ]
         );
         let e = check(&args(&["--proxy-engines", "slurm"])).unwrap_err();

@@ -28,6 +28,9 @@ pub const EXTERNAL_HUB_CLASS: &str = "external";
 
 const EOF_MARK: &str = "__PARALLAX_PROXY_EOF__";
 
+/// The host's `cluster engines` pid while it runs, in its profile.
+const STARTER_PID: &str = "starter.pid";
+
 /// Where the host's private profiles live, as a shell word.
 const BASE: &str = "\"${XDG_CACHE_HOME:-$HOME/.cache}/parallax/proxy\"";
 
@@ -56,9 +59,14 @@ pub fn start_script(files: &[(String, String)], engines_argv: &[String]) -> Stri
             text.trim_end()
         ));
     }
+    // its pid in the profile: a stop while it still waits for its
+    // engines ends it first (what it started is in its cluster file by then)
     s.push_str(&format!(
-        "{cmd} \"--profile-dir=$d\" </dev/null\n\
+        "{cmd} \"--profile-dir=$d\" </dev/null &\n\
+         echo $! > \"$d/{STARTER_PID}\"\n\
+         wait $!\n\
          rc=$?\n\
+         rm -f \"$d/{STARTER_PID}\"\n\
          [ \"$rc\" = 0 ] || rm -rf \"$d\"\n\
          exit \"$rc\"\n"
     ));
@@ -117,6 +125,11 @@ pub fn stop_script(parallax: &str, dir: &str, cid: &str, grace_s: f64) -> String
     }
     format!(
         "[ -d {d} ] || exit 0\n\
+         if [ -s {d}/{STARTER_PID} ]; then\n\
+         \x20 s=$(cat {d}/{STARTER_PID})\n\
+         \x20 kill -TERM \"$s\" 2>/dev/null\n\
+         \x20 i=0; while kill -0 \"$s\" 2>/dev/null && [ \"$i\" -lt 50 ]; do sleep 0.1; i=$((i+1)); done\n\
+         fi\n\
          {cmd} </dev/null\n\
          rc=$?\n\
          [ \"$rc\" = 0 ] && rm -rf {d}\n\
@@ -240,6 +253,7 @@ mod tests {
         for bad in ["/", "/home/u", "/x/parallax/proxy/p.1/../..", ""] {
             assert!(!stop_script("p", bad, "c", 1.0).contains("rm -rf"), "{bad}");
         }
+        assert!(s.contains("kill -TERM \"$s\""), "{s}");
         assert!(signal_script("p", d, "c", 2).contains("cluster signal"));
         assert!(
             alive_script("p", d, "c").contains("security/cluster-c.json"),

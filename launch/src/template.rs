@@ -86,6 +86,68 @@ pub fn shell_join<S: AsRef<str>>(args: &[S]) -> String {
         .join(" ")
 }
 
+/// `shlex.split` for what users write: words split on whitespace, `'…'`
+/// literal, `"…"` with `\"`/`\\` escapes, `\` escaping one character
+/// outside quotes. An unclosed quote is an error.
+pub fn shell_split(text: &str) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            c if c.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            '\'' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('\'') => break,
+                        Some(c) => word.push(c),
+                        None => return Err(format!("unclosed ' in {text:?}")),
+                    }
+                }
+            }
+            '"' => {
+                in_word = true;
+                loop {
+                    match chars.next() {
+                        Some('"') => break,
+                        Some('\\') => match chars.next() {
+                            Some(c @ ('"' | '\\' | '$' | '`')) => word.push(c),
+                            Some(c) => {
+                                word.push('\\');
+                                word.push(c);
+                            }
+                            None => return Err(format!("unclosed \" in {text:?}")),
+                        },
+                        Some(c) => word.push(c),
+                        None => return Err(format!("unclosed \" in {text:?}")),
+                    }
+                }
+            }
+            '\\' => {
+                in_word = true;
+                if let Some(c) = chars.next() {
+                    word.push(c);
+                }
+            }
+            c => {
+                in_word = true;
+                word.push(c);
+            }
+        }
+    }
+    if in_word {
+        out.push(word);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +185,28 @@ mod tests {
             render("x }", &c).unwrap_err(),
             TemplateError::Unmatched { brace: '}', at: 2 }
         );
+    }
+
+    #[test]
+    fn splitting_matches_shlex() {
+        assert_eq!(
+            shell_split(r#"--queue=debug  --mpi-cmd='tail -f /dev/null' "a \"b\"" c\ d ''"#)
+                .unwrap(),
+            [
+                "--queue=debug",
+                "--mpi-cmd=tail -f /dev/null",
+                "a \"b\"",
+                "c d",
+                ""
+            ]
+        );
+        assert_eq!(shell_split("  ").unwrap(), Vec::<String>::new());
+        assert!(shell_split("'open").is_err());
+        assert!(shell_split("\"open").is_err());
+        // what shell_quote writes comes back whole
+        for w in ["it's", "a b", "", "$x \\ \"q\""] {
+            assert_eq!(shell_split(&shell_quote(w)).unwrap(), [w]);
+        }
     }
 
     #[test]

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from launch_harness import VENV_BIN, client, wait_gone
+from launch_harness import BIN, VENV_BIN, child_env, client, wait_gone
 from test_ssh import cmdlines_with, hostnames, ssh_processes
 
 pytestmark = pytest.mark.timeout(120)
@@ -130,4 +132,41 @@ def test_proxy_options_are_checked_before_anything_starts(profile):
                         "--proxy-engines", "slurm", "--proxy-args=--queue=debug", "--print-script")
     assert "cluster engines -n 2 --engines slurm" in r.stdout and "--queue=debug" in r.stdout, r.stdout
     assert "<ipcontroller-" in r.stdout and not profile.cluster_file.exists()
+    assert profile.left_running() == []
+
+
+def test_stopping_while_a_host_still_starts_its_engines_leaves_nothing(profile, ssh_hosts):
+    """A host whose launcher never produces engines (as a job pending for
+    ever: its "mpiexec" is `tail -f`, which never runs them) keeps that
+    host's `cluster engines` waiting; Ctrl-C of the foreground start ends
+    it there, stops what it launched and removes its profile."""
+    h1, n1 = ssh_hosts.addrs[0], ssh_hosts.names[0]
+    argv = [str(BIN), "cluster", "start", "--profile-dir", str(profile.dir), "--cluster-id", profile.cluster_id,
+            "--engines", "sshproxy", "--hosts", f"{h1}:2", "--ssh-args", ssh_hosts.ssh_args(),
+            "--proxy-engines", "mpi", "--proxy-args=--mpi-cmd='tail -f /dev/null' --mpi-args=--",
+            "--ip", ssh_hosts.hub_ip, "--location", ssh_hosts.hub_ip]
+    p = subprocess.Popen(argv, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        # the script's shell, the host's `cluster engines` and its "mpiexec"
+        deadline = time.monotonic() + 30
+        while len(ssh_hosts.pids_in(n1)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = ssh_hosts.pids_in(n1)
+        if len(started) < 3:
+            p.kill()
+        assert len(started) >= 3, (started, p.communicate(timeout=10) if len(started) < 3 else "")
+        time.sleep(1)  # its set is recorded as soon as it started it
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode != 0 and "SIGINT" in err, out + err
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait(10)
+    assert wait_gone(list(started), 15) == []
+    assert ssh_hosts.pids_in(n1) == set()
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "parallax" / "proxy"
+    assert not any(profile.cluster_id in f.read_text() for f in base.glob("p.*/security/cluster-*.json"))
+    assert wait_gone(ssh_processes(ssh_hosts), 10) == []
     assert profile.left_running() == []

@@ -271,10 +271,9 @@ impl Launcher for SshProxyLauncher {
         Ok(())
     }
 
-    /// The local ssh, then the host's `cluster stop` on its profile, which
-    /// stops the engines its own way. (A `cluster engines` still starting
-    /// there is not interrupted by the ssh ending: it stops its engines
-    /// itself if they do not register within its `--timeout`.)
+    /// The local ssh, then the stop script: it ends the host's `cluster
+    /// engines` if that still waits for registrations, and runs `cluster
+    /// stop` on the profile, which stops the engines its own way.
     fn stop(&mut self) -> Result<(), LaunchError> {
         self.learn_dir();
         if self.ssh_pid > 0 && (self.child.is_some() || pid_alive(self.ssh_pid)) {
