@@ -136,7 +136,7 @@ pub struct StartArgs {
     #[arg(short = 'n', long = "n")]
     pub n: Option<u32>,
     /// How the engines are launched: local, mpi, slurm, pbs, sge, lsf,
-    /// htcondor or ssh (ipcluster's launcher names, any case).
+    /// htcondor, ssh or sshproxy (ipcluster's launcher names, any case).
     #[arg(long = "engines", visible_alias = "engine-launcher", default_value = "local", value_parser = parse_launcher)]
     pub engines: LauncherKind,
     /// The hub's listening address (default 127.0.0.1, reachable from this
