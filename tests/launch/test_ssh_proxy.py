@@ -91,9 +91,14 @@ def test_hub_over_ssh_with_proxied_engines(profile, ssh_hosts):
     finally:
         rc.close()
     assert ssh_hosts.pids_in(n1) and ssh_hosts.pids_in(n2)
+    state = profile.state()
+    dirs = [Path(state["controller"]["state"]["remote_dir"])]
+    dirs += [Path(h["remote_dir"]) for s in state["engines"]["sets"].values() for h in s["hosts"]]
+    assert len(dirs) == 2 and all(d.is_dir() for d in dirs), dirs
     profile.cluster("stop")
     for name in (n1, n2):
         assert wait_gone(list(ssh_hosts.pids_in(name)), 15) == [], f"left on {name}"
+    assert not any(d.exists() for d in dirs)
     assert wait_gone(ssh_processes(ssh_hosts), 10) == []
     assert profile.left_running() == []
 
