@@ -28,6 +28,7 @@ pub mod cluster_ssh;
 pub mod frontend;
 pub mod kernelspec;
 pub mod loadgen;
+pub mod local;
 pub mod magics;
 pub mod merge;
 pub mod parent;
