@@ -630,6 +630,30 @@ pub fn is_local_cell(cell: &str, autopx: bool) -> bool {
     }
 }
 
+/// Whether a cell only asks IPython for help (`?obj`, `obj?`, `obj??`,
+/// `np.*int*?`): the engines' answers are shown once when they agree.
+pub fn is_help_cell(cell: &str) -> bool {
+    let name = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_alphanumeric() || "_.*[]'\"".contains(c))
+    };
+    let mut any = false;
+    for line in cell.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let t = line.trim_start_matches('?');
+        let t = if t.len() < line.len() {
+            t
+        } else {
+            line.trim_end_matches('?')
+        };
+        if t.len() == line.len() || line.len() - t.len() > 2 || !name(t.trim()) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 fn split_name(s: &str) -> (&str, &str) {
     let s = s.trim_start();
     match s.find(char::is_whitespace) {
@@ -1149,6 +1173,21 @@ mod tests {
                 .contains("no arguments")
         );
         assert_eq!(parse_cell("%%local\n\n").unwrap(), vec![]);
+        for help in [
+            "?len",
+            "len?",
+            "os.path??",
+            "  x?\n?y\n",
+            "np.*int*?",
+            "d['k']?",
+        ] {
+            assert!(is_help_cell(help), "{help}");
+        }
+        for not_help in ["", "x = 1\nx?", "???x", "print('?')", "x ? y", "f(x)?"] {
+            assert!(!is_help_cell(not_help), "{not_help}");
+        }
+        assert!(is_local_cell("%%local\nx", true) && is_local_cell("x", false));
+        assert!(!is_local_cell("%%px\nx", false) && !is_local_cell("x", true));
         let e = parse_cell("%pxconfig --out x").unwrap_err().0;
         assert!(e.contains("unrecognized argument: --out"), "{e}");
         let e = parse_cell("%%px --progress-after soon\nx").unwrap_err().0;

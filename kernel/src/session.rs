@@ -90,6 +90,9 @@ pub struct Pending {
     results: Mutex<Results>,
     done: watch::Sender<bool>,
     started: Instant,
+    /// From how many targets identical streams are shown once: a help
+    /// cell (`?obj`, `obj??`) from 2, other cells from [`MERGE_MIN_TARGETS`].
+    merge_min: usize,
 }
 
 impl Pending {
@@ -798,6 +801,11 @@ impl Session {
             results: Mutex::new(results),
             done: done_tx,
             started: Instant::now(),
+            merge_min: if crate::magics::is_help_cell(code) {
+                2
+            } else {
+                MERGE_MIN_TARGETS
+            },
         });
         self.last = Some(pending.clone());
         if let Some(name) = &o.out {
@@ -872,7 +880,7 @@ impl Session {
         let mut engines = self.client.watch_engines();
         let mut streamer = Streamer::new(self.color);
         let n_targets = pending.results.lock().expect("results").engines.len();
-        let merge = cfg.merge && n_targets >= MERGE_MIN_TARGETS;
+        let merge = cfg.merge && n_targets >= pending.merge_min;
         streamer.merge = merge;
         let stream = cfg.stream;
         let progress_id = format!(
@@ -1166,7 +1174,7 @@ impl Session {
             group_by.unwrap_or(self.config.group_by),
             false,
             self.color,
-            self.config.merge && r.engines.len() >= MERGE_MIN_TARGETS,
+            self.config.merge && r.engines.len() >= pending.merge_min,
         );
         for o in outs {
             p.publish(o.msg_type, o.content);

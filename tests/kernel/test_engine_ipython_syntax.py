@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from kernel_harness import Kernel
+from kernel_harness import Kernel, strip_ansi
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,8 +55,15 @@ def test_env_magic_then_code_in_one_cell(k4):
 
 def test_question_mark_help_on_the_engines(k4):
     r = ok(k4, "?len")
-    shown = r.describe()
-    assert "Return the number of items in a container" in shown, shown
+    # all four engines agree: their answer is shown once, as [stdout:0-3]
+    (final,) = [strip_ansi(t) for t in r.final_texts()]
+    assert final.startswith("[stdout:0-3] "), r.describe()
+    assert final.count("Return the number of items in a container") == 1, final
+    # engines that disagree are shown apart, grouped
+    ok(k4, "import os\nhelp_val = int(os.environ['PARALLAX_ENGINE_ID']) % 2")
+    (final,) = [strip_ansi(t) for t in ok(k4, "help_val?").final_texts()]
+    assert "[stdout:0,2] " in final and "[stdout:1,3] " in final, final
+    assert "String form: 0" in final and "String form: 1" in final, final
     r = ok(k4, "help_target = 3\nhelp_target?")
     assert "int" in r.describe(), r.describe()
 
