@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod client_link;
 pub mod cluster;
 pub mod cluster_cmd;
 pub mod cluster_controller;

@@ -79,6 +79,12 @@ impl LocalPython {
         }
     }
 
+    /// The kernel reconnected to a restarted hub: the next local run binds
+    /// `rc`/`dview`/`lview` again (the old client's sockets are dead).
+    pub fn rebind(&mut self) {
+        self.ready = None;
+    }
+
     /// Start the process (if needed) and set its namespace up (if new).
     async fn ensure(&mut self) -> Result<&mut PythonInterpreter> {
         if self.interp.is_none() {

@@ -249,6 +249,8 @@ pub struct Session {
     hub_place: Option<HubPlace>,
     /// The Python kernel's local interpreter (started on first use).
     local: Arc<tokio::sync::Mutex<LocalPython>>,
+    /// The hub client's reconnections the local client was bound after.
+    local_links: u64,
 }
 
 const RUST_NO_LOCAL: &str = "%%local is not available in the Rust kernel: it has no local interpreter yet (every cell runs on the engines). Use the Parallax Python kernel for local cells.";
@@ -324,6 +326,7 @@ impl Session {
             launched: Launched::default(),
             hub_place,
             local,
+            local_links: 0,
         };
         s.publish_assist();
         if let Some(words) = &cfg.launch {
@@ -622,7 +625,18 @@ impl Session {
         }
         let local = self.local.clone();
         let mut l = local.lock().await;
+        self.rebind_after_reconnect(&mut l);
         l.run(code, count, p, stdin, interrupts).await
+    }
+
+    /// After the hub client reconnected to a restarted hub, the local
+    /// namespace's client is connected again too.
+    fn rebind_after_reconnect(&mut self, l: &mut LocalPython) {
+        let n = self.client.reconnects();
+        if n != self.local_links {
+            self.local_links = n;
+            l.rebind();
+        }
     }
 
     /// `%%px --local`, as ipyparallel runs it: the cell goes to the engines
@@ -697,6 +711,7 @@ impl Session {
         quiet.silent = true;
         let local = self.local.clone();
         let mut l = local.lock().await;
+        self.rebind_after_reconnect(&mut l);
         match l.run(&code, 0, &quiet, stdin, interrupts).await {
             CellOutcome::Ok { .. } => CellOutcome::Ok { result: None },
             CellOutcome::Error(e) => CellOutcome::error(
@@ -878,6 +893,7 @@ impl Session {
         let mut asking: Option<AbortOnDrop> = None;
         let mut col = Collector::new(&pending.results.lock().expect("results"), uuids);
         let mut engines = self.client.watch_engines();
+        let mut hub_link = self.client.watch_connected();
         let mut streamer = Streamer::new(self.color);
         let n_targets = pending.results.lock().expect("results").engines.len();
         let merge = cfg.merge && n_targets >= pending.merge_min;
@@ -950,6 +966,16 @@ impl Session {
                         if let Err(e) = self.client.signal(&uuids, sig) {
                             p.stream("stderr", format!("could not signal the engines: {e:#}\n"));
                         }
+                    }
+                }
+                r = hub_link.changed() => {
+                    if r.is_ok() {
+                        let up = *hub_link.borrow_and_update();
+                        p.stream("stderr", if up {
+                            "[hub] reconnected to the hub\n"
+                        } else {
+                            "[hub] lost the connection to the hub; waiting for it to come back (the engines keep their work; interrupt to stop waiting)\n"
+                        });
                     }
                 }
                 r = engines.changed() => {
@@ -1448,6 +1474,7 @@ impl Session {
                     c.shutdown().await;
                 }
                 self.client = client;
+                self.local_links = 0;
                 self.last = None;
                 self.named.clear();
                 self.config.targets = Targets::All;
