@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from launch_harness import ROOT, Profile, child_env
+from launch_harness import ROOT, Profile, child_env, mpich_library
 from launch_services import GridEngine, Slurm, SlurmNetns, SshHosts
 
 
@@ -23,6 +23,23 @@ def profile(tmp_path):
     p = Profile(tmp_path)
     yield p
     p.reap()
+
+
+@pytest.fixture
+def mpich_abi_dir(tmp_path):
+    """The site set-up README gives for mpi4py under Debian's MPICH: the
+    wheel's MPICH build loads `libmpi.so.12` (the MPICH ABI name), which
+    Debian ships as `libmpich.so.12`; a directory with that link, on
+    LD_LIBRARY_PATH."""
+    if not shutil.which("mpiexec.mpich"):
+        pytest.skip("MPICH is not installed (Debian mpich)")
+    lib = mpich_library()
+    if lib is None:
+        pytest.skip("libmpich.so.12 is not installed (Debian libmpich12)")
+    d = tmp_path / "mpich-abi"
+    d.mkdir()
+    (d / "libmpi.so.12").symlink_to(lib)
+    return d
 
 
 @pytest.fixture(scope="session")

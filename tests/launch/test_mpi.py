@@ -7,9 +7,7 @@ and `Cluster.from_file`."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -108,32 +106,6 @@ def test_unknown_launcher_is_refused(profile):
     r = profile.cluster("start", "-n", 1, "--engines", "torque", check=False)
     assert r.returncode != 0
     assert "unknown launcher" in r.stderr and "slurm" in r.stderr
-
-
-def mpich_library() -> Path | None:
-    """Debian's MPICH runtime library (libmpich.so.12), if installed."""
-    r = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30)
-    for line in r.stdout.splitlines():
-        if line.strip().startswith("libmpich.so.12 ") and "=>" in line:
-            return Path(line.split("=>", 1)[1].strip())
-    return None
-
-
-@pytest.fixture
-def mpich_abi_dir(tmp_path):
-    """The site set-up README gives for mpi4py under Debian's MPICH: the
-    wheel's MPICH build loads `libmpi.so.12` (the MPICH ABI name), which
-    Debian ships as `libmpich.so.12`; a directory with that link, on
-    LD_LIBRARY_PATH."""
-    if not shutil.which("mpiexec.mpich"):
-        pytest.skip("MPICH is not installed (Debian mpich)")
-    lib = mpich_library()
-    if lib is None:
-        pytest.skip("libmpich.so.12 is not installed (Debian libmpich12)")
-    d = tmp_path / "mpich-abi"
-    d.mkdir()
-    (d / "libmpi.so.12").symlink_to(lib)
-    return d
 
 
 #: on every engine, under MPICH: the rank environment hydra gave the rank

@@ -92,3 +92,37 @@ def test_a_loopback_hub_with_engines_on_other_hosts_fails_at_once(slurm_netns_pr
     assert left_on_hosts(slurm_netns) == {}
     assert p.left_running() == []
     assert not p.cluster_file.exists()
+
+
+#: on every engine: its id, its host, and mpi4py's world
+MPI_CELL = """
+import os, socket
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+info = (int(os.environ["PARALLAX_ENGINE_ID"]), socket.gethostname(), c.rank, c.size, c.allreduce(c.rank),
+        MPI.Get_library_version().split()[0])
+"""
+
+
+def test_mpi4py_across_hosts_with_srun_pmi2(slurm_netns_profile, slurm_netns, mpich_abi_dir):
+    """The default template's `srun` with PMI-2 (`SLURM_MPI_TYPE=pmi2` in
+    the submitting environment, which `--export=ALL` hands to the job's
+    srun) and the MPICH set-up: one MPI world across both hosts, engine
+    ids = ranks (PMI_RANK), the same allreduce everywhere."""
+    p = slurm_netns_profile
+    p.extra_env.update({"SLURM_MPI_TYPE": "pmi2", "LD_LIBRARY_PATH": str(mpich_abi_dir)})
+    r = p.cluster("start", "-n", 4, "--engines", "slurm", "--ip", slurm_netns.hosts.hub_ip, "--daemonize")
+    assert "4 engines registered" in r.stdout, r.stdout + r.stderr
+    rc = client(p, 4)
+    try:
+        view = rc[:]
+        view.execute(MPI_CELL, block=True)
+        out = sorted(view.pull("info", block=True))
+        n1, n2 = slurm_netns.nodes
+        assert out == [(i, host, i, 4, 6, "MPICH") for i, host in enumerate([n1, n1, n2, n2])], out
+    finally:
+        rc.close()
+    p.cluster("stop")
+    assert slurm_netns.jobs() == []
+    assert left_on_hosts(slurm_netns) == {}
+    assert p.left_running() == []
