@@ -313,9 +313,10 @@ class NetnsHosts:
     starts there, its own host name (a UTS namespace). They share this
     machine's file system, as a cluster's nodes share home directories.
 
-    Names and the subnet depend on this process's pid and on `prefix` /
-    `octet` (one pair per kind of fixture), so neither two test sessions
-    nor two fixtures of one session collide; `stop_network` removes them."""
+    Names and the subnet depend on this process's pid (modulo 200) and on
+    `prefix` / `octet` (one pair per kind of fixture), so two test
+    sessions, or two fixtures of one session, do not collide;
+    `stop_network` removes them."""
 
     def __init__(self, n: int, prefix: str, octet: int, hostname: str):
         self.n = n
