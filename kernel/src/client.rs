@@ -29,6 +29,8 @@ pub enum Chan {
     Query,
     Mux,
     Control,
+    /// The task (load-balancing) scheduler.
+    Task,
     /// The broadcast scheduler: one request, fanned out by the hub.
     Broadcast,
     Iopub,
@@ -155,6 +157,7 @@ impl HubClient {
             registration: info.registration,
             mux: info.mux,
             control: info.control,
+            task: info.task,
             broadcast: info.broadcast,
             iopub: info.iopub,
             notification: info.notification,
@@ -322,6 +325,23 @@ impl HubClient {
         self.listen(&msg_id, tx);
         self.send_frames(ch, frames)?;
         Ok((msg_id, rx))
+    }
+
+    /// Like [`HubClient::send_to`], with request metadata (the task
+    /// scheduler reads `targets`, `after`, `retries` … from it).
+    pub fn send_with(
+        &self,
+        ch: Chan,
+        ident: Option<&str>,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+        tx: &mpsc::UnboundedSender<ClientEvent>,
+    ) -> Result<String> {
+        let (msg_id, frames) = self.build(ident, msg_type, content, metadata);
+        self.listen(&msg_id, tx.clone());
+        self.send_frames(ch, frames)?;
+        Ok(msg_id)
     }
 
     /// Send a message whose replies and iopub go to an existing listener.

@@ -47,6 +47,7 @@ pub(crate) struct Endpoints {
     pub registration: u16,
     pub mux: u16,
     pub control: u16,
+    pub task: u16,
     pub broadcast: u16,
     pub iopub: u16,
     pub notification: u16,
@@ -96,10 +97,11 @@ pub(crate) async fn connect(ep: &Endpoints) -> Result<Generation> {
             Ok::<_, anyhow::Error>(s)
         }
     };
-    let (query, mux, control, bcast, iopub, notif) = tokio::try_join!(
+    let (query, mux, control, task, bcast, iopub, notif) = tokio::try_join!(
         connect_dealer(ep.registration, "query"),
         connect_dealer(ep.mux, "mux"),
         connect_dealer(ep.control, "control"),
+        connect_dealer(ep.task, "task"),
         connect_dealer(ep.broadcast, "broadcast"),
         connect_sub(ep.iopub, "iopub"),
         connect_sub(ep.notification, "notification"),
@@ -110,6 +112,7 @@ pub(crate) async fn connect(ep: &Endpoints) -> Result<Generation> {
         (Chan::Query, query),
         (Chan::Mux, mux),
         (Chan::Control, control),
+        (Chan::Task, task),
         (Chan::Broadcast, bcast),
     ] {
         dealers.push((ch, s));
