@@ -191,3 +191,35 @@ def test_rust_kernel_says_local_cells_are_python_only():
             r = k.execute(cell, timeout=120)
             assert r.status == "error" and r.content["ename"] == "UsageError", r.describe()
             assert "not available in the Rust kernel" in r.content["evalue"], r.describe()
+
+
+def test_setup_without_ipyparallel_or_cluster_gives_stand_ins_that_say_why():
+    """local_setup.py itself (run by the kernel in the local namespace):
+    without ipyparallel, or without a cluster file, rc/dview/lview say why
+    on every use instead of being missing names."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    setup = (REPO / "kernel/src/local_setup.py").read_text()
+    probe = setup + """
+import sys
+sys.modules['ipyparallel'] = None   # import ipyparallel -> ImportError
+_parallax_local_setup('/nonexistent/client.json')
+print(repr(rc).startswith('<no ipyparallel client: ipyparallel is not importable'))
+for use in (lambda: rc.ids, lambda: dview['x'], lambda: lview.map(abs, [1])):
+    try:
+        use()
+    except RuntimeError as e:
+        print('pip install ipyparallel' in str(e))
+del sys.modules['ipyparallel']
+_parallax_local_setup(None)
+try:
+    rc[:]
+except RuntimeError as e:
+    print(str(e))
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["True", "True", "True", "True", "this kernel has no cluster connection file"], r.stdout
