@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use bytes::Bytes;
-use futures::StreamExt;
 use parallax_wire::Signer;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +32,7 @@ use zeromq::{
 };
 
 use crate::client::{Chan, HubClient, Inner, receiver};
+use parallax_engine::link::peer_lost;
 
 /// How long one socket may take to connect.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,22 +123,6 @@ pub(crate) async fn connect(ep: &Endpoints) -> Result<Generation> {
         subs: vec![(Chan::Iopub, iopub), (Chan::Notification, notif)],
         lost,
     })
-}
-
-/// Resolves when any monitored socket reports its peer gone.
-async fn peer_lost(mons: &mut [futures::channel::mpsc::Receiver<SocketEvent>]) {
-    loop {
-        if mons.is_empty() {
-            return std::future::pending().await;
-        }
-        let next = futures::future::select_all(mons.iter_mut().map(|m| m.next()));
-        match next.await.0 {
-            Some(SocketEvent::Disconnected(_)) => return,
-            Some(_) => {}
-            // a closed monitor means nothing; wait on the others
-            None => return std::future::pending().await,
-        }
-    }
 }
 
 /// Waits until the registration port accepts a TCP connection.
