@@ -199,10 +199,9 @@ def test_setup_without_ipyparallel_or_cluster_gives_stand_ins_that_say_why():
     on every use instead of being missing names."""
     import subprocess
     import sys
+    from pathlib import Path
 
-    from conftest import REPO
-
-    setup = (REPO / "kernel/src/local_setup.py").read_text()
+    setup = (Path(__file__).resolve().parents[2] / "kernel/src/local_setup.py").read_text()
     probe = setup + """
 import sys
 sys.modules['ipyparallel'] = None   # import ipyparallel -> ImportError
