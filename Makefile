@@ -177,9 +177,13 @@ test-python: venv wheel build-rust lab-deps console-deps $(STAMPS)/launchers $(S
 test-launch: venv build-rust $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/launch -q -p no:cacheprovider
 
-# BENCH=hub|kernel|rust|scale|launch runs one of them (default: hub kernel rust scale, in that order)
+# BENCH=hub|kernel|rust|scale|launch|db runs one of them (default: hub kernel rust scale db, in that order);
+# BENCH_DB_ARGS: bench_db's (the stock-Client rounds beside ipcontroller, then a million tasks from the load generator)
+BENCH_DB_ARGS ?= --include-ipcontroller --million
 bench: venv build-rust
-	for b in $(or $(BENCH),hub kernel rust scale); do PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py || exit $$?; done
+	for b in $(or $(BENCH),hub kernel rust scale db); do \
+	  args=""; [ "$$b" = db ] && args="$(BENCH_DB_ARGS)"; \
+	  PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py $$args || exit $$?; done
 
 lint:
 	$(CARGO) fmt --all -- --check

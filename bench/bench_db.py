@@ -16,7 +16,15 @@ noise of a shared machine hits all alike. Hub memory: RSS of the hub process
 rounds. The markdown table goes to stdout.
 
     PARALLAX_BIN=$PWD/target/release/parallax .venv/bin/python bench/bench_db.py \
-        [--tasks 3000] [--rounds 3] [--include-ipcontroller]
+        [--tasks 3000] [--rounds 3] [--include-ipcontroller] [--million [N]]
+
+``--million`` adds the hub-bound run: N (default 1,000,000) load-balanced
+tasks through each Parallax hub's task scheduler from the Rust load
+generator (``parallax bench engines -n 16 --tasks N``: fake engines that
+answer at once, so the hub and its database set the pace, not Python), every
+reply counted (0 lost) and the hub's RSS sampled every N/10 tasks (flat
+memory). The stock Client cannot push a million tasks in reasonable time
+(~500/s), so ipcontroller is not in this part.
 """
 
 from __future__ import annotations
@@ -110,8 +118,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--include-ipcontroller", action="store_true")
     ap.add_argument("--engine-kind", choices=["parallax", "ipengine"], default="parallax")
+    ap.add_argument("--million", type=int, nargs="?", const=1_000_000, default=0,
+                    help="also push N load-balanced tasks through each Parallax hub (default 1,000,000)")
     args = ap.parse_args()
     binary = os.environ.get("PARALLAX_BIN", str(REPO / "target/release/parallax"))
+    if args.million:
+        million(binary, args.million)
     if args.engine_kind == "parallax":
         engine = [binary, "engine", f"--python={sys.executable}"]
     else:
@@ -151,6 +163,32 @@ def main():
         for c in clusters:
             c.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def million(binary, n):
+    """N tasks through each Parallax hub from the load generator."""
+    import json
+
+    rows = []
+    for db in ("--dictdb", "--nodb", "--sqlitedb"):
+        print(f"{n} load-balanced tasks through parallax hub {db}", file=sys.stderr)
+        r = subprocess.run(
+            [binary, "bench", "engines", "-n", "16", "--rounds", "1", "--idle", "0",
+             "--tasks", str(n), f"--hub-arg={db}", "--json"],
+            capture_output=True, text=True, timeout=max(600, n / 500),
+        )
+        if r.returncode != 0:
+            raise SystemExit(f"parallax bench engines ({db}) failed:\n{r.stdout}{r.stderr}")
+        t = json.loads(r.stdout)["tasks"]
+        rss = [m for _, m in t["hub_rss_mib"]]
+        rows.append((db, t, rss))
+    base = rows[0][1]["per_second"]
+    print(f"| parallax hub, {n:,} load-balanced tasks | tasks/s | vs --dictdb | replies (lost) | hub CPU µs/task | hub RSS at 10% → 100% (min–max) MiB |")
+    print("|---|---|---|---|---|---|")
+    for db, t, rss in rows:
+        print(f"| {db} | {t['per_second']:.0f} | {t['per_second'] / base:.2f}x | {t['replies']:,} ({n - t['replies']}) "
+              f"| {t.get('hub_cpu_us_per_task', float('nan')):.0f} | {rss[0]:.1f} → {rss[-1]:.1f} ({min(rss):.1f}–{max(rss):.1f}) |")
+    print()
 
 
 if __name__ == "__main__":

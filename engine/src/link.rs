@@ -211,8 +211,9 @@ async fn recv_opt(s: &mut Option<DealerSocket>) -> zeromq::ZmqResult<ZmqMessage>
     }
 }
 
-/// Resolves when any monitored socket reports its peer gone.
-async fn peer_lost(mons: &mut [futures::channel::mpsc::Receiver<SocketEvent>]) {
+/// Resolves when any monitored socket reports its peer gone (also the
+/// kernel client's link, `parallax_kernel::client_link`).
+pub async fn peer_lost(mons: &mut [futures::channel::mpsc::Receiver<SocketEvent>]) {
     loop {
         if mons.is_empty() {
             return std::future::pending().await;

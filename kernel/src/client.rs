@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
-use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::SocketRecv;
 
 /// The hub channels a client talks on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -29,6 +29,8 @@ pub enum Chan {
     Query,
     Mux,
     Control,
+    /// The task (load-balancing) scheduler.
+    Task,
     /// The broadcast scheduler: one request, fanned out by the hub.
     Broadcast,
     Iopub,
@@ -44,9 +46,11 @@ pub enum ClientEvent {
     Iopub(Message),
 }
 
-struct Inner {
+pub(crate) struct Inner {
     session: Mutex<Session>,
-    send: HashMap<Chan, mpsc::UnboundedSender<Vec<Bytes>>>,
+    /// To the link's supervisor ([`crate::client_link`]), which sends on the
+    /// current generation's sockets.
+    send: mpsc::UnboundedSender<(Chan, Vec<Bytes>)>,
     /// parent msg_id → listener. Entries are removed by `forget` (or when
     /// the listener's receiver is dropped and a message finds it closed).
     listeners: Mutex<HashMap<String, mpsc::UnboundedSender<ClientEvent>>>,
@@ -61,7 +65,24 @@ struct Inner {
     /// One refresh at a time (each owns the journal while it runs).
     refreshing: tokio::sync::Mutex<()>,
     changes: watch::Sender<u64>,
+    /// Whether the hub is connected (false while the link reconnects).
+    connected: watch::Sender<bool>,
+    /// How many times the link connected (1 after the first).
+    generation: std::sync::atomic::AtomicU64,
     info: ClientConnectionInfo,
+}
+
+impl Inner {
+    pub(crate) fn set_connected(&self, yes: bool) {
+        self.connected
+            .send_if_modified(|v| std::mem::replace(v, yes) != yes);
+    }
+
+    /// Count a new generation; returns how many there were before.
+    pub(crate) fn generation_bump(&self) -> u64 {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Forgets a request's listener when dropped.
@@ -130,63 +151,21 @@ impl HubClient {
         } else {
             host
         };
-        let url = |port: u16| format!("tcp://{host}:{port}");
-        let timeout = Duration::from_secs(10);
-        let opts = || {
-            let mut o = SocketOptions::default();
-            o.peer_identity(
-                zeromq::util::PeerIdentity::try_from(session_id.as_bytes().to_vec())
-                    .expect("uuid is a valid identity"),
-            );
-            o
+        let ep = crate::client_link::Endpoints {
+            host,
+            session_id: session_id.clone(),
+            registration: info.registration,
+            mux: info.mux,
+            control: info.control,
+            task: info.task,
+            broadcast: info.broadcast,
+            iopub: info.iopub,
+            notification: info.notification,
         };
-        let connect_dealer = |port: u16, what: &'static str| {
-            let u = url(port);
-            let o = opts();
-            async move {
-                let mut s = DealerSocket::with_options(o);
-                tokio::time::timeout(timeout, s.connect(&u))
-                    .await
-                    .map_err(|_| anyhow!("timed out connecting to the hub's {what} socket at {u}"))?
-                    .with_context(|| format!("connecting to the hub's {what} socket at {u}"))?;
-                Ok::<_, anyhow::Error>(s)
-            }
-        };
-        let connect_sub = |port: u16, what: &'static str| {
-            let u = url(port);
-            async move {
-                let mut s = SubSocket::new();
-                s.subscribe("").await?;
-                tokio::time::timeout(timeout, s.connect(&u))
-                    .await
-                    .map_err(|_| anyhow!("timed out connecting to the hub's {what} socket at {u}"))?
-                    .with_context(|| format!("connecting to the hub's {what} socket at {u}"))?;
-                Ok::<_, anyhow::Error>(s)
-            }
-        };
-        let (query, mux, control, bcast, iopub, notif) = tokio::try_join!(
-            connect_dealer(info.registration, "query"),
-            connect_dealer(info.mux, "mux"),
-            connect_dealer(info.control, "control"),
-            connect_dealer(info.broadcast, "broadcast"),
-            connect_sub(info.iopub, "iopub"),
-            connect_sub(info.notification, "notification"),
-        )?;
-
+        let first = crate::client_link::connect(&ep).await?;
         let (changes, _) = watch::channel(0u64);
-        let mut send = HashMap::new();
-        let mut handles = Vec::new();
-        let mut dealers = Vec::new();
-        for (ch, s) in [
-            (Chan::Query, query),
-            (Chan::Mux, mux),
-            (Chan::Control, control),
-            (Chan::Broadcast, bcast),
-        ] {
-            let (tx, rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
-            send.insert(ch, tx);
-            dealers.push((ch, s, rx));
-        }
+        let (connected, _) = watch::channel(true);
+        let (send, queue) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             session: Mutex::new(session),
             send,
@@ -195,30 +174,17 @@ impl HubClient {
             journal: Mutex::new(None),
             refreshing: tokio::sync::Mutex::new(()),
             changes,
+            connected,
+            generation: std::sync::atomic::AtomicU64::new(0),
             info,
         });
-        for (ch, s, rx) in dealers {
-            let (send_half, recv_half) = s.split();
-            handles.push(tokio::spawn(sender(ch, send_half, rx)));
-            handles.push(tokio::spawn(receiver(
-                ch,
-                recv_half,
-                Arc::downgrade(&inner),
-                signer.clone(),
-            )));
-        }
-        handles.push(tokio::spawn(receiver(
-            Chan::Iopub,
-            iopub,
-            Arc::downgrade(&inner),
-            signer.clone(),
-        )));
-        handles.push(tokio::spawn(receiver(
-            Chan::Notification,
-            notif,
+        let handles = vec![tokio::spawn(crate::client_link::supervise(
+            ep,
             Arc::downgrade(&inner),
             signer,
-        )));
+            queue,
+            first,
+        ))];
         let client = HubClient {
             inner,
             _tasks: Arc::new(Tasks(handles)),
@@ -229,6 +195,29 @@ impl HubClient {
 
     pub fn info(&self) -> &ClientConnectionInfo {
         &self.inner.info
+    }
+
+    /// A handle on `inner` that does not own the link task (for the link's
+    /// own refresh after reconnecting).
+    pub(crate) fn detached(inner: Arc<Inner>) -> HubClient {
+        HubClient {
+            inner,
+            _tasks: Arc::new(Tasks(Vec::new())),
+        }
+    }
+
+    /// Whether the hub is connected now; changes when the link loses it or
+    /// reconnects ([`crate::client_link`]).
+    pub fn watch_connected(&self) -> watch::Receiver<bool> {
+        self.inner.connected.subscribe()
+    }
+
+    /// How many times the link has reconnected to the hub since it started.
+    pub fn reconnects(&self) -> u64 {
+        self.inner
+            .generation
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .saturating_sub(1)
     }
 
     /// Registered engines: id → uuid, sorted by id.
@@ -312,11 +301,12 @@ impl HubClient {
     }
 
     fn send_frames(&self, ch: Chan, frames: Vec<Bytes>) -> Result<()> {
+        if matches!(ch, Chan::Iopub | Chan::Notification) {
+            bail!("cannot send on {ch:?}");
+        }
         self.inner
             .send
-            .get(&ch)
-            .ok_or_else(|| anyhow!("cannot send on {ch:?}"))?
-            .send(frames)
+            .send((ch, frames))
             .map_err(|_| anyhow!("the connection to the hub is closed"))
     }
 
@@ -335,6 +325,23 @@ impl HubClient {
         self.listen(&msg_id, tx);
         self.send_frames(ch, frames)?;
         Ok((msg_id, rx))
+    }
+
+    /// Like [`HubClient::send_to`], with request metadata (the task
+    /// scheduler reads `targets`, `after`, `retries` … from it).
+    pub fn send_with(
+        &self,
+        ch: Chan,
+        ident: Option<&str>,
+        msg_type: &str,
+        content: Value,
+        metadata: Value,
+        tx: &mpsc::UnboundedSender<ClientEvent>,
+    ) -> Result<String> {
+        let (msg_id, frames) = self.build(ident, msg_type, content, metadata);
+        self.listen(&msg_id, tx.clone());
+        self.send_frames(ch, frames)?;
+        Ok(msg_id)
     }
 
     /// Send a message whose replies and iopub go to an existing listener.
@@ -474,18 +481,7 @@ impl HubClient {
     }
 }
 
-async fn sender<S: SocketSend>(ch: Chan, mut s: S, mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>) {
-    while let Some(frames) = rx.recv().await {
-        let Ok(msg) = ZmqMessage::try_from(frames) else {
-            continue;
-        };
-        if let Err(e) = s.send(msg).await {
-            warn!(channel = ?ch, error = %e, "send to the hub failed");
-        }
-    }
-}
-
-async fn receiver<S: SocketRecv>(
+pub(crate) async fn receiver<S: SocketRecv>(
     ch: Chan,
     mut s: S,
     inner: std::sync::Weak<Inner>,

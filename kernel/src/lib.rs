@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod client_link;
 pub mod cluster;
 pub mod cluster_cmd;
 pub mod cluster_controller;
@@ -30,6 +31,7 @@ pub mod cluster_ssh_proxy;
 pub mod frontend;
 pub mod kernelspec;
 pub mod loadgen;
+pub mod local;
 pub mod magics;
 pub mod merge;
 pub mod parent;

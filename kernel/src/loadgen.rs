@@ -68,6 +68,19 @@ pub struct EnginesArgs {
     /// the MUX, one request through the broadcast scheduler, or both.
     #[arg(long, value_enum, default_value_t = Via::Both)]
     pub via: Via,
+    /// After the fan-outs: this many load-balanced tasks through the hub's
+    /// task scheduler (`apply_request`s with no target, as `lview.apply`
+    /// sends them), at most `--window` in flight; reports tasks/s, every
+    /// reply counted (none lost) and the hub's RSS along the way.
+    #[arg(long, default_value_t = 0)]
+    pub tasks: u64,
+    /// Load-balanced tasks in flight at once.
+    #[arg(long, default_value_t = 2000)]
+    pub window: usize,
+    /// An argument for the hub this command starts (repeatable), e.g.
+    /// `--hub-arg=--sqlitedb`.
+    #[arg(long = "hub-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub hub_args: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -134,7 +147,7 @@ impl Drop for HubProc {
     }
 }
 
-fn start_hub(ping_ms: u64) -> Result<(HubProc, PathBuf)> {
+fn start_hub(ping_ms: u64, extra: &[String]) -> Result<(HubProc, PathBuf)> {
     // the hub inherits this process's (raised) limit on open files
     let dir = std::env::temp_dir().join(format!(
         "parallax-bench-engines-{}-{}",
@@ -149,6 +162,7 @@ fn start_hub(ping_ms: u64) -> Result<(HubProc, PathBuf)> {
         .arg("--ip=127.0.0.1")
         .arg(format!("--ping={ping_ms}"))
         .arg("--log-level=WARN")
+        .args(extra)
         .stdin(Stdio::null())
         .spawn()
         .context("starting parallax hub")?;
@@ -199,7 +213,7 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
     let (hub, engine_file) = match &a.file {
         Some(f) => (None, f.clone()),
         None => {
-            let (h, f) = start_hub(a.ping)?;
+            let (h, f) = start_hub(a.ping, &a.hub_args)?;
             (Some(h), f)
         }
     };
@@ -295,6 +309,11 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
         fanouts.push((prefix, times, before, after));
     }
     let end_usage = hub_pid.and_then(proc_usage);
+    let tasks = if a.tasks > 0 {
+        Some(load_balanced(&client, a.tasks, a.window.max(1), hub_pid).await?)
+    } else {
+        None
+    };
     stop.cancel();
 
     let mb = |b: u64| b as f64 / (1024.0 * 1024.0);
@@ -356,8 +375,74 @@ async fn engines(a: EnginesArgs) -> Result<Value> {
             json!(times.last().copied().unwrap_or(f64::NAN) * 1e3),
         );
     }
+    if let Some(t) = tasks {
+        r.insert("tasks".into(), t);
+    }
     drop(hub);
     Ok(Value::Object(r))
+}
+
+/// `n` load-balanced tasks through the task scheduler, `window` in flight;
+/// the hub's RSS is sampled ten times along the way. Fails if a reply is
+/// missing (a lost task) or a task fails.
+async fn load_balanced(
+    client: &HubClient,
+    n: u64,
+    window: usize,
+    hub_pid: Option<u32>,
+) -> Result<Value> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let content = json!({});
+    let md = json!({"after": [], "follow": [], "timeout": null, "targets": [], "retries": 0});
+    let before = hub_pid.and_then(proc_usage);
+    let t = Instant::now();
+    let (mut sent, mut done, mut failed) = (0u64, 0u64, 0u64);
+    let mut rss = Vec::new();
+    let step = (n / 10).max(1);
+    while done < n {
+        while sent < n && sent - done < window as u64 {
+            client.send_with(
+                Chan::Task,
+                None,
+                "apply_request",
+                content.clone(),
+                md.clone(),
+                &tx,
+            )?;
+            sent += 1;
+        }
+        let ev = tokio::time::timeout(Duration::from_secs(60), rx.recv()).await;
+        match ev {
+            Ok(Some(ClientEvent::Reply(_, m))) => {
+                if m.content.get("status").and_then(Value::as_str) != Some("ok") {
+                    failed += 1;
+                }
+                client.forget(m.parent_msg_id().unwrap_or(""));
+                done += 1;
+                if done % step == 0
+                    && let Some((_, b)) = hub_pid.and_then(proc_usage)
+                {
+                    rss.push(json!([done, b as f64 / (1024.0 * 1024.0)]));
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => bail!("the connection to the hub closed after {done} of {n} tasks"),
+            Err(_) => bail!(
+                "no task reply within 60 s: {done} of {n} tasks back ({sent} sent) — lost tasks"
+            ),
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let after = hub_pid.and_then(proc_usage);
+    let mut out = json!({"n": n, "window": window, "seconds": secs, "per_second": n as f64 / secs,
+                         "replies": done, "failed": failed, "hub_rss_mib": rss});
+    if let (Some((c0, _)), Some((c1, _))) = (before, after) {
+        out["hub_cpu_us_per_task"] = json!(1e6 * (c1 - c0) / n as f64);
+    }
+    if failed > 0 {
+        bail!("{failed} of {n} load-balanced tasks failed: {out}");
+    }
+    Ok(out)
 }
 
 fn client_file_beside(engine_file: &Path) -> Result<PathBuf> {
@@ -475,6 +560,7 @@ async fn fake_engine_inner(
     parallax_engine::driver::first_pong(&mut pong).await;
     let mut shell = RouterSocket::with_options(opts());
     shell.connect(&url(info.mux)).await?;
+    shell.connect(&url(info.task)).await?;
     // the broadcast leaf a real engine connects to (ipengine: id % leaves)
     if !info.broadcast.is_empty() {
         let leaf = info.broadcast[(id.max(0) as usize) % info.broadcast.len()];
@@ -550,6 +636,26 @@ fn print_report(r: &Value) {
     }
     if let Some(c) = f("hub_cpu_ms_per_fanout") {
         println!("  hub CPU per fan-out + gather: {c:.1} ms");
+    }
+    if let Some(t) = r.get("tasks") {
+        let g = |k: &str| t.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        println!(
+            "  load-balanced tasks: {} in {:.1} s ({:.0}/s, window {}), {} replies, {} failed; hub CPU {:.1} µs/task",
+            t["n"],
+            g("seconds"),
+            g("per_second"),
+            t["window"],
+            t["replies"],
+            t["failed"],
+            g("hub_cpu_us_per_task")
+        );
+        if let Some(a) = t.get("hub_rss_mib").and_then(Value::as_array) {
+            let pts: Vec<String> = a
+                .iter()
+                .map(|p| format!("{}: {:.1} MiB", p[0], p[1].as_f64().unwrap_or(f64::NAN)))
+                .collect();
+            println!("  hub RSS along the way: {}", pts.join(", "));
+        }
     }
     if f("bcast_p50_ms").is_some() {
         println!(

@@ -233,6 +233,8 @@ pub struct PxOptions {
     pub verbose: Option<bool>,
     pub signal_on_interrupt: Option<String>,
     pub merge: Option<bool>,
+    /// `%%px --local`: the cell also runs in the kernel's local interpreter.
+    pub local: bool,
 }
 
 /// The defaults `%pxconfig` changes.
@@ -309,6 +311,9 @@ pub enum Item {
     Autopx,
     Engines,
     Cluster(ClusterCommand),
+    /// `%%local` cells and `%local` lines: code for the kernel's own
+    /// interpreter (crate::local), not the engines.
+    Local(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -324,11 +329,11 @@ pub enum ClusterCommand {
 }
 
 pub const LINE_MAGICS: &[&str] = &[
-    "px", "pxconfig", "pxresult", "result", "autopx", "engines", "cluster",
+    "px", "pxconfig", "pxresult", "result", "autopx", "engines", "cluster", "local",
 ];
-pub const CELL_MAGICS: &[&str] = &["px"];
+pub const CELL_MAGICS: &[&str] = &["px", "local"];
 
-const PX_HELP: &str = "%%px options: --targets/-t SPEC (id, list, slice like ::2, all), --block/-b, --noblock/-a, --stream, --no-stream, --group-outputs/-g type|engine|order (-e, -r), --progress-after SECONDS, --out NAME, --verbose, --no-verbose, --signal-on-interrupt SIG, --merge/--no-merge (identical output of 9+ engines shown once)";
+const PX_HELP: &str = "%%px options: --targets/-t SPEC (id, list, slice like ::2, all), --block/-b, --noblock/-a, --stream, --no-stream, --group-outputs/-g type|engine|order (-e, -r), --progress-after SECONDS, --out NAME, --verbose, --no-verbose, --signal-on-interrupt SIG, --merge/--no-merge (identical output of 9+ engines shown once), --local (also run the cell in the kernel's local interpreter)";
 
 fn unknown_magic(prefix: &str, name: &str) -> MagicError {
     let list = if prefix == "%%" {
@@ -548,6 +553,18 @@ pub fn parse_cell_with(cell: &str, engine_magics: bool) -> Result<Vec<Item>, Mag
     let lines: Vec<&str> = cell.lines().collect();
     if let Some(rest) = lines[first].strip_prefix("%%") {
         let (name, args) = split_name(rest);
+        if name == "local" {
+            if !args.is_empty() {
+                return Err(MagicError::new(format!(
+                    "UsageError: %%local takes no arguments (got {args:?})"
+                )));
+            }
+            let body = lines[first + 1..].join("\n");
+            if body.trim().is_empty() {
+                return Ok(vec![]);
+            }
+            return Ok(vec![Item::Local(body)]);
+        }
         if name != "px" {
             foreign_magic("%%", name, engine_magics)?;
             return Ok(vec![Item::Code(lines[first..].join("\n"))]);
@@ -602,6 +619,41 @@ pub fn parse_cell_with(cell: &str, engine_magics: bool) -> Result<Vec<Item>, Mag
     Ok(items)
 }
 
+/// Whether a cell runs in the local interpreter as a whole: a `%%local`
+/// cell, or (with `%autopx` off) one without a `%%` magic. For
+/// complete/inspect, which ask the interpreter the cell runs in.
+pub fn is_local_cell(cell: &str, autopx: bool) -> bool {
+    let first = cell.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    match first.strip_prefix("%%") {
+        Some(rest) => split_name(rest).0 == "local",
+        None => !autopx,
+    }
+}
+
+/// Whether a cell only asks IPython for help (`?obj`, `obj?`, `obj??`,
+/// `np.*int*?`): the engines' answers are shown once when they agree.
+pub fn is_help_cell(cell: &str) -> bool {
+    let name = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_alphanumeric() || "_.*[]'\"".contains(c))
+    };
+    let mut any = false;
+    for line in cell.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let t = line.trim_start_matches('?');
+        let t = if t.len() < line.len() {
+            t
+        } else {
+            line.trim_end_matches('?')
+        };
+        if t.len() == line.len() || line.len() - t.len() > 2 || !name(t.trim()) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 fn split_name(s: &str) -> (&str, &str) {
     let s = s.trim_start();
     match s.find(char::is_whitespace) {
@@ -648,6 +700,14 @@ fn parse_line_magic(rest: &str) -> Result<Item, MagicError> {
                 group_by: o.group_by,
                 name: o.out,
             })
+        }
+        "local" => {
+            if args.is_empty() {
+                return Err(MagicError::new(
+                    "UsageError: %local needs code to run in the kernel's local interpreter, e.g. %local x = rc[:]['x']",
+                ));
+            }
+            Ok(Item::Local(args.to_owned()))
         }
         "autopx" => no_args("%autopx", args, Item::Autopx),
         "engines" => no_args("%engines", args, Item::Engines),
@@ -869,11 +929,7 @@ fn parse_options(args: &str, acc: Accepts, magic: &str) -> Result<PxOptions, Mag
                 }
                 o.out = Some(v)
             }
-            "--local" if magic == "%%px" => {
-                return Err(usage(
-                    "--local is not available: the Parallax kernel has no local interpreter; every cell runs on the engines".into(),
-                ));
-            }
+            "--local" if magic == "%%px" => o.local = true,
             other => return Err(usage(format!("unrecognized argument: {other}"))),
         }
     }
@@ -1094,8 +1150,44 @@ mod tests {
         assert!(e.contains("invalid choice"), "{e}");
         let e = parse_cell("%%px --frobnicate\nx").unwrap_err().0;
         assert!(e.contains("unrecognized argument: --frobnicate"), "{e}");
-        let e = parse_cell("%%px --local\nx").unwrap_err().0;
-        assert!(e.contains("no local interpreter"), "{e}");
+        let items = parse_cell("%%px --local\nx = 1").unwrap();
+        assert!(
+            matches!(&items[..], [Item::Px { options, .. }] if options.local),
+            "{items:?}"
+        );
+        let e = parse_cell("%pxconfig --local").unwrap_err().0;
+        assert!(e.contains("unrecognized argument: --local"), "{e}");
+        assert_eq!(
+            parse_cell("%%local\nimport os\nos.getpid()").unwrap(),
+            vec![Item::Local("import os\nos.getpid()".into())]
+        );
+        assert_eq!(
+            parse_cell("%local y = 2\n%px x = 1").unwrap()[0],
+            Item::Local("y = 2".into())
+        );
+        assert!(parse_cell("%local").unwrap_err().0.contains("needs code"));
+        assert!(
+            parse_cell("%%local -v\nx")
+                .unwrap_err()
+                .0
+                .contains("no arguments")
+        );
+        assert_eq!(parse_cell("%%local\n\n").unwrap(), vec![]);
+        for help in [
+            "?len",
+            "len?",
+            "os.path??",
+            "  x?\n?y\n",
+            "np.*int*?",
+            "d['k']?",
+        ] {
+            assert!(is_help_cell(help), "{help}");
+        }
+        for not_help in ["", "x = 1\nx?", "???x", "print('?')", "x ? y", "f(x)?"] {
+            assert!(!is_help_cell(not_help), "{not_help}");
+        }
+        assert!(is_local_cell("%%local\nx", true) && is_local_cell("x", false));
+        assert!(!is_local_cell("%%px\nx", false) && !is_local_cell("x", true));
         let e = parse_cell("%pxconfig --out x").unwrap_err().0;
         assert!(e.contains("unrecognized argument: --out"), "{e}");
         let e = parse_cell("%%px --progress-after soon\nx").unwrap_err().0;

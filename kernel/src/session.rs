@@ -22,6 +22,7 @@ use crate::cluster_cmd::StartArgs;
 use crate::cluster_jobs::{self, HubPlace, Launched, parse_start};
 use crate::frontend::Publisher;
 use crate::kernelspec::Language;
+use crate::local::LocalPython;
 use crate::magics::{
     ClusterCommand, GroupBy, Item, PxConfig, PxOptions, Targets, parse_cell_with, signal_number,
 };
@@ -89,6 +90,9 @@ pub struct Pending {
     results: Mutex<Results>,
     done: watch::Sender<bool>,
     started: Instant,
+    /// From how many targets identical streams are shown once: a help
+    /// cell (`?obj`, `obj??`) from 2, other cells from [`MERGE_MIN_TARGETS`].
+    merge_min: usize,
 }
 
 impl Pending {
@@ -243,7 +247,13 @@ pub struct Session {
     launched: Launched,
     /// Where they find the hub.
     hub_place: Option<HubPlace>,
+    /// The Python kernel's local interpreter (started on first use).
+    local: Arc<tokio::sync::Mutex<LocalPython>>,
+    /// The hub client's reconnections the local client was bound after.
+    local_links: u64,
 }
+
+const RUST_NO_LOCAL: &str = "%%local is not available in the Rust kernel: it has no local interpreter yet (every cell runs on the engines). Use the Parallax Python kernel for local cells.";
 
 impl Session {
     /// Start the embedded cluster (or connect to `cluster_file`) and wait for
@@ -279,6 +289,14 @@ impl Session {
                 (client, Some(c))
             }
         };
+        let client_file = match (&cluster, &cfg.cluster_file) {
+            (Some(c), _) => Some(c.client_file().to_path_buf()),
+            (None, f) => f.clone(),
+        };
+        let local = Arc::new(tokio::sync::Mutex::new(LocalPython::new(
+            cfg.python.clone(),
+            client_file,
+        )));
         let hub_place = cluster.as_ref().map(|c| HubPlace {
             engine_file: c.bound.engine_file.clone(),
             profile_dir: c.profile_dir().to_path_buf(),
@@ -307,6 +325,8 @@ impl Session {
             assist: cfg.assist,
             launched: Launched::default(),
             hub_place,
+            local,
+            local_links: 0,
         };
         s.publish_assist();
         if let Some(words) = &cfg.launch {
@@ -379,6 +399,7 @@ impl Session {
         if let Some(mut c) = self.cluster.take() {
             c.shutdown().await;
         }
+        self.local.lock().await.shutdown().await;
     }
 
     /// Launch engine sets for the hub (blocking launcher calls on the
@@ -512,7 +533,7 @@ impl Session {
     async fn run_items(
         &mut self,
         code: &str,
-        _count: i64,
+        count: i64,
         p: &Publisher,
         stdin: &FrontendStdin,
         interrupts: &mut watch::Receiver<u64>,
@@ -526,17 +547,39 @@ impl Session {
         let mut result = None;
         for item in items {
             let o = match item {
-                Item::Code(code) => {
-                    if !self.autopx {
+                Item::Code(code) if !self.autopx => {
+                    if self.spec.language == Language::Rust {
                         CellOutcome::usage(
-                            "%autopx is disabled, so this cell ran nowhere: the Parallax kernel has no local interpreter. Use %%px / %px, or %autopx to fan unmarked cells out again.",
+                            "%autopx is disabled, so this cell ran nowhere: the Rust kernel has no local interpreter. Use %%px / %px, or %autopx to fan unmarked cells out again.",
                         )
                     } else {
-                        self.px(&code, &PxOptions::default(), p, stdin, interrupts)
-                            .await
+                        self.run_local(&code, count, p, stdin, interrupts).await
                     }
                 }
-                Item::Px { code, options } => self.px(&code, &options, p, stdin, interrupts).await,
+                Item::Code(code) => {
+                    self.px(&code, &PxOptions::default(), p, stdin, interrupts)
+                        .await
+                }
+                Item::Local(code) => self.run_local(&code, count, p, stdin, interrupts).await,
+                Item::Px { code, options } if options.local => {
+                    self.px_local(&code, &options, count, p, stdin, interrupts)
+                        .await
+                }
+                Item::Px { code, options } => {
+                    let o = self.px(&code, &options, p, stdin, interrupts).await;
+                    match &options.out {
+                        Some(name) if self.spec.language == Language::Python => {
+                            let bound = self.bind_out(name, p, stdin, interrupts).await;
+                            match (&o, bound) {
+                                (CellOutcome::Ok { .. }, CellOutcome::Error(e)) => {
+                                    CellOutcome::Error(e)
+                                }
+                                _ => o,
+                            }
+                        }
+                        _ => o,
+                    }
+                }
                 Item::PxConfig(o) => self.pxconfig(&o, p),
                 Item::PxResult { group_by, name } => {
                     self.pxresult(group_by, name, p, interrupts).await
@@ -566,6 +609,119 @@ impl Session {
             }
         }
         CellOutcome::Ok { result }
+    }
+
+    /// Run code in the kernel's local interpreter (crate::local).
+    async fn run_local(
+        &mut self,
+        code: &str,
+        count: i64,
+        p: &Publisher,
+        stdin: &FrontendStdin,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        if self.spec.language == Language::Rust {
+            return CellOutcome::usage(RUST_NO_LOCAL);
+        }
+        let local = self.local.clone();
+        let mut l = local.lock().await;
+        self.rebind_after_reconnect(&mut l);
+        l.run(code, count, p, stdin, interrupts).await
+    }
+
+    /// After the hub client reconnected to a restarted hub, the local
+    /// namespace's client is connected again too.
+    fn rebind_after_reconnect(&mut self, l: &mut LocalPython) {
+        let n = self.client.reconnects();
+        if n != self.local_links {
+            self.local_links = n;
+            l.rebind();
+        }
+    }
+
+    /// `%%px --local`, as ipyparallel runs it: the cell goes to the engines
+    /// without waiting, runs locally, then (when blocking) the engines'
+    /// results are waited for and shown.
+    async fn px_local(
+        &mut self,
+        code: &str,
+        options: &PxOptions,
+        count: i64,
+        p: &Publisher,
+        stdin: &FrontendStdin,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        if self.spec.language == Language::Rust {
+            return CellOutcome::usage(RUST_NO_LOCAL);
+        }
+        let block = self.config.with(options).block;
+        let remote = PxOptions {
+            block: Some(false),
+            ..options.clone()
+        };
+        let sent = self.px(code, &remote, p, stdin, interrupts).await;
+        if let CellOutcome::Error(_) = sent {
+            return sent;
+        }
+        if let Some(name) = &options.out
+            && let CellOutcome::Error(e) = self.bind_out(name, p, stdin, interrupts).await
+        {
+            return CellOutcome::Error(e);
+        }
+        let local = self.run_local(code, count, p, stdin, interrupts).await;
+        if !block {
+            return match local {
+                CellOutcome::Error(_) => local,
+                CellOutcome::Ok { .. } => sent,
+            };
+        }
+        let remote = self.pxresult(None, None, p, interrupts).await;
+        match (local, remote) {
+            (CellOutcome::Error(e), _) | (_, CellOutcome::Error(e)) => CellOutcome::Error(e),
+            _ => CellOutcome::Ok { result: None },
+        }
+    }
+
+    /// `--out NAME`: the last %px execution's AsyncResult (the stock
+    /// client's, fetched from the hub by msg_id) bound to NAME in the local
+    /// namespace, as ipyparallel stores it in the user's namespace.
+    async fn bind_out(
+        &mut self,
+        name: &str,
+        p: &Publisher,
+        stdin: &FrontendStdin,
+        interrupts: &mut watch::Receiver<u64>,
+    ) -> CellOutcome {
+        let Some(pending) = self.last.clone() else {
+            return CellOutcome::Ok { result: None };
+        };
+        let ids: Vec<String> = pending
+            .results
+            .lock()
+            .expect("results")
+            .engines
+            .iter()
+            .map(|e| e.msg_id.clone())
+            .collect();
+        let code = format!(
+            "{name} = (_parallax_rc.get_result({ids}, block=False, owner=False) if _parallax_rc is not None else rc)",
+            ids = serde_json::to_string(&ids).expect("ids"),
+        );
+        let mut quiet = p.clone();
+        quiet.silent = true;
+        let local = self.local.clone();
+        let mut l = local.lock().await;
+        self.rebind_after_reconnect(&mut l);
+        match l.run(&code, 0, &quiet, stdin, interrupts).await {
+            CellOutcome::Ok { .. } => CellOutcome::Ok { result: None },
+            CellOutcome::Error(e) => CellOutcome::error(
+                "LocalInterpreterError",
+                &format!(
+                    "--out {name}: binding the result locally failed: {}: {}",
+                    e.ename, e.evalue
+                ),
+            ),
+        }
     }
 
     fn targets(&self, spec: &Targets) -> Result<Vec<(i64, String)>, String> {
@@ -660,6 +816,11 @@ impl Session {
             results: Mutex::new(results),
             done: done_tx,
             started: Instant::now(),
+            merge_min: if crate::magics::is_help_cell(code) {
+                2
+            } else {
+                MERGE_MIN_TARGETS
+            },
         });
         self.last = Some(pending.clone());
         if let Some(name) = &o.out {
@@ -732,9 +893,10 @@ impl Session {
         let mut asking: Option<AbortOnDrop> = None;
         let mut col = Collector::new(&pending.results.lock().expect("results"), uuids);
         let mut engines = self.client.watch_engines();
+        let mut hub_link = self.client.watch_connected();
         let mut streamer = Streamer::new(self.color);
         let n_targets = pending.results.lock().expect("results").engines.len();
-        let merge = cfg.merge && n_targets >= MERGE_MIN_TARGETS;
+        let merge = cfg.merge && n_targets >= pending.merge_min;
         streamer.merge = merge;
         let stream = cfg.stream;
         let progress_id = format!(
@@ -804,6 +966,16 @@ impl Session {
                         if let Err(e) = self.client.signal(&uuids, sig) {
                             p.stream("stderr", format!("could not signal the engines: {e:#}\n"));
                         }
+                    }
+                }
+                r = hub_link.changed() => {
+                    if r.is_ok() {
+                        let up = *hub_link.borrow_and_update();
+                        p.stream("stderr", if up {
+                            "[hub] reconnected to the hub\n"
+                        } else {
+                            "[hub] lost the connection to the hub; waiting for it to come back (the engines keep their work; interrupt to stop waiting)\n"
+                        });
                     }
                 }
                 r = engines.changed() => {
@@ -1028,7 +1200,7 @@ impl Session {
             group_by.unwrap_or(self.config.group_by),
             false,
             self.color,
-            self.config.merge && r.engines.len() >= MERGE_MIN_TARGETS,
+            self.config.merge && r.engines.len() >= pending.merge_min,
         );
         for o in outs {
             p.publish(o.msg_type, o.content);
@@ -1302,9 +1474,14 @@ impl Session {
                     c.shutdown().await;
                 }
                 self.client = client;
+                self.local_links = 0;
                 self.last = None;
                 self.named.clear();
                 self.config.targets = Targets::All;
+                self.local
+                    .lock()
+                    .await
+                    .set_client_file(Some(std::path::PathBuf::from(&file)));
                 p.stream(
                     "stdout",
                     format!(
@@ -1323,6 +1500,8 @@ impl Session {
         self.assist.send_replace(Some(Assist {
             client: self.client.clone(),
             targets: self.config.targets.clone(),
+            local: (self.spec.language == Language::Python).then(|| self.local.clone()),
+            autopx: self.autopx,
         }));
     }
 }
@@ -1335,12 +1514,23 @@ impl Session {
 pub struct Assist {
     client: HubClient,
     targets: Targets,
+    /// The Python kernel's local interpreter, for local cells.
+    local: Option<Arc<tokio::sync::Mutex<LocalPython>>>,
+    autopx: bool,
 }
 
 impl Assist {
     /// The engine's reply content, or None if there is no engine to ask or
     /// it failed. The caller bounds the wait.
     pub async fn forward(&self, msg_type: &str, content: &Value) -> Option<Value> {
+        if let Some(local) = &self.local {
+            let code = content.get("code").and_then(Value::as_str).unwrap_or("");
+            if crate::magics::is_local_cell(code, self.autopx) {
+                // a local cell running holds the interpreter: no answer then
+                let mut l = local.try_lock().ok()?;
+                return l.assist(msg_type, content).await;
+            }
+        }
         let engines = self.client.engines();
         let ids: Vec<i64> = engines.keys().copied().collect();
         let id = *self.targets.resolve(&ids).ok()?.first()?;

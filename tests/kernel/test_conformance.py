@@ -334,7 +334,7 @@ def test_kernel_exits_when_its_frontend_dies(tmp_path):
         "import sys, time\n"
         "from jupyter_client.manager import start_new_kernel\n"
         f"km, kc = start_new_kernel(kernel_name={KERNEL_NAME!r}, startup_timeout=60)\n"
-        "kc.execute_interactive('x = 1', timeout=60)\n"
+        "kc.execute_interactive('x = 1', timeout=60, output_hook=lambda m: None)\n"
         "print(km.provisioner.process.pid, flush=True)\n"
         "time.sleep(600)\n"
     )

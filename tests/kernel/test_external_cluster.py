@@ -61,6 +61,11 @@ def run(kc, code: str, timeout: float = 30):
     return reply["content"], outs
 
 
+def stdout(outs) -> str:
+    """A local cell's plain stdout."""
+    return "".join(c["text"] for t, c in outs if t == "stream" and c["name"] == "stdout")
+
+
 def texts(outs):
     """The cell's output displays; the progress bar (shown when a cell runs
     longer than --progress-after, as a first cell on a loaded machine can)
@@ -134,6 +139,10 @@ def test_kernel_on_stock_ipcontroller(stock_cluster):
         err = re.sub(r"\x1b\[[0-9;]*m", "", "".join(d["text"] for t, d in outs if t == "stream"))
         last = err.strip().splitlines()[-1]
         assert last.startswith("StdinNotImplementedError:") and "does not support input requests" in last, err
+        # the local namespace's client is on the same (stock) cluster
+        c, outs = run(kc, "%%local\nimport os\nprint(sorted(rc.ids), sorted(rc[:].apply_sync(os.getpid)))")
+        assert c["status"] == "ok", c
+        assert stdout(outs) == f"[0, 1] {sorted(engine_pids)}\n", outs
         c, outs = run(kc, "%engines")
         table = "".join(d["text"] for t, d in outs if t == "stream")
         assert "2 engines registered" in table and "connected to the hub" in table, table
@@ -167,6 +176,8 @@ def test_parallax_cluster_start_and_connect_magic(tmp_path):
             kernel = psutil.Process(km.provisioner.process.pid)
             embedded = [p for p in kernel.children() if "engine" in " ".join(p.cmdline())]
             assert len(embedded) == 3
+            c, outs = run(kc, "%local print(sorted(rc.ids))")
+            assert stdout(outs) == "[0, 1, 2]\n", outs
             c, outs = run(kc, f"%cluster connect {client_file}")
             assert c["status"] == "ok", c
             said = "".join(d["text"] for t, d in outs if t == "stream")
@@ -176,6 +187,9 @@ def test_parallax_cluster_start_and_connect_magic(tmp_path):
                      10, "embedded engines to stop")
             c, outs = run(kc, "import os\nprint(os.environ['PARALLAX_N_ENGINES'])")
             assert texts(outs) == ["[stdout:0] 2\n", "[stdout:1] 2\n"]
+            # the local client follows the kernel to the connected cluster
+            c, outs = run(kc, "%local print(sorted(rc.ids), sorted(parallax_bare.Client().ids) if (parallax_bare := __import__('ipyparallel')) else '')")
+            assert stdout(outs) == "[0, 1] [0, 1]\n", outs
             # Stopping an engine of an external cluster goes through the hub.
             c, outs = run(kc, "%cluster stop 1")
             assert c["status"] == "ok", c

@@ -4,8 +4,9 @@ Starts `jupyter lab` from the venv (loopback, a free port, a token, a
 temporary root dir, no news/update checks, settings and workspaces in
 temporary dirs) with the test kernelspec on JUPYTER_PATH, writes a notebook
 whose kernel is parallax-python, and runs tests/lab/lab_test.js: headless
-Debian chromium (playwright-core) opens the notebook, runs the first cell and
-waits for `[stdout:0]` … `[stdout:3]`. The screenshot is kept in
+Debian chromium (playwright-core) opens the notebook, runs the first cell (a
+`%local` line, then code for the engines) and waits for the local output
+`home 42` and `[stdout:0]` … `[stdout:3]`. The screenshot is kept in
 tests/artifacts/jupyterlab.png. The server is always shut down, and the
 conftest's orphan check runs after it.
 
@@ -36,7 +37,8 @@ ARTIFACTS = REPO / "tests/artifacts"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 SERVER_START_TIMEOUT = 90
 NODE_TIMEOUT = 150
-CELL = 'import os; print("engine", os.environ["PARALLAX_ENGINE_ID"])'
+# a local line (the kernel's own Python, issue 12), then code for the engines
+CELL = '%local print("home", 6 * 7)\nimport os; print("engine", os.environ["PARALLAX_ENGINE_ID"])'
 
 pytestmark = pytest.mark.timeout(SERVER_START_TIMEOUT + NODE_TIMEOUT + 90)
 
@@ -195,7 +197,7 @@ def test_notebook_in_jupyterlab(lab):
     env = dict(os.environ)
     env.update(
         LAB_URL=f"{lab.base}/lab/tree/lab-check.ipynb?token={lab.token}",
-        LAB_EXPECT=json.dumps([f"[stdout:{i}] engine {i}" for i in range(N_ENGINES)]),
+        LAB_EXPECT=json.dumps(["home 42"] + [f"[stdout:{i}] engine {i}" for i in range(N_ENGINES)]),
         LAB_SCREENSHOT=str(shot),
         LAB_TIMEOUT_MS="90000",
         CHROMIUM=CHROMIUM,

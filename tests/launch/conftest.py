@@ -1,7 +1,8 @@
 """Fixtures for the launcher tests: a per-test profile whose processes are
 all reaped at the end, and batch systems started once per session (Slurm:
-slurmctld + slurmd; Grid Engine: sge_qmaster + sge_execd; PBS: Slurm's PBS
-wrappers).
+slurmctld + slurmd, and slurmctld + a slurmd in each of two network
+namespace hosts; Grid Engine: sge_qmaster + sge_execd; PBS: Slurm's PBS
+wrappers; sshd in network namespace hosts).
 
 PARALLAX_BIN: the binary (default target/release/parallax in the repo).
 """
@@ -13,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from launch_harness import ROOT, Profile, child_env
-from launch_services import GridEngine, Slurm, SshHosts
+from launch_harness import ROOT, Profile, child_env, mpich_library
+from launch_services import GridEngine, Slurm, SlurmNetns, SshHosts
 
 
 @pytest.fixture
@@ -22,6 +23,23 @@ def profile(tmp_path):
     p = Profile(tmp_path)
     yield p
     p.reap()
+
+
+@pytest.fixture
+def mpich_abi_dir(tmp_path):
+    """The site set-up README gives for mpi4py under Debian's MPICH: the
+    wheel's MPICH build loads `libmpi.so.12` (the MPICH ABI name), which
+    Debian ships as `libmpich.so.12`; a directory with that link, on
+    LD_LIBRARY_PATH."""
+    if not shutil.which("mpiexec.mpich"):
+        pytest.skip("MPICH is not installed (Debian mpich)")
+    lib = mpich_library()
+    if lib is None:
+        pytest.skip("libmpich.so.12 is not installed (Debian libmpich12)")
+    d = tmp_path / "mpich-abi"
+    d.mkdir()
+    (d / "libmpi.so.12").symlink_to(lib)
+    return d
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +134,34 @@ def ssh_hosts(tmp_path_factory):
         yield h.start()
     finally:
         h.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_netns(tmp_path_factory):
+    """Slurm across two hosts, for the session: slurmctld here on a bridge
+    address, a slurmd in each of two network namespace hosts (2 CPUs
+    each). Everything it made goes at the end, also when it failed to
+    start."""
+    for cmd in ("slurmctld", "slurmd", "sbatch", "munged", "nsenter", "unshare"):
+        if not shutil.which(cmd) and not Path(f"/usr/sbin/{cmd}").exists():
+            pytest.skip(f"{cmd} is not installed (make test installs Debian's Slurm)")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    s = SlurmNetns(tmp_path_factory.mktemp("slurm-netns"), n=2, cpus=2)
+    try:
+        yield s.start()
+    finally:
+        try:
+            s.cancel_all()
+        finally:
+            s.stop()
+
+
+@pytest.fixture
+def slurm_netns_profile(tmp_path, slurm_netns):
+    """A profile whose commands see the two-host Slurm; its jobs are
+    cancelled at the end."""
+    p = Profile(tmp_path, {"SLURM_CONF": str(slurm_netns.conf)})
+    yield p
+    p.reap()
+    slurm_netns.cancel_all()

@@ -149,6 +149,15 @@ class Profile:
         wait_gone(self.seen, 10)
 
 
+def mpich_library() -> Path | None:
+    """Debian's MPICH runtime library (libmpich.so.12), if installed."""
+    r = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=30)
+    for line in r.stdout.splitlines():
+        if line.strip().startswith("libmpich.so.12 ") and "=>" in line:
+            return Path(line.split("=>", 1)[1].strip())
+    return None
+
+
 def client(profile: Profile, n: int):
     import ipyparallel as ipp
 

@@ -1,5 +1,7 @@
-"""Batch-system daemons for the launcher tests, started by hand in a temp
-dir (there is no systemd here): munged + slurmctld + slurmd.
+"""Batch-system daemons and hosts for the launcher tests, started by hand
+in a temp dir (there is no systemd here): munged + slurmctld + slurmd
+(on this host, or each slurmd in a network namespace host), Grid Engine,
+sshd in network namespace hosts.
 
 Facts these rely on (measured, see the project's launcher notes): every
 Slurm client command needs SLURM_CONF; a node may advertise more CPUs than
@@ -67,7 +69,9 @@ def munge_works() -> bool:
 
 class Slurm:
     """One slurmctld and one slurmd (node `pxnode`, `cpus` CPUs) on
-    127.0.0.1 with ports of their own, all state under `base`."""
+    127.0.0.1 with ports of their own, all state under `base`. Subclasses
+    place the daemons elsewhere (`ctld_host`, `node_lines`,
+    `start_slurmds`)."""
 
     def __init__(self, base: Path, cpus: int = 32):
         self.base = base
@@ -75,6 +79,8 @@ class Slurm:
         self.conf = base / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
         self.started_munge = False
+        self.nodes = ["pxnode"]
+        #: slurmctld's, then each slurmd's
         self.pids: list[int] = []
 
     def run(self, *cmd, check=True, timeout=30) -> subprocess.CompletedProcess:
@@ -83,9 +89,19 @@ class Slurm:
             raise RuntimeError(f"{cmd} failed ({r.returncode}): {r.stdout}{r.stderr}")
         return r
 
+    def ctld_host(self) -> str:
+        return "localhost"
+
+    def node_lines(self) -> str:
+        return (f"NodeName=pxnode NodeHostname={socket.gethostname()} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                "State=UNKNOWN\n")
+
+    def start_slurmds(self):
+        self.run("slurmd", "-f", self.conf, "-N", "pxnode")
+
     def start(self):
         b = self.base
-        for d in ("state", "log", "spool/pxnode", "tmp/pxnode"):
+        for d in ("state", "log", *(f"{top}/{node}" for node in self.nodes for top in ("spool", "tmp"))):
             (b / d).mkdir(parents=True, exist_ok=True)
         if not munge_works():
             run_dir = Path("/run/munge")
@@ -94,10 +110,9 @@ class Slurm:
             subprocess.run(["runuser", "-u", "munge", "--", "/usr/sbin/munged"], check=True, timeout=30)
             self.started_munge = True
             wait_for(munge_works, 10, "munged")
-        host = socket.gethostname()
         self.conf.write_text(f"""\
-ClusterName=parallax{os.getpid()}
-SlurmctldHost=localhost
+ClusterName=px{type(self).__name__.lower()}{os.getpid()}
+SlurmctldHost={self.ctld_host()}
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
@@ -122,20 +137,23 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=60
 KillWait=5
-NodeName=pxnode NodeHostname={host} NodeAddr=127.0.0.1 CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes=pxnode Default=YES MaxTime=INFINITE State=UP
+{self.node_lines()}PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """)
+
+        def pid_file(name: str) -> int:
+            f = b / f"{name}.pid"
+            return int(wait_for(lambda: f.exists() and f.read_text().strip(), 15, f.name))
+
         self.run("slurmctld", "-f", self.conf)
-        self.run("slurmd", "-f", self.conf, "-N", "pxnode")
-        for name in ("slurmctld.pid", "slurmd-pxnode.pid"):
-            f = b / name
-            self.pids.append(int(wait_for(lambda: f.exists() and f.read_text().strip(), 15, name)))
+        self.pids.append(pid_file("slurmctld"))
+        self.start_slurmds()
+        self.pids += [pid_file(f"slurmd-{node}") for node in self.nodes]
 
         def idle():
-            r = self.run("sinfo", "-h", "-o", "%T", check=False)
-            return r.returncode == 0 and r.stdout.split() == ["idle"]
+            r = self.run("sinfo", "-h", "-N", "-o", "%T", check=False)
+            return r.returncode == 0 and r.stdout.split() == ["idle"] * len(self.nodes)
 
-        wait_for(idle, 30, "the Slurm node to be idle")
+        wait_for(idle, 30, "the Slurm nodes to be idle")
         return self
 
     def jobs(self) -> list[str]:
@@ -149,6 +167,15 @@ PartitionName=debug Nodes=pxnode Default=YES MaxTime=INFINITE State=UP
             wait_for(lambda: not self.jobs(), 30, "cancelled jobs to leave the queue")
 
     def stop(self):
+        # also daemons whose pid file came after a failed start gave up
+        files = [self.base / "slurmctld.pid", *(self.base / f"slurmd-{node}.pid" for node in self.nodes)]
+        for f in files:
+            try:
+                pid = int(f.read_text().strip())
+            except (OSError, ValueError):
+                continue
+            if pid not in self.pids:
+                self.pids.append(pid)
         for pid in self.pids:
             stop_pid(pid)
         if self.started_munge:
@@ -279,35 +306,84 @@ class GridEngine:
                 stop_pid(int(f.read_text().strip()), timeout=20)
 
 
-class SshHosts:
-    """Hosts for the ssh launcher: network namespaces on a bridge, each
-    with its own host name (a UTS namespace) and a key-only sshd, plus an
-    sshd on 127.0.0.1 in this namespace. The namespaces share this
-    machine's file system (a cluster's shared home) but not its network:
-    an engine there reaches a hub only on the bridge address, never on
-    127.0.0.1.
+class NetnsHosts:
+    """Hosts that are network namespaces on a bridge: each has its own
+    network stack (reachable from here, and from each other, only on the
+    bridge's subnet; its 127.0.0.1 is its own) and, for what `in_host`
+    starts there, its own host name (a UTS namespace). They share this
+    machine's file system, as a cluster's nodes share home directories.
 
-    Names and the subnet depend on this process's pid, so two test
-    sessions do not collide; `stop` removes everything."""
+    Names and the subnet depend on this process's pid (modulo 200) and on
+    `prefix` / `octet` (one pair per kind of fixture), so two test
+    sessions, or two fixtures of one session, do not collide;
+    `stop_network` removes them."""
 
-    def __init__(self, base: Path, n: int = 2):
-        self.base = base
+    def __init__(self, n: int, prefix: str, octet: int, hostname: str):
         self.n = n
         k = os.getpid() % 200 + 20
-        self.tag = f"px{k}"
+        self.tag = f"{prefix}{k}"  # interface names: at most 15 bytes
         self.bridge = f"{self.tag}br"
-        self.subnet = f"10.200.{k}"
+        self.subnet = f"10.{octet}.{k}"
         self.hub_ip = f"{self.subnet}.1"
         self.names = [f"{self.tag}h{i}" for i in range(1, n + 1)]
         self.addrs = [f"{self.subnet}.{i + 1}" for i in range(1, n + 1)]
-        self.hostnames = [f"pxhost{i}" for i in range(1, n + 1)]
-        self.config = base / "ssh_config"
-        self.loopback_port = free_port()
-        self.daemons: list[subprocess.Popen] = []
+        self.hostnames = [f"{hostname}{i}" for i in range(1, n + 1)]
 
     def _ip(self, *args, ns: str | None = None, check=True):
         argv = ["ip", *args] if ns is None else ["ip", "netns", "exec", ns, "ip", *args]
         return subprocess.run(argv, check=check, capture_output=True, text=True, timeout=30)
+
+    def start_network(self):
+        self.stop_network()  # a previous session's leftovers with this pid
+        self._ip("link", "add", self.bridge, "type", "bridge")
+        self._ip("addr", "add", f"{self.hub_ip}/24", "dev", self.bridge)
+        self._ip("link", "set", self.bridge, "up")
+        for name, addr in zip(self.names, self.addrs):
+            self._ip("netns", "add", name)
+            self._ip("link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
+            self._ip("link", "set", f"{name}a", "master", self.bridge)
+            self._ip("link", "set", f"{name}a", "up")
+            self._ip("link", "set", f"{name}b", "netns", name)
+            self._ip("addr", "add", f"{addr}/24", "dev", f"{name}b", ns=name)
+            self._ip("link", "set", f"{name}b", "up", ns=name)
+            self._ip("link", "set", "lo", "up", ns=name)
+
+    def in_host(self, i: int, argv: list) -> list[str]:
+        """`argv` as run on host i: in its network namespace, under its
+        host name. nsenter, not `ip netns exec`: that remounts /sys, and
+        slurmd then dies ("No filesystem mounted on /sys/fs/cgroup")."""
+        return ["nsenter", f"--net=/run/netns/{self.names[i]}", "unshare", "--uts", "sh", "-c",
+                'hostname "$0" && exec "$@"', self.hostnames[i], *map(str, argv)]
+
+    def all_pids_in(self, name: str) -> set[int]:
+        r = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
+        return {int(p) for p in r.stdout.split() if pid_alive(int(p))}
+
+    def kill_all_in(self, name: str):
+        for pid in self.all_pids_in(name):
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+    def stop_network(self):
+        for name in self.names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
+
+
+class SshHosts(NetnsHosts):
+    """Hosts for the ssh launcher: network namespace hosts (`NetnsHosts`)
+    with a key-only sshd each, plus an sshd on 127.0.0.1 in this
+    namespace. An engine there reaches a hub only on the bridge address,
+    never on 127.0.0.1."""
+
+    def __init__(self, base: Path, n: int = 2):
+        super().__init__(n, prefix="px", octet=200, hostname="pxhost")
+        self.base = base
+        self.config = base / "ssh_config"
+        self.loopback_port = free_port()
+        self.daemons: list[subprocess.Popen] = []
 
     def _sshd_config(self, name: str, addr: str, port: int) -> Path:
         b = self.base
@@ -333,19 +409,8 @@ class SshHosts:
             "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  BatchMode yes\n  LogLevel ERROR\n"
             "  ConnectTimeout 5\n"
         )
-        self.stop_network()  # a previous session's leftovers with this pid
-        self._ip("link", "add", self.bridge, "type", "bridge")
-        self._ip("addr", "add", f"{self.hub_ip}/24", "dev", self.bridge)
-        self._ip("link", "set", self.bridge, "up")
+        self.start_network()
         for name, addr, hostname in zip(self.names, self.addrs, self.hostnames):
-            self._ip("netns", "add", name)
-            self._ip("link", "add", f"{name}a", "type", "veth", "peer", "name", f"{name}b")
-            self._ip("link", "set", f"{name}a", "master", self.bridge)
-            self._ip("link", "set", f"{name}a", "up")
-            self._ip("link", "set", f"{name}b", "netns", name)
-            self._ip("addr", "add", f"{addr}/24", "dev", f"{name}b", ns=name)
-            self._ip("link", "set", f"{name}b", "up", ns=name)
-            self._ip("link", "set", "lo", "up", ns=name)
             cfg = self._sshd_config(name, addr, 22)
             self.daemons.append(subprocess.Popen(
                 ["ip", "netns", "exec", name, "unshare", "--uts", "sh", "-c",
@@ -366,23 +431,16 @@ class SshHosts:
 
     def pids_in(self, name: str) -> set[int]:
         """The processes in a namespace host, but its sshd."""
-        r = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True, timeout=30)
         daemons = {d.pid for d in self.daemons}
         out = set()
-        for p in r.stdout.split():
-            pid = int(p)
+        for pid in self.all_pids_in(name):
             try:
                 exe = os.readlink(f"/proc/{pid}/exe")
             except OSError:
                 continue
-            if pid not in daemons and exe != "/usr/sbin/sshd" and pid_alive(pid):
+            if pid not in daemons and exe != "/usr/sbin/sshd":
                 out.add(pid)
         return out
-
-    def stop_network(self):
-        for name in self.names:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True, timeout=30)
 
     def stop(self):
         for d in self.daemons:
@@ -396,9 +454,44 @@ class SshHosts:
                 pass
         # what sshd started and a test left behind goes with the hosts
         for name in self.names:
-            for pid in self.pids_in(name):
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
+            self.kill_all_in(name)
         self.stop_network()
+
+
+class SlurmNetns(Slurm):
+    """Slurm across hosts: slurmctld here, reached on the bridge address of
+    `n` network namespace hosts (`NetnsHosts`), and one slurmd on each
+    (node name = host name; `cpus` CPUs per node, 2 by default, so that 4
+    tasks need both nodes). A job's tasks run on those hosts: its engines
+    reach a hub only on the bridge address."""
+
+    def __init__(self, base: Path, n: int = 2, cpus: int = 2):
+        super().__init__(base, cpus)
+        self.hosts = NetnsHosts(n, prefix="ps", octet=201, hostname="pxslurm")
+        self.nodes = list(self.hosts.hostnames)
+
+    def ctld_host(self) -> str:
+        return f"{socket.gethostname()}({self.hosts.hub_ip})"
+
+    def node_lines(self) -> str:
+        return "".join(f"NodeName={node} NodeAddr={addr} CPUs={self.cpus} State=UNKNOWN\n"
+                       for node, addr in zip(self.nodes, self.hosts.addrs))
+
+    def start(self):
+        self.hosts.start_network()
+        return super().start()
+
+    def start_slurmds(self):
+        # slurmd daemonizes: each command returns once its slurmd runs
+        for i, node in enumerate(self.nodes):
+            self.run(*self.hosts.in_host(i, ["slurmd", "-f", self.conf, "-N", node]))
+
+    def pids_in(self, i: int) -> set[int]:
+        """The processes on host i but its slurmd: job steps, engines."""
+        return self.hosts.all_pids_in(self.hosts.names[i]) - set(self.pids[1:])
+
+    def stop(self):
+        super().stop()
+        for name in self.hosts.names:
+            self.hosts.kill_all_in(name)
+        self.hosts.stop_network()

@@ -1,6 +1,7 @@
 """`parallax cluster start --engines mpi`: engines as the ranks of one
-mpiexec (OpenMPI), ids equal to ranks, mpi4py working on the engines, and
-`stop` leaving nothing behind. Checked with the stock ipyparallel Client
+mpiexec (OpenMPI, and MPICH with the LD_LIBRARY_PATH set-up the README
+gives), ids equal to ranks, mpi4py working on the engines, and `stop`
+leaving nothing behind. Checked with the stock ipyparallel Client
 and `Cluster.from_file`."""
 
 from __future__ import annotations
@@ -107,15 +108,42 @@ def test_unknown_launcher_is_refused(profile):
     assert "unknown launcher" in r.stderr and "slurm" in r.stderr
 
 
-@pytest.mark.skipif(not shutil.which("mpiexec.mpich"), reason="MPICH is not installed (Debian mpich)")
-def test_mpich_ranks_are_engine_ids(profile):
-    """MPICH's hydra sets PMI_RANK (not OMPI_*): engine ids follow it too."""
-    profile.cluster("start", "-n", 3, "--engines", "mpi", "--mpi-cmd", "mpiexec.mpich", "--daemonize")
+#: on every engine, under MPICH: the rank environment hydra gave the rank
+#: (the engine's Python is the rank's child: it must see it, and the PMI
+#: socket must still be open there) and mpi4py over it
+MPICH_CELL = """
+import os, stat
+from mpi4py import MPI
+c = MPI.COMM_WORLD
+env = {k: os.environ.get(k) for k in ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID")}
+pmi_fd_is_socket = stat.S_ISSOCK(os.fstat(int(os.environ["PMI_FD"])).st_mode)
+info = (int(os.environ["PARALLAX_ENGINE_ID"]), env, pmi_fd_is_socket, c.rank, c.size, c.allreduce(c.rank),
+        MPI.Get_library_version().split()[0])
+"""
+
+
+@pytest.mark.parametrize("how", ["environment", "genv"])
+def test_mpich_ranks_are_engine_ids_and_mpi4py_works(profile, mpich_abi_dir, how):
+    """MPICH's hydra sets PMI_RANK (not OMPI_*): engine ids follow it, the
+    engine's Python inherits the rank's environment, and with the
+    LD_LIBRARY_PATH set-up the mpi4py wheel runs on MPICH: in the
+    environment of `start` (hydra forwards it to the ranks), or given to
+    the ranks only with hydra's `-genv`."""
+    args = ["start", "-n", 3, "--engines", "mpi", "--mpi-cmd", "mpiexec.mpich", "--daemonize"]
+    if how == "environment":
+        profile.extra_env["LD_LIBRARY_PATH"] = str(mpich_abi_dir)
+    else:
+        args.append(f"--mpi-args=-genv LD_LIBRARY_PATH {mpich_abi_dir}")
+    profile.cluster(*args)
     rc = client(profile, 3)
     try:
         view = rc[:]
-        view.execute("import os; r = (int(os.environ['PARALLAX_ENGINE_ID']), int(os.environ['PMI_RANK']))", block=True)
-        assert sorted(view.pull("r", block=True)) == [(i, i) for i in range(3)]
+        view.execute(MPICH_CELL, block=True)
+        out = sorted(view.pull("info", block=True))
+        assert out == [
+            (i, {"PMI_RANK": str(i), "PMI_SIZE": "3", "MPI_LOCALRANKID": str(i)}, True, i, 3, 3, "MPICH")
+            for i in range(3)
+        ], out
     finally:
         rc.close()
     profile.cluster("stop")
