@@ -704,13 +704,10 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
         .and_then(Value::as_object)
     {
         for (set_id, set) in sets {
-            if let Some(members) = set.get("engines").and_then(Value::as_object) {
-                for (i, e) in members {
-                    if let Some(pid) = pid_of(e) {
-                        engines.push((format!("engine {set_id}/{i}"), pid, path_of(e)));
-                    }
-                }
-            } else if let Some(hosts) = set.get("hosts").and_then(Value::as_array) {
+            // an ssh set also lists its remote engines under "engines"
+            // (ipyparallel's SSHEngineLauncher entries): their pids are
+            // on other hosts, so "hosts" comes first
+            if let Some(hosts) = set.get("hosts").and_then(Value::as_array) {
                 // engines on other hosts: their pids mean nothing here; the
                 // local ssh processes do
                 for h in hosts {
@@ -725,6 +722,12 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
                         engines.push((format!("ssh {location}"), pid, path_of(h)));
                     }
                     ssh_hosts.push(h.clone());
+                }
+            } else if let Some(members) = set.get("engines").and_then(Value::as_object) {
+                for (i, e) in members {
+                    if let Some(pid) = pid_of(e) {
+                        engines.push((format!("engine {set_id}/{i}"), pid, path_of(e)));
+                    }
                 }
             } else if let Some(pid) = pid_of(set) {
                 engines.push((format!("engine set {set_id}"), pid, path_of(set)));

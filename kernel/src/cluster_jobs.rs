@@ -194,13 +194,6 @@ pub(crate) fn launch(args: &StartArgs, hub: &HubPlace) -> Result<Vec<LaunchedSet
         None => anyhow::bail!("-n N: how many engines to launch"),
     };
     crate::cluster_ssh_proxy::check(args)?;
-    if args.engines == LauncherKind::SshProxy {
-        // untested with the kernel's private hub files: refused, not guessed
-        anyhow::bail!(
-            "--engines sshproxy is not available from a kernel yet: start the cluster with \
-             `parallax cluster start --engines sshproxy …` and connect to it, or use --engines ssh"
-        );
-    }
     if matches!(args.engines, LauncherKind::Ssh | LauncherKind::SshProxy) {
         let mut with_ip = args.clone();
         with_ip.ip = Some(hub.ip.clone());

@@ -206,8 +206,45 @@ pub fn set_value(members: &[Box<dyn Launcher>], profile_dir: &Path, cid: &str) -
         "n": n,
         "state": "running",
         "engines_per_host": engines,
+        "engines": engine_launchers(&hosts),
         "hosts": hosts,
     })
+}
+
+/// ipyparallel's `SSHEngineSetLauncher.engines`: one `SSHEngineLauncher`
+/// entry per remote engine (its pid on its host, how to reach the host), so
+/// `Cluster.from_file` restores the set and can signal or stop each engine
+/// through ssh itself.
+fn engine_launchers(hosts: &[Value]) -> serde_json::Map<String, Value> {
+    let mut out = serde_json::Map::new();
+    for h in hosts
+        .iter()
+        .filter(|h| h.get("proxy").and_then(Value::as_bool) != Some(true))
+    {
+        let mut ssh_args: Vec<Value> = h["ssh_args"].as_array().cloned().unwrap_or_default();
+        if let Some(port) = h["port"].as_u64() {
+            ssh_args.extend([json!("-p"), json!(port.to_string())]);
+        }
+        for pid in h["remote_pids"].as_array().into_iter().flatten() {
+            out.insert(
+                out.len().to_string(),
+                json!({
+                    "cluster_id": h["cluster_id"],
+                    "profile_dir": h["profile_dir"],
+                    "hostname": h["hostname"],
+                    "user": h["user"],
+                    "ssh_cmd": h["ssh_cmd"],
+                    "ssh_args": ssh_args,
+                    "remote_python": h["remote_python"],
+                    "output_file": h["output_file"],
+                    "pid": pid,
+                    "n": 1,
+                    "state": "running",
+                }),
+            );
+        }
+    }
+    out
 }
 
 /// One host's launcher from its cluster-file entry: an ssh engine set's,

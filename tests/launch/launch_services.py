@@ -393,6 +393,8 @@ class SshHosts(NetnsHosts):
             f"AuthorizedKeysFile {b / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
             "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
             "UsePAM no\nStrictModes no\nMaxStartups 100:30:200\n"
+            # a Slurm "login node" behind a proxy: the test passes its slurm.conf
+            "AcceptEnv SLURM_CONF\n"
         )
         return cfg
 

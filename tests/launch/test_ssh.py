@@ -51,6 +51,30 @@ def ssh_processes(hosts) -> list[int]:
     return out
 
 
+FROM_FILE_PROBE = """
+import json, os, sys
+import ipyparallel as ipp
+import psutil
+c = ipp.Cluster.from_file(profile_dir=sys.argv[1], cluster_id=sys.argv[2])
+(eset,) = c.engines.values()
+running = []
+for e in eset.launchers.values():
+    try:
+        e.wait_one(timeout=0)
+        running.append(False)
+    except TimeoutError:
+        running.append(True)
+print(json.dumps({"class": type(eset).__name__, "running": running,
+                  "pids": [e.pid for e in eset.launchers.values()],
+                  "hosts": [e.hostname for e in eset.launchers.values()]}))
+sys.stdout.flush()
+# the launchers' waiting threads have ssh children of their own
+for child in psutil.Process().children(recursive=True):
+    child.kill()
+os._exit(0)
+"""
+
+
 def test_engines_on_two_hosts_from_a_hosts_file(profile, ssh_hosts):
     h1, h2 = ssh_hosts.addrs
     hostfile = profile.dir.parent / "hosts"
@@ -81,6 +105,19 @@ def test_engines_on_two_hosts_from_a_hosts_file(profile, ssh_hosts):
     assert all(len(h["remote_pids"]) == 2 for h in ssh_set["hosts"])
     listed = profile.cluster("list", "--profile-dir", profile.dir).stdout
     assert "SSH" in listed, listed
+    # ipyparallel reads the set as its own SSHEngineSetLauncher: one
+    # SSHEngineLauncher per remote engine, with its pid on its host, and
+    # reaches each engine through ssh itself (in a child process: its
+    # launchers poll the hosts from threads until the engines exit)
+    probe = subprocess.run(
+        [VENV_BIN / "python", "-c", FROM_FILE_PROBE, str(profile.dir), profile.cluster_id],
+        capture_output=True, text=True, timeout=60, env=child_env())
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    seen = json.loads(probe.stdout)
+    assert seen["class"] == "SSHEngineSetLauncher"
+    assert sorted(seen["pids"]) == sorted(pid for h in ssh_set["hosts"] for pid in h["remote_pids"])
+    assert set(seen["hosts"]) == {h1, h2}
+    assert seen["running"] == [True] * 4, seen
     engines = {name: ssh_hosts.pids_in(name) for name in ssh_hosts.names}
     assert all(len(p) >= 2 for p in engines.values()), engines
 

@@ -175,3 +175,31 @@ def test_stopping_while_a_host_still_starts_its_engines_leaves_nothing(profile, 
     assert not any(profile.cluster_id in f.read_text() for f in base.glob("p.*/security/cluster-*.json"))
     assert wait_gone(ssh_processes(ssh_hosts), 10) == []
     assert profile.left_running() == []
+
+
+def test_slurm_behind_a_proxy_host(profile, ssh_hosts, slurm):
+    """The proxy host is a Slurm login node (this host's loopback sshd; its
+    slurm.conf comes in ssh's environment, as /etc/slurm would be there):
+    its own `parallax cluster engines --engines slurm` submits the job, the
+    engines register with the hub here, and stop cancels the job there."""
+    host = f"127.0.0.1:{ssh_hosts.loopback_port}:2"
+    r = profile.cluster("start", "--engines", "sshproxy", "--hosts", host, "--proxy-engines", "slurm",
+                        "--proxy-args=--time=10", "--ssh-args", f"{ssh_hosts.ssh_args()} -o SetEnv=SLURM_CONF={slurm.conf}",
+                        PY, "--daemonize", timeout=120)
+    assert "2 engines registered" in r.stdout, r.stdout + r.stderr
+    (job,) = slurm.jobs()
+    rc = client(profile, 2)
+    try:
+        seen = rc[:].apply_sync(os.getenv, "SLURM_JOB_ID")
+        assert seen == [job, job], seen
+    finally:
+        rc.close()
+    (proxy_set,) = profile.state()["engines"]["sets"].values()
+    (remote_dir,) = [Path(h["remote_dir"]) for h in proxy_set["hosts"]]
+    remote = json.loads((remote_dir / "security" / f"cluster-{profile.cluster_id}.json").read_text())
+    (s,) = remote["engines"]["sets"].values()
+    assert s["job_id"] == job, s
+    profile.cluster("stop")
+    assert slurm.jobs() == []
+    assert not remote_dir.exists()
+    assert profile.left_running() == []

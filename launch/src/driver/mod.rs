@@ -918,6 +918,7 @@ impl Launcher for SshLauncher {
             "ssh_pid": self.ssh_pid,
             "remote_pids": self.remote_pids,
             "remote_hostname": self.remote_hostname,
+            "remote_python": self.host.python.clone().unwrap_or_else(|| "python3".into()),
             "state": self.state,
         })
     }
