@@ -879,12 +879,23 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
 
     // --- leave: unregister, stop Python
     info!(engine = id, "unregistering");
+    let leaving = std::time::Instant::now();
     unregister(&ctx, id);
     interp.shutdown().await;
+    let interp_ms = leaving.elapsed().as_millis() as u64;
     stop.cancel();
     drop(ctx);
     // The link sends what is queued once every sender is gone.
-    let _ = tokio::time::timeout(Duration::from_millis(1000), link_task).await;
+    let flushed = tokio::time::timeout(Duration::from_millis(1000), link_task)
+        .await
+        .is_ok();
+    info!(
+        engine = id,
+        interpreter_ms = interp_ms,
+        total_ms = leaving.elapsed().as_millis() as u64,
+        flushed,
+        "left"
+    );
     Ok(())
 }
 
