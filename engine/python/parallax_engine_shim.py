@@ -1260,7 +1260,11 @@ class Engine:
     # ---- main loop -----------------------------------------------------------
 
     def handle(self, msg, bufs):
-        if self._warm in ("running", "done"):
+        # a shutdown does not wait for the warm-up: it runs no user code,
+        # and an engine stopped right after it registered (cluster stop
+        # while the imports run) would otherwise wait for them, or be killed
+        # after the engine's 2 s
+        if self._warm in ("running", "done") and msg.get("op") != "shutdown":
             # a request that arrives during the warm-up waits for it: user
             # code importing the same packages from this thread while they
             # are half-imported in the other could see partially
