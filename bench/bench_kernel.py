@@ -106,7 +106,18 @@ SIDE_LABEL = {"ipyparallel": "ipykernel + ipyparallel", "parallax": "Parallax ke
 
 HI = 'print("hi")'
 PX_HI = '%%px\nprint("hi")'
-STDOUT_RE = re.compile(r"\[stdout:(\d+)\] hi")
+# one engine's output, or identical output of several shown once with their
+# ranges ([stdout:0-63] hi, [stdout:0-3,5] hi)
+STDOUT_RE = re.compile(r"\[stdout:([\d,-]+)\] hi")
+
+
+def expand_ids(spec: str) -> list[int]:
+    out = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            out.extend(range(int(lo), int(hi) + 1) if hi.isdigit() else [int(lo)])
+    return out
 
 # the ipyparallel side's setup cell: timed inside the kernel as well
 IPP_SETUP = """\
@@ -155,7 +166,8 @@ def engines_seen(outs: list[dict]) -> list[int]:
             text = c.get("text", "")
         else:
             continue
-        seen.update(int(x) for x in STDOUT_RE.findall(text if isinstance(text, str) else "".join(text)))
+        for spec in STDOUT_RE.findall(text if isinstance(text, str) else "".join(text)):
+            seen.update(expand_ids(spec))
     return sorted(seen)
 
 
@@ -778,7 +790,7 @@ def summarize(cfg: Config, res: dict) -> list[dict]:
         if not (ipp or px):
             continue
         for q in qs:
-            add(f"{'**' if q == 'median' else ''}cell latency {qn[q]}{'**' if q == 'median' else ''}, 4 engines: "
+            add(f"{'**' if q == 'median' else ''}cell latency {qn[q]}{'**' if q == 'median' else ''}, {cfg.n} engines: "
                 f"ipyparallel `%%px print(\"hi\")` vs {label}", "ms", ipp.get("ms", {}).get(q), px.get("ms", {}).get(q))
         if name == "parallax":
             add(f"CPU per cell: kernel process tree (kernel + controller + engines), {label}", "ms",
@@ -802,11 +814,11 @@ def summarize(cfg: Config, res: dict) -> list[dict]:
         add("kernel launch → kernel_info reply", "s",
             _med([r.get("kernel_ready_s") for r in ok["ipyparallel"]]),
             _med([r.get("kernel_ready_s") for r in ok["parallax"]]))
-        add("**kernel launch → first parallel cell answered by 4 engines**", "s",
+        add(f"**kernel launch → first parallel cell answered by {cfg.n} engines**", "s",
             _med([r.get("first_cell_s") for r in ok["ipyparallel"]]),
             _med([r.get("first_cell_s") for r in ok["parallax"]]),
             "ipyparallel: launch, setup cell (import + Cluster start), first `%%px` cell")
-        add("**cluster start → 4 engines**: `Cluster(n=4).start_and_connect_sync()` (import excluded) vs "
+        add(f"**cluster start → {cfg.n} engines**: `Cluster(n={cfg.n}).start_and_connect_sync()` (import excluded) vs "
             "`cluster ready elapsed_ms` (kernel log)", "s",
             _med([r.get("setup", {}).get("start_s") for r in ok["ipyparallel"]]),
             _med([(r.get("cluster_ready_ms") or 0) / 1e3 or None for r in ok["parallax"]]))
@@ -821,7 +833,7 @@ def summarize(cfg: Config, res: dict) -> list[dict]:
     if cli:
         ok = {s: [r for r in cli.get(s, []) if "error" not in r] for s in SIDES}
         add("`ipcluster start -n 4 --daemonize` vs `parallax cluster start -n 4 --daemonize`: launch → stock "
-            "Client sees 4 engines", "s",
+            f"Client sees {cfg.n} engines", "s",
             _med([r.get("client_sees_n_s") for r in ok["ipyparallel"]]),
             _med([r.get("client_sees_n_s") for r in ok["parallax"]]))
         add("… `parallax cluster start` command returns (engines registered)", "s", None,
@@ -896,7 +908,13 @@ def markdown(cfg: Config, env: dict, rows: list[dict], res: dict, noise: list, m
         if isinstance(v, dict) and v.get("cpu_ms_per_cell_by_role"):
             parts = ", ".join(f"{r} {x:.2f}" for r, x in sorted(v["cpu_ms_per_cell_by_role"].items(),
                                                                 key=lambda kv: -kv[1]) if x >= 0.005)
-            cpu_lines.append(f"- {name}: {parts}; client {v.get('client_cpu_ms_per_cell') or 0:.2f}")
+            total = sum(v["cpu_ms_per_cell_by_role"].values()) + (v.get("client_cpu_ms_per_cell") or 0)
+            cores = env.get("cpus") or os.cpu_count() or 1
+            floor = total / cores
+            p50 = (v.get("ms") or {}).get("median")
+            vs = f"; latency p50 {p50:.1f} ms = {p50 / floor:.2f}× the floor" if p50 and floor else ""
+            cpu_lines.append(f"- {name}: {parts}; client {v.get('client_cpu_ms_per_cell') or 0:.2f}; "
+                             f"CPU floor (all of it ÷ {cores} cores) {floor:.1f} ms{vs}")
     if cpu_lines:
         L.append("CPU per cell by process role (ms; CPU-seconds over the timed cells ÷ cells, 10 ms clock ticks):")
         L.append("")
