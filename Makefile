@@ -177,12 +177,14 @@ test-python: venv wheel build-rust lab-deps console-deps $(STAMPS)/launchers $(S
 test-launch: venv build-rust $(STAMPS)/launchers $(STAMPS)/torque/usr/bin/qsub
 	PARALLAX_BIN=$(abspath $(BIN)) $(PY) -m pytest tests/launch -q -p no:cacheprovider
 
-# BENCH=hub|kernel|rust|scale|launch|db runs one of them (default: hub kernel rust scale db, in that order);
+# BENCH=hub|kernel|rust|scale|launch|db runs one of them (default: all, in that order);
 # BENCH_DB_ARGS: bench_db's (the stock-Client rounds beside ipcontroller, then a million tasks from the load generator)
+# BENCH_LAUNCH_ARGS: bench_launch's (ipcluster beside parallax cluster through mpiexec and Slurm)
 BENCH_DB_ARGS ?= --include-ipcontroller --million
-bench: venv build-rust
-	for b in $(or $(BENCH),hub kernel rust scale db); do \
-	  args=""; [ "$$b" = db ] && args="$(BENCH_DB_ARGS)"; \
+BENCH_LAUNCH_ARGS ?= --n 4 16 64 --rounds 1
+bench: venv build-rust $(STAMPS)/launchers
+	for b in $(or $(BENCH),hub kernel rust scale launch db); do \
+	  args=""; [ "$$b" = db ] && args="$(BENCH_DB_ARGS)"; [ "$$b" = launch ] && args="$(BENCH_LAUNCH_ARGS)"; \
 	  PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py $$args || exit $$?; done
 
 lint:

@@ -60,7 +60,7 @@ def ipyparallel_side(launcher: str, n: int, slurm) -> tuple[float, float]:
 
     d = tempfile.mkdtemp(prefix="bench-launch-ipp-")
     t = time.perf_counter()
-    c = ipp.Cluster(engines=launcher, n=n, profile_dir=d, cluster_id="b", log_level=40)
+    c = ipp.Cluster(engines=launcher, n=n, profile_dir=d, cluster_id="b", log_level=40, engine_timeout=300)
     rc = c.start_and_connect_sync()
     rc.wait_for_engines(n, timeout=300)
     up = time.perf_counter() - t
