@@ -150,7 +150,15 @@ fn main() -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("--work-dir {}: {e}", d.display()))?;
             }
             parallax_hub::driver::tune_allocator();
-            runtime()?.block_on(async move {
+            // One thread: an engine's work is a few messages per request,
+            // and a second worker only added wake-ups across threads (16
+            // engines, `dv.execute`: the engines' Rust CPU per round -15%).
+            // Heartbeats are answered on it too; what could hold it (signing
+            // or checking a large message) takes far less than a beat.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
                 // The engine handles SIGINT/SIGTERM itself (clean unregistration).
                 parallax_engine::driver::run(args, CancellationToken::new()).await
             })
