@@ -207,6 +207,12 @@ pub struct StartArgs {
     /// Return once the engines are registered and leave the cluster running.
     #[arg(long, visible_alias = "daemon")]
     pub daemonize: bool,
+    /// Local Python engines fork their interpreters from one zygote (a
+    /// template Python that imported IPython and ipyparallel once), so they
+    /// share those pages and skip the imports; false starts one Python per
+    /// engine.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub zygote: bool,
     /// Extra arguments for each `parallax engine` (split on whitespace;
     /// repeatable), e.g. --engine-args=--python=/venv/bin/python3.
     #[arg(long = "engine-args", allow_hyphen_values = true, value_name = "ARGS")]
@@ -421,6 +427,9 @@ fn cmdline_is_cluster_process(args: &[String]) -> bool {
     {
         return true;
     }
+    if parallax_engine::zygote::is_zygote_cmdline(args) {
+        return true;
+    }
     // mpiexec (or mpirun, srun…) running `parallax engine`
     if args
         .windows(2)
@@ -580,6 +589,8 @@ struct ClusterState {
     sets: serde_json::Map<String, Value>,
     /// A launched hub's class and `to_dict()` (a local one: pid and log).
     controller: Option<(&'static str, Value)>,
+    /// The local engines' zygote: pid, socket, log.
+    zygote: Option<(i64, PathBuf, PathBuf)>,
 }
 
 impl ClusterState {
@@ -605,6 +616,11 @@ impl ClusterState {
                 }),
             },
             "engines": {"class": self.engine_class, "sets": self.sets},
+            "zygote": self.zygote.as_ref().map(|(pid, socket, log)| json!({
+                "pid": pid,
+                "socket": socket.to_string_lossy(),
+                "output_file": log.to_string_lossy(),
+            })),
         })
     }
 }
@@ -637,6 +653,8 @@ struct LoadedCluster {
     /// The hosts of ssh engine sets (`SshLauncher::to_dict` each).
     ssh_hosts: Vec<Value>,
     engine_class: String,
+    /// The local engines' zygote: pid, socket, log.
+    zygote: Option<(i64, Option<PathBuf>, Option<PathBuf>)>,
 }
 
 fn pid_of(v: &Value) -> Option<i64> {
@@ -720,7 +738,12 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
             }
         }
     }
+    let zygote = raw.get("zygote").and_then(|z| {
+        let socket = z.get("socket").and_then(Value::as_str).map(PathBuf::from);
+        Some((pid_of(z)?, socket, path_of(z)))
+    });
     Ok(LoadedCluster {
+        zygote,
         file: file.to_path_buf(),
         raw,
         profile_dir,
@@ -1009,7 +1032,10 @@ impl EngineSet {
 
 /// The processes `start` launched, for cleanup.
 struct Launched {
+    zygote_log: Option<PathBuf>,
     hub: Option<Hub>,
+    /// The zygote's process and socket (local Python engines).
+    zygote: Option<(Proc, PathBuf)>,
     hub_log: PathBuf,
     sets: Vec<EngineSet>,
     cluster_file: PathBuf,
@@ -1023,6 +1049,13 @@ impl Launched {
             for e in set.stop() {
                 esay!("warning: stopping {e}");
             }
+        }
+        // the zygote after the engines: their interpreters are its children
+        if let Some((z, socket)) = &mut self.zygote {
+            for k in terminate(std::slice::from_mut(z), self.grace) {
+                esay!("warning: {k} did not stop after SIGTERM; killed");
+            }
+            let _ = std::fs::remove_file(socket);
         }
         let mut hub_killed = Vec::new();
         match &mut self.hub {
@@ -1047,7 +1080,7 @@ impl Launched {
         }
         if remove_logs {
             let logs = self.sets.iter().flat_map(|s| s.logs.iter());
-            for log in logs.chain([&self.hub_log]) {
+            for log in logs.chain([&self.hub_log]).chain(self.zygote_log.iter()) {
                 let _ = std::fs::remove_file(log);
             }
         }
@@ -1375,7 +1408,70 @@ fn parse_launcher(s: &str) -> Result<LauncherKind, String> {
     })
 }
 
-async fn start(args: StartArgs) -> Result<()> {
+/// The zygote for this start, if any: (python, socket). Only local Python
+/// engines use one (`--zygote`, on by default); their `--python` (default
+/// python3) is the zygote's interpreter.
+fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
+    if !args.zygote || args.engines != LauncherKind::Local {
+        return None;
+    }
+    let engine_args = split_args(&args.engine_args);
+    let mut python = PathBuf::from("python3");
+    let mut it = engine_args.iter();
+    while let Some(a) = it.next() {
+        let value = |it: &mut std::slice::Iter<String>, name: &str| {
+            a.strip_prefix(&format!("{name}="))
+                .map(str::to_owned)
+                .or_else(|| (a == name).then(|| it.next().cloned()).flatten())
+        };
+        if let Some(l) = value(&mut it, "--language") {
+            if l != "python" {
+                return None;
+            }
+        } else if let Some(p) = value(&mut it, "--python") {
+            python = PathBuf::from(p);
+        } else if a == "--zygote" || a.starts_with("--zygote=") {
+            return None; // the user named one
+        }
+    }
+    let socket = parallax_engine::zygote::socket_path().ok()?;
+    // engine arguments are split on whitespace
+    if socket.to_string_lossy().contains(char::is_whitespace) {
+        return None;
+    }
+    Some((python, socket))
+}
+
+/// Start the zygote in its own session (like the hub), output to `log`,
+/// and wait until its socket exists (engines may connect while it still
+/// imports; they wait for their interpreter).
+fn spawn_zygote(python: &Path, socket: &Path, log: &Path) -> Result<Proc> {
+    use std::os::unix::process::CommandExt;
+    let out = log_file(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = parallax_engine::zygote::command(python, socket)?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the zygote")?;
+    let mut p = Proc {
+        label: "zygote".into(),
+        pid: child.id() as i64,
+        child: Some(child),
+    };
+    if !parallax_engine::zygote::wait_for_socket(socket, Duration::from_secs(10)) || !p.alive() {
+        terminate(std::slice::from_mut(&mut p), Duration::from_secs(1));
+        bail!("it did not create {}; {}", socket.display(), log_tail(log, 10));
+    }
+    Ok(p)
+}
+
+async fn start(mut args: StartArgs) -> Result<()> {
     let t0 = Instant::now();
     let n = match args.n {
         Some(n) => n,
@@ -1409,6 +1505,14 @@ async fn start(args: StartArgs) -> Result<()> {
         .unwrap_or(0)
         .to_string();
     let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
+    // the zygote's socket is named now so the engines' command line has it;
+    // the zygote itself starts after the hub
+    let zygote = zygote_plan(&args);
+    if let Some((_, socket)) = &zygote {
+        args.engine_args
+            .push(format!("--zygote={}", socket.display()));
+    }
+    let args = args;
     let plan = EnginePlan {
         args: &args,
         exe: &exe,
@@ -1495,7 +1599,24 @@ async fn start(args: StartArgs) -> Result<()> {
         say!("Launched the hub: {}", h.launcher.label());
         Hub::Launched(h)
     };
+    let zygote_log = log_dir.join(format!(
+        "parallax-zygote{id_part}-{}.log",
+        std::process::id()
+    ));
+    let zygote = match zygote {
+        Some((python, socket)) => match spawn_zygote(&python, &socket, &zygote_log) {
+            Ok(p) => Some((p, socket)),
+            Err(e) => {
+                // the engines find no socket and start Python themselves
+                esay!("warning: no zygote ({e:#}); each engine starts its own Python");
+                None
+            }
+        },
+        None => None,
+    };
     let mut launched = Launched {
+        zygote_log: zygote.is_some().then(|| zygote_log.clone()),
+        zygote,
         hub: Some(hub),
         hub_log: hub_log.clone(),
         sets: Vec::new(),
@@ -1516,6 +1637,10 @@ async fn start(args: StartArgs) -> Result<()> {
         controller_location: args.location.clone().unwrap_or_default(),
         engine_class: args.engines.name(),
         sets: Default::default(),
+        zygote: launched
+            .zygote
+            .as_ref()
+            .map(|(p, socket)| (p.pid, socket.clone(), zygote_log.clone())),
     };
     let poll_interval = Duration::from_secs_f64(args.poll_interval.max(0.05));
 
@@ -1999,6 +2124,17 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while left.iter_mut().any(Proc::alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if let Some((pid, socket, log)) = &c.zygote {
+        let mut z = [Proc {
+            label: "zygote".into(),
+            pid: *pid,
+            child: None,
+        }];
+        killed.extend(terminate(&mut z, grace));
+        for f in [socket, log].into_iter().flatten() {
+            let _ = std::fs::remove_file(f);
+        }
     }
     if let Some(pid) = c.hub_pid {
         let mut hub = [Proc {
