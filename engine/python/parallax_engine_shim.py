@@ -1601,7 +1601,17 @@ def main(forked=False):
         sys.modules.setdefault("parallax_engine_shim", me)
 
     chan = _Channel(cmd_fd, evt_fd)
-    engine = Engine(chan)
+    if forked and _ZYGOTE_ENGINE is not None:
+        # the zygote's engine, shell included (shared pages): only what is
+        # this process's own changes
+        engine = _ZYGOTE_ENGINE
+        engine.chan = chan
+        engine._token_prefix = "pxe-%s-" % os.urandom(6).hex()
+        engine._main_tid = _thread.get_ident()
+        engine.engine_id = _env_int("PARALLAX_ENGINE_ID", -1)
+        engine.engine_uuid = os.environ.get("PARALLAX_ENGINE_UUID", "")
+    else:
+        engine = Engine(chan)
     _signal.signal(_signal.SIGINT, engine._sigint_handler)
 
     for fd in (cmd_fd, evt_fd):
@@ -1735,6 +1745,33 @@ def main(forked=False):
 #   child that is still running (the engine is gone).
 
 
+#: the engine the zygote prepared (shell created, serializer warmed); a
+#: forked child adopts it
+_ZYGOTE_ENGINE = None
+
+
+def _zygote_probe(x, k=None):
+    return [x, k]
+
+
+def _zygote_prepare():
+    """In the zygote: an Engine whose shell exists and whose apply path ran
+    once (ipyparallel's canning imports numpy and fills its maps on first
+    use), so each child starts where an engine is after its first apply."""
+    global _ZYGOTE_ENGINE
+    engine = Engine(None)
+    sys.modules["__main__"] = engine.main_mod
+    if _importable("IPython"):
+        engine.ensure_shell()
+    if _importable("ipyparallel"):
+        ser = engine._ipyparallel()
+        bufs = ser.pack_apply_message(_zygote_probe, (1,), {"k": [1.5, "a"]})
+        f, args, kwargs = ser.unpack_apply_message(bufs, engine.ns, False)
+        ser.serialize_object(_call(f, args, kwargs), _DEFAULT_BUFFER_THRESHOLD,
+                             _DEFAULT_ITEM_THRESHOLD)
+    _ZYGOTE_ENGINE = engine
+
+
 def _zygote_refusal(req):
     """Why this zygote cannot fork the interpreter ``req`` asks for (None
     if it can): another interpreter, or a Python-level environment that
@@ -1816,6 +1853,10 @@ def _zygote_main(path):
             except Exception as e:
                 sys.stderr.write("parallax zygote: importing %s failed: %s\n" % (name, e))
     sys.modules.setdefault("parallax_engine_shim", sys.modules[__name__])
+    try:
+        _zygote_prepare()
+    except Exception as e:
+        sys.stderr.write("parallax zygote: preparing an engine failed: %r\n" % (e,))
     gc.collect()
     gc.freeze()
     if len(sys._current_frames()) != 1:
