@@ -401,15 +401,49 @@ fn pid_alive(pid: i64) -> bool {
 /// against signalling an unrelated process that reused a stale pid. Where
 /// `/proc` is not available the answer is yes.
 fn looks_like_cluster_process(pid: i64) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Some(args) = cmdline(pid) else {
         return !Path::new("/proc/self/cmdline").exists();
     };
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
     cmdline_is_cluster_process(&args)
+}
+
+fn cmdline(pid: i64) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// The zygotes serving `engines` (found by the `--zygote=SOCKET` on their
+/// command lines, then the process listening there): the cluster file's
+/// record of the zygote does not survive `ipcluster list`, which rewrites
+/// the file with ipyparallel's fields only.
+fn zygotes_of(engines: &[i64]) -> Vec<(i64, PathBuf)> {
+    let sockets: std::collections::BTreeSet<String> = engines
+        .iter()
+        .filter_map(|p| cmdline(*p))
+        .flatten()
+        .filter_map(|a| a.strip_prefix("--zygote=").map(str::to_owned))
+        .collect();
+    if sockets.is_empty() {
+        return Vec::new();
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter_map(|pid| {
+            let args = cmdline(pid)?;
+            let i = args.iter().position(|a| a == parallax_engine::zygote::ZYGOTE_FLAG)?;
+            let socket = args.get(i + 1)?;
+            sockets
+                .contains(socket)
+                .then(|| (pid, PathBuf::from(socket)))
+        })
+        .collect()
 }
 
 fn cmdline_is_cluster_process(args: &[String]) -> bool {
@@ -1408,6 +1442,16 @@ fn parse_launcher(s: &str) -> Result<LauncherKind, String> {
     })
 }
 
+/// The zygote's log: named after its socket, so `stop` finds it from an
+/// engine's `--zygote=` alone.
+fn zygote_log_path(log_dir: &Path, id_part: &str, socket: &Path) -> PathBuf {
+    let stem = socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    log_dir.join(format!("parallax-{stem}{id_part}.log"))
+}
+
 /// The zygote for this start, if any: (python, socket). Only local Python
 /// engines use one (`--zygote`, on by default); their `--python` (default
 /// python3) is the zygote's interpreter.
@@ -1599,10 +1643,10 @@ async fn start(mut args: StartArgs) -> Result<()> {
         say!("Launched the hub: {}", h.launcher.label());
         Hub::Launched(h)
     };
-    let zygote_log = log_dir.join(format!(
-        "parallax-zygote{id_part}-{}.log",
-        std::process::id()
-    ));
+    let zygote_log = zygote.as_ref().map_or_else(
+        || log_dir.join("parallax-zygote.log"),
+        |(_, socket)| zygote_log_path(&log_dir, &id_part, socket),
+    );
     let zygote = match zygote {
         Some((python, socket)) => match spawn_zygote(&python, &socket, &zygote_log) {
             Ok(p) => Some((p, socket)),
@@ -2100,6 +2144,30 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             c.engine_class
         );
     }
+    // the zygote(s) the engines use, named on their command lines
+    let mut zygotes: Vec<(i64, Option<PathBuf>, Option<PathBuf>)> = zygotes_of(
+        &engines
+            .iter()
+            .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
+            .map(|p| p.pid)
+            .collect::<Vec<_>>(),
+    )
+    .into_iter()
+    .map(|(pid, socket)| {
+        let id_part = if c.cluster_id.is_empty() {
+            String::new()
+        } else {
+            format!("-{}", c.cluster_id)
+        };
+        let log = zygote_log_path(&c.profile_dir.join("log"), &id_part, &socket);
+        (pid, Some(socket), Some(log))
+    })
+    .collect();
+    if let Some(z) = &c.zygote
+        && !zygotes.iter().any(|(pid, _, _)| *pid == z.0)
+    {
+        zygotes.push(z.clone());
+    }
     // what the engines started (an mpiexec's ranks, an engine's Python)
     // goes with them, even if they have to be killed
     let tree: Vec<i64> = engines
@@ -2125,7 +2193,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     while left.iter_mut().any(Proc::alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if let Some((pid, socket, log)) = &c.zygote {
+    for (pid, socket, log) in &zygotes {
         let mut z = [Proc {
             label: "zygote".into(),
             pid: *pid,
