@@ -2485,9 +2485,12 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            zygote: Some((103, "/t/zygote-1-ab.sock".into(), "/l/z.log".into())),
         };
         let v = state.to_value();
-        // The fields ipyparallel's Cluster.to_dict() writes, and no others.
+        // The fields ipyparallel's Cluster.to_dict() writes, and no others
+        // (but `zygote`, which `ipcluster list` drops when it rewrites the
+        // file: `stop` also finds the zygote from the engines).
         assert_eq!(v["cluster"]["class"], "ipyparallel.cluster.cluster.Cluster");
         assert_eq!(v["cluster"]["delay"], 1.0);
         assert_eq!(v["controller"]["class"], "local");
@@ -2509,6 +2512,42 @@ mod tests {
         assert_eq!(c.engines[0].1, 101);
         assert_eq!(c.engines[1].2.as_deref(), Some(Path::new("/l/e1.log")));
         assert_eq!(c.launcher_name(), "Local");
+        assert_eq!(
+            c.zygote,
+            Some((
+                103,
+                Some("/t/zygote-1-ab.sock".into()),
+                Some("/l/z.log".into())
+            ))
+        );
+    }
+
+    #[test]
+    fn zygote_plans() {
+        let python = |argv: &[&str]| zygote_plan(&start_args(argv)).map(|(p, _)| p);
+        assert_eq!(python(&["-n", "2"]), Some("python3".into()));
+        assert_eq!(
+            python(&["--engine-args=--python=/v/bin/python3 --id=3"]),
+            Some("/v/bin/python3".into())
+        );
+        assert_eq!(
+            python(&["--engine-args", "--python /v/bin/python3"]),
+            Some("/v/bin/python3".into())
+        );
+        assert_eq!(python(&["--zygote=false"]), None);
+        assert_eq!(python(&["--engine-args=--language=rust"]), None);
+        assert_eq!(python(&["--engine-args=--zygote=/x.sock"]), None);
+        assert_eq!(python(&["--engines=mpi"]), None);
+        let (_, socket) = zygote_plan(&start_args(&[])).unwrap();
+        assert!(socket.to_string_lossy().ends_with(".sock"));
+        assert_eq!(
+            zygote_log_path(Path::new("/p/log"), "-abc", &socket)
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("parallax-zygote-"),
+            true
+        );
     }
 
     #[test]

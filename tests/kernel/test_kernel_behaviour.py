@@ -617,6 +617,8 @@ def test_restart_and_shutdown_leave_no_processes(kernel_env):
     try:
         ok(k, "x = 1")
         old = _check_tree(k)
+        zyg = k.zygote()
+        assert zyg is not None and zyg.pid in old, "the engines' interpreters come from a zygote"
         k.restart()
         assert k.pid != old[0]
         assert wait_gone(old, 5) == [], [psutil.Process(p).cmdline() for p in old if not gone(p)]
@@ -634,6 +636,7 @@ def test_sigkilled_kernel_takes_its_engines_down(kernel_env):
     try:
         ok(k, "x = 1")
         pids = _check_tree(k)
+        assert k.zygote() is not None and k.zygote().pid in pids
         os.kill(k.pid, signal.SIGKILL)
         left = wait_gone(pids, 5)
         assert left == [], "still running 5 s after the kernel was killed: " + "; ".join(
