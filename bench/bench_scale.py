@@ -115,7 +115,8 @@ class Cluster:
         return time.perf_counter() - t0
 
     def engine_pids(self) -> list[int]:
-        """The engine processes, from the cluster file both kinds write (ipyparallel's format)."""
+        """The engine processes, from the cluster file both kinds write (ipyparallel's format),
+        and Parallax's zygote (whose children are the engines' interpreters)."""
         pids = []
 
         def walk(v):
@@ -126,7 +127,11 @@ class Cluster:
                     walk(x)
 
         for f in (self.profile / "security").glob("cluster-*.json"):
-            walk(json.loads(f.read_text()).get("engines", {}))
+            d = json.loads(f.read_text())
+            walk(d.get("engines", {}))
+            # Parallax's zygote: the engines' interpreters are its children
+            if (d.get("zygote") or {}).get("pid"):
+                pids.append(d["zygote"]["pid"])
         return pids
 
     def all_pids(self) -> list[int]:
