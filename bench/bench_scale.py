@@ -127,11 +127,12 @@ class Cluster:
                     walk(x)
 
         for f in (self.profile / "security").glob("cluster-*.json"):
-            d = json.loads(f.read_text())
-            walk(d.get("engines", {}))
-            # Parallax's zygote: the engines' interpreters are its children
-            if (d.get("zygote") or {}).get("pid"):
-                pids.append(d["zygote"]["pid"])
+            walk(json.loads(f.read_text()).get("engines", {}))
+        # Parallax's zygote (`--parallax-zygote SOCKET --owner <cluster file>`)
+        for p in psutil.process_iter(["cmdline"]):
+            a = p.info["cmdline"] or []
+            if "--parallax-zygote" in a and any(str(self.profile) in x for x in a):
+                pids.append(p.pid)
         return pids
 
     def all_pids(self) -> list[int]:

@@ -58,11 +58,19 @@ def descendants(pid: int) -> list[int]:
         return []
 
 
+def zygote_pid(profile: Path) -> int | None:
+    """The cluster's zygote: `… --parallax-zygote SOCKET --owner <cluster file>`."""
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        a = p.info["cmdline"] or []
+        if "--parallax-zygote" in a and any(str(profile) in x for x in a):
+            return p.info["pid"]
+    return None
+
+
 def memory(profile: Path, n: int) -> dict:
     engines, zygote = [], None
     for f in (profile / "security").glob("cluster-*.json"):
         d = json.loads(f.read_text())
-        zygote = (d.get("zygote") or {}).get("pid")
 
         def walk(v):
             if isinstance(v, dict):
@@ -72,6 +80,7 @@ def memory(profile: Path, n: int) -> dict:
                     walk(x)
 
         walk(d.get("engines", {}))
+    zygote = zygote_pid(profile)
     rust = sum(pss_kib(p) for p in engines)
     py_pids = {q for p in engines for q in descendants(p)}
     zyg = 0

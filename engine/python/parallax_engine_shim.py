@@ -1826,7 +1826,7 @@ def _zygote_child(socks, fds, req):
     main(forked=True)
 
 
-def _zygote_main(path):
+def _zygote_main(path, owner=None):
     import gc
     import json
     import select
@@ -1962,9 +1962,22 @@ def _zygote_main(path):
         ent[2] = bytearray()
         ent[3] = []
 
+    # an owner (the cluster file of `parallax cluster start`): once it has
+    # existed and is gone (the cluster was stopped, also by ipyparallel's
+    # Cluster.stop_cluster, which knows nothing of zygotes) and no child is
+    # left, the zygote is not needed any more; one never seen for 10 min is
+    # a start that died before writing it
+    owner_seen = False
+    born = time.monotonic()
     while not stopping:
+        if owner is not None:
+            if os.path.exists(owner):
+                owner_seen = True
+            elif not by_pid and (owner_seen or time.monotonic() - born > 600):
+                break
         try:
-            r, _, _ = select.select([srv, wake_r] + list(conns), [], [])
+            r, _, _ = select.select([srv, wake_r] + list(conns), [], [],
+                                    None if owner is None else 1.0)
         except InterruptedError:
             r = []
         for x in r:
@@ -1993,7 +2006,8 @@ def _zygote_main(path):
                     if not more:
                         drop(x)
         reap()
-    # SIGTERM: the cluster is stopping; no interpreter outlives the zygote
+    # SIGTERM (or the owner gone): the cluster is stopping; no interpreter
+    # outlives the zygote
     for pid in list(by_pid):
         try:
             os.kill(pid, signal.SIGKILL)
@@ -2007,7 +2021,12 @@ def _zygote_main(path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--parallax-zygote":
-        _zygote_main(sys.argv[2])
+    # --parallax-zygote SOCKET [--owner CLUSTER_FILE] (the owner is only
+    # there for `cluster stop` to find in /proc/PID/cmdline)
+    if len(sys.argv) >= 3 and sys.argv[1] == "--parallax-zygote":
+        _owner = None
+        if len(sys.argv) >= 5 and sys.argv[3] == "--owner":
+            _owner = sys.argv[4]
+        _zygote_main(sys.argv[2], _owner)
     else:
         main()

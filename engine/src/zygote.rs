@@ -59,11 +59,19 @@ pub fn resolve_python(python: &Path) -> anyhow::Result<PathBuf> {
     Ok(std::path::absolute(&p).unwrap_or(p))
 }
 
-/// The zygote's command line: `python -u <shim> --parallax-zygote SOCKET`,
-/// with `PARALLAX_ZYGOTE_PYTHON` naming the interpreter (an engine
-/// configured with another one is refused). Stdio and process group are
-/// the caller's choice.
-pub fn command(python: &Path, socket: &Path) -> anyhow::Result<std::process::Command> {
+/// The argument after which a zygote's command line names its owner (a
+/// cluster file), so `cluster stop` finds it even with no engine left.
+pub const OWNER_FLAG: &str = "--owner";
+
+/// The zygote's command line: `python -u <shim> --parallax-zygote SOCKET
+/// [--owner OWNER]`, with `PARALLAX_ZYGOTE_PYTHON` naming the interpreter
+/// (an engine configured with another one is refused). Stdio and process
+/// group are the caller's choice.
+pub fn command(
+    python: &Path,
+    socket: &Path,
+    owner: Option<&Path>,
+) -> anyhow::Result<std::process::Command> {
     let python = resolve_python(python)?;
     let shim = crate::python::shim_path()?;
     let mut c = std::process::Command::new(&python);
@@ -72,12 +80,24 @@ pub fn command(python: &Path, socket: &Path) -> anyhow::Result<std::process::Com
         .arg(ZYGOTE_FLAG)
         .arg(socket)
         .env("PARALLAX_ZYGOTE_PYTHON", &python);
+    if let Some(owner) = owner {
+        c.arg(OWNER_FLAG).arg(owner);
+    }
     Ok(c)
 }
 
 /// Is this `/proc/PID/cmdline` a zygote's?
 pub fn is_zygote_cmdline(args: &[String]) -> bool {
     args.iter().any(|a| a == ZYGOTE_FLAG)
+}
+
+/// A zygote's socket and owner, from its command line.
+pub fn parse_cmdline(args: &[String]) -> Option<(PathBuf, Option<PathBuf>)> {
+    let after = |flag: &str| {
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1).map(PathBuf::from)
+    };
+    Some((after(ZYGOTE_FLAG)?, after(OWNER_FLAG)))
 }
 
 /// Wait (up to `timeout`) until the zygote's socket exists; false if it did
@@ -265,13 +285,28 @@ mod tests {
     #[test]
     fn zygote_cmdlines() {
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert!(is_zygote_cmdline(&args(&[
+        let z = args(&[
             "/v/bin/python3",
             "-u",
             "/tmp/parallax-1/parallax_engine_shim-ab.py",
             "--parallax-zygote",
             "/tmp/parallax-1/zygote-1-ab.sock",
-        ])));
+            "--owner",
+            "/p/security/cluster-x.json",
+        ]);
+        assert!(is_zygote_cmdline(&z));
+        assert_eq!(
+            parse_cmdline(&z),
+            Some((
+                "/tmp/parallax-1/zygote-1-ab.sock".into(),
+                Some("/p/security/cluster-x.json".into())
+            ))
+        );
+        assert_eq!(
+            parse_cmdline(&z[..5]),
+            Some(("/tmp/parallax-1/zygote-1-ab.sock".into(), None))
+        );
         assert!(!is_zygote_cmdline(&args(&["/v/bin/python3", "-u", "x.py"])));
+        assert_eq!(parse_cmdline(&args(&["/v/bin/python3"])), None);
     }
 }

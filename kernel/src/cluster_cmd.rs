@@ -417,31 +417,27 @@ fn cmdline(pid: i64) -> Option<Vec<String>> {
     )
 }
 
-/// The zygotes serving `engines` (found by the `--zygote=SOCKET` on their
-/// command lines, then the process listening there): the cluster file's
-/// record of the zygote does not survive `ipcluster list`, which rewrites
-/// the file with ipyparallel's fields only.
-fn zygotes_of(engines: &[i64]) -> Vec<(i64, PathBuf)> {
+/// The zygotes of a cluster: those serving `engines` (the `--zygote=SOCKET`
+/// on their command lines) and those whose command line names the cluster
+/// file as owner (found even with no engine left). Not recorded in the
+/// cluster file: it holds ipyparallel's fields only (`Cluster.from_file`
+/// loads it unchanged, `ipcluster list` rewrites it without ours).
+fn zygotes_of(engines: &[i64], cluster_file: &Path) -> Vec<(i64, PathBuf)> {
     let sockets: std::collections::BTreeSet<String> = engines
         .iter()
         .filter_map(|p| cmdline(*p))
         .flatten()
         .filter_map(|a| a.strip_prefix("--zygote=").map(str::to_owned))
         .collect();
-    if sockets.is_empty() {
-        return Vec::new();
-    }
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
         .filter_map(|pid| {
-            let args = cmdline(pid)?;
-            let i = args.iter().position(|a| a == parallax_engine::zygote::ZYGOTE_FLAG)?;
-            let socket = args.get(i + 1)?;
-            sockets
-                .contains(socket)
-                .then(|| (pid, PathBuf::from(socket)))
+            let (socket, owner) = parallax_engine::zygote::parse_cmdline(&cmdline(pid)?)?;
+            let ours = sockets.contains(&*socket.to_string_lossy())
+                || owner.is_some_and(|o| o == cluster_file);
+            ours.then_some((pid, socket))
         })
         .collect()
 }
@@ -623,8 +619,6 @@ struct ClusterState {
     sets: serde_json::Map<String, Value>,
     /// A launched hub's class and `to_dict()` (a local one: pid and log).
     controller: Option<(&'static str, Value)>,
-    /// The local engines' zygote: pid, socket, log.
-    zygote: Option<(i64, PathBuf, PathBuf)>,
 }
 
 impl ClusterState {
@@ -650,11 +644,6 @@ impl ClusterState {
                 }),
             },
             "engines": {"class": self.engine_class, "sets": self.sets},
-            "zygote": self.zygote.as_ref().map(|(pid, socket, log)| json!({
-                "pid": pid,
-                "socket": socket.to_string_lossy(),
-                "output_file": log.to_string_lossy(),
-            })),
         })
     }
 }
@@ -687,8 +676,6 @@ struct LoadedCluster {
     /// The hosts of ssh engine sets (`SshLauncher::to_dict` each).
     ssh_hosts: Vec<Value>,
     engine_class: String,
-    /// The local engines' zygote: pid, socket, log.
-    zygote: Option<(i64, Option<PathBuf>, Option<PathBuf>)>,
 }
 
 fn pid_of(v: &Value) -> Option<i64> {
@@ -772,12 +759,7 @@ fn parse_cluster(file: &Path, raw: Value) -> Result<LoadedCluster> {
             }
         }
     }
-    let zygote = raw.get("zygote").and_then(|z| {
-        let socket = z.get("socket").and_then(Value::as_str).map(PathBuf::from);
-        Some((pid_of(z)?, socket, path_of(z)))
-    });
     Ok(LoadedCluster {
-        zygote,
         file: file.to_path_buf(),
         raw,
         profile_dir,
@@ -1489,11 +1471,11 @@ fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
 /// Start the zygote in its own session (like the hub), output to `log`,
 /// and wait until its socket exists (engines may connect while it still
 /// imports; they wait for their interpreter).
-fn spawn_zygote(python: &Path, socket: &Path, log: &Path) -> Result<Proc> {
+fn spawn_zygote(python: &Path, socket: &Path, owner: &Path, log: &Path) -> Result<Proc> {
     use std::os::unix::process::CommandExt;
     let out = log_file(log)?;
     let err = out.try_clone()?;
-    let mut cmd = parallax_engine::zygote::command(python, socket)?;
+    let mut cmd = parallax_engine::zygote::command(python, socket, Some(owner))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: setsid is async-signal-safe.
     unsafe {
@@ -1648,7 +1630,7 @@ async fn start(mut args: StartArgs) -> Result<()> {
         |(_, socket)| zygote_log_path(&log_dir, &id_part, socket),
     );
     let zygote = match zygote {
-        Some((python, socket)) => match spawn_zygote(&python, &socket, &zygote_log) {
+        Some((python, socket)) => match spawn_zygote(&python, &socket, &cluster_file, &zygote_log) {
             Ok(p) => Some((p, socket)),
             Err(e) => {
                 // the engines find no socket and start Python themselves
@@ -1681,10 +1663,6 @@ async fn start(mut args: StartArgs) -> Result<()> {
         controller_location: args.location.clone().unwrap_or_default(),
         engine_class: args.engines.name(),
         sets: Default::default(),
-        zygote: launched
-            .zygote
-            .as_ref()
-            .map(|(p, socket)| (p.pid, socket.clone(), zygote_log.clone())),
     };
     let poll_interval = Duration::from_secs_f64(args.poll_interval.max(0.05));
 
@@ -2145,12 +2123,13 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         );
     }
     // the zygote(s) the engines use, named on their command lines
-    let mut zygotes: Vec<(i64, Option<PathBuf>, Option<PathBuf>)> = zygotes_of(
+    let zygotes: Vec<(i64, PathBuf, PathBuf)> = zygotes_of(
         &engines
             .iter()
             .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
             .map(|p| p.pid)
             .collect::<Vec<_>>(),
+        &c.file,
     )
     .into_iter()
     .map(|(pid, socket)| {
@@ -2160,14 +2139,9 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             format!("-{}", c.cluster_id)
         };
         let log = zygote_log_path(&c.profile_dir.join("log"), &id_part, &socket);
-        (pid, Some(socket), Some(log))
+        (pid, socket, log)
     })
     .collect();
-    if let Some(z) = &c.zygote
-        && !zygotes.iter().any(|(pid, _, _)| *pid == z.0)
-    {
-        zygotes.push(z.clone());
-    }
     // what the engines started (an mpiexec's ranks, an engine's Python)
     // goes with them, even if they have to be killed
     let tree: Vec<i64> = engines
@@ -2200,7 +2174,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             child: None,
         }];
         killed.extend(terminate(&mut z, grace));
-        for f in [socket, log].into_iter().flatten() {
+        for f in [socket, log] {
             let _ = std::fs::remove_file(f);
         }
     }
@@ -2485,12 +2459,9 @@ mod tests {
             )]
             .into_iter()
             .collect(),
-            zygote: Some((103, "/t/zygote-1-ab.sock".into(), "/l/z.log".into())),
         };
         let v = state.to_value();
-        // The fields ipyparallel's Cluster.to_dict() writes, and no others
-        // (but `zygote`, which `ipcluster list` drops when it rewrites the
-        // file: `stop` also finds the zygote from the engines).
+        // The fields ipyparallel's Cluster.to_dict() writes, and no others.
         assert_eq!(v["cluster"]["class"], "ipyparallel.cluster.cluster.Cluster");
         assert_eq!(v["cluster"]["delay"], 1.0);
         assert_eq!(v["controller"]["class"], "local");
@@ -2512,14 +2483,6 @@ mod tests {
         assert_eq!(c.engines[0].1, 101);
         assert_eq!(c.engines[1].2.as_deref(), Some(Path::new("/l/e1.log")));
         assert_eq!(c.launcher_name(), "Local");
-        assert_eq!(
-            c.zygote,
-            Some((
-                103,
-                Some("/t/zygote-1-ab.sock".into()),
-                Some("/l/z.log".into())
-            ))
-        );
     }
 
     #[test]

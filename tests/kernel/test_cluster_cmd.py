@@ -97,10 +97,19 @@ def procs_mentioning(text: str) -> set[int]:
     return found
 
 
+def zygote_of(cluster_file: Path) -> tuple[int, Path] | None:
+    """The local engines' zygote (pid, socket): the process whose command
+    line is `… --parallax-zygote SOCKET --owner CLUSTER_FILE`."""
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        a = p.info["cmdline"] or []
+        if "--parallax-zygote" in a and str(cluster_file) in a:
+            return p.info["pid"], Path(a[a.index("--parallax-zygote") + 1])
+    return None
+
+
 def zygote_pid(cluster_file: Path) -> int | None:
-    """The local engines' zygote, from the cluster file (None without one)."""
-    z = json.loads(cluster_file.read_text()).get("zygote")
-    return z["pid"] if z else None
+    z = zygote_of(cluster_file)
+    return z[0] if z else None
 
 
 def cluster_pids(cluster_file: Path) -> tuple[int, list[int]]:
@@ -132,8 +141,10 @@ class Env:
         """Note every process of the cluster (and children) for the final reap."""
         if self.cluster_file.exists():
             hub, engines = cluster_pids(self.cluster_file)
-            z = zygote_pid(self.cluster_file)
-            self.seen |= tree([hub, *engines, *([z] if z else [])])
+            self.seen |= tree([hub, *engines])
+        z = zygote_pid(self.cluster_file)
+        if z:
+            self.seen |= tree([z])
         self.seen |= tree(procs_mentioning(str(self.profile_dir)))
         return self.seen
 
@@ -404,7 +415,7 @@ facts = {
     env.remember()
     z = zygote_pid(env.cluster_file)
     assert z is not None and not gone(z)
-    socket = Path(json.loads(env.cluster_file.read_text())["zygote"]["socket"])
+    socket = zygote_of(env.cluster_file)[1]
     assert socket.exists()
     rc = ipp.Client(str(env.client_file), timeout=10)
     try:
