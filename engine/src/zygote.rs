@@ -203,8 +203,8 @@ pub async fn fork(
     let mut frame = (req.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&req);
 
-    let mut conn = StdUnixStream::connect(socket)
-        .map_err(|e| ForkError::Connect(socket.to_path_buf(), e))?;
+    let mut conn =
+        StdUnixStream::connect(socket).map_err(|e| ForkError::Connect(socket.to_path_buf(), e))?;
     send_with_fds(&conn, &frame[..1], &fds).map_err(ForkError::Send)?;
     conn.write_all(&frame[1..]).map_err(ForkError::Send)?;
     conn.set_nonblocking(true).map_err(ForkError::Send)?;

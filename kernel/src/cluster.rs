@@ -344,7 +344,8 @@ impl Drop for EmbeddedCluster {
 /// exists; engines connecting while it imports wait for their interpreter.
 async fn start_zygote(python: &Path) -> Result<(tokio::process::Child, PathBuf)> {
     let socket = parallax_engine::zygote::socket_path()?;
-    let mut cmd = tokio::process::Command::from(parallax_engine::zygote::command(python, &socket, None)?);
+    let mut cmd =
+        tokio::process::Command::from(parallax_engine::zygote::command(python, &socket, None)?);
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);

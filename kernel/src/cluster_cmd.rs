@@ -1492,7 +1492,11 @@ fn spawn_zygote(python: &Path, socket: &Path, owner: &Path, log: &Path) -> Resul
     };
     if !parallax_engine::zygote::wait_for_socket(socket, Duration::from_secs(10)) || !p.alive() {
         terminate(std::slice::from_mut(&mut p), Duration::from_secs(1));
-        bail!("it did not create {}; {}", socket.display(), log_tail(log, 10));
+        bail!(
+            "it did not create {}; {}",
+            socket.display(),
+            log_tail(log, 10)
+        );
     }
     Ok(p)
 }
@@ -1630,14 +1634,16 @@ async fn start(mut args: StartArgs) -> Result<()> {
         |(_, socket)| zygote_log_path(&log_dir, &id_part, socket),
     );
     let zygote = match zygote {
-        Some((python, socket)) => match spawn_zygote(&python, &socket, &cluster_file, &zygote_log) {
-            Ok(p) => Some((p, socket)),
-            Err(e) => {
-                // the engines find no socket and start Python themselves
-                esay!("warning: no zygote ({e:#}); each engine starts its own Python");
-                None
+        Some((python, socket)) => {
+            match spawn_zygote(&python, &socket, &cluster_file, &zygote_log) {
+                Ok(p) => Some((p, socket)),
+                Err(e) => {
+                    // the engines find no socket and start Python themselves
+                    esay!("warning: no zygote ({e:#}); each engine starts its own Python");
+                    None
+                }
             }
-        },
+        }
         None => None,
     };
     let mut launched = Launched {
@@ -2503,13 +2509,11 @@ mod tests {
         assert_eq!(python(&["--engines=mpi"]), None);
         let (_, socket) = zygote_plan(&start_args(&[])).unwrap();
         assert!(socket.to_string_lossy().ends_with(".sock"));
-        assert_eq!(
-            zygote_log_path(Path::new("/p/log"), "-abc", &socket)
-                .file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("parallax-zygote-"),
-            true
+        let log = zygote_log_path(Path::new("/p/log"), "-abc", &socket);
+        let name = log.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("parallax-zygote-") && name.ends_with("-abc.log"),
+            "{name}"
         );
     }
 
