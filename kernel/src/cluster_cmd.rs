@@ -417,18 +417,25 @@ fn cmdline(pid: i64) -> Option<Vec<String>> {
     )
 }
 
+/// The zygote sockets named by `engines`' `--zygote=` arguments.
+fn zygote_sockets(engines: &[i64]) -> std::collections::BTreeSet<String> {
+    engines
+        .iter()
+        .filter_map(|p| cmdline(*p))
+        .flatten()
+        .filter_map(|a| a.strip_prefix("--zygote=").map(str::to_owned))
+        .collect()
+}
+
 /// The zygotes of a cluster: those serving `engines` (the `--zygote=SOCKET`
 /// on their command lines) and those whose command line names the cluster
 /// file as owner (found even with no engine left). Not recorded in the
 /// cluster file: it holds ipyparallel's fields only (`Cluster.from_file`
 /// loads it unchanged, `ipcluster list` rewrites it without ours).
-fn zygotes_of(engines: &[i64], cluster_file: &Path) -> Vec<(i64, PathBuf)> {
-    let sockets: std::collections::BTreeSet<String> = engines
-        .iter()
-        .filter_map(|p| cmdline(*p))
-        .flatten()
-        .filter_map(|a| a.strip_prefix("--zygote=").map(str::to_owned))
-        .collect();
+fn zygotes_of(
+    sockets: &std::collections::BTreeSet<String>,
+    cluster_file: &Path,
+) -> Vec<(i64, PathBuf)> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -2129,25 +2136,25 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         );
     }
     // the zygote(s) the engines use, named on their command lines
-    let zygotes: Vec<(i64, PathBuf, PathBuf)> = zygotes_of(
+    let sockets = zygote_sockets(
         &engines
             .iter()
             .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
             .map(|p| p.pid)
             .collect::<Vec<_>>(),
-        &c.file,
-    )
-    .into_iter()
-    .map(|(pid, socket)| {
-        let id_part = if c.cluster_id.is_empty() {
-            String::new()
-        } else {
-            format!("-{}", c.cluster_id)
-        };
-        let log = zygote_log_path(&c.profile_dir.join("log"), &id_part, &socket);
-        (pid, socket, log)
-    })
-    .collect();
+    );
+    let zygotes: Vec<(i64, PathBuf, PathBuf)> = zygotes_of(&sockets, &c.file)
+        .into_iter()
+        .map(|(pid, socket)| {
+            let id_part = if c.cluster_id.is_empty() {
+                String::new()
+            } else {
+                format!("-{}", c.cluster_id)
+            };
+            let log = zygote_log_path(&c.profile_dir.join("log"), &id_part, &socket);
+            (pid, socket, log)
+        })
+        .collect();
     // what the engines started (an mpiexec's ranks, an engine's Python)
     // goes with them, even if they have to be killed
     let tree: Vec<i64> = engines
@@ -2183,6 +2190,10 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         for f in [socket, log] {
             let _ = std::fs::remove_file(f);
         }
+    }
+    // the socket of a zygote that was killed (it removes its own on SIGTERM)
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
     }
     if let Some(pid) = c.hub_pid {
         let mut hub = [Proc {
