@@ -115,7 +115,8 @@ class Cluster:
         return time.perf_counter() - t0
 
     def engine_pids(self) -> list[int]:
-        """The engine processes, from the cluster file both kinds write (ipyparallel's format)."""
+        """The engine processes, from the cluster file both kinds write (ipyparallel's format),
+        and Parallax's zygote (whose children are the engines' interpreters)."""
         pids = []
 
         def walk(v):
@@ -127,6 +128,11 @@ class Cluster:
 
         for f in (self.profile / "security").glob("cluster-*.json"):
             walk(json.loads(f.read_text()).get("engines", {}))
+        # Parallax's zygote (`--parallax-zygote SOCKET --owner <cluster file>`)
+        for p in psutil.process_iter(["cmdline"]):
+            a = p.info["cmdline"] or []
+            if "--parallax-zygote" in a and any(str(self.profile) in x for x in a):
+                pids.append(p.pid)
         return pids
 
     def all_pids(self) -> list[int]:

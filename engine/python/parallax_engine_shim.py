@@ -1592,7 +1592,7 @@ def _text_stream(fd, line_buffering, write_through):
     )
 
 
-def main():
+def main(forked=False):
     cmd_fd = _env_int("PARALLAX_CMD_FD", 3)
     evt_fd = _env_int("PARALLAX_EVT_FD", 4)
     os.environ.pop("PARALLAX_CMD_FD", None)
@@ -1605,7 +1605,17 @@ def main():
         sys.modules.setdefault("parallax_engine_shim", me)
 
     chan = _Channel(cmd_fd, evt_fd)
-    engine = Engine(chan)
+    if forked and _ZYGOTE_ENGINE is not None:
+        # the zygote's engine, shell included (shared pages): only what is
+        # this process's own changes
+        engine = _ZYGOTE_ENGINE
+        engine.chan = chan
+        engine._token_prefix = "pxe-%s-" % os.urandom(6).hex()
+        engine._main_tid = _thread.get_ident()
+        engine.engine_id = _env_int("PARALLAX_ENGINE_ID", -1)
+        engine.engine_uuid = os.environ.get("PARALLAX_ENGINE_UUID", "")
+    else:
+        engine = Engine(chan)
     _signal.signal(_signal.SIGINT, engine._sigint_handler)
 
     for fd in (cmd_fd, evt_fd):
@@ -1632,12 +1642,23 @@ def main():
     if "" not in sys.path:
         sys.path.insert(0, "")
 
-    sys.meta_path.insert(0, _ImportWatcher({
+    hooks = {
         "IPython": (None, engine._on_ipython_imported),
         "matplotlib": (engine._before_matplotlib, None),
         "ipyparallel.engine.datapub": (None, engine._on_datapub_imported),
         "getpass": (None, engine._on_getpass_imported),
-    }))
+    }
+    sys.meta_path.insert(0, _ImportWatcher(hooks))
+    if forked:
+        # forked from the zygote: what it imported already is patched now,
+        # as the import hook would have done (IPython's shell: below)
+        for name, (_before, after) in hooks.items():
+            mod = sys.modules.get(name)
+            if mod is not None and after is not None and name != "IPython":
+                try:
+                    after(mod)
+                except Exception:
+                    pass
     # stdin is /dev/null: input() would raise a bare EOFError.  It asks the
     # client when the request allows it, else raises ipykernel's
     # StdinNotImplementedError (as ipengine does without allow_stdin)
@@ -1691,7 +1712,11 @@ def main():
         evt_fd,
         len(ready).to_bytes(4, "little") + ready + (0).to_bytes(4, "little"),
     )
-    if os.environ.get("PARALLAX_WARMUP", "1") != "0":
+    if forked and "IPython" in sys.modules:
+        # the zygote imported everything: only the shell is left, created
+        # by the main thread while idle (no thread: nothing to import)
+        engine._warm = "done"
+    elif os.environ.get("PARALLAX_WARMUP", "1") != "0":
         engine._warm = "running"
         engine._warm_lock.acquire()
         try:
@@ -1702,5 +1727,310 @@ def main():
     engine.serve()
 
 
+# --------------------------------------------------------------------------
+# zygote: one template process that imports once and forks the interpreters
+# --------------------------------------------------------------------------
+#
+# ``python -u parallax_engine_shim.py --parallax-zygote SOCKET``: binds the
+# Unix socket at once (engines may connect while it imports), imports what
+# an engine's first apply and rich output need in its only thread, freezes
+# the garbage collector's view of those objects (``gc.freeze``: collections
+# in the children never touch, hence never copy, the shared pages), then
+# serves.  It never starts a thread, so forking is safe.
+#
+# Protocol, per connection (one connection = one interpreter):
+# engine -> zygote: u32 LE length + JSON {"env": {..}, "cwd": "..",
+#   "python": ".."}, sent with SCM_RIGHTS carrying four descriptors: the
+#   write ends of stdout and stderr, the read end of the command pipe and
+#   the write end of the event pipe.
+# zygote -> engine: JSON lines: {"pid": N} (forked) or {"error": ".."};
+#   later {"exit": code} or {"signal": n} when the child ended (the zygote
+#   is its parent and reaps it).  A connection closed by the engine kills a
+#   child that is still running (the engine is gone).
+
+
+#: the engine the zygote prepared (shell created, serializer warmed); a
+#: forked child adopts it
+_ZYGOTE_ENGINE = None
+
+
+def _zygote_probe(x, k=None):
+    return [x, k]
+
+
+def _zygote_prepare():
+    """In the zygote: an Engine whose shell exists and whose apply path ran
+    once (ipyparallel's canning imports numpy and fills its maps on first
+    use), so each child starts where an engine is after its first apply."""
+    global _ZYGOTE_ENGINE
+    engine = Engine(None)
+    sys.modules["__main__"] = engine.main_mod
+    if _importable("IPython"):
+        engine.ensure_shell()
+    if _importable("ipyparallel"):
+        ser = engine._ipyparallel()
+        bufs = ser.pack_apply_message(_zygote_probe, (1,), {"k": [1.5, "a"]})
+        f, args, kwargs = ser.unpack_apply_message(bufs, engine.ns, False)
+        ser.serialize_object(_call(f, args, kwargs), _DEFAULT_BUFFER_THRESHOLD,
+                             _DEFAULT_ITEM_THRESHOLD)
+    _ZYGOTE_ENGINE = engine
+
+
+def _zygote_refusal(req):
+    """Why this zygote cannot fork the interpreter ``req`` asks for (None
+    if it can): another interpreter, or a Python-level environment that
+    would have made its start-up differ."""
+    want = req.get("python")
+    mine = os.environ.get("PARALLAX_ZYGOTE_PYTHON")
+    if want and mine and want != mine:
+        return "the zygote runs %s, not %s" % (mine, want)
+    env = req.get("env") or {}
+    for k in sorted(set(env) | set(os.environ)):
+        if k.startswith("PYTHON") and env.get(k) != os.environ.get(k):
+            return "%s differs from the zygote's" % k
+    return None
+
+
+def _zygote_child(socks, fds, req):
+    """In the forked child: become an engine's interpreter."""
+    global _T0
+    _T0 = time.perf_counter()
+    import fcntl
+    import signal
+
+    signal.set_wakeup_fd(-1)
+    for s in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_DFL)
+    for s in socks:
+        # detach: a socket object collected later must not close a number
+        # that is one of this process's pipes by then
+        try:
+            os.close(s.detach())
+        except OSError:
+            pass
+    # own process group, as a spawned interpreter: the engine forwards
+    # signals; a terminal's Ctrl-C to the engine's group must not land here
+    os.setpgid(0, 0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    # above the targets first, so no dup2 clobbers a source
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in [null] + list(fds)]
+    for dst, src in enumerate(high):
+        os.dup2(src, dst)
+    # nothing of the zygote's (its socket, other engines' pipes) stays open
+    os.closerange(5, 1 << 20)
+    env = req.get("env") or {}
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ["PARALLAX_CMD_FD"] = "3"
+    os.environ["PARALLAX_EVT_FD"] = "4"
+    cwd = req.get("cwd")
+    if cwd:
+        os.chdir(cwd)
+    sys.argv = [_SHIM_FILE]
+    main(forked=True)
+
+
+def _zygote_main(path, owner=None):
+    import gc
+    import json
+    import select
+    import signal
+    import socket
+    import struct
+
+    os.umask(0o077)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4096)
+    # the heavy imports, in this (the only) thread
+    t0 = time.perf_counter()
+    for name in ("IPython.core.interactiveshell", "IPython.core.displaypub",
+                 "ipyparallel.serialize", "json", "ast", "codeop", "traceback",
+                 "linecache", "select", "re", "inspect", "tokenize", "getpass"):
+        if _importable(name.split(".")[0]):
+            try:
+                __import__(name)
+            except Exception as e:
+                sys.stderr.write("parallax zygote: importing %s failed: %s\n" % (name, e))
+    sys.modules.setdefault("parallax_engine_shim", sys.modules[__name__])
+    try:
+        _zygote_prepare()
+    except Exception as e:
+        sys.stderr.write("parallax zygote: preparing an engine failed: %r\n" % (e,))
+    gc.collect()
+    gc.freeze()
+    if len(sys._current_frames()) != 1:
+        sys.stderr.write("parallax zygote: a thread is running; not forking\n")
+        os._exit(1)
+    sys.stdout.write("parallax zygote ready: pid %d, %.0f ms of imports, socket %s\n"
+                     % (os.getpid(), (time.perf_counter() - t0) * 1e3, path))
+    sys.stdout.flush()
+
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    os.set_blocking(wake_r, False)
+    signal.set_wakeup_fd(wake_w)
+    stopping = []
+    signal.signal(signal.SIGCHLD, lambda *a: None)
+    signal.signal(signal.SIGTERM, lambda *a: stopping.append(1))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    conns = {}  # fd -> [socket, pid or None, request bytes, received fds]
+    by_pid = {}  # pid -> fd
+
+    def send(c, obj):
+        try:
+            c.sendall((json.dumps(obj) + "\n").encode())
+        except OSError:
+            pass
+
+    def drop(fd):
+        c, pid = conns.pop(fd)[:2]
+        if pid is not None and pid in by_pid:
+            # the engine is gone (or gave up): no interpreter without it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        c.close()
+
+    def reap():
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            fd = by_pid.pop(pid, None)
+            if fd is None or fd not in conns:
+                continue
+            c = conns[fd][0]
+            if os.WIFSIGNALED(status):
+                send(c, {"signal": os.WTERMSIG(status)})
+            else:
+                send(c, {"exit": os.WEXITSTATUS(status)})
+            conns[fd][1] = None
+
+    def serve_request(fd):
+        ent = conns[fd]
+        c = ent[0]
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(c, 1 << 20, 8)
+        except OSError:
+            data, fds = b"", []
+        ent[3].extend(fds)
+        if not data:
+            for x in ent[3]:
+                os.close(x)
+            drop(fd)
+            return
+        buf = ent[2]
+        buf.extend(data)
+        if len(buf) < 4 or len(buf) < 4 + struct.unpack("<I", buf[:4])[0]:
+            return  # more to come (the fds came with the first byte)
+        n = struct.unpack("<I", buf[:4])[0]
+        got = ent[3]
+        try:
+            req = json.loads(bytes(buf[4:4 + n]))
+        except ValueError:
+            req = None
+        if req is None or len(got) != 4:
+            send(c, {"error": "bad request"})
+        else:
+            why = _zygote_refusal(req)
+            if why:
+                send(c, {"error": why})
+            else:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    try:
+                        # (the wake-up pipe goes with closerange)
+                        _zygote_child([srv] + [v[0] for v in conns.values()], got, req)
+                    except BaseException as e:
+                        try:
+                            os.write(2, ("parallax zygote child: %r\n" % (e,)).encode())
+                        except OSError:
+                            pass
+                    os._exit(1)
+                by_pid[pid] = fd
+                ent[1] = pid
+                send(c, {"pid": pid})
+        for x in got:
+            os.close(x)
+        ent[2] = bytearray()
+        ent[3] = []
+
+    # an owner (the cluster file of `parallax cluster start`): once it has
+    # existed and is gone (the cluster was stopped, also by ipyparallel's
+    # Cluster.stop_cluster, which knows nothing of zygotes) and no child is
+    # left, the zygote is not needed any more; one never seen for 10 min is
+    # a start that died before writing it
+    owner_seen = False
+    born = time.monotonic()
+    while not stopping:
+        if owner is not None:
+            if os.path.exists(owner):
+                owner_seen = True
+            elif not by_pid and (owner_seen or time.monotonic() - born > 600):
+                break
+        try:
+            r, _, _ = select.select([srv, wake_r] + list(conns), [], [],
+                                    None if owner is None else 1.0)
+        except InterruptedError:
+            r = []
+        for x in r:
+            if x is srv:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    continue
+                conns[c.fileno()] = [c, None, bytearray(), []]
+            elif x == wake_r:
+                try:
+                    while os.read(wake_r, 512):
+                        pass
+                except OSError:
+                    pass
+                reap()
+            elif x in conns:
+                if conns[x][1] is None:
+                    serve_request(x)
+                else:
+                    # after the pid: only EOF (or junk) comes from the engine
+                    try:
+                        more = conns[x][0].recv(4096)
+                    except OSError:
+                        more = b""
+                    if not more:
+                        drop(x)
+        reap()
+    # SIGTERM (or the owner gone): the cluster is stopping; no interpreter
+    # outlives the zygote
+    for pid in list(by_pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    main()
+    # --parallax-zygote SOCKET [--owner CLUSTER_FILE] (the owner is only
+    # there for `cluster stop` to find in /proc/PID/cmdline)
+    if len(sys.argv) >= 3 and sys.argv[1] == "--parallax-zygote":
+        _owner = None
+        if len(sys.argv) >= 5 and sys.argv[3] == "--owner":
+            _owner = sys.argv[4]
+        _zygote_main(sys.argv[2], _owner)
+    else:
+        main()

@@ -85,6 +85,13 @@ pub struct EngineArgs {
     /// them on first need.
     #[arg(long = "warm-imports", default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub warm_imports: bool,
+    /// A zygote's Unix socket (`parallax cluster start` and the kernel pass
+    /// one to local engines): the Python interpreter is forked by that
+    /// template process, sharing its imported IPython and ipyparallel
+    /// pages, instead of started and importing them itself. Without one,
+    /// or when it cannot fork, Python is started directly.
+    #[arg(long)]
+    pub zygote: Option<PathBuf>,
     /// Log level: DEBUG, INFO, WARN, ERROR or 10…50.
     #[arg(long = "log-level", default_value = "INFO")]
     pub log_level: String,

@@ -597,6 +597,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
             python: args.python.clone(),
             env,
             restart_on_crash: args.restart_on_crash,
+            zygote: args.zygote.clone(),
         })
         .await
         .map(AnyInterpreter::Python),

@@ -13,6 +13,8 @@
 //!   rustc cache: only with the `rust-engine` feature (evcxr and its
 //!   rust-analyzer crates are most of a cold build).
 //! * [`rust_syntax`] — Rust text the kernel reads in every build.
+//! * [`zygote`] — one template Python per cluster that forks the engines'
+//!   interpreters, so they share its imported modules' pages.
 
 pub mod cli;
 pub mod driver;
@@ -26,6 +28,7 @@ pub mod rust;
 pub mod rust_syntax;
 #[cfg(feature = "rust-engine")]
 pub mod rustc_cache;
+pub mod zygote;
 
 pub use cli::EngineArgs;
 

@@ -45,6 +45,9 @@ pub struct PythonConfig {
     /// Start a fresh process after a crash (the default); when false a
     /// crash leaves the interpreter dead (`is_dead`) and the engine exits.
     pub restart_on_crash: bool,
+    /// A zygote's socket ([`crate::zygote`]): interpreters are forked by
+    /// it; Python is spawned directly when it cannot (logged).
+    pub zygote: Option<PathBuf>,
 }
 
 /// Resolve `python` as `execvp` would (a path, or a name searched on
@@ -76,6 +79,27 @@ pub fn find_executable(python: &std::path::Path) -> anyhow::Result<PathBuf> {
     )
 }
 
+fn describe_signal(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGKILL => "SIGKILL (killed, e.g. by the OOM killer)",
+        libc::SIGSEGV => "SIGSEGV (segmentation fault)",
+        libc::SIGABRT => "SIGABRT (aborted)",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGTERM => "SIGTERM",
+        _ => "a signal",
+    };
+    format!("the Python process was terminated by signal {sig}: {name}")
+}
+
+fn kill(pid: i32, sig: i32) {
+    if pid > 0 {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+}
+
 /// Something read from the subprocess.
 #[derive(Debug)]
 enum Event {
@@ -89,8 +113,19 @@ enum Event {
     Eof(&'static str),
 }
 
+/// The interpreter process: our child, or the zygote's.
+enum Handle {
+    Spawned(Child),
+    Forked(crate::zygote::Forked),
+}
+
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+/// A started process: handle, pid, stdout, stderr, command pipe (our
+/// end), event pipe (our end).
+type Started = (Handle, i32, BoxRead, BoxRead, OwnedFd, OwnedFd);
+
 struct Proc {
-    child: Child,
+    handle: Handle,
     pid: i32,
     /// Our end of the command pipe, driven by epoll (not tokio::fs, which
     /// would hand every write to the blocking thread pool).
@@ -114,13 +149,8 @@ pub struct PythonInterpreter {
     input_rx: mpsc::UnboundedReceiver<String>,
 }
 
-fn shim_path() -> std::io::Result<PathBuf> {
-    // One copy per shim version, in a private directory.
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in SHIM_SOURCE.bytes() {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x100000001b3);
-    }
+/// This user's private (0700) directory for the shim and zygote sockets.
+pub(crate) fn private_dir() -> std::io::Result<PathBuf> {
     let uid = unsafe_uid();
     let dir = std::env::temp_dir().join(format!("parallax-{uid}"));
     std::fs::create_dir_all(&dir)?;
@@ -128,6 +158,17 @@ fn shim_path() -> std::io::Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    Ok(dir)
+}
+
+/// The shim's file: one copy per shim version, in the private directory.
+pub fn shim_path() -> std::io::Result<PathBuf> {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in SHIM_SOURCE.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    let dir = private_dir()?;
     let path = dir.join(format!("parallax_engine_shim-{h:016x}.py"));
     if !path.exists() {
         let tmp = dir.join(format!(".shim-{}.tmp", std::process::id()));
@@ -301,8 +342,55 @@ impl PythonInterpreter {
         Ok(me)
     }
 
-    async fn spawn(&mut self) -> anyhow::Result<()> {
-        let t0 = Instant::now();
+    /// Ask the zygote for an interpreter; None (logged) when there is no
+    /// zygote or it cannot fork one.
+    async fn fork(&mut self) -> Option<Started> {
+        let socket = self.cfg.zygote.clone()?;
+        let python = match crate::zygote::resolve_python(&self.cfg.python) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(error = %e, "not using the zygote");
+                return None;
+            }
+        };
+        let r: anyhow::Result<Started> = async {
+            let (out_r, out_w) = pipe()?;
+            let (err_r, err_w) = pipe()?;
+            let (cmd_r, cmd_w) = pipe()?;
+            let (evt_r, evt_w) = pipe()?;
+            let mut env = self.cfg.env.clone();
+            env.push(("PARALLAX_CMD_FD".into(), CMD_FD.to_string()));
+            env.push(("PARALLAX_EVT_FD".into(), EVT_FD.to_string()));
+            let fds = [
+                out_w.as_raw_fd(),
+                err_w.as_raw_fd(),
+                cmd_r.as_raw_fd(),
+                evt_w.as_raw_fd(),
+            ];
+            let forked = crate::zygote::fork(&socket, &python, &env, fds).await?;
+            // the child has its copies; ours would hide its EOFs
+            drop((out_w, err_w, cmd_r, evt_w));
+            let pid = forked.pid;
+            Ok((
+                Handle::Forked(forked),
+                pid,
+                Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?) as BoxRead,
+                Box::new(tokio::net::unix::pipe::Receiver::from_owned_fd(err_r)?) as BoxRead,
+                cmd_w,
+                evt_r,
+            ))
+        }
+        .await;
+        match r {
+            Ok(started) => Some(started),
+            Err(e) => {
+                warn!(error = %e, zygote = %socket.display(), "the zygote did not fork an interpreter; starting Python directly");
+                None
+            }
+        }
+    }
+
+    fn spawn_direct(&mut self) -> anyhow::Result<Started> {
         let (cmd_r, cmd_w) = pipe()?;
         let (evt_r, evt_w) = pipe()?;
         let mut command = Command::new(&self.cfg.python);
@@ -342,9 +430,25 @@ impl PythonInterpreter {
         drop(cmd_r);
         drop(evt_w);
         let pid = child.id().unwrap_or(0) as i32;
-        let (tx, rx) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().expect("piped");
         let stderr = child.stderr.take().expect("piped");
+        Ok((
+            Handle::Spawned(child),
+            pid,
+            Box::new(stdout) as BoxRead,
+            Box::new(stderr) as BoxRead,
+            cmd_w,
+            evt_r,
+        ))
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        let (handle, pid, stdout, stderr, cmd_w, evt_r) = match self.fork().await {
+            Some(forked) => forked,
+            None => self.spawn_direct()?,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
         let prefix: MarkerPrefix = Arc::new(OnceLock::new());
         tokio::spawn(read_stream(stdout, "stdout", tx.clone(), prefix.clone()));
         tokio::spawn(read_stream(stderr, "stderr", tx.clone(), prefix.clone()));
@@ -352,7 +456,7 @@ impl PythonInterpreter {
         tokio::spawn(read_frames(events, tx));
         let cmd = tokio::net::unix::pipe::Sender::from_owned_fd(cmd_w)?;
         let mut proc = Proc {
-            child,
+            handle,
             pid,
             cmd,
             events: rx,
@@ -390,7 +494,8 @@ impl PythonInterpreter {
             .and_then(Value::as_str)
             .unwrap_or("3")
             .to_owned();
-        info!(pid, startup_ms = proc.startup.as_secs_f64() * 1e3, python = %self.python_version, "Python subprocess ready");
+        let forked = matches!(proc.handle, Handle::Forked(_));
+        info!(pid, forked, startup_ms = proc.startup.as_secs_f64() * 1e3, python = %self.python_version, "Python subprocess ready");
         self.signals
             .pid
             .store(pid, std::sync::atomic::Ordering::SeqCst);
@@ -429,20 +534,31 @@ impl PythonInterpreter {
 
     /// Describe how the process ended, for the error reply.
     async fn death(proc: &mut Proc) -> String {
-        let status = tokio::time::timeout(Duration::from_secs(2), proc.child.wait()).await;
+        let child = match &mut proc.handle {
+            Handle::Spawned(child) => child,
+            Handle::Forked(f) => {
+                return match f.ended(Duration::from_secs(2)).await {
+                    Some(crate::zygote::Ended::Signal(sig)) => describe_signal(sig),
+                    Some(crate::zygote::Ended::Exit(code)) => {
+                        format!("the Python process exited with code {code}")
+                    }
+                    Some(crate::zygote::Ended::Unknown) => {
+                        "the Python process ended (how is unknown: the zygote that forked it is gone)"
+                            .to_owned()
+                    }
+                    None => {
+                        kill(proc.pid, libc::SIGKILL);
+                        "the Python process stopped responding and was killed".to_owned()
+                    }
+                };
+            }
+        };
+        let status = tokio::time::timeout(Duration::from_secs(2), child.wait()).await;
         match status {
             Ok(Ok(s)) => {
                 use std::os::unix::process::ExitStatusExt;
                 if let Some(sig) = s.signal() {
-                    let name = match sig {
-                        libc::SIGKILL => "SIGKILL (killed, e.g. by the OOM killer)",
-                        libc::SIGSEGV => "SIGSEGV (segmentation fault)",
-                        libc::SIGABRT => "SIGABRT (aborted)",
-                        libc::SIGBUS => "SIGBUS",
-                        libc::SIGTERM => "SIGTERM",
-                        _ => "a signal",
-                    };
-                    format!("the Python process was terminated by signal {sig}: {name}")
+                    describe_signal(sig)
                 } else {
                     format!(
                         "the Python process exited with code {}",
@@ -451,7 +567,7 @@ impl PythonInterpreter {
                 }
             }
             _ => {
-                let _ = proc.child.start_kill();
+                let _ = child.start_kill();
                 "the Python process stopped responding and was killed".to_owned()
             }
         }
@@ -748,11 +864,20 @@ impl Interpreter for PythonInterpreter {
             self.next_id += 1;
             let _ =
                 Self::send_cmd(&mut p, &json!({"op": "shutdown", "id": self.next_id}), &[]).await;
-            if tokio::time::timeout(Duration::from_secs(2), p.child.wait())
-                .await
-                .is_err()
-            {
-                let _ = p.child.kill().await;
+            match &mut p.handle {
+                Handle::Spawned(child) => {
+                    if tokio::time::timeout(Duration::from_secs(2), child.wait())
+                        .await
+                        .is_err()
+                    {
+                        let _ = child.kill().await;
+                    }
+                }
+                // not ended in time: dropping the connection makes the
+                // zygote kill it
+                Handle::Forked(f) => {
+                    let _ = f.ended(Duration::from_secs(2)).await;
+                }
             }
         }
     }

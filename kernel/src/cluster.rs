@@ -11,8 +11,13 @@
 //!   is which engine; when one exits, the kernel unregisters it at once, so
 //!   its running requests fail with EngineError instead of waiting for
 //!   heartbeats to lapse.
+//! * Python engines fork their interpreters from one zygote
+//!   ([`parallax_engine::zygote`]), started here in its own process group
+//!   with `PR_SET_PDEATHSIG` like the engines (`PARALLAX_ZYGOTE=0` in the
+//!   kernel's environment: every engine starts its own Python).
 //! * Everything started here is stopped by [`EmbeddedCluster::shutdown`]
-//!   (SIGTERM, then SIGKILL after a deadline) and the profile directory with
+//!   (SIGTERM, then SIGKILL after a deadline; the zygote after the engines,
+//!   whose interpreters are its children) and the profile directory with
 //!   the connection files is removed.
 
 use std::collections::BTreeMap;
@@ -69,6 +74,8 @@ struct HubCli {
 
 pub struct EmbeddedCluster {
     pub bound: Bound,
+    /// The zygote (killed on drop) and its socket, for Python engines.
+    zygote: Option<(tokio::process::Child, PathBuf)>,
     profile_dir: PathBuf,
     hub_stop: CancellationToken,
     hub_task: Option<JoinHandle<Result<()>>>,
@@ -143,8 +150,22 @@ impl EmbeddedCluster {
                 });
             }
         };
+        let zygote = if spec.language == Language::Python
+            && std::env::var("PARALLAX_ZYGOTE").as_deref() != Ok("0")
+        {
+            match start_zygote(&spec.python).await {
+                Ok(z) => Some(z),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "no zygote: each engine starts its own Python");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let (exit_tx, exits) = mpsc::unbounded_channel();
         let mut c = EmbeddedCluster {
+            zygote,
             bound,
             profile_dir,
             hub_stop,
@@ -202,6 +223,11 @@ impl EmbeddedCluster {
             .arg(format!("--id={id}"))
             .arg(format!("--n-engines={total}"))
             .args(self.spec.language_args())
+            .args(
+                self.zygote
+                    .as_ref()
+                    .map(|(_, socket)| format!("--zygote={}", socket.display())),
+            )
             .arg("--log-level=WARN")
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -279,6 +305,18 @@ impl EmbeddedCluster {
     pub async fn shutdown(&mut self) {
         let ids = self.engine_ids();
         self.stop_engines(&ids, Duration::from_secs(3)).await;
+        if let Some((mut z, socket)) = self.zygote.take() {
+            if let Some(pid) = z.id() {
+                signal(pid, libc::SIGTERM);
+            }
+            if tokio::time::timeout(Duration::from_secs(3), z.wait())
+                .await
+                .is_err()
+            {
+                let _ = z.kill().await;
+            }
+            let _ = std::fs::remove_file(socket);
+        }
         self.hub_stop.cancel();
         if let Some(t) = self.hub_task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(3), t).await;
@@ -295,7 +333,44 @@ impl Drop for EmbeddedCluster {
         }
         self.hub_stop.cancel();
         let _ = std::fs::remove_dir_all(&self.profile_dir);
+        // the zygote itself is killed by its kill_on_drop
+        if let Some((_, socket)) = &self.zygote {
+            let _ = std::fs::remove_file(socket);
+        }
     }
+}
+
+/// Start the zygote for `python` and wait (10 s at most) until its socket
+/// exists; engines connecting while it imports wait for their interpreter.
+async fn start_zygote(python: &Path) -> Result<(tokio::process::Child, PathBuf)> {
+    let socket = parallax_engine::zygote::socket_path()?;
+    let mut cmd =
+        tokio::process::Command::from(parallax_engine::zygote::command(python, &socket, None)?);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    // SAFETY: setpgid and prctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpgid(0, 0);
+            #[cfg(target_os = "linux")]
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the zygote")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Ok(Some(s)) = child.try_wait() {
+            bail!("the zygote exited ({})", describe_exit(s));
+        }
+        if Instant::now() > deadline {
+            bail!("the zygote did not create {} within 10 s", socket.display());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    info!(pid = child.id(), socket = %socket.display(), "zygote started");
+    Ok((child, socket))
 }
 
 fn signal(pid: u32, sig: i32) {

@@ -212,6 +212,12 @@ pub struct StartArgs {
     /// Return once the engines are registered and leave the cluster running.
     #[arg(long, visible_alias = "daemon")]
     pub daemonize: bool,
+    /// Local Python engines fork their interpreters from one zygote (a
+    /// template Python that imported IPython and ipyparallel once), so they
+    /// share those pages and skip the imports; false starts one Python per
+    /// engine.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub zygote: bool,
     /// Extra arguments for each `parallax engine` (split on whitespace;
     /// repeatable), e.g. --engine-args=--python=/venv/bin/python3.
     #[arg(long = "engine-args", allow_hyphen_values = true, value_name = "ARGS")]
@@ -400,15 +406,52 @@ fn pid_alive(pid: i64) -> bool {
 /// against signalling an unrelated process that reused a stale pid. Where
 /// `/proc` is not available the answer is yes.
 fn looks_like_cluster_process(pid: i64) -> bool {
-    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+    let Some(args) = cmdline(pid) else {
         return !Path::new("/proc/self/cmdline").exists();
     };
-    let args: Vec<String> = raw
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
     cmdline_is_cluster_process(&args)
+}
+
+fn cmdline(pid: i64) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+/// The zygote sockets named by `engines`' `--zygote=` arguments.
+fn zygote_sockets(engines: &[i64]) -> std::collections::BTreeSet<String> {
+    engines
+        .iter()
+        .filter_map(|p| cmdline(*p))
+        .flatten()
+        .filter_map(|a| a.strip_prefix("--zygote=").map(str::to_owned))
+        .collect()
+}
+
+/// The zygotes of a cluster: those serving `engines` (the `--zygote=SOCKET`
+/// on their command lines) and those whose command line names the cluster
+/// file as owner (found even with no engine left). Not recorded in the
+/// cluster file: it holds ipyparallel's fields only (`Cluster.from_file`
+/// loads it unchanged, `ipcluster list` rewrites it without ours).
+fn zygotes_of(
+    sockets: &std::collections::BTreeSet<String>,
+    cluster_file: &Path,
+) -> Vec<(i64, PathBuf)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter_map(|pid| {
+            let (socket, owner) = parallax_engine::zygote::parse_cmdline(&cmdline(pid)?)?;
+            let ours = sockets.contains(&*socket.to_string_lossy())
+                || owner.is_some_and(|o| o == cluster_file);
+            ours.then_some((pid, socket))
+        })
+        .collect()
 }
 
 fn cmdline_is_cluster_process(args: &[String]) -> bool {
@@ -424,6 +467,9 @@ fn cmdline_is_cluster_process(args: &[String]) -> bool {
     if base(argv0).starts_with("parallax")
         && args.get(1).is_some_and(|a| a == "hub" || a == "engine")
     {
+        return true;
+    }
+    if parallax_engine::zygote::is_zygote_cmdline(args) {
         return true;
     }
     // mpiexec (or mpirun, srun…) running `parallax engine`
@@ -1038,7 +1084,10 @@ impl EngineSet {
 
 /// The processes `start` launched, for cleanup.
 struct Launched {
+    zygote_log: Option<PathBuf>,
     hub: Option<Hub>,
+    /// The zygote's process and socket (local Python engines).
+    zygote: Option<(Proc, PathBuf)>,
     hub_log: PathBuf,
     sets: Vec<EngineSet>,
     cluster_file: PathBuf,
@@ -1055,6 +1104,13 @@ impl Launched {
             for e in set.stop() {
                 esay!("warning: stopping {e}");
             }
+        }
+        // the zygote after the engines: their interpreters are its children
+        if let Some((z, socket)) = &mut self.zygote {
+            for k in terminate(std::slice::from_mut(z), self.grace) {
+                esay!("warning: {k} did not stop after SIGTERM; killed");
+            }
+            let _ = std::fs::remove_file(socket);
         }
         let mut hub_killed = Vec::new();
         match &mut self.hub {
@@ -1084,7 +1140,7 @@ impl Launched {
         }
         if remove_logs {
             let logs = self.sets.iter().flat_map(|s| s.logs.iter());
-            for log in logs.chain([&self.hub_log]) {
+            for log in logs.chain([&self.hub_log]).chain(self.zygote_log.iter()) {
                 let _ = std::fs::remove_file(log);
             }
         }
@@ -1453,7 +1509,84 @@ fn parse_launcher(s: &str) -> Result<LauncherKind, String> {
     })
 }
 
-async fn start(args: StartArgs) -> Result<()> {
+/// The zygote's log: named after its socket, so `stop` finds it from an
+/// engine's `--zygote=` alone.
+fn zygote_log_path(log_dir: &Path, id_part: &str, socket: &Path) -> PathBuf {
+    let stem = socket
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    log_dir.join(format!("parallax-{stem}{id_part}.log"))
+}
+
+/// The zygote for this start, if any: (python, socket). Only local Python
+/// engines use one (`--zygote`, on by default); their `--python` (default
+/// python3) is the zygote's interpreter.
+fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
+    if !args.zygote || args.engines != LauncherKind::Local {
+        return None;
+    }
+    let engine_args = split_args(&args.engine_args);
+    let mut python = PathBuf::from("python3");
+    let mut it = engine_args.iter();
+    while let Some(a) = it.next() {
+        let value = |it: &mut std::slice::Iter<String>, name: &str| {
+            a.strip_prefix(&format!("{name}="))
+                .map(str::to_owned)
+                .or_else(|| (a == name).then(|| it.next().cloned()).flatten())
+        };
+        if let Some(l) = value(&mut it, "--language") {
+            if l != "python" {
+                return None;
+            }
+        } else if let Some(p) = value(&mut it, "--python") {
+            python = PathBuf::from(p);
+        } else if a == "--zygote" || a.starts_with("--zygote=") {
+            return None; // the user named one
+        }
+    }
+    let socket = parallax_engine::zygote::socket_path().ok()?;
+    // engine arguments are split on whitespace
+    if socket.to_string_lossy().contains(char::is_whitespace) {
+        return None;
+    }
+    Some((python, socket))
+}
+
+/// Start the zygote in its own session (like the hub), output to `log`,
+/// and wait until its socket exists (engines may connect while it still
+/// imports; they wait for their interpreter).
+fn spawn_zygote(python: &Path, socket: &Path, owner: &Path, log: &Path) -> Result<Proc> {
+    use std::os::unix::process::CommandExt;
+    let out = log_file(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = parallax_engine::zygote::command(python, socket, Some(owner))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the zygote")?;
+    let mut p = Proc {
+        label: "zygote".into(),
+        pid: child.id() as i64,
+        child: Some(child),
+    };
+    if !parallax_engine::zygote::wait_for_socket(socket, Duration::from_secs(10)) || !p.alive() {
+        terminate(std::slice::from_mut(&mut p), Duration::from_secs(1));
+        bail!(
+            "it did not create {}; {}",
+            socket.display(),
+            log_tail(log, 10)
+        );
+    }
+    Ok(p)
+}
+
+async fn start(mut args: StartArgs) -> Result<()> {
     let t0 = Instant::now();
     let n = match args.n {
         Some(n) => n,
@@ -1490,6 +1623,14 @@ async fn start(args: StartArgs) -> Result<()> {
         .unwrap_or(0)
         .to_string();
     let grace = Duration::from_secs_f64(args.stop_timeout.max(0.0));
+    // the zygote's socket is named now so the engines' command line has it;
+    // the zygote itself starts after the hub
+    let zygote = zygote_plan(&args);
+    if let Some((_, socket)) = &zygote {
+        args.engine_args
+            .push(format!("--zygote={}", socket.display()));
+    }
+    let args = args;
     let plan = EnginePlan {
         args: &args,
         exe: &exe,
@@ -1582,7 +1723,26 @@ async fn start(args: StartArgs) -> Result<()> {
         say!("Launched the hub: {}", h.launcher.label());
         Hub::Launched(h)
     };
+    let zygote_log = zygote.as_ref().map_or_else(
+        || log_dir.join("parallax-zygote.log"),
+        |(_, socket)| zygote_log_path(&log_dir, &id_part, socket),
+    );
+    let zygote = match zygote {
+        Some((python, socket)) => {
+            match spawn_zygote(&python, &socket, &cluster_file, &zygote_log) {
+                Ok(p) => Some((p, socket)),
+                Err(e) => {
+                    // the engines find no socket and start Python themselves
+                    esay!("warning: no zygote ({e:#}); each engine starts its own Python");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
     let mut launched = Launched {
+        zygote_log: zygote.is_some().then(|| zygote_log.clone()),
+        zygote,
         hub: Some(hub),
         hub_log: hub_log.clone(),
         sets: Vec::new(),
@@ -2099,6 +2259,26 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
             c.engine_class
         );
     }
+    // the zygote(s) the engines use, named on their command lines
+    let sockets = zygote_sockets(
+        &engines
+            .iter()
+            .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
+            .map(|p| p.pid)
+            .collect::<Vec<_>>(),
+    );
+    let zygotes: Vec<(i64, PathBuf, PathBuf)> = zygotes_of(&sockets, &c.file)
+        .into_iter()
+        .map(|(pid, socket)| {
+            let id_part = if c.cluster_id.is_empty() {
+                String::new()
+            } else {
+                format!("-{}", c.cluster_id)
+            };
+            let log = zygote_log_path(&c.profile_dir.join("log"), &id_part, &socket);
+            (pid, socket, log)
+        })
+        .collect();
     // what the engines started (an mpiexec's ranks, an engine's Python)
     // goes with them, even if they have to be killed
     let tree: Vec<i64> = engines
@@ -2124,6 +2304,21 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     while left.iter_mut().any(Proc::alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    for (pid, socket, log) in &zygotes {
+        let mut z = [Proc {
+            label: "zygote".into(),
+            pid: *pid,
+            child: None,
+        }];
+        killed.extend(terminate(&mut z, grace));
+        for f in [socket, log] {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+    // the socket of a zygote that was killed (it removes its own on SIGTERM)
+    for s in &sockets {
+        let _ = std::fs::remove_file(s);
     }
     if let Some(pid) = c.hub_pid {
         let mut hub = [Proc {
@@ -2430,6 +2625,32 @@ mod tests {
         assert_eq!(c.engines[0].1, 101);
         assert_eq!(c.engines[1].2.as_deref(), Some(Path::new("/l/e1.log")));
         assert_eq!(c.launcher_name(), "Local");
+    }
+
+    #[test]
+    fn zygote_plans() {
+        let python = |argv: &[&str]| zygote_plan(&start_args(argv)).map(|(p, _)| p);
+        assert_eq!(python(&["-n", "2"]), Some("python3".into()));
+        assert_eq!(
+            python(&["--engine-args=--python=/v/bin/python3 --id=3"]),
+            Some("/v/bin/python3".into())
+        );
+        assert_eq!(
+            python(&["--engine-args", "--python /v/bin/python3"]),
+            Some("/v/bin/python3".into())
+        );
+        assert_eq!(python(&["--zygote=false"]), None);
+        assert_eq!(python(&["--engine-args=--language=rust"]), None);
+        assert_eq!(python(&["--engine-args=--zygote=/x.sock"]), None);
+        assert_eq!(python(&["--engines=mpi"]), None);
+        let (_, socket) = zygote_plan(&start_args(&[])).unwrap();
+        assert!(socket.to_string_lossy().ends_with(".sock"));
+        let log = zygote_log_path(Path::new("/p/log"), "-abc", &socket);
+        let name = log.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("parallax-zygote-") && name.ends_with("-abc.log"),
+            "{name}"
+        );
     }
 
     #[test]

@@ -101,6 +101,7 @@ impl LocalPython {
                 python: self.python.clone(),
                 env: vec![("IPYTHONDIR".into(), dir.display().to_string())],
                 restart_on_crash: true,
+                zygote: None,
             };
             let interp = PythonInterpreter::start(cfg)
                 .await

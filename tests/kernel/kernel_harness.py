@@ -247,18 +247,80 @@ class Kernel:
         except psutil.NoSuchProcess:
             return []
 
-    def engine_tree(self) -> dict[int, list[int]]:
-        """engine process pid → pids of its children (the Python workers)."""
+    def engine_processes(self) -> list[psutil.Process]:
+        """The kernel's `parallax engine` children (not its zygote)."""
         try:
-            engines = psutil.Process(self.pid).children()
+            kids = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
-            return {}
+            return []
+        out = []
+        for p in kids:
+            try:
+                if p.cmdline()[1:2] == ["engine"]:
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def zygote(self) -> psutil.Process | None:
+        """The kernel's zygote (the template Python its engines' interpreters
+        are forked from), if it has one."""
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return None
+        for p in kids:
+            try:
+                if "--parallax-zygote" in p.cmdline():
+                    return p
+            except psutil.Error:
+                pass
+        return None
+
+    def engine_tree(self) -> dict[int, list[int]]:
+        """engine process pid → pids of the Python workers running its code:
+        its own children, or (forked by the zygote) the zygote's child whose
+        engine id matches the engine's --id."""
         out = {}
-        for e in engines:
+        zyg = self.zygote()
+        forked = {}
+        if zyg is not None:
+            try:
+                for c in zyg.children():
+                    forked[c.pid] = c
+            except psutil.NoSuchProcess:
+                pass
+        for e in self.engine_processes():
             try:
                 out[e.pid] = [c.pid for c in e.children()]
             except psutil.NoSuchProcess:
-                pass
+                continue
+        if forked:
+            # which forked worker serves which engine: ask each worker's
+            # parent-side pipe peer — the engine holds the other end of the
+            # worker's stdout; /proc/<engine>/fd and /proc/<worker>/fd name
+            # the same pipe inode
+            def pipes(pid):
+                found = set()
+                try:
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        try:
+                            t = os.readlink(f"/proc/{pid}/fd/{fd}")
+                        except OSError:
+                            continue
+                        if t.startswith("pipe:"):
+                            found.add(t)
+                except OSError:
+                    pass
+                return found
+
+            engine_pipes = {e: pipes(e) for e in out}
+            for w in forked:
+                wp = pipes(w)
+                for e, ep in engine_pipes.items():
+                    if wp & ep:
+                        out[e].append(w)
+                        break
         return out
 
     def stop(self, timeout: float = 15) -> None:

@@ -41,10 +41,11 @@ def child_env() -> dict:
     return e
 
 
-def cluster(*args, timeout=TIMEOUT, check=True) -> subprocess.CompletedProcess:
+def cluster(*args, timeout=TIMEOUT, check=True, extra_env=None, cwd=None) -> subprocess.CompletedProcess:
     r = subprocess.run(
         [str(BIN), "cluster", *map(str, args)],
-        env=child_env(),
+        env={**child_env(), **(extra_env or {})},
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -96,6 +97,21 @@ def procs_mentioning(text: str) -> set[int]:
     return found
 
 
+def zygote_of(cluster_file: Path) -> tuple[int, Path] | None:
+    """The local engines' zygote (pid, socket): the process whose command
+    line is `… --parallax-zygote SOCKET --owner CLUSTER_FILE`."""
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        a = p.info["cmdline"] or []
+        if "--parallax-zygote" in a and str(cluster_file) in a:
+            return p.info["pid"], Path(a[a.index("--parallax-zygote") + 1])
+    return None
+
+
+def zygote_pid(cluster_file: Path) -> int | None:
+    z = zygote_of(cluster_file)
+    return z[0] if z else None
+
+
 def cluster_pids(cluster_file: Path) -> tuple[int, list[int]]:
     d = json.loads(cluster_file.read_text())
     hub = d["controller"]["state"]["pid"]
@@ -126,6 +142,9 @@ class Env:
         if self.cluster_file.exists():
             hub, engines = cluster_pids(self.cluster_file)
             self.seen |= tree([hub, *engines])
+        z = zygote_pid(self.cluster_file)
+        if z:
+            self.seen |= tree([z])
         self.seen |= tree(procs_mentioning(str(self.profile_dir)))
         return self.seen
 
@@ -173,7 +192,10 @@ def test_daemonized_cluster_client_list_stop(env):
         assert sorted(rc.ids) == [0, 1, 2]
         pids = rc[:].apply_sync(os.getpid)
         assert len(set(pids)) == 3
-        kernels = tree([*engines])  # the engines' Python subprocesses
+        # the engines' Python interpreters, forked by the zygote
+        z = zygote_pid(env.cluster_file)
+        assert z is not None and "--parallax-zygote" in psutil.Process(z).cmdline()
+        kernels = tree([*engines, z])
         assert set(pids) <= kernels
     finally:
         rc.close()
@@ -354,5 +376,135 @@ def test_start_time_n4(env):
     assert m, r.stdout
     print(f"\ncluster start -n 4: {float(m.group(1)):.3f} s to all registered "
           f"({wall:.3f} s wall clock for the command)")
+    cluster("stop", *env.args)
+    assert_all_stopped(env, env.seen)
+
+
+# ----------------------------------------------------------------- zygote
+
+
+def test_zygote_forks_engines_with_their_ids_env_and_cwd(env, tmp_path):
+    """Local engines' interpreters are the zygote's children, each with its
+    engine's id, the start's environment and working directory, its own
+    random state, an IPython shell; stop leaves nothing behind."""
+    import ipyparallel as ipp
+
+    # a cell, not a function: a function of this module would be unpickled
+    # by importing the module on the engines
+    facts_code = """
+import os, random, sys
+facts = {
+    "pid": os.getpid(),
+    "ppid": os.getppid(),
+    "id": os.environ.get("PARALLAX_ENGINE_ID"),
+    "n": os.environ.get("PARALLAX_N_ENGINES"),
+    "mark": os.environ.get("PLX_ZYGOTE_MARK"),
+    "cmd_fd": os.environ.get("PARALLAX_CMD_FD"),
+    "cwd": os.getcwd(),
+    "shell": type(get_ipython()).__name__,
+    "random": random.random(),
+    "main": sys.modules["__main__"].__dict__ is globals(),
+}
+"""
+
+    work = tmp_path / "work dir"
+    work.mkdir()
+    r = cluster("start", "-n", 3, "--daemonize", *env.args,
+                extra_env={"PLX_ZYGOTE_MARK": "m-42"}, cwd=work)
+    assert "3 engines registered" in r.stdout
+    env.remember()
+    z = zygote_pid(env.cluster_file)
+    assert z is not None and not gone(z)
+    socket = zygote_of(env.cluster_file)[1]
+    assert socket.exists()
+    rc = ipp.Client(str(env.client_file), timeout=10)
+    try:
+        rc[:].execute(facts_code, block=True)
+        facts = dict(zip(rc.ids, rc[:].pull("facts", block=True)))
+    finally:
+        rc.close()
+    assert sorted(facts) == [0, 1, 2]
+    for eid, f in facts.items():
+        assert f["ppid"] == z, f
+        assert f["id"] == str(eid) and f["n"] == "3", f
+        assert f["mark"] == "m-42" and f["cmd_fd"] is None, f
+        assert f["cwd"] == str(work), f
+        assert f["shell"] == "ParallaxShell" and f["main"], f
+    assert len({f["pid"] for f in facts.values()}) == 3
+    assert len({f["random"] for f in facts.values()}) == 3, "forked children share a random state"
+    env.remember()
+    cluster("stop", *env.args)
+    assert_all_stopped(env, env.seen)
+    assert gone(z) and not socket.exists()
+
+
+def test_zygote_interrupt_crash_and_fallback(env):
+    """SIGINT reaches a forked interpreter; a crashed one (os._exit,
+    SIGKILL) is reported and replaced by another fork; once the zygote is
+    gone a crash is replaced by a directly spawned Python."""
+    import ipyparallel as ipp
+
+    cluster("start", "-n", 2, "--daemonize", *env.args)
+    env.remember()
+    z = zygote_pid(env.cluster_file)
+    _, engines = cluster_pids(env.cluster_file)
+    rc = ipp.Client(str(env.client_file), timeout=10)
+    try:
+        e0 = rc[0]
+        py0 = e0.apply_sync(os.getpid)
+        assert psutil.Process(py0).ppid() == z
+        # interrupt: `cluster signal` → engines → their interpreters
+        ar = e0.execute("import time; time.sleep(30)", block=False)
+        time.sleep(1.0)
+        t = time.monotonic()
+        cluster("signal", *env.args, "--signal", "INT")
+        with pytest.raises(Exception, match="KeyboardInterrupt"):
+            ar.get(15)
+        assert time.monotonic() - t < 10
+        assert e0.apply_sync(os.getpid) == py0, "an interrupt must not cost the interpreter"
+
+        # crashes: described from the zygote's exit report, then a new fork
+        with pytest.raises(Exception, match="exited with code 3"):
+            e0.apply_sync(os._exit, 3)
+        py0b = e0.apply_sync(os.getpid)
+        assert py0b != py0 and psutil.Process(py0b).ppid() == z
+        with pytest.raises(Exception, match="signal 9"):
+            e0.execute("import os; os.kill(os.getpid(), 9)", block=True)
+        py0c = e0.apply_sync(os.getpid)
+        assert py0c not in (py0, py0b) and psutil.Process(py0c).ppid() == z
+        env.remember()
+
+        # the zygote dies: running interpreters go on; the next crash is
+        # replaced by a Python the engine spawns itself (and says so)
+        before = rc[:].apply_sync(os.getpid)
+        os.kill(z, signal.SIGKILL)
+        assert wait_gone([z], 5) == []
+        assert rc[:].apply_sync(os.getpid) == before, "the running interpreters go on"
+        with pytest.raises(Exception, match="exited with code 4|how is unknown"):
+            e0.apply_sync(os._exit, 4)
+        ppid = e0.apply_sync(os.getppid)
+        assert ppid in engines, (ppid, engines)
+        env.remember()
+        logs = "".join(p.read_text() for p in (env.profile_dir / "log").glob("parallax-engine*.log"))
+        assert "starting Python directly" in logs, logs[-2000:]
+    finally:
+        rc.close()
+    cluster("stop", *env.args)
+    assert_all_stopped(env, env.seen)
+
+
+def test_no_zygote_when_asked(env):
+    """--zygote=false: every engine starts its own Python, as before."""
+    import ipyparallel as ipp
+
+    cluster("start", "-n", 2, "--daemonize", "--zygote=false", *env.args)
+    env.remember()
+    assert zygote_pid(env.cluster_file) is None
+    _, engines = cluster_pids(env.cluster_file)
+    rc = ipp.Client(str(env.client_file), timeout=10)
+    try:
+        assert sorted(rc[:].apply_sync(os.getppid)) == sorted(engines)
+    finally:
+        rc.close()
     cluster("stop", *env.args)
     assert_all_stopped(env, env.seen)

@@ -174,7 +174,7 @@ def test_parallax_cluster_start_and_connect_magic(tmp_path):
             c, outs = run(kc, 'print("x")')
             assert len(texts(outs)) == 3
             kernel = psutil.Process(km.provisioner.process.pid)
-            embedded = [p for p in kernel.children() if "engine" in " ".join(p.cmdline())]
+            embedded = [p for p in kernel.children() if p.cmdline()[1:2] == ["engine"]]
             assert len(embedded) == 3
             c, outs = run(kc, "%local print(sorted(rc.ids))")
             assert stdout(outs) == "[0, 1, 2]\n", outs

@@ -564,10 +564,10 @@ def test_engine_death_mid_cell(fresh4):
     k = fresh4
     engine_pids = {eid: row["pid"] for eid, row in engines_table(k).items()}
     pys = python_pids(k)
-    assert psutil.Process(pys[2]).ppid() == engine_pids[2], "the Python worker is the engine's child"
+    assert pys[2] in k.engine_tree()[engine_pids[2]], "the Python worker is engine 2's"
     msg_id = k.send_execute(
         'import os, signal\nif os.environ["PARALLAX_ENGINE_ID"] == "2":\n'
-        "    os.kill(os.getppid(), signal.SIGKILL)\n"
+        f"    os.kill({engine_pids[2]}, signal.SIGKILL)\n"
         "else:\n"
         '    print("alive")'
     )
@@ -592,7 +592,8 @@ def test_engine_death_mid_cell(fresh4):
 
 
 def _check_tree(k: Kernel) -> list[int]:
-    """4 engine processes, each with one Python child; returns all pids."""
+    """4 engine processes, each with one Python worker (its child, or forked
+    by the kernel's zygote); returns all pids, the zygote's included."""
 
     def complete():
         t = k.engine_tree()
@@ -604,6 +605,9 @@ def _check_tree(k: Kernel) -> list[int]:
     for engine, kids in tree.items():
         assert "engine" in psutil.Process(engine).cmdline(), psutil.Process(engine).cmdline()
         pids += [engine, *kids]
+    zyg = k.zygote()
+    if zyg is not None:
+        pids.append(zyg.pid)
     assert sorted(p.pid for p in k.descendants()) == sorted(pids[1:])
     return pids
 
@@ -614,6 +618,8 @@ def test_restart_and_shutdown_leave_no_processes(kernel_env):
     try:
         ok(k, "x = 1")
         old = _check_tree(k)
+        zyg = k.zygote()
+        assert zyg is not None and zyg.pid in old, "the engines' interpreters come from a zygote"
         k.restart()
         assert k.pid != old[0]
         assert wait_gone(old, 5) == [], [psutil.Process(p).cmdline() for p in old if not gone(p)]
@@ -631,6 +637,7 @@ def test_sigkilled_kernel_takes_its_engines_down(kernel_env):
     try:
         ok(k, "x = 1")
         pids = _check_tree(k)
+        assert k.zygote() is not None and k.zygote().pid in pids
         os.kill(k.pid, signal.SIGKILL)
         left = wait_gone(pids, 5)
         assert left == [], "still running 5 s after the kernel was killed: " + "; ".join(
@@ -657,7 +664,7 @@ def test_cluster_magic(fresh4):
     assert "engines: [0, 1, 2, 3]\n" in text and "embedded cluster" in text, text
     pids = _cluster_pids(k)
     assert sorted(pids) == ENGINES
-    assert sorted(pids.values()) == sorted(p.pid for p in psutil.Process(k.pid).children())
+    assert sorted(pids.values()) == sorted(p.pid for p in k.engine_processes())
 
     ok(k, 'ns_marker = "kept"')
     r = ok(k, "%cluster add 2")
