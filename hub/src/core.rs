@@ -1842,7 +1842,11 @@ impl Hub {
         // full records cost ~150 allocations per engine per broadcast to
         // build and cull, the largest share of the hub's CPU in a fan-out.
         let header = serde_json::to_value(&msg.header).unwrap_or_default();
-        for (uuid, id) in &targets {
+        for (uuid, _) in &targets {
+            // The hub's id for the engine, not the client's: it picks the
+            // leaf the engine connected to (a stale id would pick another
+            // leaf, where the engine cannot be reached).
+            let id = self.by_uuid[uuid];
             let sub_id = FanOut::sub_msg_id(&original, uuid);
             let mut h = header.clone();
             h["msg_id"] = Value::String(sub_id.clone());
@@ -1868,7 +1872,7 @@ impl Hub {
             }
             // Tracked in the engine's queue like a direct request, so an
             // engine death records EngineError for it (stranded_mux).
-            if let Some(e) = self.engines.get_mut(id) {
+            if let Some(e) = self.engines.get_mut(&id) {
                 e.queue.push_back(sub_id.clone());
             }
             self.pending.insert(sub_id);

@@ -2370,6 +2370,19 @@ fn broadcast_tree_splits_targets_by_engine_id_modulo_leaves() {
 }
 
 #[test]
+fn broadcast_tree_routes_by_the_hubs_engine_id_not_the_clients() {
+    let mut sim = Sim::with_engines(cfg_with(|c| c.broadcast_leaves = 2), 2);
+    // A client with a stale table names e1 with id 4 (even): the copy must
+    // still go to leaf 1, the only one e1 is connected to.
+    let md = json!({"targets": [["e1", 4]], "is_broadcast": true, "is_coalescing": false});
+    let (_, frames) = sim.client_frames(vec![], "execute_request", json!({}), md, vec![]);
+    sim.hub.handle_frames(Channel::BroadcastClient, frames, sim.now);
+    let f = sim.hub.poll_fanout().expect("a fan-out");
+    assert_eq!((f.leaf, f.targets.clone()), (1, vec!["e1".to_string()]));
+    assert!(sim.hub.poll_fanout().is_none());
+}
+
+#[test]
 fn leaf_copies_share_their_frames_and_each_verifies() {
     let (_, orig, fans) = tree_broadcast(2, 4, false);
     let codec = LeafCodec::new(KEY, Limits::default());
