@@ -563,7 +563,9 @@ impl Hub {
             // What a leaf task does (`leaf.rs`), for frames fed here.
             match LeafReply::decode(raw) {
                 Ok(r) => self.broadcast_reply(r, now),
-                Err(e) => warn!(channel = channel.name(), reason = %e, "dropping undecodable message"),
+                Err(e) => {
+                    warn!(channel = channel.name(), reason = %e, "dropping undecodable message")
+                }
             }
             return self.drain_graph_work(now);
         }
@@ -1439,7 +1441,14 @@ impl Hub {
                             "record {old_id:?} has no request content to resubmit (one engine's copy of a broadcast: resubmit the broadcast's msg_id)"
                         ),
                     );
-                    return self.reply_query(ident, "resubmit_reply", err.to_value(), msg, vec![], now);
+                    return self.reply_query(
+                        ident,
+                        "resubmit_reply",
+                        err.to_value(),
+                        msg,
+                        vec![],
+                        now,
+                    );
                 }
             };
             let frames = self.session.serialize_frames(
@@ -1480,7 +1489,12 @@ impl Hub {
 
     /// [`Self::new_record`] for a request the caller is done with: its
     /// content and metadata move into the record instead of being copied.
-    pub(crate) fn new_record_owned(&mut self, msg: Message, queue: &str, engine_uuid: Option<&str>) {
+    pub(crate) fn new_record_owned(
+        &mut self,
+        msg: Message,
+        queue: &str,
+        engine_uuid: Option<&str>,
+    ) {
         let rec = Self::request_record(msg, queue, engine_uuid);
         let msg_id = rec.fields["msg_id"].as_str().unwrap_or_default().to_owned();
         // A repeated msg_id merges with what is recorded (`add_request`).
@@ -1975,7 +1989,9 @@ impl Hub {
         state.waiting.remove(&uuid);
         let done = state.waiting.is_empty();
         if coalescing {
-            state.replied.insert(uuid.clone(), reply.raw.buffers.clone());
+            state
+                .replied
+                .insert(uuid.clone(), reply.raw.buffers.clone());
             if done {
                 state.last = Some((
                     reply.raw.header.clone(),
@@ -2019,10 +2035,7 @@ impl Hub {
             result_md.insert("broadcast_targets".into(), json!(bt));
         }
         let mut f = Map::new();
-        f.insert(
-            "result_header".into(),
-            Value::Object(reply.header.clone()),
-        );
+        f.insert("result_header".into(), Value::Object(reply.header.clone()));
         f.insert("result_metadata".into(), Value::Object(result_md));
         f.insert("result_content".into(), reply.content.clone());
         f.insert("received".into(), json!(format_date(now.wall)));

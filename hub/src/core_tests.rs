@@ -2332,7 +2332,8 @@ fn tree_broadcast(leaves: usize, n: usize, coalescing: bool) -> (Sim, String, Ve
         md,
         vec![],
     );
-    sim.hub.handle_frames(Channel::BroadcastClient, frames, sim.now);
+    sim.hub
+        .handle_frames(Channel::BroadcastClient, frames, sim.now);
     let mut fans = Vec::new();
     while let Some(f) = sim.hub.poll_fanout() {
         fans.push(f);
@@ -2343,7 +2344,8 @@ fn tree_broadcast(leaves: usize, n: usize, coalescing: bool) -> (Sim, String, Ve
 #[test]
 fn broadcast_tree_splits_targets_by_engine_id_modulo_leaves() {
     let (_, orig, fans) = tree_broadcast(4, 10, false);
-    let split: Vec<(usize, Vec<String>)> = fans.iter().map(|f| (f.leaf, f.targets.clone())).collect();
+    let split: Vec<(usize, Vec<String>)> =
+        fans.iter().map(|f| (f.leaf, f.targets.clone())).collect();
     let names = |ids: &[usize]| ids.iter().map(|i| format!("e{i}")).collect::<Vec<_>>();
     assert_eq!(
         split,
@@ -2366,7 +2368,10 @@ fn broadcast_tree_splits_targets_by_engine_id_modulo_leaves() {
     }
     // A leaf with no engine among the targets gets nothing.
     let (_, _, fans) = tree_broadcast(8, 3, false);
-    assert_eq!(fans.iter().map(|f| f.leaf).collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert_eq!(
+        fans.iter().map(|f| f.leaf).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
 }
 
 #[test]
@@ -2376,7 +2381,8 @@ fn broadcast_tree_routes_by_the_hubs_engine_id_not_the_clients() {
     // still go to leaf 1, the only one e1 is connected to.
     let md = json!({"targets": [["e1", 4]], "is_broadcast": true, "is_coalescing": false});
     let (_, frames) = sim.client_frames(vec![], "execute_request", json!({}), md, vec![]);
-    sim.hub.handle_frames(Channel::BroadcastClient, frames, sim.now);
+    sim.hub
+        .handle_frames(Channel::BroadcastClient, frames, sim.now);
     let f = sim.hub.poll_fanout().expect("a fan-out");
     assert_eq!((f.leaf, f.targets.clone()), (1, vec!["e1".to_string()]));
     assert!(sim.hub.poll_fanout().is_none());
@@ -2393,14 +2399,17 @@ fn leaf_copies_share_their_frames_and_each_verifies() {
         let out = decode(frames);
         assert_eq!(out.idents, vec![b(uuid), b(CLIENT)]);
         assert_eq!(out.msg_id(), format!("{orig}_{uuid}"));
-        assert_eq!(out.msg.header.session, "client-session", "the client's header");
+        assert_eq!(
+            out.msg.header.session, "client-session",
+            "the client's header"
+        );
         assert_eq!(out.msg_type(), "execute_request");
         let raw = RawMessage::from_frames(frames.clone(), &Limits::default()).unwrap();
         assert!(auth.verify(&raw).unwrap().is_some(), "signed per copy");
     }
     // parent, metadata and content are the same bytes (not copies)
-    for i in 5..8 {
-        assert_eq!(copies[0][i].as_ptr(), copies[1][i].as_ptr());
+    for (a, b) in copies[0][5..8].iter().zip(&copies[1][5..8]) {
+        assert_eq!(a.as_ptr(), b.as_ptr());
     }
 }
 
@@ -2424,12 +2433,18 @@ fn leaf_batches_complete_a_broadcast_across_leaves() {
     assert!(codec.reply(replayed).is_none(), "replay rejected");
     let mut forged = batches[0][0].raw.clone();
     forged.signature = b(&"0".repeat(64));
-    assert!(codec.reply(forged.into_frames()).is_none(), "bad signature rejected");
+    assert!(
+        codec.reply(forged.into_frames()).is_none(),
+        "bad signature rejected"
+    );
 
     let second = batches.pop().unwrap();
     sim.hub.handle_leaf_replies(batches.pop().unwrap(), sim.now);
     sim.pump();
-    assert!(sim.take(Channel::BroadcastClient).is_empty(), "one leaf is not all");
+    assert!(
+        sim.take(Channel::BroadcastClient).is_empty(),
+        "one leaf is not all"
+    );
     sim.hub.handle_leaf_replies(second, sim.now);
     sim.pump();
     let r = sim.take_one(Channel::BroadcastClient);

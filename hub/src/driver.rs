@@ -362,10 +362,7 @@ pub async fn run_notify(
     for leaf in 0..leaves {
         let port = match wanted_leaves.get(leaf) {
             Some(&p) => p,
-            None if leaf == 0 => wanted
-                .get(&Channel::BroadcastEngine)
-                .copied()
-                .unwrap_or(0),
+            None if leaf == 0 => wanted.get(&Channel::BroadcastEngine).copied().unwrap_or(0),
             None => 0,
         };
         let url = format!("tcp://{}:{}", args.ip, port);
@@ -438,7 +435,7 @@ pub async fn run_notify(
     // request of the previous hub's life waits as long for its reply.
     core.orphan_grace = core.hb_period * (core.max_heartmonitor_misses + 2);
     core.broadcast_leaves = leaves;
-    let leaf_codec = LeafCodec::new(&core.key, core.limits.clone());
+    let leaf_codec = LeafCodec::new(&core.key, core.limits);
 
     // Spawn the socket tasks.
     let (in_tx, in_rx) = mpsc::channel::<Input>(8192);

@@ -76,8 +76,7 @@ impl LeafReply {
         struct Parent {
             msg_id: Option<String>,
         }
-        let obj = |frame: &'static str, bytes: &[u8]| match serde_json::from_slice::<Value>(bytes)
-        {
+        let obj = |frame: &'static str, bytes: &[u8]| match serde_json::from_slice::<Value>(bytes) {
             Ok(Value::Object(m)) => Ok(m),
             Ok(_) => Err(DecodeError::NotAnObject { frame }),
             Err(source) => Err(DecodeError::Json { frame, source }),
