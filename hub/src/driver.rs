@@ -207,7 +207,7 @@ pub async fn run_notify(
 
     // Ports and key: reused from existing files with --reuse.
     let mut wanted: HashMap<Channel, u16> = HashMap::new();
-    let leaves = 1usize << args.broadcast_scheduler_depth.min(6);
+    let mut leaves = 1usize << args.broadcast_scheduler_depth.min(6);
     // Ports of the broadcast leaves beyond the first (--reuse: the engine
     // file's list, when it has as many leaves).
     let mut wanted_leaves: Vec<u16> = Vec::new();
@@ -242,15 +242,18 @@ pub async fn run_notify(
         ] {
             wanted.insert(ch, p);
         }
-        if e.broadcast.len() == leaves {
-            wanted_leaves = e.broadcast.clone();
-        } else if e.broadcast.len() > 1 {
+        // The engines of the previous hub are connected to the leaves the
+        // file names (engine id mod their number): keep that tree.
+        if e.broadcast.len() != leaves && e.broadcast.len().is_power_of_two() {
             warn!(
                 file = %engine_file.display(),
-                had = e.broadcast.len(),
-                leaves,
-                "--reuse: the engine file names another number of broadcast leaves; engines of the previous hub must re-read it"
+                leaves = e.broadcast.len(),
+                "--reuse: keeping the engine file's broadcast leaves (--broadcast-scheduler-depth ignored)"
             );
+            leaves = e.broadcast.len();
+        }
+        if e.broadcast.len() == leaves {
+            wanted_leaves = e.broadcast.clone();
         }
         key = Some(c.key);
         info!(file = %client_file.display(), "reusing connection files");
