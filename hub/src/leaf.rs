@@ -85,7 +85,10 @@ impl LeafReply {
         if !header.get("msg_id").is_some_and(Value::is_string)
             || !header.get("msg_type").is_some_and(Value::is_string)
         {
-            return Err(DecodeError::NotAnObject { frame: "header" });
+            return Err(DecodeError::Json {
+                frame: "header",
+                source: serde::de::Error::custom("no msg_id or msg_type string"),
+            });
         }
         let parent: Parent =
             serde_json::from_slice(&raw.parent).map_err(|source| DecodeError::Json {
