@@ -208,8 +208,8 @@ pub async fn run_notify(
     // Ports and key: reused from existing files with --reuse.
     let mut wanted: HashMap<Channel, u16> = HashMap::new();
     let mut leaves = 1usize << args.broadcast_scheduler_depth.min(6);
-    // Ports of the broadcast leaves beyond the first (--reuse: the engine
-    // file's list, when it has as many leaves).
+    // Ports of the broadcast leaves (--reuse: the engine file's list; else
+    // only the first may be given, as --ports' eighth).
     let mut wanted_leaves: Vec<u16> = Vec::new();
     let mut key = args
         .session_key
