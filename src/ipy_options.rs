@@ -198,6 +198,10 @@ pub const IPCONTROLLER: Spec = Spec {
             Action::Native("--max-heartbeat-misses"),
         ),
         ("TaskScheduler.scheme_name", Action::Native("--scheme")),
+        (
+            "IPController.broadcast_scheduler_depth",
+            Action::Native("--broadcast-scheduler-depth"),
+        ),
         ("TaskScheduler.hwm", Action::Native("--hwm")),
         ("DictDB.record_limit", Action::Native("--record-limit")),
         ("SQLiteDB.table", Action::Native("--table")),

@@ -126,6 +126,16 @@ pub struct HubArgs {
     /// Seed for the random scheduling schemes (default: from the clock).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Depth of the broadcast tree (ipcontroller's broadcast_scheduler_depth):
+    /// 2^DEPTH leaf sockets, each served by its own task, an engine on leaf
+    /// `id % 2^DEPTH`. 0 = one leaf.
+    #[arg(
+        long = "broadcast-scheduler-depth",
+        value_name = "DEPTH",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u32).range(0..=6)
+    )]
+    pub broadcast_scheduler_depth: u32,
 }
 
 /// The task database backends, as `--db` names them (ipcontroller's

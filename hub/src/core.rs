@@ -23,6 +23,7 @@ use rand::rngs::StdRng;
 use serde_json::{Map, Value, json};
 use tracing::{debug, info, warn};
 
+use crate::leaf::{FanOut, LeafReply};
 use crate::records::{DbBackend, DbError, RecordStore, TaskDb, TaskRecord};
 use crate::scheduler::Scheme;
 use crate::tasks::TaskState;
@@ -135,6 +136,9 @@ pub struct CoreConfig {
     /// After [`Hub::restore`], how long requests of the previous hub's life
     /// may wait for their engine's reply before they fail.
     pub orphan_grace: Duration,
+    /// Leaves of the broadcast tree (`2^--broadcast-scheduler-depth`): an
+    /// engine with id `i` is reached through leaf `i % broadcast_leaves`.
+    pub broadcast_leaves: usize,
 }
 
 impl CoreConfig {
@@ -157,6 +161,7 @@ impl CoreConfig {
             seed: 0x5eed,
             dependency_history: 32 * 1024,
             orphan_grace: Duration::from_secs(33),
+            broadcast_leaves: 1,
         }
     }
 }
@@ -306,6 +311,8 @@ pub struct Hub {
     pub(crate) tasks: TaskState,
     pub(crate) rng: StdRng,
     bcast: HashMap<String, Broadcast>,
+    /// Broadcasts split by leaf, for the driver's leaf tasks.
+    fanouts: VecDeque<FanOut>,
 }
 
 pub(crate) fn peer(idents: &[Bytes]) -> String {
@@ -383,6 +390,7 @@ impl Hub {
             tasks,
             rng,
             bcast: HashMap::new(),
+            fanouts: VecDeque::new(),
         };
         let first = now.mono + hub.cfg.hb_period;
         hub.schedule(first, Timer::Beat);
@@ -393,6 +401,12 @@ impl Hub {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.out.pop_front()
+    }
+
+    /// A leaf's share of a broadcast: the leaf signs and sends a copy to
+    /// each of its engines (`leaf.rs`).
+    pub fn poll_fanout(&mut self) -> Option<FanOut> {
+        self.fanouts.pop_front()
     }
 
     pub fn poll_event(&mut self) -> Option<HubEvent> {
@@ -545,6 +559,16 @@ impl Hub {
             warn!(channel = channel.name(), peer = %peer(&raw.idents), reason = %e, "dropping message that failed authentication");
             return;
         }
+        if channel == Channel::BroadcastEngine {
+            // What a leaf task does (`leaf.rs`), for frames fed here.
+            match LeafReply::decode(raw) {
+                Ok(r) => self.broadcast_reply(r, now),
+                Err(e) => {
+                    warn!(channel = channel.name(), reason = %e, "dropping undecodable message")
+                }
+            }
+            return self.drain_graph_work(now);
+        }
         let msg = match Message::decode(&raw) {
             Ok(m) => m,
             Err(e) => {
@@ -561,7 +585,7 @@ impl Hub {
             Channel::ControlClient => self.control_request(raw, msg, now),
             Channel::ControlEngine => self.control_reply(raw, msg),
             Channel::BroadcastClient => self.broadcast_request(raw, msg, now),
-            Channel::BroadcastEngine => self.broadcast_reply(raw, msg, now),
+            Channel::BroadcastEngine => unreachable!("decoded above"),
             Channel::IopubEngine => self.iopub(raw, msg, now),
             Channel::HbPong | Channel::Notification | Channel::HbPing | Channel::IopubClient => {
                 unreachable!("handled above")
@@ -1407,7 +1431,26 @@ impl Hub {
             let new_id = self.session.new_msg_id();
             header.insert("msg_id".into(), json!(new_id));
             header.insert("date".into(), json!(format_date(now.wall)));
-            let content = rec.fields.get("content").cloned().unwrap_or(json!({}));
+            let content = match rec.fields.get("content") {
+                Some(c @ Value::Object(_)) => c.clone(),
+                // A broadcast engine's copy records no content of its own.
+                _ => {
+                    let err = ErrorContent::new(
+                        "KeyError",
+                        format!(
+                            "record {old_id:?} has no request content to resubmit (one engine's copy of a broadcast: resubmit the broadcast's msg_id)"
+                        ),
+                    );
+                    return self.reply_query(
+                        ident,
+                        "resubmit_reply",
+                        err.to_value(),
+                        msg,
+                        vec![],
+                        now,
+                    );
+                }
+            };
             let frames = self.session.serialize_frames(
                 vec![Bytes::from_static(RESUBMIT_CLIENT)],
                 json_bytes(&header),
@@ -1441,30 +1484,53 @@ impl Hub {
     // ------------------------------------------------------------------ records
 
     pub(crate) fn new_record(&mut self, msg: &Message, queue: &str, engine_uuid: Option<&str>) {
-        let msg_id = msg.header.msg_id.clone();
-        let mut rec = RecordStore::empty_record(&msg_id);
-        let f = &mut rec.fields;
-        f.insert(
-            "header".into(),
-            serde_json::to_value(&msg.header).unwrap_or_default(),
-        );
-        f.insert("content".into(), msg.content.clone());
-        f.insert("metadata".into(), Value::Object(msg.metadata.clone()));
-        f.insert("submitted".into(), json!(msg.header.date));
-        f.insert("client_uuid".into(), json!(msg.header.session));
-        f.insert("queue".into(), json!(queue));
-        f.insert(
-            "label".into(),
-            msg.metadata.get("label").cloned().unwrap_or(Value::Null),
-        );
-        if let Some(u) = engine_uuid {
-            f.insert("engine_uuid".into(), json!(u));
-        }
-        rec.buffers = msg.buffers.iter().map(owned).collect();
+        self.new_record_owned(msg.clone(), queue, engine_uuid);
+    }
+
+    /// [`Self::new_record`] for a request the caller is done with: its
+    /// content and metadata move into the record instead of being copied.
+    pub(crate) fn new_record_owned(
+        &mut self,
+        msg: Message,
+        queue: &str,
+        engine_uuid: Option<&str>,
+    ) {
+        let rec = Self::request_record(msg, queue, engine_uuid);
+        let msg_id = rec.fields["msg_id"].as_str().unwrap_or_default().to_owned();
         // A repeated msg_id merges with what is recorded (`add_request`).
         if let Err(e) = self.db.add_request(&msg_id, rec) {
             debug!(msg_id = %msg_id, error = %e, "record not stored");
         }
+    }
+
+    fn request_record(msg: Message, queue: &str, engine_uuid: Option<&str>) -> TaskRecord {
+        let Message {
+            header,
+            metadata,
+            content,
+            buffers,
+            ..
+        } = msg;
+        let mut rec = RecordStore::empty_record(&header.msg_id);
+        let f = &mut rec.fields;
+        f.insert("submitted".into(), Value::String(header.date.clone()));
+        f.insert("client_uuid".into(), Value::String(header.session.clone()));
+        f.insert(
+            "header".into(),
+            serde_json::to_value(header).unwrap_or_default(),
+        );
+        f.insert("content".into(), content);
+        f.insert(
+            "label".into(),
+            metadata.get("label").cloned().unwrap_or(Value::Null),
+        );
+        f.insert("metadata".into(), Value::Object(metadata));
+        f.insert("queue".into(), Value::String(queue.to_owned()));
+        if let Some(u) = engine_uuid {
+            f.insert("engine_uuid".into(), Value::String(u.to_owned()));
+        }
+        rec.buffers = buffers.iter().map(owned).collect();
+        rec
     }
 
     pub(crate) fn db_update(
@@ -1478,29 +1544,36 @@ impl Hub {
         }
     }
 
-    /// Store a reply in the request's record.
-    pub(crate) fn record_result(&mut self, msg: &Message, engine_uuid: &str, now: Now) {
+    /// Store a reply in the request's record. Takes the message: its
+    /// metadata and content move into the record (a reply is recorded last,
+    /// and copying them was a measurable share of a fan-out to 1,000
+    /// engines).
+    pub(crate) fn record_result(&mut self, msg: Message, engine_uuid: &str, now: Now) {
         let Some(parent_id) = msg.parent_msg_id().map(str::to_owned) else {
             return;
         };
+        let Message {
+            header,
+            metadata,
+            content,
+            buffers,
+            ..
+        } = msg;
         let mut f = Map::new();
         f.insert(
-            "result_header".into(),
-            serde_json::to_value(&msg.header).unwrap_or_default(),
-        );
-        f.insert(
-            "result_metadata".into(),
-            Value::Object(msg.metadata.clone()),
-        );
-        f.insert("result_content".into(), msg.content.clone());
-        f.insert("received".into(), json!(format_date(now.wall)));
-        f.insert(
             "started".into(),
-            msg.metadata.get("started").cloned().unwrap_or(Value::Null),
+            metadata.get("started").cloned().unwrap_or(Value::Null),
         );
-        f.insert("completed".into(), json!(msg.header.date));
-        f.insert("engine_uuid".into(), json!(engine_uuid));
-        self.db_update(&parent_id, f, Some(msg.buffers.iter().map(owned).collect()));
+        f.insert("completed".into(), Value::String(header.date.clone()));
+        f.insert(
+            "result_header".into(),
+            serde_json::to_value(header).unwrap_or_default(),
+        );
+        f.insert("result_metadata".into(), Value::Object(metadata));
+        f.insert("result_content".into(), content);
+        f.insert("received".into(), Value::String(format_date(now.wall)));
+        f.insert("engine_uuid".into(), Value::String(engine_uuid.to_owned()));
+        self.db_update(&parent_id, f, Some(buffers.iter().map(owned).collect()));
     }
 
     // -------------------------------------------------------------------- mux
@@ -1556,7 +1629,7 @@ impl Hub {
         frames.swap(0, 1);
         self.send(Channel::MuxEngine, frames);
         let msg_id = msg.header.msg_id.clone();
-        self.new_record(&msg, "mux", Some(&uuid));
+        self.new_record_owned(msg, "mux", Some(&uuid));
         self.pending.insert(msg_id.clone());
         if let Some(e) = self.engines.get_mut(&id) {
             e.queue.push_back(msg_id);
@@ -1592,7 +1665,7 @@ impl Hub {
             debug!(msg_id = %parent_id, "reply to an unknown direct request");
         }
         self.tasks.record_done(&parent_id, success, &uuid);
-        self.record_result(&msg, &uuid, now);
+        self.record_result(msg, &uuid, now);
     }
 
     // ---------------------------------------------------------------- control
@@ -1767,42 +1840,76 @@ impl Hub {
             }
             return;
         }
-        // Each engine's copy names only its own target, as an ipyparallel
-        // leaf scheduler's copies name only the leaf's: the full list in
-        // every copy made a broadcast O(N²) in bytes signed, sent and
-        // recorded (50 MB per broadcast to 1,000 engines). Engines read
-        // only the flags (ipengine's init_metadata).
-        let mut sub = Message {
-            idents: Vec::new(),
-            header: msg.header.clone(),
-            parent_header: msg.parent_header.clone(),
-            metadata: md.clone(),
-            content: msg.content.clone(),
-            buffers: msg.buffers.clone(),
-        };
-        for (uuid, id) in &targets {
-            sub.header.msg_id = format!("{original}_{uuid}");
-            sub.metadata.insert("targets".into(), json!([[uuid, id]]));
-            let frames = self.session.serialize_frames(
-                vec![Bytes::copy_from_slice(uuid.as_bytes()), client.clone()],
-                json_bytes(&sub.header),
-                raw.parent.clone(),
-                json_bytes(&sub.metadata),
-                raw.content.clone(),
-                raw.buffers.clone(),
+        // One FanOut per leaf (engine id % leaves, the leaf each engine
+        // connected to): the leaf signs and sends each engine's copy
+        // (`leaf.rs`). The copies' metadata is shared: the flags and
+        // `original_msg_id`, no `targets` (engines read only the flags).
+        md.remove("targets");
+        let metadata = json_bytes(&md);
+        let leaves = self.cfg.broadcast_leaves.max(1);
+        let mut per_leaf: Vec<Vec<String>> = vec![Vec::new(); leaves];
+        // Each engine's copy gets a record of its own (results, output and
+        // status per engine, as for a direct request), kept small: what
+        // identifies the copy (msg_id, header, client, engine, dates) and
+        // what its reply adds. The request's content, metadata and buffers
+        // are recorded once, in the broadcast's own record (`original`):
+        // full records cost ~150 allocations per engine per broadcast to
+        // build and cull, the largest share of the hub's CPU in a fan-out.
+        let header = serde_json::to_value(&msg.header).unwrap_or_default();
+        for (uuid, _) in &targets {
+            // The hub's id for the engine, not the client's: it picks the
+            // leaf the engine connected to (a stale id would pick another
+            // leaf, where the engine cannot be reached).
+            let id = self.by_uuid[uuid];
+            let sub_id = FanOut::sub_msg_id(&original, uuid);
+            let mut h = header.clone();
+            h["msg_id"] = Value::String(sub_id.clone());
+            let mut f = Map::new();
+            f.insert("msg_id".into(), Value::String(sub_id.clone()));
+            f.insert("header".into(), h);
+            f.insert("submitted".into(), Value::String(msg.header.date.clone()));
+            f.insert(
+                "client_uuid".into(),
+                Value::String(msg.header.session.clone()),
             );
-            self.send(Channel::BroadcastEngine, frames);
-            self.new_record(&sub, "broadcast", Some(uuid));
+            f.insert("queue".into(), Value::String("broadcast".into()));
+            f.insert("engine_uuid".into(), Value::String(uuid.clone()));
+            f.insert("stdout".into(), Value::String(String::new()));
+            f.insert("stderr".into(), Value::String(String::new()));
+            let rec = TaskRecord {
+                fields: f,
+                buffers: Vec::new(),
+                result_buffers: Vec::new(),
+            };
+            if let Err(e) = self.db.add_request(&sub_id, rec) {
+                debug!(msg_id = %sub_id, error = %e, "record not stored");
+            }
             // Tracked in the engine's queue like a direct request, so an
             // engine death records EngineError for it (stranded_mux).
-            if let Some(e) = self
-                .by_uuid
-                .get(uuid)
-                .and_then(|id| self.engines.get_mut(id))
-            {
-                e.queue.push_back(sub.header.msg_id.clone());
+            if let Some(e) = self.engines.get_mut(&id) {
+                e.queue.push_back(sub_id.clone());
             }
-            self.pending.insert(sub.header.msg_id.clone());
+            self.pending.insert(sub_id);
+            per_leaf[id.rem_euclid(leaves as i64) as usize].push(uuid.clone());
+        }
+        // The client's buffers as received: they are only in flight (the
+        // recorded copy is the original record's own).
+        let buffers: Vec<Bytes> = raw.buffers.clone();
+        for (leaf, uuids) in per_leaf.into_iter().enumerate() {
+            if uuids.is_empty() {
+                continue;
+            }
+            self.fanouts.push_back(FanOut {
+                leaf,
+                client: client.clone(),
+                header: msg.header.clone(),
+                original: original.clone(),
+                parent: raw.parent.clone(),
+                metadata: metadata.clone(),
+                content: raw.content.clone(),
+                buffers: buffers.clone(),
+                targets: uuids,
+            });
         }
         // The request as the client sent it is recorded too, and completes
         // when every engine has replied.
@@ -1823,87 +1930,91 @@ impl Hub {
         );
     }
 
-    fn broadcast_reply(&mut self, raw: RawMessage, msg: Message, now: Now) {
-        if raw.idents.len() < 2 {
-            warn!(peer = %peer(&raw.idents), "broadcast reply without a client identity");
+    /// Replies verified and decoded by a broadcast leaf (`leaf.rs`), in the
+    /// order they arrived there.
+    pub fn handle_leaf_replies(&mut self, replies: Vec<LeafReply>, now: Now) {
+        for r in replies {
+            self.broadcast_reply(r, now);
+        }
+        self.drain_graph_work(now);
+    }
+
+    /// One engine's reply to its copy of a broadcast: recorded under the
+    /// copy's msg_id, relayed at once (non-coalescing) or kept for the one
+    /// coalesced reply; the client's request completes with the last one.
+    fn broadcast_reply(&mut self, reply: LeafReply, now: Now) {
+        if reply.raw.idents.len() < 2 {
+            warn!(peer = %peer(&reply.raw.idents), "broadcast reply without a client identity");
             return;
         }
-        let uuid = String::from_utf8_lossy(&raw.idents[0]).into_owned();
-        let coalescing = msg
+        let uuid = reply.engine();
+        let coalescing = reply
             .metadata
             .get("is_coalescing")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let original = msg
+        let original = reply
             .metadata
             .get("original_msg_id")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        if let Some(pid) = msg.parent_msg_id().map(str::to_owned) {
-            if self.pending.remove(&pid)
+        let success = reply.status_ok();
+        if let Some(pid) = reply.parent_msg_id.as_deref() {
+            if self.pending.remove(pid)
                 && let Some(e) = self
                     .by_uuid
                     .get(&uuid)
                     .and_then(|id| self.engines.get_mut(id))
             {
-                if let Some(pos) = e.queue.iter().position(|m| *m == pid) {
+                if let Some(pos) = e.queue.iter().position(|m| m == pid) {
                     e.queue.remove(pos);
                 }
-                push_completed(e, &pid);
+                push_completed(e, pid);
             }
-            let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
-            self.tasks.record_done(&pid, success, &uuid);
+            self.tasks.record_done(pid, success, &uuid);
         }
-        self.record_result(&msg, &uuid, now);
-        let success = msg.content.get("status").and_then(Value::as_str) == Some("ok");
         let state = original.as_ref().and_then(|o| self.bcast.get_mut(o));
         let Some(state) = state else {
             if coalescing {
                 debug!(msg_id = ?original, "reply to an unknown or abandoned broadcast");
             } else {
-                let mut frames = raw.into_frames();
+                let mut frames = reply.raw.clone().into_frames();
                 frames.remove(0);
                 self.send(Channel::BroadcastClient, frames);
             }
+            self.record_leaf_reply(reply, &uuid, now);
             return;
         };
-        let original = original.expect("state found by it");
         state.any_error |= !success;
         state.waiting.remove(&uuid);
-        state.replied.insert(
-            uuid,
-            if coalescing {
-                raw.buffers.clone()
-            } else {
-                Vec::new()
-            },
-        );
+        let done = state.waiting.is_empty();
         if coalescing {
-            state.last = Some((
-                raw.header.clone(),
-                raw.parent.clone(),
-                msg.metadata.clone(),
-                raw.content.clone(),
-            ));
+            state
+                .replied
+                .insert(uuid.clone(), reply.raw.buffers.clone());
+            if done {
+                state.last = Some((
+                    reply.raw.header.clone(),
+                    reply.raw.parent.clone(),
+                    reply.metadata.clone(),
+                    reply.raw.content.clone(),
+                ));
+            }
         } else {
-            let mut frames = raw.into_frames();
+            let mut frames = reply.raw.clone().into_frames();
             frames.remove(0);
             self.send(Channel::BroadcastClient, frames);
         }
-        if !self
-            .bcast
-            .get(&original)
-            .expect("present")
-            .waiting
-            .is_empty()
-        {
+        if !done {
+            self.record_leaf_reply(reply, &uuid, now);
             return;
         }
+        let original = original.expect("state found by it");
         let state = self.bcast.remove(&original).expect("present");
         let bt: Vec<Value> = state.targets.iter().map(|(u, i)| json!([u, i])).collect();
-        let mut result_md = msg.metadata.clone();
+        let mut result_md = reply.metadata.clone();
         if state.coalescing {
-            let (header, parent, mut md, content) = state.last.expect("at least one reply");
+            let (header, parent, mut md, content) = state.last.expect("the last reply");
             md.insert("broadcast_targets".into(), json!(bt));
             result_md = md.clone();
             let mut buffers = Vec::new();
@@ -1924,17 +2035,48 @@ impl Hub {
             result_md.insert("broadcast_targets".into(), json!(bt));
         }
         let mut f = Map::new();
-        f.insert(
-            "result_header".into(),
-            serde_json::to_value(&msg.header).unwrap_or_default(),
-        );
+        f.insert("result_header".into(), Value::Object(reply.header.clone()));
         f.insert("result_metadata".into(), Value::Object(result_md));
-        f.insert("result_content".into(), msg.content.clone());
+        f.insert("result_content".into(), reply.content.clone());
         f.insert("received".into(), json!(format_date(now.wall)));
-        f.insert("completed".into(), json!(msg.header.date));
+        f.insert(
+            "completed".into(),
+            reply.header.get("date").cloned().unwrap_or(Value::Null),
+        );
+        self.record_leaf_reply(reply, &uuid, now);
         self.db_update(&original, f, None);
         self.pending.remove(&original);
         self.tasks.record_done(&original, !state.any_error, "");
+    }
+
+    /// [`Self::record_result`] for a reply a leaf decoded: its values move
+    /// into the record.
+    fn record_leaf_reply(&mut self, reply: LeafReply, engine_uuid: &str, now: Now) {
+        let LeafReply {
+            raw,
+            header,
+            parent_msg_id,
+            metadata,
+            content,
+        } = reply;
+        let Some(parent_id) = parent_msg_id else {
+            return;
+        };
+        let mut f = Map::new();
+        f.insert(
+            "started".into(),
+            metadata.get("started").cloned().unwrap_or(Value::Null),
+        );
+        f.insert(
+            "completed".into(),
+            header.get("date").cloned().unwrap_or(Value::Null),
+        );
+        f.insert("result_header".into(), Value::Object(header));
+        f.insert("result_metadata".into(), Value::Object(metadata));
+        f.insert("result_content".into(), content);
+        f.insert("received".into(), Value::String(format_date(now.wall)));
+        f.insert("engine_uuid".into(), Value::String(engine_uuid.to_owned()));
+        self.db_update(&parent_id, f, Some(raw.buffers.iter().map(owned).collect()));
     }
 }
 

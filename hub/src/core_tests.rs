@@ -17,6 +17,7 @@ use parallax_wire::{DELIMITER, Limits, Message, RawMessage, Session, Signer, for
 use serde_json::{Value, json};
 
 use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now, Transmit};
+use crate::leaf::{FanOut, LeafCodec, LeafReply};
 use crate::records::{DbBackend, DbLimits};
 use crate::scheduler::Scheme;
 
@@ -221,6 +222,16 @@ impl Sim {
                 }
             } else {
                 self.outbox.push_back(t);
+            }
+        }
+        // The broadcast leaves' share, as the leaf tasks send it.
+        while let Some(f) = self.hub.poll_fanout() {
+            let codec = LeafCodec::new(KEY, Limits::default());
+            for frames in codec.frames(&f) {
+                self.outbox.push_back(Transmit {
+                    channel: Channel::BroadcastEngine,
+                    frames,
+                });
             }
         }
     }
@@ -2193,11 +2204,10 @@ fn non_coalescing_broadcast_fans_out_and_relays_each_reply() {
         assert_eq!(out.msg_id(), format!("{orig}_{uuid}"));
         assert_eq!(*out.md("original_msg_id"), json!(orig));
         assert_eq!(out.md("is_coalescing"), false);
-        // Each copy names only its own engine (as a leaf scheduler's names
-        // the leaf's), never the whole target list: that made a broadcast
-        // to N engines O(N²) in bytes.
-        let id = if uuid == "e0" { 0 } else { 1 };
-        assert_eq!(*out.md("targets"), json!([[uuid, id]]));
+        // The copies share one metadata frame with no target list (the
+        // whole list in every copy made a broadcast to N engines O(N²) in
+        // bytes; engines read only the flags).
+        assert_eq!(*out.md("targets"), Value::Null);
         assert_eq!(out.content(), &json!({"x": 1}));
         assert_eq!(out.msg.buffers, vec![b("f")]);
         assert_eq!(
@@ -2307,6 +2317,194 @@ fn broadcast_to_unknown_engines_is_refused() {
     );
     let r = sim.take_one(Channel::BroadcastClient);
     assert_eq!(*r.md("broadcast_targets"), json!([["e0", 0], ["gone", 4]]));
+}
+
+/// A hub with `leaves` broadcast leaves and `n` engines; a broadcast to all
+/// of them, taken as the leaves' `FanOut`s (not expanded to frames).
+fn tree_broadcast(leaves: usize, n: usize, coalescing: bool) -> (Sim, String, Vec<FanOut>) {
+    let mut sim = Sim::with_engines(cfg_with(|c| c.broadcast_leaves = leaves), n);
+    let targets: Vec<Value> = (0..n).map(|i| json!([format!("e{i}"), i])).collect();
+    let md = json!({"targets": targets, "is_broadcast": true, "is_coalescing": coalescing});
+    let (orig, frames) = sim.client_frames(
+        vec![],
+        "execute_request",
+        json!({"code": "a=1"}),
+        md,
+        vec![],
+    );
+    sim.hub
+        .handle_frames(Channel::BroadcastClient, frames, sim.now);
+    let mut fans = Vec::new();
+    while let Some(f) = sim.hub.poll_fanout() {
+        fans.push(f);
+    }
+    (sim, orig, fans)
+}
+
+#[test]
+fn broadcast_tree_splits_targets_by_engine_id_modulo_leaves() {
+    let (_, orig, fans) = tree_broadcast(4, 10, false);
+    let split: Vec<(usize, Vec<String>)> =
+        fans.iter().map(|f| (f.leaf, f.targets.clone())).collect();
+    let names = |ids: &[usize]| ids.iter().map(|i| format!("e{i}")).collect::<Vec<_>>();
+    assert_eq!(
+        split,
+        vec![
+            (0, names(&[0, 4, 8])),
+            (1, names(&[1, 5, 9])),
+            (2, names(&[2, 6])),
+            (3, names(&[3, 7])),
+        ],
+        "engine i on leaf i % 4 (where ipengine connects), in target order"
+    );
+    for f in &fans {
+        assert_eq!(f.original, orig);
+        assert_eq!(f.client, b(CLIENT));
+        // one metadata frame for every copy, with no target list
+        let md: Value = serde_json::from_slice(&f.metadata).unwrap();
+        assert_eq!(md["targets"], Value::Null);
+        assert_eq!(md["original_msg_id"], json!(orig));
+        assert_eq!(md["is_broadcast"], json!(true));
+    }
+    // A leaf with no engine among the targets gets nothing.
+    let (_, _, fans) = tree_broadcast(8, 3, false);
+    assert_eq!(
+        fans.iter().map(|f| f.leaf).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+}
+
+#[test]
+fn broadcast_tree_routes_by_the_hubs_engine_id_not_the_clients() {
+    let mut sim = Sim::with_engines(cfg_with(|c| c.broadcast_leaves = 2), 2);
+    // A client with a stale table names e1 with id 4 (even): the copy must
+    // still go to leaf 1, the only one e1 is connected to.
+    let md = json!({"targets": [["e1", 4]], "is_broadcast": true, "is_coalescing": false});
+    let (_, frames) = sim.client_frames(vec![], "execute_request", json!({}), md, vec![]);
+    sim.hub
+        .handle_frames(Channel::BroadcastClient, frames, sim.now);
+    let f = sim.hub.poll_fanout().expect("a fan-out");
+    assert_eq!((f.leaf, f.targets.clone()), (1, vec!["e1".to_string()]));
+    assert!(sim.hub.poll_fanout().is_none());
+}
+
+#[test]
+fn leaf_copies_share_their_frames_and_each_verifies() {
+    let (_, orig, fans) = tree_broadcast(2, 4, false);
+    let codec = LeafCodec::new(KEY, Limits::default());
+    let copies = codec.frames(&fans[1]);
+    assert_eq!(copies.len(), 2);
+    let auth = Signer::new(KEY);
+    for (frames, uuid) in copies.iter().zip(["e1", "e3"]) {
+        let out = decode(frames);
+        assert_eq!(out.idents, vec![b(uuid), b(CLIENT)]);
+        assert_eq!(out.msg_id(), format!("{orig}_{uuid}"));
+        assert_eq!(
+            out.msg.header.session, "client-session",
+            "the client's header"
+        );
+        assert_eq!(out.msg_type(), "execute_request");
+        let raw = RawMessage::from_frames(frames.clone(), &Limits::default()).unwrap();
+        assert!(auth.verify(&raw).unwrap().is_some(), "signed per copy");
+    }
+    // parent, metadata and content are the same bytes (not copies)
+    for (a, b) in copies[0][5..8].iter().zip(&copies[1][5..8]) {
+        assert_eq!(a.as_ptr(), b.as_ptr());
+    }
+}
+
+#[test]
+fn leaf_batches_complete_a_broadcast_across_leaves() {
+    let (mut sim, orig, fans) = tree_broadcast(2, 4, true);
+    let mut codec = LeafCodec::new(KEY, Limits::default());
+    let mut batches: Vec<Vec<LeafReply>> = Vec::new();
+    for f in &fans {
+        let mut batch = Vec::new();
+        for frames in codec.frames(f) {
+            let req = decode(&frames);
+            let id: usize = req.ident(0)[1..].parse().unwrap();
+            let reply = sim.reply_frames(&req, "ok", json!({}), vec![b(&format!("r{id}"))]);
+            batch.push(codec.reply(reply).expect("verifies"));
+        }
+        batches.push(batch);
+    }
+    // A forged or replayed reply is dropped by the leaf.
+    let replayed = batches[0][0].raw.clone().into_frames();
+    assert!(codec.reply(replayed).is_none(), "replay rejected");
+    let mut forged = batches[0][0].raw.clone();
+    forged.signature = b(&"0".repeat(64));
+    assert!(
+        codec.reply(forged.into_frames()).is_none(),
+        "bad signature rejected"
+    );
+
+    let second = batches.pop().unwrap();
+    sim.hub.handle_leaf_replies(batches.pop().unwrap(), sim.now);
+    sim.pump();
+    assert!(
+        sim.take(Channel::BroadcastClient).is_empty(),
+        "one leaf is not all"
+    );
+    sim.hub.handle_leaf_replies(second, sim.now);
+    sim.pump();
+    let r = sim.take_one(Channel::BroadcastClient);
+    assert_eq!(*r.md("original_msg_id"), json!(orig));
+    assert_eq!(
+        *r.md("broadcast_targets"),
+        json!([["e0", 0], ["e1", 1], ["e2", 2], ["e3", 3]])
+    );
+    assert_eq!(
+        r.msg.buffers,
+        vec![b("r0"), b("r1"), b("r2"), b("r3")],
+        "buffers in target order, whatever the leaves' order"
+    );
+    assert!(sim.hub.pending.is_empty());
+    let sub = format!("{orig}_e3");
+    let rec = sim.result_request(&[&sub, &orig]);
+    assert_eq!(rec.content()["pending"], json!([]));
+}
+
+#[test]
+fn engine_death_mid_broadcast_fails_it_and_later_replies_are_harmless() {
+    for coalescing in [false, true] {
+        let (mut sim, orig, fans) = tree_broadcast(2, 4, coalescing);
+        let signer = LeafCodec::new(KEY, Limits::default());
+        let mut codec = signer.clone();
+        // Leaf 0's engines (e0, e2) answer; e1 dies; e3 answers afterwards.
+        let mut reply = |sim: &mut Sim, frames: Vec<Bytes>| {
+            let req = decode(&frames);
+            let r = sim.reply_frames(&req, "ok", json!({}), vec![]);
+            codec.reply(r).unwrap()
+        };
+        let leaf0: Vec<LeafReply> = signer
+            .frames(&fans[0])
+            .into_iter()
+            .map(|f| reply(&mut sim, f))
+            .collect();
+        sim.hub.handle_leaf_replies(leaf0, sim.now);
+        sim.pump();
+        let relayed = sim.take(Channel::BroadcastClient).len();
+        assert_eq!(relayed, if coalescing { 0 } else { 2 });
+        let leaf1 = signer.frames(&fans[1]);
+        sim.unregister_request("e1");
+        sim.advance(Duration::from_secs(5));
+        assert!(!sim.hub.pending.contains(&orig), "the broadcast is settled");
+        let sub = format!("{orig}_e1");
+        let rec = sim.result_request(&[&sub]);
+        assert_eq!(rec.content()["completed"], json!([sub]));
+        assert_eq!(
+            rec.content()[&sub]["result_content"]["ename"],
+            json!("EngineError")
+        );
+        let late = reply(&mut sim, leaf1[1].clone());
+        sim.hub.handle_leaf_replies(vec![late], sim.now);
+        sim.pump();
+        // A late non-coalescing reply is still relayed (its future is the
+        // client's own); a coalescing one has nothing left to join.
+        let relayed = sim.take(Channel::BroadcastClient).len();
+        assert_eq!(relayed, if coalescing { 0 } else { 1 });
+        assert!(sim.hub.pending.is_empty(), "{:?}", sim.hub.pending);
+    }
 }
 
 // ================================================================== 10. queries

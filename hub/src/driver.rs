@@ -4,7 +4,10 @@
 //! One task per socket direction: receive tasks push `(channel, frames)` into
 //! one bounded channel read by the core task; the core task pushes outgoing
 //! frames into one unbounded queue per socket, drained by that socket's send
-//! task. The core task is the only owner of the `Hub`.
+//! task. The core task is the only owner of the `Hub`. The broadcast leaves
+//! (`2^--broadcast-scheduler-depth` engine-facing ROUTERs) each have one task
+//! that both sends (the core's `FanOut`s, signed there) and receives (replies
+//! verified and decoded there, handed to the core in batches).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -26,6 +29,7 @@ use zeromq::{
 
 use crate::cli::{DbKind, HubArgs};
 use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now, Transmit};
+use crate::leaf::{FanOut, LeafCodec, LeafReply};
 use crate::records::{DbBackend, DbLimits, TaskDb};
 use crate::restore::EngineState;
 use crate::sqlite_db::{Durability, SqliteConfig, SqliteDb};
@@ -115,6 +119,14 @@ const PORT_ORDER: [Channel; 13] = [
 ];
 // BroadcastClient is the 14th.
 
+/// What the socket tasks hand the core task (one bounded channel).
+enum Input {
+    /// A multipart message from a socket the core reads itself.
+    Frames(Channel, Vec<Bytes>),
+    /// A broadcast leaf's replies, verified and decoded, in arrival order.
+    Leaf(Vec<LeafReply>),
+}
+
 enum Sock {
     XPub(XPubSocket),
     Router(RouterSocket),
@@ -195,6 +207,10 @@ pub async fn run_notify(
 
     // Ports and key: reused from existing files with --reuse.
     let mut wanted: HashMap<Channel, u16> = HashMap::new();
+    let mut leaves = 1usize << args.broadcast_scheduler_depth.min(6);
+    // Ports of the broadcast leaves (--reuse: the engine file's list; else
+    // only the first may be given, as --ports' eighth).
+    let mut wanted_leaves: Vec<u16> = Vec::new();
     let mut key = args
         .session_key
         .clone()
@@ -225,6 +241,19 @@ pub async fn run_notify(
             ),
         ] {
             wanted.insert(ch, p);
+        }
+        // The engines of the previous hub are connected to the leaves the
+        // file names (engine id mod their number): keep that tree.
+        if e.broadcast.len() != leaves && e.broadcast.len().is_power_of_two() {
+            warn!(
+                file = %engine_file.display(),
+                leaves = e.broadcast.len(),
+                "--reuse: keeping the engine file's broadcast leaves (--broadcast-scheduler-depth ignored)"
+            );
+            leaves = e.broadcast.len();
+        }
+        if e.broadcast.len() == leaves {
+            wanted_leaves = e.broadcast.clone();
         }
         key = Some(c.key);
         info!(file = %client_file.display(), "reusing connection files");
@@ -280,7 +309,6 @@ pub async fn run_notify(
         Channel::ControlClient,
         Channel::ControlEngine,
         Channel::BroadcastClient,
-        Channel::BroadcastEngine,
         Channel::IopubEngine,
         Channel::IopubClient,
     ];
@@ -331,6 +359,24 @@ pub async fn run_notify(
         ports.insert(ch, endpoint_port(&ep)?);
         sockets.push((ch, sock));
     }
+    // The broadcast leaves: one engine-facing ROUTER each.
+    let mut leaf_sockets = Vec::with_capacity(leaves);
+    let mut leaf_ports = Vec::with_capacity(leaves);
+    for leaf in 0..leaves {
+        let port = match wanted_leaves.get(leaf) {
+            Some(&p) => p,
+            None if leaf == 0 => wanted.get(&Channel::BroadcastEngine).copied().unwrap_or(0),
+            None => 0,
+        };
+        let url = format!("tcp://{}:{}", args.ip, port);
+        let mut s = RouterSocket::new();
+        let ep = s
+            .bind(&url)
+            .await
+            .with_context(|| format!("binding broadcast leaf {leaf} on {url}"))?;
+        leaf_ports.push(endpoint_port(&ep)?);
+        leaf_sockets.push(s);
+    }
 
     let location = args.location.clone().unwrap_or_else(hostname);
     let interface = format!("tcp://{}", args.ip);
@@ -344,7 +390,7 @@ pub async fn run_notify(
         iopub: ports[&Channel::IopubEngine],
         hb_ping: ports[&Channel::HbPing],
         hb_pong: ports[&Channel::HbPong],
-        broadcast: vec![ports[&Channel::BroadcastEngine]],
+        broadcast: leaf_ports.clone(),
         key: key.clone(),
         curve_serverkey: None,
         location: location.clone(),
@@ -391,9 +437,11 @@ pub async fn run_notify(
     // Restored engines are unregistered after this many silent beats; a
     // request of the previous hub's life waits as long for its reply.
     core.orphan_grace = core.hb_period * (core.max_heartmonitor_misses + 2);
+    core.broadcast_leaves = leaves;
+    let leaf_codec = LeafCodec::new(&core.key, core.limits);
 
     // Spawn the socket tasks.
-    let (in_tx, in_rx) = mpsc::channel::<(Channel, Vec<Bytes>)>(8192);
+    let (in_tx, in_rx) = mpsc::channel::<Input>(8192);
     let mut out_tx: HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>> = HashMap::new();
     let mut send_tasks: Vec<JoinHandle<()>> = Vec::new();
     let mut recv_tasks: Vec<JoinHandle<()>> = Vec::new();
@@ -420,6 +468,19 @@ pub async fn run_notify(
             }
         }
     }
+    let mut leaf_tx: Vec<mpsc::UnboundedSender<FanOut>> = Vec::with_capacity(leaves);
+    for (leaf, sock) in leaf_sockets.into_iter().enumerate() {
+        let (tx, rx) = mpsc::unbounded_channel::<FanOut>();
+        leaf_tx.push(tx);
+        // Ends when the core drops its senders (after its queues drained).
+        send_tasks.push(tokio::spawn(leaf_task(
+            leaf,
+            sock,
+            leaf_codec.clone(),
+            rx,
+            in_tx.clone(),
+        )));
+    }
     drop(in_tx);
 
     // Connection files last: their presence means the hub is ready.
@@ -432,6 +493,7 @@ pub async fn run_notify(
         scheme = %args.scheme,
         hwm = args.hwm,
         ping_ms = args.ping,
+        broadcast_leaves = leaves,
         "hub ready"
     );
 
@@ -449,12 +511,16 @@ pub async fn run_notify(
         restore,
         durability,
     };
-    let result = core_loop(core, store, persist, in_rx, &out_tx, shutdown).await;
+    let outputs = Outputs {
+        sockets: out_tx,
+        leaves: leaf_tx,
+    };
+    let result = core_loop(core, store, persist, in_rx, &outputs, shutdown).await;
 
     // Let queued replies (e.g. shutdown_reply) go out: close the queues and
     // wait for the send tasks to drain them, then give the socket writers a
     // moment (zmq.rs has no linger).
-    drop(out_tx);
+    drop(outputs);
     let drain = async {
         for t in send_tasks {
             let _ = t.await;
@@ -474,6 +540,13 @@ pub async fn run_notify(
     }
     info!("hub stopped");
     result
+}
+
+/// Where the core task's outputs go: one send queue per socket, one per
+/// broadcast leaf. Dropping it closes them all (the send tasks drain and end).
+struct Outputs {
+    sockets: HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
+    leaves: Vec<mpsc::UnboundedSender<FanOut>>,
 }
 
 /// What the core loop keeps across hub restarts.
@@ -560,10 +633,15 @@ async fn core_loop(
     cfg: CoreConfig,
     store: Option<Box<dyn TaskDb>>,
     persist: Persist,
-    mut in_rx: mpsc::Receiver<(Channel, Vec<Bytes>)>,
-    out_tx: &HashMap<Channel, mpsc::UnboundedSender<Vec<Bytes>>>,
+    mut in_rx: mpsc::Receiver<Input>,
+    outputs: &Outputs,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let out_tx = &outputs.sockets;
+    let handle = |hub: &mut Hub, input: Input| match input {
+        Input::Frames(ch, frames) => hub.handle_frames(ch, frames, now()),
+        Input::Leaf(replies) => hub.handle_leaf_replies(replies, now()),
+    };
     let mut hub = match store {
         Some(db) => Hub::with_store(cfg, db, now()),
         None => Hub::new(cfg, now()),
@@ -590,15 +668,15 @@ async fn core_loop(
                 return Ok(());
             }
             input = in_rx.recv() => {
-                let Some((ch, frames)) = input else { bail!("all sockets closed") };
-                hub.handle_frames(ch, frames, now());
+                let Some(input) = input else { bail!("all sockets closed") };
+                handle(&mut hub, input);
                 // Take whatever else is ready before flushing, to batch work.
                 // Each message gets its own time: one taken before the batch
                 // would date a reply that arrived during it before the
                 // engine's `completed` stamp.
                 for _ in 0..256 {
                     match in_rx.try_recv() {
-                        Ok((ch, frames)) => hub.handle_frames(ch, frames, now()),
+                        Ok(input) => handle(&mut hub, input),
                         Err(_) => break,
                     }
                 }
@@ -631,6 +709,11 @@ async fn core_loop(
         }
         while let Some(t) = hub.poll_transmit() {
             held.route(t, durability, out_tx);
+        }
+        while let Some(f) = hub.poll_fanout() {
+            if let Some(tx) = outputs.leaves.get(f.leaf) {
+                let _ = tx.send(f);
+            }
         }
         if saved_version != Some(hub.engine_state_version()) {
             let (version, state) = hub.engine_state();
@@ -716,15 +799,11 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
-async fn receiver<S: SocketRecv + Send>(
-    ch: Channel,
-    mut sock: S,
-    tx: mpsc::Sender<(Channel, Vec<Bytes>)>,
-) {
+async fn receiver<S: SocketRecv + Send>(ch: Channel, mut sock: S, tx: mpsc::Sender<Input>) {
     loop {
         match sock.recv().await {
             Ok(m) => {
-                if tx.send((ch, m.into_vec())).await.is_err() {
+                if tx.send(Input::Frames(ch, m.into_vec())).await.is_err() {
                     return;
                 }
             }
@@ -747,26 +826,94 @@ async fn router_sender(
     mut rx: mpsc::UnboundedReceiver<Vec<Bytes>>,
 ) {
     while let Some(frames) = rx.recv().await {
-        let Ok(msg) = ZmqMessage::try_from(frames) else {
-            continue;
-        };
-        if let Err(e) = sock.send(msg.clone()).await {
-            let mut retry = sock.clone();
-            tokio::spawn(async move {
-                let mut last = e;
-                for _ in 0..ROUTE_RETRIES {
-                    tokio::time::sleep(ROUTE_RETRY_DELAY).await;
-                    match retry.send(msg.clone()).await {
-                        Ok(()) => return,
-                        Err(e) => last = e,
+        route(ch.name(), &mut sock, frames).await;
+    }
+}
+
+/// Sends `frames` to the peer its first frame names; one that is not
+/// connected (yet) is retried on a task of its own, so the queue goes on.
+async fn route(ch: &'static str, sock: &mut zeromq::RouterSendHalf, frames: Vec<Bytes>) {
+    let Ok(msg) = ZmqMessage::try_from(frames) else {
+        return;
+    };
+    // The retry needs the message after a failed send consumed it: keep a
+    // copy (the frames are refcounted) only until the send succeeded.
+    if let Err(e) = sock.send(msg.clone()).await {
+        let mut retry = sock.clone();
+        tokio::spawn(async move {
+            let mut last = e;
+            for _ in 0..ROUTE_RETRIES {
+                tokio::time::sleep(ROUTE_RETRY_DELAY).await;
+                match retry.send(msg.clone()).await {
+                    Ok(()) => return,
+                    Err(e) => last = e,
+                }
+            }
+            let peer = msg
+                .get(0)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            warn!(channel = ch, peer = %peer, error = %last, "message dropped: peer unreachable");
+        });
+    }
+}
+
+/// Polls `f` once: its output if it is ready now.
+fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// Most replies a leaf hands the core in one batch.
+const LEAF_BATCH: usize = 1024;
+
+/// One broadcast leaf: sends each engine its signed copy of the core's
+/// `FanOut`s, and hands the core the replies that are ready, verified and
+/// decoded, as one batch (one wake-up of the core per batch, not per
+/// engine). Ends when the core drops its sender.
+async fn leaf_task(
+    leaf: usize,
+    sock: RouterSocket,
+    mut codec: LeafCodec,
+    mut jobs: mpsc::UnboundedReceiver<FanOut>,
+    tx: mpsc::Sender<Input>,
+) {
+    let (mut send, mut recv) = sock.split();
+    loop {
+        tokio::select! {
+            job = jobs.recv() => {
+                let Some(job) = job else { return };
+                debug!(leaf, msg_id = %job.original, engines = job.targets.len(), "broadcast fan-out");
+                for frames in codec.frames(&job) {
+                    route("broadcast(engine)", &mut send, frames).await;
+                }
+            }
+            m = recv.recv() => {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        debug!(leaf, error = %e, "receive error");
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                };
+                let mut batch = Vec::new();
+                batch.extend(codec.reply(m.into_vec()));
+                // What else is ready, without waiting.
+                while batch.len() < LEAF_BATCH {
+                    match now_or_never(recv.recv()) {
+                        Some(Ok(m)) => batch.extend(codec.reply(m.into_vec())),
+                        _ => break,
                     }
                 }
-                let peer = msg
-                    .get(0)
-                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                    .unwrap_or_default();
-                warn!(channel = ch.name(), peer = %peer, error = %last, "message dropped: peer unreachable");
-            });
+                if !batch.is_empty() && tx.send(Input::Leaf(batch)).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -4,6 +4,8 @@
 //!   no clock (registration, heartbeat, relays, schedulers, task records).
 //! * [`tasks`] — the load-balanced scheduler part of that state machine.
 //! * [`scheduler`] — pure choice functions and dependency rules.
+//! * [`leaf`] — the broadcast tree's leaves without I/O: each engine's
+//!   signed copy of a broadcast, replies verified and decoded off the core.
 //! * [`records`] — the task database trait ([`records::TaskDb`]) and the
 //!   bounded in-memory store (DictDB semantics, query matcher).
 //! * [`sqlite_db`] — the SQLite store behind the same trait (writer thread,
@@ -17,6 +19,7 @@
 pub mod cli;
 pub mod core;
 pub mod driver;
+pub mod leaf;
 pub mod records;
 pub mod restore;
 pub mod scheduler;

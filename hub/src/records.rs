@@ -723,8 +723,16 @@ impl DictDb {
 
 pub(crate) fn project(rec: &TaskRecord, keys: Option<&[String]>) -> Result<FoundRecord, DbError> {
     let Some(keys) = keys else {
+        // Every key, as DictDB's records have them all: a record stored
+        // without some (a broadcast engine's copy) reads them as null.
+        let mut fields = rec.fields.clone();
+        for key in RECORD_KEYS {
+            if !BUFFER_KEYS.contains(&key) && !fields.contains_key(key) {
+                fields.insert(key.to_owned(), Value::Null);
+            }
+        }
         return Ok(FoundRecord {
-            fields: rec.fields.clone(),
+            fields,
             buffers: Some(rec.buffers.clone()),
             result_buffers: Some(rec.result_buffers.clone()),
         });

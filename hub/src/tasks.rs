@@ -569,7 +569,7 @@ impl Hub {
                 let success = msg.metadata.get("status").and_then(Value::as_str) == Some("ok");
                 self.tasks.record_done(&msg_id, success, &uuid);
                 self.tasks.work.push_back(msg_id);
-                self.record_result(&msg, &uuid, now);
+                self.record_result(msg, &uuid, now);
             } else {
                 debug!(msg_id = %msg_id, engine = %uuid, "reply for a task the scheduler no longer tracks");
             }
@@ -619,7 +619,7 @@ impl Hub {
         }
         self.tasks.record_done(&msg_id, success, &uuid);
         self.tasks.work.push_back(msg_id);
-        self.record_result(&msg, &uuid, now);
+        self.record_result(msg, &uuid, now);
     }
 
     /// The task failed (or its dependencies were unmet) on `engine`: place it

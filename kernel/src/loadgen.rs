@@ -93,8 +93,10 @@ pub enum Via {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Engines(a) => {
-            // four sockets per fake engine here, four per engine in the hub
-            let need = 4 * a.n as u64 + 1024;
+            // six connections per fake engine here and as many in the hub:
+            // registration, heartbeat ping and pong, and the shell ROUTER's
+            // three (mux, task, its broadcast leaf)
+            let need = 6 * a.n as u64 + 1024;
             let have = parallax_hub::driver::raise_fd_limit(need);
             if have < need {
                 bail!(
@@ -102,7 +104,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
                      (and this process may not raise it: `ulimit -Hn`, or run as root where allowed); \
                      use at most -n {}",
                     a.n,
-                    have.saturating_sub(1024) / 4
+                    have.saturating_sub(1024) / 6
                 );
             }
             let rt = tokio::runtime::Builder::new_multi_thread()

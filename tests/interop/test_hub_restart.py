@@ -209,3 +209,21 @@ def test_hub_killed_and_restarted_without_restore(make_cluster):
     c.start_engines(1)
     rc.wait_for_engines(1, timeout=45)
     assert within(T, rc.load_balanced_view().apply_sync, double, 21) == 42
+
+
+def test_restore_keeps_the_engines_broadcast_leaves(make_cluster):
+    """The engines of a hub with 4 broadcast leaves are connected to leaf
+    id % 4; a hub restored on its files keeps those leaves even when told
+    another depth, so a broadcast still reaches every engine."""
+    import json
+
+    c, pids, markers = make(make_cluster, hub_args=["--broadcast-scheduler-depth=2"])
+    leaves = json.loads(c.connection_file("engine").read_text())["broadcast"]
+    assert len(leaves) == 4
+    os.kill(c.hub.pid, 9)
+    restart_hub(c, ["--restore", "--broadcast-scheduler-depth=0"])
+    assert json.loads(c.connection_file("engine").read_text())["broadcast"] == leaves
+    rc = c.connect()
+    assert sorted(rc.ids) == sorted(pids)
+    got = within(30, rc.broadcast_view().apply_sync, os.getpid)
+    assert got == within(30, rc[:].apply_sync, os.getpid), "every engine, leaves 0 and 1"
