@@ -207,6 +207,10 @@ struct Shared {
     /// allocations, and left the core's per-thread cache empty.
     trash: Mutex<Vec<Trash>>,
     has_trash: AtomicBool,
+    /// An emptied trash vector, back to the writer to fill again: its
+    /// buffer (tens of KiB) is reused rather than freed and grown every
+    /// batch (a free that large makes glibc consolidate its fast bins).
+    spare: Mutex<Vec<Trash>>,
 }
 
 /// Something allocated on the core's thread, kept only to be dropped there.
@@ -312,9 +316,13 @@ impl SqliteDb {
         if self.shared.has_trash.load(Ordering::Relaxed)
             && self.shared.has_trash.swap(false, Ordering::Acquire)
         {
-            let trash =
+            let mut trash =
                 std::mem::take(&mut *self.shared.trash.lock().unwrap_or_else(|e| e.into_inner()));
-            drop(trash);
+            trash.clear();
+            let mut spare = self.shared.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.capacity() < trash.capacity() {
+                *spare = trash;
+            }
         }
     }
 
@@ -1059,13 +1067,18 @@ impl Writer {
             warn!(path = %self.path.display(), error = %e, ops, "task database: commit failed");
         }
         if !self.trash.is_empty() {
-            let mut shared = self.shared.trash.lock().unwrap_or_else(|e| e.into_inner());
-            if shared.is_empty() {
-                std::mem::swap(&mut *shared, &mut self.trash);
+            let mut full = self.shared.trash.lock().unwrap_or_else(|e| e.into_inner());
+            if full.is_empty() {
+                std::mem::swap(&mut *full, &mut self.trash);
+                drop(full);
+                let mut spare = self.shared.spare.lock().unwrap_or_else(|e| e.into_inner());
+                if spare.capacity() > self.trash.capacity() {
+                    std::mem::swap(&mut *spare, &mut self.trash);
+                }
             } else {
-                shared.append(&mut self.trash);
+                // The core has not freed the last batch's yet.
+                full.append(&mut self.trash);
             }
-            drop(shared);
             self.shared.has_trash.store(true, Ordering::Release);
         }
         committed
