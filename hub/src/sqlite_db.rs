@@ -1763,6 +1763,96 @@ mod tests {
         &["header", "submitted", "label"],
     ];
 
+    /// CPU seconds of this process's threads named `name` (Linux only).
+    fn thread_cpu(name: &str) -> f64 {
+        let mut total = 0.0;
+        for t in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            total += (f[11] + f[12]) / 100.0; // utime + stime, in ticks
+        }
+        total
+    }
+
+    /// The writer's CPU per load-balanced task (a request, its assignment,
+    /// its result; 2000 in flight, as `parallax bench engines --tasks`):
+    /// `cargo test --release -p parallax-hub writer_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a benchmark"]
+    fn writer_cost() {
+        let dir = TempDir::new("cost");
+        let mut db = open(&dir.db(), 1024);
+        let (n, in_flight) = (100_000usize, 2000usize);
+        let session = "3f0c1b0e-5e1a-4c2b-9d55-0a8f1f2e3d4c";
+        let start = Instant::now();
+        for i in 0..n + in_flight {
+            if i < n {
+                let id = format!("{session}_{i}");
+                let mut rec = RecordStore::empty_record(&id);
+                let f = &mut rec.fields;
+                f.insert(
+                    "header".into(),
+                    json!({"msg_id": id, "msg_type": "apply_request", "username": "bench",
+                        "session": session, "date": "2026-12-06T03:20:00.123456Z",
+                        "version": "5.3"}),
+                );
+                f.insert(
+                    "metadata".into(),
+                    json!({"after": [], "follow": [], "timeout": null, "targets": [],
+                        "retries": 0}),
+                );
+                f.insert("content".into(), json!({}));
+                f.insert("submitted".into(), json!("2026-12-06T03:20:00.123456Z"));
+                f.insert("client_uuid".into(), json!(session));
+                f.insert("queue".into(), json!("task"));
+                rec.buffers = vec![Bytes::from(vec![1u8; 64]), Bytes::from(vec![2u8; 32])];
+                db.add_request(&id, rec).unwrap();
+                db.update_record(&id, fields(json!({"engine_uuid": "e-7"})), None)
+                    .unwrap();
+            }
+            if i >= in_flight {
+                let id = format!("{session}_{}", i - in_flight);
+                let result = json!({
+                    "result_header": {"msg_id": format!("r{i}"), "msg_type": "apply_reply",
+                        "username": "bench", "session": "e-7",
+                        "date": "2026-12-06T03:20:00.223456Z", "version": "5.3"},
+                    "result_metadata": {"started": "2026-12-06T03:20:00.200000Z",
+                        "dependencies_met": true, "engine": "e-7", "is_broadcast": false,
+                        "is_coalescing": false, "status": "ok",
+                        "completed": "2026-12-06T03:20:00.223456Z"},
+                    "result_content": {"status": "ok", "execution_count": 1},
+                    "received": "2026-12-06T03:20:00.233456Z",
+                    "started": "2026-12-06T03:20:00.200000Z",
+                    "completed": "2026-12-06T03:20:00.223456Z",
+                    "engine_uuid": "e-7",
+                });
+                db.update_record(&id, fields(result), Some(vec![Bytes::from(vec![3u8; 48])]))
+                    .unwrap();
+            }
+        }
+        db.flush().unwrap();
+        let wall = start.elapsed().as_secs_f64();
+        let writer = thread_cpu("parallax-sqlite");
+        eprintln!(
+            "{n} tasks: {:.1} us/task wall, writer thread {:.1} us/task CPU, {} commits",
+            1e6 * wall / n as f64,
+            1e6 * writer / n as f64,
+            db.commits()
+        );
+    }
+
     #[test]
     fn json_columns_are_the_record_keys_but_msg_id_and_buffers() {
         let want: Vec<&str> = RECORD_KEYS
