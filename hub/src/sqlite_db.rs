@@ -3,18 +3,28 @@
 //!
 //! The core sees a [`TaskDb`] like any other. Behind it:
 //!
-//! * a **writer thread** owns the one SQLite connection. Writes reach it over
-//!   a bounded channel and are committed in transactions of up to
-//!   `batch_records` operations or `batch_window`, whichever comes first, so
-//!   the core's hot path pays a channel send, never a disk write. Reads go
-//!   through the same channel and are answered in order, on the same
-//!   connection: a query sees every write queued before it without waiting
-//!   for a commit.
-//! * a **cache** of the `cache_records` most recently added records, kept
-//!   current by applying every write to it as well, so `get_result` of a
-//!   recent task and the core's per-output updates touch no thread. Records
-//!   are shared with the writer (`Arc`): one is copied only when it changes
-//!   while the writer still holds it.
+//! * a **writer thread** owns the one SQLite connection and a **cache** of
+//!   the `cache_records` most recently added records. Every operation
+//!   reaches it over one bounded channel, in order; the core's thread only
+//!   moves the record or the changed fields into the channel (no copy, no
+//!   disk, no SQL). The writer applies each write to its cached record and
+//!   marks the columns it changed; when the batch commits (after
+//!   `batch_records` operations or `batch_window`), each changed record
+//!   becomes one statement however many writes it had: an `INSERT` of the
+//!   whole row for a new record, an `UPDATE` of the changed columns
+//!   otherwise, prepared once per column set, the row serialised into
+//!   reused buffers. A write to a record no longer cached updates its row
+//!   in place. A record leaving the cache is written first.
+//! * **reads** travel the same channel and are answered in order, on the
+//!   same connection (after writing what the cache holds back), so a query
+//!   sees every write queued before it without waiting for a commit;
+//!   `get_record` of a cached record is answered from memory.
+//! * the writer is woken once per batch, not per write: a write wakes it
+//!   only when it is idle (or its queue half full); reads wake it at once.
+//! * what the core's thread allocated (records, field maps, msg_ids) goes
+//!   back to that thread to be freed, after each commit: glibc's allocator
+//!   serves a thread from what it freed itself, and frees on the writer's
+//!   thread would contend for the arena's lock with the core's allocations.
 //!
 //! Queries run the in-memory matcher (`records::Query`) on the records, so
 //! their semantics are DictDB's exactly; SQL only narrows the candidates
@@ -596,15 +606,33 @@ const ALL_COLUMNS: u32 = (1 << 23) - 1;
 
 /// The column (as a bit of a column set) that holds record key `key`.
 fn col_bit(key: &str) -> u32 {
-    match key {
-        "buffers" => BUFFERS_BIT,
-        "result_buffers" => RESULT_BUFFERS_BIT,
-        "msg_id" => 0,
-        k => JSON_KEYS
-            .iter()
-            .position(|j| *j == k)
-            .map_or(EXTRA_BIT, |i| 1 << i),
-    }
+    let i = match key {
+        "msg_id" => return 0,
+        "buffers" => return BUFFERS_BIT,
+        "result_buffers" => return RESULT_BUFFERS_BIT,
+        "header" => 0,
+        "metadata" => 1,
+        "content" => 2,
+        "submitted" => 3,
+        "client_uuid" => 4,
+        "engine_uuid" => 5,
+        "started" => 6,
+        "completed" => 7,
+        "resubmitted" => 8,
+        "received" => 9,
+        "result_header" => 10,
+        "result_metadata" => 11,
+        "result_content" => 12,
+        "queue" => 13,
+        "execute_input" => 14,
+        "execute_result" => 15,
+        "error" => 16,
+        "stdout" => 17,
+        "stderr" => 18,
+        "label" => 19,
+        _ => return EXTRA_BIT,
+    };
+    1 << i
 }
 
 /// The column names of a column set, in bit order.
@@ -1861,7 +1889,9 @@ mod tests {
             .collect();
         assert_eq!(JSON_KEYS.to_vec(), want);
         assert_eq!(col_names(ALL_COLUMNS).count(), JSON_KEYS.len() + 3);
-        assert_eq!(col_bit("stdout"), 1 << 17);
+        for (i, k) in JSON_KEYS.iter().enumerate() {
+            assert_eq!(col_bit(k), 1 << i, "{k}");
+        }
         assert_eq!(col_bit("custom"), EXTRA_BIT);
     }
 
