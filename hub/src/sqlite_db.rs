@@ -3,18 +3,28 @@
 //!
 //! The core sees a [`TaskDb`] like any other. Behind it:
 //!
-//! * a **writer thread** owns the one SQLite connection. Writes reach it over
-//!   a bounded channel and are committed in transactions of up to
-//!   `batch_records` operations or `batch_window`, whichever comes first, so
-//!   the core's hot path pays a channel send, never a disk write. Reads go
-//!   through the same channel and are answered in order, on the same
-//!   connection: a query sees every write queued before it without waiting
-//!   for a commit.
-//! * a **cache** of the `cache_records` most recently added records, kept
-//!   current by applying every write to it as well, so `get_result` of a
-//!   recent task and the core's per-output updates touch no thread. Records
-//!   are shared with the writer (`Arc`): one is copied only when it changes
-//!   while the writer still holds it.
+//! * a **writer thread** owns the one SQLite connection and a **cache** of
+//!   the `cache_records` most recently added records. Every operation
+//!   reaches it over one bounded channel, in order; the core's thread only
+//!   moves the record or the changed fields into the channel (no copy, no
+//!   disk, no SQL). The writer applies each write to its cached record and
+//!   marks the columns it changed; when the batch commits (after
+//!   `batch_records` operations or `batch_window`), each changed record
+//!   becomes one statement however many writes it had: an `INSERT` of the
+//!   whole row for a new record, an `UPDATE` of the changed columns
+//!   otherwise, prepared once per column set, the row serialised into
+//!   reused buffers. A write to a record no longer cached updates its row
+//!   in place. A record leaving the cache is written first.
+//! * **reads** travel the same channel and are answered in order, on the
+//!   same connection (after writing what the cache holds back), so a query
+//!   sees every write queued before it without waiting for a commit;
+//!   `get_record` of a cached record is answered from memory.
+//! * the writer is woken once per batch, not per write: a write wakes it
+//!   only when it is idle (or its queue half full); reads wake it at once.
+//! * what the core's thread allocated (records, field maps, msg_ids) goes
+//!   back to that thread to be freed, after each commit: glibc's allocator
+//!   serves a thread from what it freed itself, and frees on the writer's
+//!   thread would contend for the arena's lock with the core's allocations.
 //!
 //! Queries run the in-memory matcher (`records::Query`) on the records, so
 //! their semantics are DictDB's exactly; SQL only narrows the candidates
@@ -36,13 +46,14 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
+use std::thread::{JoinHandle, Thread};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, params_from_iter, types::Value as SqlValue};
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde_json::{Map, Value};
 use tracing::{debug, info, warn};
 
@@ -60,6 +71,10 @@ const VACUUM_PAGES: u32 = 1024;
 
 /// How long the writer waits for work before another vacuum step.
 const VACUUM_IDLE: Duration = Duration::from_millis(50);
+
+/// Longest an idle writer sleeps before it looks at its queue again (it is
+/// woken sooner; this only bounds the cost of a missed wake-up).
+const IDLE_WAIT: Duration = Duration::from_millis(50);
 
 /// Operations queued for the writer before `add_request` and friends block
 /// (backpressure, like the core's bounded input channel).
@@ -114,9 +129,7 @@ pub enum OpenError {
 
 /// The record keys stored in JSON columns: every key but `msg_id` and the buffers.
 fn json_keys() -> impl Iterator<Item = &'static str> {
-    RECORD_KEYS
-        .into_iter()
-        .filter(|k| *k != "msg_id" && !BUFFER_KEYS.contains(k))
+    JSON_KEYS.into_iter()
 }
 
 fn is_column(key: &str) -> bool {
@@ -172,12 +185,14 @@ pub struct SqliteDb {
     /// what is queued and closes the file.
     tx: Option<SyncSender<(u64, Op)>>,
     writer: Option<JoinHandle<()>>,
-    cache: Cache,
+    /// The writer's thread, unparked when it must look at its queue now
+    /// (see [`SqliteDb::send`]).
+    waker: Thread,
     path: PathBuf,
     shared: Arc<Shared>,
 }
 
-/// What the writer reports back to the store.
+/// What the writer and the store share.
 #[derive(Debug, Default)]
 struct Shared {
     /// Sequence number of the last operation sent.
@@ -190,30 +205,40 @@ struct Shared {
     /// Woken after each commit (see [`Durability`]).
     committed: tokio::sync::Notify,
     commits: AtomicU64,
-    /// msg_ids whose request the writer merged into a record that was on
-    /// disk but no longer cached: the cache's copy (the request alone) is
-    /// stale. Pushed before `applied` moves past the request.
-    merged: Mutex<Vec<String>>,
-    has_merged: AtomicBool,
+    /// The writer waits for the first operation of a batch: a write must
+    /// wake it. Within a batch it sleeps until the batch window closes and
+    /// writes do not wake it (one wake-up per batch, not per write).
+    idle: AtomicBool,
+    /// Memory the core's thread allocated (records, field maps, the
+    /// msg_ids of the operations) that the writer is done with, handed back
+    /// for that thread to free. glibc serves a thread's allocations from
+    /// what the same thread freed; frees on the writer's thread went
+    /// through the arena's lock instead, contended with the core's
+    /// allocations, and left the core's per-thread cache empty.
+    trash: Mutex<Vec<Trash>>,
+    has_trash: AtomicBool,
+    /// An emptied trash vector, back to the writer to fill again: its
+    /// buffer (tens of KiB) is reused rather than freed and grown every
+    /// batch (a free that large makes glibc consolidate its fast bins).
+    spare: Mutex<Vec<Trash>>,
 }
 
-impl Shared {
-    fn was_merged(&self, msg_id: &str) -> bool {
-        self.has_merged.load(Ordering::Acquire)
-            && self
-                .merged
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|m| m == msg_id)
-    }
+/// Something allocated on the core's thread, kept only to be dropped there.
+#[allow(dead_code, reason = "held only to be dropped on the core's thread")]
+#[derive(Debug)]
+enum Trash {
+    Record(String, TaskRecord),
+    Fields(Map<String, Value>),
+    Value(Value),
+    Text(String),
+    Buffers(Vec<Bytes>),
 }
 
 impl std::fmt::Debug for SqliteDb {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SqliteDb")
             .field("path", &self.path)
-            .field("cached", &self.cache.records.len())
+            .field("queued", &self.shared.sent.load(Ordering::Relaxed))
             .finish()
     }
 }
@@ -244,23 +269,37 @@ impl SqliteDb {
             })?;
         Ok(SqliteDb {
             tx: Some(tx),
+            waker: writer.thread().clone(),
             writer: Some(writer),
-            cache: Cache::new(cfg.cache_records),
             path: cfg.path.clone(),
             shared,
         })
     }
 
-    /// Queues `op` for the writer; returns its sequence number.
+    /// Queues `op` for the writer; returns its sequence number. The writer
+    /// is woken for a read (answered at once), when it is idle, and when
+    /// the queue is half full; other writes wait for the end of its batch
+    /// window.
     fn send(&self, op: Op) -> Result<u64, DbError> {
+        self.free_trash();
+        let prompt = op.is_read();
         let tx = self.tx.as_ref().expect("sender held until drop");
         let seq = self.shared.sent.fetch_add(1, Ordering::AcqRel) + 1;
-        tx.send((seq, op)).map(|()| seq).map_err(|_| {
+        tx.send((seq, op)).map_err(|_| {
             DbError::Storage(format!(
                 "task database {}: writer has stopped",
                 self.path.display()
             ))
-        })
+        })?;
+        // Pairs with the writer's fence between setting `idle` and looking
+        // at the queue: either it sees this operation or this sees `idle`.
+        fence(Ordering::SeqCst);
+        let backlog = seq.saturating_sub(self.shared.applied.load(Ordering::Relaxed));
+        if prompt || self.shared.idle.load(Ordering::Relaxed) || backlog > QUEUE_CAPACITY as u64 / 2
+        {
+            self.waker.unpark();
+        }
+        Ok(seq)
     }
 
     /// Sends a write; a stopped writer (already reported by it) is logged.
@@ -282,20 +321,24 @@ impl SqliteDb {
         })
     }
 
+    /// Frees, on this thread, what the writer handed back.
+    fn free_trash(&self) {
+        if self.shared.has_trash.load(Ordering::Relaxed)
+            && self.shared.has_trash.swap(false, Ordering::Acquire)
+        {
+            let mut trash =
+                std::mem::take(&mut *self.shared.trash.lock().unwrap_or_else(|e| e.into_inner()));
+            trash.clear();
+            let mut spare = self.shared.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.capacity() < trash.capacity() {
+                *spare = trash;
+            }
+        }
+    }
+
     /// Transactions committed so far.
     pub fn commits(&self) -> u64 {
         self.shared.commits.load(Ordering::Relaxed)
-    }
-
-    /// Drops the cached copies of requests the writer merged on disk.
-    fn forget_merged(&mut self) {
-        if self.shared.has_merged.swap(false, Ordering::AcqRel) {
-            let ids =
-                std::mem::take(&mut *self.shared.merged.lock().unwrap_or_else(|e| e.into_inner()));
-            for id in ids {
-                self.cache.remove(&id);
-            }
-        }
     }
 
     /// A handle telling which writes are committed, for the driver to hold
@@ -308,11 +351,19 @@ impl SqliteDb {
     pub fn flush(&self) -> Result<(), DbError> {
         self.ask(|reply| Op::Commit { reply })?
     }
+
+    /// Records in the writer's cache and their size.
+    fn stats(&self) -> (usize, usize) {
+        self.ask(|reply| Op::Stats { reply })
+            .and_then(|r| r)
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for SqliteDb {
     fn drop(&mut self) {
         drop(self.tx.take());
+        self.waker.unpark();
         if let Some(w) = self.writer.take()
             && w.join().is_err()
         {
@@ -326,26 +377,19 @@ impl TaskDb for SqliteDb {
         for key in BUFFER_KEYS {
             rec.fields.remove(key);
         }
-        rec.fields
-            .insert("msg_id".to_owned(), Value::String(msg_id.to_owned()));
-        self.forget_merged();
-        // A record not cached may still be on disk (a repeated msg_id whose
-        // first record left the cache): until the writer has merged or
-        // inserted it, reads of this one go to the writer.
-        let mut provisional = true;
-        if let Some(existing) = self.cache.records.get(msg_id) {
-            merge_request(&existing.rec.fields, &mut rec.fields);
-            rec.result_buffers = existing.rec.result_buffers.clone();
-            provisional = existing.unconfirmed != 0;
+        match rec.fields.get_mut("msg_id") {
+            Some(Value::String(id)) if id == msg_id => {}
+            Some(v) => *v = Value::String(msg_id.to_owned()),
+            None => {
+                rec.fields
+                    .insert("msg_id".to_owned(), Value::String(msg_id.to_owned()));
+            }
         }
-        let rec = Arc::new(rec);
-        let seq = self.send(Op::Add {
+        self.send(Op::Add {
             msg_id: msg_id.to_owned(),
-            rec: Arc::clone(&rec),
-        })?;
-        let unconfirmed = if provisional { seq } else { 0 };
-        self.cache.insert(msg_id, Cached { rec, unconfirmed });
-        Ok(())
+            rec,
+        })
+        .map(drop)
     }
 
     fn update_record(
@@ -355,16 +399,6 @@ impl TaskDb for SqliteDb {
         result_buffers: Option<Vec<Bytes>>,
     ) -> Result<(), DbError> {
         fields.retain(|k, _| k != "msg_id" && !BUFFER_KEYS.contains(&k.as_str()));
-        self.forget_merged();
-        if let Some(c) = self.cache.records.get_mut(msg_id) {
-            let rec = Arc::make_mut(&mut c.rec);
-            for (k, v) in &fields {
-                rec.fields.insert(k.clone(), v.clone());
-            }
-            if let Some(b) = &result_buffers {
-                rec.result_buffers = b.clone();
-            }
-        }
         // A record not cached may still be on disk: the writer updates it if
         // it is there (a miss is not worth a round trip to report).
         self.send(Op::Update {
@@ -381,17 +415,6 @@ impl TaskDb for SqliteDb {
             "stderr" => "stderr",
             _ => return,
         };
-        self.forget_merged();
-        if let Some(c) = self.cache.records.get_mut(msg_id) {
-            let rec = Arc::make_mut(&mut c.rec);
-            match rec.fields.get_mut(name) {
-                Some(Value::String(s)) => s.push_str(text),
-                _ => {
-                    rec.fields
-                        .insert(name.to_owned(), Value::String(text.to_owned()));
-                }
-            }
-        }
         self.write(Op::Append {
             msg_id: msg_id.to_owned(),
             name,
@@ -400,12 +423,6 @@ impl TaskDb for SqliteDb {
     }
 
     fn get_record(&self, msg_id: &str) -> Result<Cow<'_, TaskRecord>, DbError> {
-        if let Some(c) = self.cache.records.get(msg_id) {
-            let confirmed = c.unconfirmed <= self.shared.applied.load(Ordering::Acquire);
-            if confirmed && !self.shared.was_merged(msg_id) {
-                return Ok(Cow::Borrowed(&c.rec));
-            }
-        }
         let id = msg_id.to_owned();
         match self.ask(|reply| Op::Get { msg_id: id, reply })?? {
             Some(rec) => Ok(Cow::Owned(rec)),
@@ -427,12 +444,7 @@ impl TaskDb for SqliteDb {
     fn drop_matching_records(&mut self, query: &Value) -> Result<usize, DbError> {
         Query::parse(query)?;
         let query = query.clone();
-        let dropped = self.ask(|reply| Op::Drop { query, reply })??;
-        self.forget_merged();
-        for id in &dropped {
-            self.cache.remove(id);
-        }
-        Ok(dropped.len())
+        self.ask(|reply| Op::Drop { query, reply })?
     }
 
     fn get_history(&self) -> Result<Vec<String>, DbError> {
@@ -440,67 +452,11 @@ impl TaskDb for SqliteDb {
     }
 
     fn len(&self) -> usize {
-        self.cache.records.len()
+        self.stats().0
     }
 
     fn size_bytes(&self) -> usize {
-        self.cache
-            .records
-            .values()
-            .map(|c| record_size(&c.rec))
-            .sum()
-    }
-}
-
-/// The most recently added records, oldest first in `order`. A dropped
-/// record leaves its slot (finding it would be O(n)); slots are swept when
-/// they outnumber the records.
-#[derive(Debug)]
-struct Cache {
-    limit: usize,
-    records: HashMap<String, Cached>,
-    order: VecDeque<String>,
-}
-
-#[derive(Debug)]
-struct Cached {
-    rec: Arc<TaskRecord>,
-    /// Sequence number of the `Add` that made this copy, until the writer
-    /// applied it, when the record may have been on disk already (0: this
-    /// copy is known to be the whole record).
-    unconfirmed: u64,
-}
-
-impl Cache {
-    fn new(limit: usize) -> Self {
-        Cache {
-            limit,
-            records: HashMap::new(),
-            order: VecDeque::new(),
-        }
-    }
-
-    fn insert(&mut self, msg_id: &str, rec: Cached) {
-        if self.limit == 0 {
-            return;
-        }
-        if self.records.insert(msg_id.to_owned(), rec).is_none() {
-            self.order.push_back(msg_id.to_owned());
-        }
-        while self.records.len() > self.limit {
-            let Some(old) = self.order.pop_front() else {
-                break;
-            };
-            self.records.remove(&old);
-        }
-        if self.order.len() > 2 * self.records.len() + 64 {
-            let records = &self.records;
-            self.order.retain(|id| records.contains_key(id));
-        }
-    }
-
-    fn remove(&mut self, msg_id: &str) {
-        self.records.remove(msg_id);
+        self.stats().1
     }
 }
 
@@ -514,7 +470,7 @@ enum Op {
     /// Insert, or merge into an existing record (`TaskDb::add_request`).
     Add {
         msg_id: String,
-        rec: Arc<TaskRecord>,
+        rec: TaskRecord,
     },
     /// Update the record if there is one.
     Update {
@@ -537,18 +493,410 @@ enum Op {
         keys: Option<Vec<String>>,
         reply: Reply<Vec<FoundRecord>>,
     },
-    /// Delete the matching records; answers their msg_ids.
+    /// Delete the matching records; answers how many.
     Drop {
         query: Value,
-        reply: Reply<Vec<String>>,
+        reply: Reply<usize>,
     },
     History {
         reply: Reply<Vec<String>>,
+    },
+    /// Records cached and their size.
+    Stats {
+        reply: Reply<(usize, usize)>,
     },
     /// Commit now and answer.
     Commit {
         reply: Reply<()>,
     },
+}
+
+impl Op {
+    /// Someone waits for the answer.
+    fn is_read(&self) -> bool {
+        !matches!(self, Op::Add { .. } | Op::Update { .. } | Op::Append { .. })
+    }
+}
+
+/// The writer's copy of the most recently added records, oldest first in
+/// `order`: writes apply to them in memory and reach the table when the
+/// batch commits (or the record leaves the cache, or a query needs the
+/// table current), one statement per record and batch however many
+/// writes it had. A dropped record leaves its slot in `order` (finding it
+/// would be O(n)); slots are swept when they outnumber the records.
+struct Cache {
+    limit: usize,
+    records: HashMap<String, Entry>,
+    order: VecDeque<String>,
+    /// msg_ids whose entry became `New` or `Dirty` since the last flush, in
+    /// that order: inserts happen in the order the records were added
+    /// (rowids are insertion order).
+    unwritten: Vec<String>,
+}
+
+struct Entry {
+    rec: TaskRecord,
+    disk: Disk,
+}
+
+/// How a cached record differs from its row.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Disk {
+    Clean,
+    /// No row yet.
+    New,
+    /// These columns (`col_bit`) changed.
+    Dirty(u32),
+}
+
+impl Cache {
+    fn new(limit: usize) -> Self {
+        Cache {
+            limit,
+            records: HashMap::new(),
+            order: VecDeque::new(),
+            unwritten: Vec::new(),
+        }
+    }
+
+    /// Marks `columns` of a cached record changed.
+    fn touch(&mut self, msg_id: &str, columns: u32) {
+        let Some(e) = self.records.get_mut(msg_id) else {
+            return;
+        };
+        e.disk = match e.disk {
+            Disk::New => Disk::New,
+            Disk::Dirty(c) => Disk::Dirty(c | columns),
+            Disk::Clean if columns == 0 => Disk::Clean,
+            Disk::Clean => {
+                self.unwritten.push(msg_id.to_owned());
+                Disk::Dirty(columns)
+            }
+        };
+    }
+}
+
+/// The record keys stored as JSON text, in column order.
+const JSON_KEYS: [&str; 20] = [
+    "header",
+    "metadata",
+    "content",
+    "submitted",
+    "client_uuid",
+    "engine_uuid",
+    "started",
+    "completed",
+    "resubmitted",
+    "received",
+    "result_header",
+    "result_metadata",
+    "result_content",
+    "queue",
+    "execute_input",
+    "execute_result",
+    "error",
+    "stdout",
+    "stderr",
+    "label",
+];
+const BUFFERS_BIT: u32 = 1 << 20;
+const RESULT_BUFFERS_BIT: u32 = 1 << 21;
+const EXTRA_BIT: u32 = 1 << 22;
+const ALL_COLUMNS: u32 = (1 << 23) - 1;
+
+/// The column (as a bit of a column set) that holds record key `key`.
+fn col_bit(key: &str) -> u32 {
+    let i = match key {
+        "msg_id" => return 0,
+        "buffers" => return BUFFERS_BIT,
+        "result_buffers" => return RESULT_BUFFERS_BIT,
+        "header" => 0,
+        "metadata" => 1,
+        "content" => 2,
+        "submitted" => 3,
+        "client_uuid" => 4,
+        "engine_uuid" => 5,
+        "started" => 6,
+        "completed" => 7,
+        "resubmitted" => 8,
+        "received" => 9,
+        "result_header" => 10,
+        "result_metadata" => 11,
+        "result_content" => 12,
+        "queue" => 13,
+        "execute_input" => 14,
+        "execute_result" => 15,
+        "error" => 16,
+        "stdout" => 17,
+        "stderr" => 18,
+        "label" => 19,
+        _ => return EXTRA_BIT,
+    };
+    1 << i
+}
+
+/// The column names of a column set, in bit order.
+fn col_names(columns: u32) -> impl Iterator<Item = &'static str> {
+    JSON_KEYS
+        .into_iter()
+        .chain(["buffers", "result_buffers", "extra"])
+        .enumerate()
+        .filter(move |(i, _)| columns & (1 << i) != 0)
+        .map(|(_, c)| c)
+}
+
+/// One row's values, serialised into two reused buffers and bound to a
+/// prepared statement without a per-column allocation.
+#[derive(Default)]
+struct RowBuf {
+    text: Vec<u8>,
+    blob: Vec<u8>,
+    cols: Vec<Col>,
+}
+
+enum Col {
+    Null,
+    Text(usize, usize),
+    Blob(usize, usize),
+}
+
+impl RowBuf {
+    fn clear(&mut self) {
+        self.text.clear();
+        self.blob.clear();
+        self.cols.clear();
+    }
+
+    /// A JSON column: SQL `NULL` for `null`.
+    fn json(&mut self, v: &Value) {
+        if v.is_null() {
+            self.cols.push(Col::Null);
+            return;
+        }
+        let at = self.text.len();
+        serde_json::to_writer(&mut self.text, v).expect("a JSON value serialises");
+        self.cols.push(Col::Text(at, self.text.len()));
+    }
+
+    fn text(&mut self, s: &str) {
+        let at = self.text.len();
+        self.text.extend_from_slice(s.as_bytes());
+        self.cols.push(Col::Text(at, self.text.len()));
+    }
+
+    /// Frames as `[u64 LE length, bytes]…`.
+    fn buffers(&mut self, buffers: &[Bytes]) {
+        let at = self.blob.len();
+        for b in buffers {
+            self.blob.extend_from_slice(&(b.len() as u64).to_le_bytes());
+            self.blob.extend_from_slice(b);
+        }
+        self.cols.push(Col::Blob(at, self.blob.len()));
+    }
+
+    /// The `extra` column: a JSON object of the keys outside
+    /// ipyparallel's set, `NULL` when there are none.
+    fn extra<'a>(&mut self, fields: impl Iterator<Item = (&'a String, &'a Value)>) {
+        let at = self.text.len();
+        for (k, v) in fields.filter(|(k, _)| !is_column(k)) {
+            self.text
+                .push(if self.text.len() == at { b'{' } else { b',' });
+            serde_json::to_writer(&mut self.text, k).expect("a string serialises");
+            self.text.push(b':');
+            serde_json::to_writer(&mut self.text, v).expect("a JSON value serialises");
+        }
+        if self.text.len() == at {
+            self.cols.push(Col::Null);
+        } else {
+            self.text.push(b'}');
+            self.cols.push(Col::Text(at, self.text.len()));
+        }
+    }
+
+    /// Binds the values in order and runs the statement.
+    fn execute(&self, st: &mut rusqlite::Statement<'_>) -> rusqlite::Result<usize> {
+        for (i, c) in self.cols.iter().enumerate() {
+            let v = match *c {
+                Col::Null => ValueRef::Null,
+                Col::Text(a, b) => ValueRef::Text(&self.text[a..b]),
+                Col::Blob(a, b) => ValueRef::Blob(&self.blob[a..b]),
+            };
+            st.raw_bind_parameter(i + 1, ToSqlOutput::Borrowed(v))?;
+        }
+        st.raw_execute()
+    }
+}
+
+/// The writer's statements: SQL text made once (prepared statements are
+/// looked up by it in rusqlite's cache) and the row buffer.
+struct Rows {
+    /// The table name, quoted for SQL.
+    table: String,
+    insert: String,
+    select_one: String,
+    exists: String,
+    append: [String; 2],
+    /// `UPDATE … SET <columns> WHERE msg_id = ?` by column set.
+    update: HashMap<u32, String>,
+    row: RowBuf,
+}
+
+impl Rows {
+    fn new(table: String) -> Self {
+        let all: Vec<&str> = std::iter::once("msg_id")
+            .chain(col_names(ALL_COLUMNS))
+            .collect();
+        let marks: Vec<String> = (1..=all.len()).map(|i| format!("?{i}")).collect();
+        let append = |name: &str| {
+            // DictDB's rule: append to a string, start afresh over anything else.
+            format!(
+                "UPDATE {table} SET {name} = CASE WHEN json_type({name}) = 'text' \
+                 THEN json_quote(json_extract({name}, '$') || ?1) ELSE json_quote(?1) END \
+                 WHERE msg_id = ?2"
+            )
+        };
+        Rows {
+            insert: format!(
+                "INSERT INTO {table} ({}) VALUES ({})",
+                all.join(", "),
+                marks.join(", ")
+            ),
+            select_one: format!(
+                "SELECT {} FROM {table} WHERE msg_id = ?",
+                Columns::all().select()
+            ),
+            exists: format!("SELECT 1 FROM {table} WHERE msg_id = ?"),
+            append: [append("stdout"), append("stderr")],
+            update: HashMap::new(),
+            row: RowBuf::default(),
+            table,
+        }
+    }
+
+    fn update_sql(&mut self, columns: u32) -> &str {
+        let table = &self.table;
+        self.update.entry(columns).or_insert_with(|| {
+            let sets: Vec<String> = col_names(columns).map(|c| format!("{c} = ?")).collect();
+            format!("UPDATE {table} SET {} WHERE msg_id = ?", sets.join(", "))
+        })
+    }
+
+    /// Writes a cached record's changes to its row.
+    fn write(&mut self, conn: &Connection, msg_id: &str, e: &Entry) -> rusqlite::Result<()> {
+        let rec = &e.rec;
+        match e.disk {
+            Disk::Clean => Ok(()),
+            Disk::New => {
+                let row = &mut self.row;
+                row.clear();
+                row.text(msg_id);
+                for k in JSON_KEYS {
+                    row.json(rec.get(k));
+                }
+                row.buffers(&rec.buffers);
+                row.buffers(&rec.result_buffers);
+                row.extra(rec.fields.iter());
+                let mut st = conn.prepare_cached(&self.insert)?;
+                self.row.execute(&mut st).map(drop)
+            }
+            Disk::Dirty(columns) => {
+                let row = &mut self.row;
+                row.clear();
+                for (i, k) in JSON_KEYS.iter().enumerate() {
+                    if columns & (1 << i) != 0 {
+                        row.json(rec.get(k));
+                    }
+                }
+                if columns & BUFFERS_BIT != 0 {
+                    row.buffers(&rec.buffers);
+                }
+                if columns & RESULT_BUFFERS_BIT != 0 {
+                    row.buffers(&rec.result_buffers);
+                }
+                if columns & EXTRA_BIT != 0 {
+                    row.extra(rec.fields.iter());
+                }
+                row.text(msg_id);
+                let mut st = conn.prepare_cached(self.update_sql(columns))?;
+                self.row.execute(&mut st).map(drop)
+            }
+        }
+    }
+
+    /// Updates a row that is not cached, if there is one.
+    fn update_fields(
+        &mut self,
+        conn: &Connection,
+        msg_id: &str,
+        fields: &Map<String, Value>,
+        result_buffers: Option<&[Bytes]>,
+    ) -> rusqlite::Result<()> {
+        let mut columns = fields.keys().fold(0, |c, k| c | col_bit(k)) & !BUFFERS_BIT;
+        if result_buffers.is_some() {
+            columns |= RESULT_BUFFERS_BIT;
+        }
+        if columns == 0 {
+            return Ok(());
+        }
+        let mut extra = Map::new();
+        if columns & EXTRA_BIT != 0 {
+            // Keys outside ipyparallel's set (no caller sends them today).
+            let sql = format!("SELECT extra FROM {} WHERE msg_id = ?", self.table);
+            let old: Option<Option<String>> = conn
+                .prepare_cached(&sql)?
+                .query_row([msg_id], |r| r.get(0))
+                .optional()?;
+            let Some(old) = old else { return Ok(()) };
+            if let Value::Object(old) = parse_json(old.as_deref()) {
+                extra = old;
+            }
+            for (k, v) in fields {
+                if !is_column(k) {
+                    extra.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        let row = &mut self.row;
+        row.clear();
+        for (i, k) in JSON_KEYS.iter().enumerate() {
+            if columns & (1 << i) != 0 {
+                row.json(fields.get(*k).unwrap_or(&Value::Null));
+            }
+        }
+        if let Some(b) = result_buffers {
+            row.buffers(b);
+        }
+        if columns & EXTRA_BIT != 0 {
+            row.extra(extra.iter());
+        }
+        row.text(msg_id);
+        let mut st = conn.prepare_cached(self.update_sql(columns))?;
+        self.row.execute(&mut st).map(drop)
+    }
+
+    fn append(
+        &self,
+        conn: &Connection,
+        msg_id: &str,
+        name: &str,
+        text: &str,
+    ) -> rusqlite::Result<()> {
+        let sql = &self.append[usize::from(name == "stderr")];
+        conn.prepare_cached(sql)?
+            .execute(rusqlite::params![text, msg_id])?;
+        Ok(())
+    }
+
+    fn get(&self, conn: &Connection, msg_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
+        let cols = Columns::all();
+        conn.prepare_cached(&self.select_one)?
+            .query_row([msg_id], |r| cols.decode(r, 0))
+            .optional()
+    }
+
+    fn exists(&self, conn: &Connection, msg_id: &str) -> rusqlite::Result<bool> {
+        conn.prepare_cached(&self.exists)?.exists([msg_id])
+    }
 }
 
 struct Writer {
@@ -561,6 +909,10 @@ struct Writer {
     /// Free pages are waiting to be returned to the file system.
     vacuum_due: bool,
     shared: Arc<Shared>,
+    cache: Cache,
+    rows: Rows,
+    /// Handed to the core's thread after each commit (see [`Shared::trash`]).
+    trash: Vec<Trash>,
 }
 
 fn storage(e: rusqlite::Error) -> DbError {
@@ -647,73 +999,77 @@ impl Writer {
         }
         Ok(Writer {
             conn,
+            rows: Rows::new(table.clone()),
             table,
             path: cfg.path.clone(),
             batch_records: cfg.batch_records.max(1),
             batch_window: cfg.batch_window,
             vacuum_due: true,
             shared: Arc::default(),
+            cache: Cache::new(cfg.cache_records),
+            trash: Vec::new(),
         })
     }
 
     /// The thread's loop: one transaction per batch, vacuum steps when idle.
     fn run(mut self, rx: Receiver<(u64, Op)>) {
-        loop {
-            let first = if self.vacuum_due {
-                match rx.recv_timeout(VACUUM_IDLE) {
-                    Ok(op) => op,
-                    Err(RecvTimeoutError::Timeout) => {
-                        self.vacuum_step();
-                        continue;
+        let mut closed = false;
+        while !closed {
+            // Idle: wait for the first operation of a batch.
+            let first = loop {
+                self.shared.idle.store(true, Ordering::Relaxed);
+                // Pairs with the fence in `SqliteDb::send`.
+                fence(Ordering::SeqCst);
+                match rx.try_recv() {
+                    Ok(op) => break Some(op),
+                    Err(TryRecvError::Disconnected) => break None,
+                    Err(TryRecvError::Empty) if self.vacuum_due => {
+                        std::thread::park_timeout(VACUUM_IDLE);
+                        match rx.try_recv() {
+                            Ok(op) => break Some(op),
+                            Err(TryRecvError::Disconnected) => break None,
+                            Err(TryRecvError::Empty) => self.vacuum_step(),
+                        }
                     }
-                    Err(RecvTimeoutError::Disconnected) => break,
-                }
-            } else {
-                match rx.recv() {
-                    Ok(op) => op,
-                    Err(_) => break,
+                    // A bounded wait: a lost wake-up would only delay.
+                    Err(TryRecvError::Empty) => std::thread::park_timeout(IDLE_WAIT),
                 }
             };
+            self.shared.idle.store(false, Ordering::Relaxed);
+            let Some(first) = first else { break };
             if let Err(e) = self.conn.execute_batch("BEGIN") {
                 warn!(path = %self.path.display(), error = %e, "task database: cannot begin a transaction");
             }
             let deadline = Instant::now() + self.batch_window;
             let mut n = 1;
             let mut commit_reply = self.apply(first);
-            let mut closed = false;
+            // Take what is queued; between, sleep until the window closes
+            // (a read wakes the writer early).
             while n < self.batch_records && commit_reply.is_none() {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
+                match rx.try_recv() {
                     Ok(op) => {
                         n += 1;
                         commit_reply = self.apply(op);
                     }
-                    Err(RecvTimeoutError::Timeout) => break,
-                    Err(RecvTimeoutError::Disconnected) => {
+                    Err(TryRecvError::Disconnected) => {
                         closed = true;
                         break;
                     }
+                    Err(TryRecvError::Empty) => {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        std::thread::park_timeout(left);
+                    }
                 }
             }
-            let committed = self.conn.execute_batch("COMMIT").map_err(storage);
-            self.shared.commits.fetch_add(1, Ordering::Relaxed);
-            // Even a failed commit (reported below) releases the replies
-            // held for it: a client must not wait for a write that will
-            // never happen.
-            let applied = self.shared.applied.load(Ordering::Acquire);
-            self.shared.durable.store(applied, Ordering::Release);
-            self.shared.committed.notify_one();
-            if let Err(e) = &committed {
-                warn!(path = %self.path.display(), error = %e, ops = n, "task database: commit failed");
-            }
+            let committed = self.commit(n);
             if let Some(reply) = commit_reply {
                 let _ = reply.send(committed);
             }
             if self.vacuum_due {
                 self.vacuum_step();
-            }
-            if closed {
-                break;
             }
         }
         // The store is gone: everything is committed; fold the WAL back in.
@@ -723,6 +1079,53 @@ impl Writer {
         {
             debug!(error = %e, "task database checkpoint at close failed");
         }
+    }
+
+    /// Writes the cached records' changes and commits the transaction.
+    fn commit(&mut self, ops: usize) -> Result<(), DbError> {
+        self.flush();
+        let committed = self.conn.execute_batch("COMMIT").map_err(storage);
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
+        // Even a failed commit (reported below) releases the replies held
+        // for it: a client must not wait for a write that will never happen.
+        let applied = self.shared.applied.load(Ordering::Acquire);
+        self.shared.durable.store(applied, Ordering::Release);
+        self.shared.committed.notify_one();
+        if let Err(e) = &committed {
+            warn!(path = %self.path.display(), error = %e, ops, "task database: commit failed");
+        }
+        if !self.trash.is_empty() {
+            let mut full = self.shared.trash.lock().unwrap_or_else(|e| e.into_inner());
+            if full.is_empty() {
+                std::mem::swap(&mut *full, &mut self.trash);
+                drop(full);
+                let mut spare = self.shared.spare.lock().unwrap_or_else(|e| e.into_inner());
+                if spare.capacity() > self.trash.capacity() {
+                    std::mem::swap(&mut *spare, &mut self.trash);
+                }
+            } else {
+                // The core has not freed the last batch's yet.
+                full.append(&mut self.trash);
+            }
+            self.shared.has_trash.store(true, Ordering::Release);
+        }
+        committed
+    }
+
+    /// Writes every cached record's changes to the table (in the open
+    /// transaction).
+    fn flush(&mut self) {
+        let mut ids = std::mem::take(&mut self.cache.unwritten);
+        for id in &ids {
+            if let Some(e) = self.cache.records.get_mut(id) {
+                if let Err(err) = self.rows.write(&self.conn, id, e) {
+                    warn!(msg_id = %id, error = %err, "task record not written");
+                }
+                e.disk = Disk::Clean;
+            }
+        }
+        ids.clear();
+        self.cache.unwritten = ids;
     }
 
     /// Applies one operation; a `Commit` is handed back for the caller to
@@ -735,166 +1138,167 @@ impl Writer {
 
     fn apply_op(&mut self, op: Op) -> Option<Reply<()>> {
         match op {
-            Op::Add { msg_id, rec } => {
-                if let Err(e) = self.add(&msg_id, &rec) {
-                    warn!(msg_id = %msg_id, error = %e, "task record not written");
-                }
-            }
+            Op::Add { msg_id, rec } => self.add(msg_id, rec),
             Op::Update {
                 msg_id,
                 fields,
                 result_buffers,
-            } => {
-                if let Err(e) = self.update(&msg_id, &fields, result_buffers.as_deref()) {
-                    warn!(msg_id = %msg_id, error = %e, "task record not updated");
-                }
-            }
-            Op::Append { msg_id, name, text } => {
-                if let Err(e) = self.append(&msg_id, name, &text) {
-                    warn!(msg_id = %msg_id, error = %e, "task output not written");
-                }
-            }
+            } => self.update(msg_id, fields, result_buffers),
+            Op::Append { msg_id, name, text } => self.append(msg_id, name, text),
             Op::Get { msg_id, reply } => {
-                let _ = reply.send(self.get(&msg_id).map_err(storage));
+                let found = match self.cache.records.get(&msg_id) {
+                    Some(e) => Ok(Some(e.rec.clone())),
+                    None => self.rows.get(&self.conn, &msg_id).map_err(storage),
+                };
+                let _ = reply.send(found);
             }
             Op::Find { query, keys, reply } => {
+                self.flush();
                 let _ = reply.send(self.find(&query, keys.as_deref()));
             }
             Op::Drop { query, reply } => {
-                let _ = reply.send(self.drop_matching(&query));
+                self.flush();
+                let dropped = self.drop_matching(&query).map(|ids| {
+                    for id in &ids {
+                        if let Some((key, e)) = self.cache.records.remove_entry(id) {
+                            self.trash.push(Trash::Record(key, e.rec));
+                        }
+                    }
+                    ids.len()
+                });
+                let _ = reply.send(dropped);
             }
             Op::History { reply } => {
+                self.flush();
                 let _ = reply.send(self.history());
+            }
+            Op::Stats { reply } => {
+                let records = &self.cache.records;
+                let size = records.values().map(|e| record_size(&e.rec)).sum();
+                let _ = reply.send(Ok((records.len(), size)));
             }
             Op::Commit { reply } => return Some(reply),
         }
         None
     }
 
-    fn add(&self, msg_id: &str, rec: &TaskRecord) -> rusqlite::Result<()> {
-        let t = &self.table;
-        let mut cols = vec!["msg_id"];
-        cols.extend(json_keys());
-        cols.extend(BUFFER_KEYS);
-        cols.push("extra");
-        let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
-        let sql = format!(
-            "INSERT OR IGNORE INTO {t} ({}) VALUES ({})",
-            cols.join(", "),
-            marks.join(", ")
-        );
-        let mut values = vec![SqlValue::Text(msg_id.to_owned())];
-        values.extend(json_keys().map(|k| json_column(rec.get(k))));
-        values.push(SqlValue::Blob(encode_buffers(&rec.buffers)));
-        values.push(SqlValue::Blob(encode_buffers(&rec.result_buffers)));
-        values.push(extra_column(&rec.fields));
-        let inserted = self
-            .conn
-            .prepare_cached(&sql)?
-            .execute(params_from_iter(values))?;
-        if inserted == 1 {
-            return Ok(());
+    /// `TaskDb::add_request`: a new record is cached (its row written at
+    /// the commit); a repeated msg_id merges with the cached record, or
+    /// with the row when the record has left the cache.
+    fn add(&mut self, msg_id: String, mut rec: TaskRecord) {
+        if let Some(e) = self.cache.records.get_mut(&msg_id) {
+            merge_request(&e.rec.fields, &mut rec.fields);
+            merge_fields(&mut e.rec, &mut rec.fields, &mut self.trash);
+            let old = std::mem::replace(&mut e.rec.buffers, std::mem::take(&mut rec.buffers));
+            self.trash.push(Trash::Buffers(old));
+            self.trash.push(Trash::Record(msg_id.clone(), rec));
+            self.cache.touch(&msg_id, ALL_COLUMNS);
+            return;
         }
-        let mut merged = self.shared.merged.lock().unwrap_or_else(|e| e.into_inner());
-        merged.push(msg_id.to_owned());
-        drop(merged);
-        self.shared.has_merged.store(true, Ordering::Release);
-        // A repeated msg_id: merge as the in-memory store does.
-        let Some(existing) = self.get(msg_id)? else {
-            return Ok(());
+        let on_disk = match self.rows.exists(&self.conn, &msg_id) {
+            Ok(true) => self.rows.get(&self.conn, &msg_id),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
         };
-        let mut fields = rec.fields.clone();
-        merge_request(&existing.fields, &mut fields);
-        let mut sets: Vec<String> = json_keys().map(|k| format!("{k} = ?")).collect();
-        sets.push("buffers = ?".into());
-        sets.push("extra = ?".into());
-        let sql = format!("UPDATE {t} SET {} WHERE msg_id = ?", sets.join(", "));
-        let mut values: Vec<SqlValue> = json_keys()
-            .map(|k| json_column(fields.get(k).unwrap_or(&Value::Null)))
-            .collect();
-        values.push(SqlValue::Blob(encode_buffers(&rec.buffers)));
-        values.push(extra_column(&fields));
-        values.push(SqlValue::Text(msg_id.to_owned()));
-        self.conn
-            .prepare_cached(&sql)?
-            .execute(params_from_iter(values))?;
-        Ok(())
+        let entry = match on_disk {
+            Ok(None) => Entry {
+                rec,
+                disk: Disk::New,
+            },
+            Ok(Some(mut existing)) => {
+                merge_request(&existing.fields, &mut rec.fields);
+                merge_fields(&mut existing, &mut rec.fields, &mut self.trash);
+                existing.buffers = std::mem::take(&mut rec.buffers);
+                self.trash.push(Trash::Record(String::new(), rec));
+                Entry {
+                    rec: existing,
+                    disk: Disk::Dirty(ALL_COLUMNS),
+                }
+            }
+            Err(e) => {
+                warn!(msg_id = %msg_id, error = %e, "task record not written");
+                self.trash.push(Trash::Record(msg_id, rec));
+                return;
+            }
+        };
+        self.cache.order.push_back(msg_id.clone());
+        self.cache.unwritten.push(msg_id.clone());
+        self.cache.records.insert(msg_id, entry);
+        self.evict();
+    }
+
+    /// Leaves the cache within its limit, writing what leaves it first.
+    fn evict(&mut self) {
+        while self.cache.records.len() > self.cache.limit {
+            let Some(old) = self.cache.order.pop_front() else {
+                break;
+            };
+            if let Some((key, e)) = self.cache.records.remove_entry(&old) {
+                if let Err(err) = self.rows.write(&self.conn, &key, &e) {
+                    warn!(msg_id = %key, error = %err, "task record not written");
+                }
+                self.trash.push(Trash::Record(key, e.rec));
+            }
+        }
+        let cache = &mut self.cache;
+        if cache.order.len() > 2 * cache.records.len() + 64 {
+            let records = &cache.records;
+            cache.order.retain(|id| records.contains_key(id));
+        }
     }
 
     fn update(
-        &self,
-        msg_id: &str,
-        fields: &Map<String, Value>,
-        result_buffers: Option<&[Bytes]>,
-    ) -> rusqlite::Result<()> {
-        let t = &self.table;
-        let mut sets = Vec::new();
-        let mut values = Vec::new();
-        for (k, v) in fields {
-            if is_column(k) {
-                sets.push(format!("{k} = ?"));
-                values.push(json_column(v));
+        &mut self,
+        msg_id: String,
+        mut fields: Map<String, Value>,
+        result_buffers: Option<Vec<Bytes>>,
+    ) {
+        if let Some(e) = self.cache.records.get_mut(&msg_id) {
+            let mut columns = fields.keys().fold(0, |c, k| c | col_bit(k));
+            merge_fields(&mut e.rec, &mut fields, &mut self.trash);
+            if let Some(b) = result_buffers {
+                columns |= RESULT_BUFFERS_BIT;
+                let old = std::mem::replace(&mut e.rec.result_buffers, b);
+                self.trash.push(Trash::Buffers(old));
+            }
+            self.cache.touch(&msg_id, columns);
+        } else {
+            // A record not cached may still be on disk: update it there.
+            if let Err(e) =
+                self.rows
+                    .update_fields(&self.conn, &msg_id, &fields, result_buffers.as_deref())
+            {
+                warn!(msg_id = %msg_id, error = %e, "task record not updated");
+            }
+            if let Some(b) = result_buffers {
+                self.trash.push(Trash::Buffers(b));
             }
         }
-        if let Some(b) = result_buffers {
-            sets.push("result_buffers = ?".into());
-            values.push(SqlValue::Blob(encode_buffers(b)));
-        }
-        if fields.keys().any(|k| !is_column(k)) {
-            // Keys outside ipyparallel's set (no caller sends them today).
-            let old: Option<Option<String>> = self
-                .conn
-                .prepare_cached(&format!("SELECT extra FROM {t} WHERE msg_id = ?"))?
-                .query_row([msg_id], |r| r.get(0))
-                .optional()?;
-            let Some(old) = old else { return Ok(()) };
-            let mut extra: Map<String, Value> = old
-                .and_then(|s| serde_json::from_str(&s).ok())
-                .unwrap_or_default();
-            for (k, v) in fields {
-                if !is_column(k) {
-                    extra.insert(k.clone(), v.clone());
+        self.trash.push(Trash::Fields(fields));
+        self.trash.push(Trash::Text(msg_id));
+    }
+
+    fn append(&mut self, msg_id: String, name: &'static str, text: String) {
+        if let Some(e) = self.cache.records.get_mut(&msg_id) {
+            // DictDB's rule: append to a string, start afresh over anything else.
+            match e.rec.fields.get_mut(name) {
+                Some(Value::String(s)) => s.push_str(&text),
+                Some(v) => {
+                    let old = std::mem::replace(v, Value::String(text.clone()));
+                    self.trash.push(Trash::Value(old));
+                }
+                None => {
+                    e.rec
+                        .fields
+                        .insert(name.to_owned(), Value::String(text.clone()));
                 }
             }
-            sets.push("extra = ?".into());
-            values.push(SqlValue::Text(Value::Object(extra).to_string()));
+            self.cache.touch(&msg_id, col_bit(name));
+        } else if let Err(e) = self.rows.append(&self.conn, &msg_id, name, &text) {
+            warn!(msg_id = %msg_id, error = %e, "task output not written");
         }
-        if sets.is_empty() {
-            return Ok(());
-        }
-        values.push(SqlValue::Text(msg_id.to_owned()));
-        let sql = format!("UPDATE {t} SET {} WHERE msg_id = ?", sets.join(", "));
-        self.conn
-            .prepare_cached(&sql)?
-            .execute(params_from_iter(values))?;
-        Ok(())
-    }
-
-    fn append(&self, msg_id: &str, name: &str, text: &str) -> rusqlite::Result<()> {
-        // DictDB's rule: append to a string, start afresh over anything else.
-        let sql = format!(
-            "UPDATE {t} SET {name} = CASE WHEN json_type({name}) = 'text' \
-             THEN json_quote(json_extract({name}, '$') || ?1) ELSE json_quote(?1) END \
-             WHERE msg_id = ?2",
-            t = self.table
-        );
-        self.conn
-            .prepare_cached(&sql)?
-            .execute(rusqlite::params![text, msg_id])?;
-        Ok(())
-    }
-
-    fn get(&self, msg_id: &str) -> rusqlite::Result<Option<TaskRecord>> {
-        let cols = Columns::all();
-        let sql = format!(
-            "SELECT {} FROM {} WHERE msg_id = ?",
-            cols.select(),
-            self.table
-        );
-        self.conn
-            .prepare_cached(&sql)?
-            .query_row([msg_id], |r| cols.decode(r, 0))
-            .optional()
+        self.trash.push(Trash::Text(text));
+        self.trash.push(Trash::Text(msg_id));
     }
 
     /// `(rowid, msg_id)` of the records matching `query`, oldest first.
@@ -1159,26 +1563,6 @@ fn sql_text(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-fn json_column(v: &Value) -> SqlValue {
-    match v {
-        Value::Null => SqlValue::Null,
-        v => SqlValue::Text(v.to_string()),
-    }
-}
-
-fn extra_column(fields: &Map<String, Value>) -> SqlValue {
-    let extra: Map<String, Value> = fields
-        .iter()
-        .filter(|(k, _)| !is_column(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    if extra.is_empty() {
-        SqlValue::Null
-    } else {
-        SqlValue::Text(Value::Object(extra).to_string())
-    }
-}
-
 fn parse_json(text: Option<&str>) -> Value {
     match text {
         None => Value::Null,
@@ -1188,16 +1572,6 @@ fn parse_json(text: Option<&str>) -> Value {
             Value::String(t.to_owned())
         }),
     }
-}
-
-/// Frames as `[u64 LE length, bytes]…`.
-fn encode_buffers(buffers: &[Bytes]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(buffers.iter().map(|b| b.len() + 8).sum());
-    for b in buffers {
-        out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-        out.extend_from_slice(b);
-    }
-    out
 }
 
 fn decode_buffers(blob: Option<&[u8]>) -> Vec<Bytes> {
@@ -1217,6 +1591,26 @@ fn decode_buffers(blob: Option<&[u8]>) -> Vec<Bytes> {
         rest = tail;
     }
     out
+}
+
+/// Shallow-merges `fields` into `rec`, moving the values out (the emptied
+/// map and the replaced values go to `trash`, to be freed where they were
+/// allocated).
+fn merge_fields(rec: &mut TaskRecord, fields: &mut Map<String, Value>, trash: &mut Vec<Trash>) {
+    for (k, v) in fields.iter_mut() {
+        let v = std::mem::take(v);
+        match rec.fields.get_mut(k) {
+            Some(slot) => {
+                let old = std::mem::replace(slot, v);
+                if !old.is_null() {
+                    trash.push(Trash::Value(old));
+                }
+            }
+            None => {
+                rec.fields.insert(k.clone(), v);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1397,12 +1791,123 @@ mod tests {
         &["header", "submitted", "label"],
     ];
 
+    /// CPU seconds of this process's threads named `name` (Linux only).
+    fn thread_cpu(name: &str) -> f64 {
+        let mut total = 0.0;
+        for t in std::fs::read_dir("/proc/self/task")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() != name {
+                continue;
+            }
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<f64> = rest
+                .split_whitespace()
+                .map(|x| x.parse().unwrap_or(0.0))
+                .collect();
+            total += (f[11] + f[12]) / 100.0; // utime + stime, in ticks
+        }
+        total
+    }
+
+    /// The writer's CPU per load-balanced task (a request, its assignment,
+    /// its result; 2000 in flight, as `parallax bench engines --tasks`):
+    /// `cargo test --release -p parallax-hub writer_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a benchmark"]
+    fn writer_cost() {
+        let dir = TempDir::new("cost");
+        let mut db = open(&dir.db(), 1024);
+        let (n, in_flight) = (100_000usize, 2000usize);
+        let session = "3f0c1b0e-5e1a-4c2b-9d55-0a8f1f2e3d4c";
+        let start = Instant::now();
+        for i in 0..n + in_flight {
+            if i < n {
+                let id = format!("{session}_{i}");
+                let mut rec = RecordStore::empty_record(&id);
+                let f = &mut rec.fields;
+                f.insert(
+                    "header".into(),
+                    json!({"msg_id": id, "msg_type": "apply_request", "username": "bench",
+                        "session": session, "date": "2026-12-06T03:20:00.123456Z",
+                        "version": "5.3"}),
+                );
+                f.insert(
+                    "metadata".into(),
+                    json!({"after": [], "follow": [], "timeout": null, "targets": [],
+                        "retries": 0}),
+                );
+                f.insert("content".into(), json!({}));
+                f.insert("submitted".into(), json!("2026-12-06T03:20:00.123456Z"));
+                f.insert("client_uuid".into(), json!(session));
+                f.insert("queue".into(), json!("task"));
+                rec.buffers = vec![Bytes::from(vec![1u8; 64]), Bytes::from(vec![2u8; 32])];
+                db.add_request(&id, rec).unwrap();
+                db.update_record(&id, fields(json!({"engine_uuid": "e-7"})), None)
+                    .unwrap();
+            }
+            if i >= in_flight {
+                let id = format!("{session}_{}", i - in_flight);
+                let result = json!({
+                    "result_header": {"msg_id": format!("r{i}"), "msg_type": "apply_reply",
+                        "username": "bench", "session": "e-7",
+                        "date": "2026-12-06T03:20:00.223456Z", "version": "5.3"},
+                    "result_metadata": {"started": "2026-12-06T03:20:00.200000Z",
+                        "dependencies_met": true, "engine": "e-7", "is_broadcast": false,
+                        "is_coalescing": false, "status": "ok",
+                        "completed": "2026-12-06T03:20:00.223456Z"},
+                    "result_content": {"status": "ok", "execution_count": 1},
+                    "received": "2026-12-06T03:20:00.233456Z",
+                    "started": "2026-12-06T03:20:00.200000Z",
+                    "completed": "2026-12-06T03:20:00.223456Z",
+                    "engine_uuid": "e-7",
+                });
+                db.update_record(&id, fields(result), Some(vec![Bytes::from(vec![3u8; 48])]))
+                    .unwrap();
+            }
+        }
+        db.flush().unwrap();
+        let wall = start.elapsed().as_secs_f64();
+        let writer = thread_cpu("parallax-sqlite");
+        eprintln!(
+            "{n} tasks: {:.1} us/task wall, writer thread {:.1} us/task CPU, {} commits",
+            1e6 * wall / n as f64,
+            1e6 * writer / n as f64,
+            db.commits()
+        );
+    }
+
+    #[test]
+    fn json_columns_are_the_record_keys_but_msg_id_and_buffers() {
+        let want: Vec<&str> = RECORD_KEYS
+            .into_iter()
+            .filter(|k| *k != "msg_id" && !BUFFER_KEYS.contains(k))
+            .collect();
+        assert_eq!(JSON_KEYS.to_vec(), want);
+        assert_eq!(col_names(ALL_COLUMNS).count(), JSON_KEYS.len() + 3);
+        for (i, k) in JSON_KEYS.iter().enumerate() {
+            assert_eq!(col_bit(k), 1 << i, "{k}");
+        }
+        assert_eq!(col_bit("custom"), EXTRA_BIT);
+    }
+
     #[test]
     fn queries_match_the_in_memory_store() {
+        // No cache, a cache of 2 (most records leave it before their
+        // results arrive) and one that holds every record.
+        for cache in [0, 2, 100] {
+            queries_match_with_cache(cache);
+        }
+    }
+
+    fn queries_match_with_cache(cache: usize) {
         let dir = TempDir::new("parity");
         let mut mem = RecordStore::new(DbBackend::default());
-        // A cache of 2: most records are answered from disk.
-        let mut disk = open(&dir.db(), 2);
+        let mut disk = open(&dir.db(), cache);
         populate(&mut mem);
         populate(&mut disk);
         for q in QUERIES {
@@ -1441,9 +1946,15 @@ mod tests {
 
     #[test]
     fn purge_matches_the_in_memory_store_and_persists() {
+        for cache in [3, 100] {
+            purge_matches_with_cache(cache);
+        }
+    }
+
+    fn purge_matches_with_cache(cache: usize) {
         let dir = TempDir::new("purge");
         let mut mem = RecordStore::new(DbBackend::default());
-        let mut disk = open(&dir.db(), 3);
+        let mut disk = open(&dir.db(), cache);
         populate(&mut mem);
         populate(&mut disk);
         for q in [
@@ -1462,7 +1973,7 @@ mod tests {
         }
         assert!(disk.get_record("a").is_err());
         drop(disk);
-        let disk = open(&dir.db(), 3);
+        let disk = open(&dir.db(), cache);
         let left: Vec<String> = disk
             .find_records(&json!({}), Some(&["msg_id".to_string()]))
             .unwrap()
