@@ -593,14 +593,26 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
         env.push(("PARALLAX_WARMUP".to_owned(), "0".to_owned()));
     }
     let started_interp = match args.language {
-        Language::Python => PythonInterpreter::start(PythonConfig {
-            python: args.python.clone(),
-            env,
-            restart_on_crash: args.restart_on_crash,
-            zygote: args.zygote.clone(),
-        })
-        .await
-        .map(AnyInterpreter::Python),
+        // A stop while Python starts (64 engines stopped right after they
+        // registered, their Pythons still importing on 2 cores) does not
+        // wait for it: the half-started process is dropped, which kills it
+        // (kill_on_drop; a forked one is killed by its zygote when the
+        // connection closes).
+        Language::Python => tokio::select! {
+            started = PythonInterpreter::start(PythonConfig {
+                python: args.python.clone(),
+                env,
+                restart_on_crash: args.restart_on_crash,
+                zygote: args.zygote.clone(),
+            }) => started.map(AnyInterpreter::Python),
+            _ = stop.cancelled() => {
+                info!(engine = id, "stopped while Python started");
+                unregister(&ctx, id);
+                drop(ctx);
+                let _ = tokio::time::timeout(Duration::from_millis(1000), link_task).await;
+                return Ok(());
+            }
+        },
         #[cfg(feature = "rust-engine")]
         Language::Rust => Ok(AnyInterpreter::Rust(RustInterpreter::start(env))),
         #[cfg(not(feature = "rust-engine"))]

@@ -2286,7 +2286,8 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
         .flat_map(|p| ldriver::descendants(p.pid))
         .collect();
-    ldriver::term_engines_among(&tree);
+    let tops: Vec<i64> = engines.iter().map(|p| p.pid).collect();
+    ldriver::stop_engines_among(&tree, &tops, &mut || {});
     let mut killed = terminate(&mut engines, grace);
     let mut left: Vec<Proc> = tree
         .into_iter()

@@ -508,3 +508,17 @@ def test_no_zygote_when_asked(env):
         rc.close()
     cluster("stop", *env.args)
     assert_all_stopped(env, env.seen)
+
+
+@pytest.mark.parametrize("zygote", ["--zygote=true", "--zygote=false"])
+def test_stop_right_after_start_leaves_nothing(env, zygote):
+    """Stopped the moment its engines registered (their Pythons still
+    starting and importing): engines that never ran a request drop their
+    half-started interpreters instead of waiting for them, and nothing is
+    left behind."""
+    cluster("start", "-n", 4, "--daemonize", zygote, *env.args)
+    env.remember()
+    r = cluster("stop", *env.args)
+    assert f"Stopped cluster {env.cluster_id}" in r.stdout
+    assert "killed" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert_all_stopped(env, env.seen)
