@@ -243,6 +243,55 @@ pub fn is_parallax_engine(pid: i64) -> bool {
     base.starts_with(b"parallax") && args.next() == Some(b"engine".as_slice())
 }
 
+/// Runs `argv` (an ssh command line) in its own session — no terminal, so
+/// ssh can never stop to ask for a password, and a terminal's signals do
+/// not reach it — with `script` on its stdin, written from a thread (a short
+/// script fits the pipe; an ssh that died early shows in its exit). Its
+/// stderr, and its stdout unless `capture_stdout` (then the caller reads
+/// it), are appended to `log`.
+pub(crate) fn spawn_ssh_with_script(
+    argv: &[String],
+    script: String,
+    log: &Path,
+    capture_stdout: bool,
+) -> Result<Child, LaunchError> {
+    use std::os::unix::process::CommandExt;
+    let (exe, args) = argv
+        .split_first()
+        .ok_or_else(|| LaunchError::Other("empty command".into()))?;
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stderr(out.try_clone()?);
+    if capture_stdout {
+        cmd.stdout(Stdio::piped());
+    } else {
+        cmd.stdout(out);
+    }
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork
+    // and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| LaunchError::Command {
+        command: shell_join(argv),
+        detail: e.to_string(),
+    })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(script.as_bytes());
+        });
+    }
+    Ok(child)
+}
+
 /// Spawns `argv` in a new session (a terminal's signals do not reach it),
 /// stdin /dev/null, stdout and stderr appended to `log`, `env` added.
 pub fn spawn_in_session(
@@ -821,39 +870,10 @@ pub(crate) fn describe_ssh_exit(status: std::process::ExitStatus) -> String {
 
 impl Launcher for SshLauncher {
     fn start(&mut self, n: u32) -> Result<(), LaunchError> {
-        use std::os::unix::process::CommandExt;
         self.host.engines = n;
         let argv = crate::ssh::ssh_argv(&self.ssh_cmd, &self.ssh_args, &self.host);
         let script = crate::ssh::start_script(&self.env, &self.engine_argv, &self.host);
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.output_file)?;
-        let err = out.try_clone()?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(out)
-            .stderr(err);
-        // SAFETY: setsid is async-signal-safe. Its own session: no terminal
-        // (ssh cannot stop to ask for a password) and no terminal signals.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| LaunchError::Command {
-            command: shell_join(&argv),
-            detail: e.to_string(),
-        })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            // a short script: the pipe holds it; an ssh that died early
-            // shows in wait_started
-            std::thread::spawn(move || {
-                let _ = stdin.write_all(script.as_bytes());
-            });
-        }
+        let child = spawn_ssh_with_script(&argv, script, &self.output_file, false)?;
         self.ssh_pid = i64::from(child.id());
         self.child = Some(child);
         self.state = "running";

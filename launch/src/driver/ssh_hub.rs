@@ -7,7 +7,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,7 +16,6 @@ use serde_json::{Value, json};
 use super::{CommandOutput, describe_ssh_exit, pid_alive, run_command, terminate_tree};
 use crate::ssh::SshHost;
 use crate::ssh_controller::{self, HubOutput};
-use crate::template::shell_join;
 use crate::{JobState, LaunchError, Launcher};
 
 /// What the reader thread learnt from the script's stdout.
@@ -225,7 +224,6 @@ impl SshHubLauncher {
 
 impl Launcher for SshHubLauncher {
     fn start(&mut self, _n: u32) -> Result<(), LaunchError> {
-        use std::os::unix::process::CommandExt;
         let argv = crate::ssh::ssh_argv(&self.ssh_cmd, &self.ssh_args, &self.host);
         let name = |p: &Path| {
             p.file_name()
@@ -238,32 +236,12 @@ impl Launcher for SshHubLauncher {
             &name(&self.engine_file),
             self.start_timeout.as_secs_f64(),
         );
+        let mut child = super::spawn_ssh_with_script(&argv, script, &self.output_file, true)?;
+        // the hub's output, read for the connection files, goes on to the log
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.output_file)?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(log.try_clone()?);
-        // SAFETY: setsid is async-signal-safe. Its own session: no terminal
-        // (ssh never prompts) and no terminal signals.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| LaunchError::Command {
-            command: shell_join(&argv),
-            detail: e.to_string(),
-        })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            std::thread::spawn(move || {
-                let _ = stdin.write_all(script.as_bytes());
-            });
-        }
         if let Some(stdout) = child.stdout.take() {
             let seen = Arc::clone(&self.seen);
             let (client, engine) = (self.client_file.clone(), self.engine_file.clone());

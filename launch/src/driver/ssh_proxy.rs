@@ -4,16 +4,14 @@
 //! progress and errors; nothing secret: the connection files travel only
 //! on its stdin) goes to the local log.
 
-use std::io::Write;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use super::{CommandOutput, describe_ssh_exit, pid_alive, run_command, terminate_tree};
 use crate::ssh::SshHost;
-use crate::template::shell_join;
 use crate::{JobState, LaunchError, Launcher, ssh_proxy};
 
 pub struct SshProxyLauncher {
@@ -154,7 +152,6 @@ impl SshProxyLauncher {
 
 impl Launcher for SshProxyLauncher {
     fn start(&mut self, n: u32) -> Result<(), LaunchError> {
-        use std::os::unix::process::CommandExt;
         self.host.engines = n;
         let argv = crate::ssh::ssh_argv(&self.ssh_cmd, &self.ssh_args, &self.host);
         let mut engines_argv = vec![
@@ -166,32 +163,7 @@ impl Launcher for SshProxyLauncher {
         ];
         engines_argv.extend(self.engines_args.iter().cloned());
         let script = ssh_proxy::start_script(&self.files, &engines_argv);
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.output_file)?;
-        let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        // SAFETY: setsid is async-signal-safe. No terminal: ssh never
-        // prompts, and a terminal's signals do not reach it.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(|e| LaunchError::Command {
-            command: shell_join(&argv),
-            detail: e.to_string(),
-        })?;
-        if let Some(mut stdin) = child.stdin.take() {
-            std::thread::spawn(move || {
-                let _ = stdin.write_all(script.as_bytes());
-            });
-        }
+        let child = super::spawn_ssh_with_script(&argv, script, &self.output_file, false)?;
         self.ssh_pid = i64::from(child.id());
         self.child = Some(child);
         self.state = "running";
