@@ -255,35 +255,14 @@ pub(crate) fn spawn_ssh_with_script(
     log: &Path,
     capture_stdout: bool,
 ) -> Result<Child, LaunchError> {
-    use std::os::unix::process::CommandExt;
-    let (exe, args) = argv
-        .split_first()
-        .ok_or_else(|| LaunchError::Other("empty command".into()))?;
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::piped())
-        .stderr(out.try_clone()?);
+    let (mut cmd, out) = session_command(argv, log)?;
+    cmd.stdin(Stdio::piped());
     if capture_stdout {
         cmd.stdout(Stdio::piped());
     } else {
         cmd.stdout(out);
     }
-    // SAFETY: setsid is async-signal-safe; nothing else runs between fork
-    // and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().map_err(|e| LaunchError::Command {
-        command: shell_join(argv),
-        detail: e.to_string(),
-    })?;
+    let mut child = spawn(cmd, argv)?;
     if let Some(mut stdin) = child.stdin.take() {
         std::thread::spawn(move || {
             let _ = stdin.write_all(script.as_bytes());
@@ -299,6 +278,16 @@ pub fn spawn_in_session(
     env: &[(String, String)],
     log: &Path,
 ) -> Result<Child, LaunchError> {
+    let (mut cmd, out) = session_command(argv, log)?;
+    cmd.envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(out);
+    spawn(cmd, argv)
+}
+
+/// `argv` as a command that starts its own session, its stderr appended to
+/// `log`; the log, opened, for the caller's stdout.
+fn session_command(argv: &[String], log: &Path) -> Result<(Command, std::fs::File), LaunchError> {
     use std::os::unix::process::CommandExt;
     let (exe, args) = argv
         .split_first()
@@ -307,13 +296,8 @@ pub fn spawn_in_session(
         .create(true)
         .append(true)
         .open(log)?;
-    let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err);
+    cmd.args(args).stderr(out.try_clone()?);
     // SAFETY: setsid is async-signal-safe; nothing else runs between fork
     // and exec.
     unsafe {
@@ -322,6 +306,10 @@ pub fn spawn_in_session(
             Ok(())
         });
     }
+    Ok((cmd, out))
+}
+
+fn spawn(mut cmd: Command, argv: &[String]) -> Result<Child, LaunchError> {
     cmd.spawn().map_err(|e| LaunchError::Command {
         command: shell_join(argv),
         detail: e.to_string(),
