@@ -231,15 +231,7 @@ impl EmbeddedCluster {
             .arg("--log-level=WARN")
             .stdin(Stdio::null())
             .kill_on_drop(true);
-        // SAFETY: setpgid and prctl are async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::setpgid(0, 0);
-                #[cfg(target_os = "linux")]
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        own_group_ending_with_kernel(&mut cmd);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting engine {id} ({})", self.spec.exe.display()))?;
@@ -349,15 +341,7 @@ async fn start_zygote(python: &Path) -> Result<(tokio::process::Child, PathBuf)>
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true);
-    // SAFETY: setpgid and prctl are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setpgid(0, 0);
-            #[cfg(target_os = "linux")]
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-            Ok(())
-        });
-    }
+    own_group_ending_with_kernel(&mut cmd);
     let mut child = cmd.spawn().context("starting the zygote")?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
@@ -492,6 +476,21 @@ pub async fn wait_for_engines(
             r = changes.changed() => { r.map_err(|_| anyhow!("hub connection closed"))?; }
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
+    }
+}
+
+/// The child leads its own process group (the kernel's interrupt and a
+/// terminal's signals do not reach it) and gets SIGTERM if the kernel dies
+/// without stopping it: the embedded engines and their zygote.
+fn own_group_ending_with_kernel(cmd: &mut tokio::process::Command) {
+    // SAFETY: setpgid and prctl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setpgid(0, 0);
+            #[cfg(target_os = "linux")]
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
     }
 }
 
