@@ -1,6 +1,11 @@
 //! `parallax`: the one user-facing binary. Parses the command line, sets up
 //! logging, and calls the crate that does the work.
 
+/// mimalloc instead of glibc malloc: the hub's fan-out is allocation-bound
+/// (README, "Dependencies and why"; BENCHMARKS.md, issue 11).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
