@@ -775,6 +775,10 @@ pub fn raise_fd_limit(want: u64) -> u64 {
     }
 }
 
+/// glibc malloc's tuning (one arena; see [`release_free_memory`]). The
+/// `parallax` binary allocates with mimalloc, so this bounds what C code in
+/// the process (SQLite) allocates with glibc; an embedder that keeps glibc
+/// malloc gets the hub's bounded memory from it.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only adjusts allocator parameters; called before any
