@@ -1878,8 +1878,7 @@ impl Hub {
             f.insert("stderr".into(), Value::String(String::new()));
             let rec = TaskRecord {
                 fields: f,
-                buffers: Vec::new(),
-                result_buffers: Vec::new(),
+                ..TaskRecord::default()
             };
             if let Err(e) = self.db.add_request(&sub_id, rec) {
                 debug!(msg_id = %sub_id, error = %e, "record not stored");
@@ -1948,16 +1947,8 @@ impl Hub {
             return;
         }
         let uuid = reply.engine();
-        let coalescing = reply
-            .metadata
-            .get("is_coalescing")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        let original = reply
-            .metadata
-            .get("original_msg_id")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
+        let coalescing = reply.is_coalescing;
+        let original = reply.original_msg_id.clone();
         let success = reply.status_ok();
         if let Some(pid) = reply.parent_msg_id.as_deref() {
             if self.pending.remove(pid)
@@ -1996,7 +1987,7 @@ impl Hub {
                 state.last = Some((
                     reply.raw.header.clone(),
                     reply.raw.parent.clone(),
-                    reply.metadata.clone(),
+                    reply.metadata(),
                     reply.raw.content.clone(),
                 ));
             }
@@ -2012,7 +2003,7 @@ impl Hub {
         let original = original.expect("state found by it");
         let state = self.bcast.remove(&original).expect("present");
         let bt: Vec<Value> = state.targets.iter().map(|(u, i)| json!([u, i])).collect();
-        let mut result_md = reply.metadata.clone();
+        let mut result_md = reply.metadata();
         if state.coalescing {
             let (header, parent, mut md, content) = state.last.expect("the last reply");
             md.insert("broadcast_targets".into(), json!(bt));
@@ -2034,15 +2025,14 @@ impl Hub {
         } else {
             result_md.insert("broadcast_targets".into(), json!(bt));
         }
+        let raw = reply.raw_result();
+        let [header, _, content] = raw.values();
         let mut f = Map::new();
-        f.insert("result_header".into(), Value::Object(reply.header.clone()));
+        f.insert("result_header".into(), header.clone());
         f.insert("result_metadata".into(), Value::Object(result_md));
-        f.insert("result_content".into(), reply.content.clone());
+        f.insert("result_content".into(), content.clone());
         f.insert("received".into(), json!(format_date(now.wall)));
-        f.insert(
-            "completed".into(),
-            reply.header.get("date").cloned().unwrap_or(Value::Null),
-        );
+        f.insert("completed".into(), reply.date.clone());
         self.record_leaf_reply(reply, &uuid, now);
         self.db_update(&original, f, None);
         self.pending.remove(&original);
@@ -2052,31 +2042,19 @@ impl Hub {
     /// [`Self::record_result`] for a reply a leaf decoded: its values move
     /// into the record.
     fn record_leaf_reply(&mut self, reply: LeafReply, engine_uuid: &str, now: Now) {
-        let LeafReply {
-            raw,
-            header,
-            parent_msg_id,
-            metadata,
-            content,
-        } = reply;
-        let Some(parent_id) = parent_msg_id else {
+        let Some(parent_id) = reply.parent_msg_id.as_deref() else {
             return;
         };
+        let raw = reply.raw_result();
         let mut f = Map::new();
-        f.insert(
-            "started".into(),
-            metadata.get("started").cloned().unwrap_or(Value::Null),
-        );
-        f.insert(
-            "completed".into(),
-            header.get("date").cloned().unwrap_or(Value::Null),
-        );
-        f.insert("result_header".into(), Value::Object(header));
-        f.insert("result_metadata".into(), Value::Object(metadata));
-        f.insert("result_content".into(), content);
+        f.insert("started".into(), reply.started.clone());
+        f.insert("completed".into(), reply.date.clone());
         f.insert("received".into(), Value::String(format_date(now.wall)));
         f.insert("engine_uuid".into(), Value::String(engine_uuid.to_owned()));
-        self.db_update(&parent_id, f, Some(raw.buffers.iter().map(owned).collect()));
+        let buffers = reply.raw.buffers.iter().map(owned).collect();
+        if let Err(e) = self.db.update_record_raw(parent_id, f, raw, Some(buffers)) {
+            debug!(msg_id = %parent_id, error = %e, "record not updated");
+        }
     }
 }
 

@@ -79,17 +79,125 @@ static NULL: Value = Value::Null;
 /// One task record.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TaskRecord {
-    /// Every key except `buffers`/`result_buffers`; always includes `msg_id`
-    /// once stored (the store keeps it equal to the key it is stored under).
+    /// Every key except `buffers`/`result_buffers` (and those of
+    /// `result_raw`); always includes `msg_id` once stored (the store keeps
+    /// it equal to the key it is stored under).
     pub fields: Map<String, Value>,
     pub buffers: Vec<Bytes>,
     pub result_buffers: Vec<Bytes>,
+    /// `result_header`, `result_metadata` and `result_content` as the JSON
+    /// the engine sent, decoded when first read (DictDB's broadcast replies:
+    /// [`RecordStore::update_record_raw`]). When set, `fields` has none of
+    /// those three keys.
+    pub result_raw: Option<RawResult>,
 }
+
+/// The keys a [`RawResult`] holds, in its order.
+pub const RAW_RESULT_KEYS: [&str; 3] = ["result_header", "result_metadata", "result_content"];
 
 impl TaskRecord {
     /// The value of `key`, `null` when absent (how DictDB's queries see it).
     pub fn get(&self, key: &str) -> &Value {
-        self.fields.get(key).unwrap_or(&NULL)
+        self.field(key).unwrap_or(&NULL)
+    }
+
+    /// The value of `key` when the record has it.
+    pub fn field(&self, key: &str) -> Option<&Value> {
+        if let Some(v) = self.fields.get(key) {
+            return Some(v);
+        }
+        let raw = self.result_raw.as_ref()?;
+        let i = RAW_RESULT_KEYS.iter().position(|k| *k == key)?;
+        Some(&raw.values()[i])
+    }
+
+    /// `fields` with the raw result's keys decoded in.
+    pub fn all_fields(&self) -> Cow<'_, Map<String, Value>> {
+        match &self.result_raw {
+            None => Cow::Borrowed(&self.fields),
+            Some(raw) => {
+                let mut fields = self.fields.clone();
+                for (k, v) in RAW_RESULT_KEYS.iter().zip(raw.values()) {
+                    fields.insert((*k).to_owned(), v.clone());
+                }
+                Cow::Owned(fields)
+            }
+        }
+    }
+
+    /// Moves the raw result's keys into `fields`.
+    pub fn settle(&mut self) {
+        if let Some(raw) = self.result_raw.take() {
+            for (k, v) in RAW_RESULT_KEYS.iter().zip(raw.into_values()) {
+                self.fields.insert((*k).to_owned(), v);
+            }
+        }
+    }
+
+    /// The record as every reader outside the store sees it: settled.
+    pub fn settled(&self) -> Cow<'_, TaskRecord> {
+        if self.result_raw.is_none() {
+            return Cow::Borrowed(self);
+        }
+        let mut rec = self.clone();
+        rec.settle();
+        Cow::Owned(rec)
+    }
+}
+
+/// A reply's header, metadata and content frames, kept as the JSON they
+/// came as (in one buffer of their own) and decoded once, when first read.
+/// The frames were checked to be JSON when the reply arrived (a frame that
+/// somehow is not decodes as `null`).
+#[derive(Debug, Clone)]
+pub struct RawResult {
+    buf: Bytes,
+    /// Where the metadata and the content start in `buf`.
+    split: [usize; 2],
+    decoded: std::sync::OnceLock<[Value; 3]>,
+}
+
+impl PartialEq for RawResult {
+    fn eq(&self, other: &Self) -> bool {
+        self.values() == other.values()
+    }
+}
+
+impl RawResult {
+    pub fn new(header: &[u8], metadata: &[u8], content: &[u8]) -> RawResult {
+        let mut buf = Vec::with_capacity(header.len() + metadata.len() + content.len());
+        buf.extend_from_slice(header);
+        buf.extend_from_slice(metadata);
+        buf.extend_from_slice(content);
+        RawResult {
+            buf: Bytes::from(buf),
+            split: [header.len(), header.len() + metadata.len()],
+            decoded: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn frames(&self) -> [&[u8]; 3] {
+        let [m, c] = self.split;
+        [&self.buf[..m], &self.buf[m..c], &self.buf[c..]]
+    }
+
+    /// The header, metadata and content as JSON values.
+    pub fn values(&self) -> &[Value; 3] {
+        self.decoded.get_or_init(|| {
+            self.frames()
+                .map(|f| serde_json::from_slice(f).unwrap_or(Value::Null))
+        })
+    }
+
+    pub fn into_values(self) -> [Value; 3] {
+        let _ = self.values();
+        self.decoded.into_inner().expect("decoded above")
+    }
+
+    /// What the three keys add to a record's size: the JSON text itself,
+    /// as [`field_size`] counts a value's.
+    fn size(&self) -> usize {
+        RAW_RESULT_KEYS.iter().map(|k| k.len() + 3).sum::<usize>() + self.buf.len()
     }
 }
 
@@ -202,6 +310,23 @@ pub trait TaskDb: Send + std::fmt::Debug {
         result_buffers: Option<Vec<Bytes>>,
     ) -> Result<(), DbError>;
 
+    /// [`Self::update_record`] with a reply's header, metadata and content
+    /// still as JSON frames (`result_header`, `result_metadata`,
+    /// `result_content`). A store may keep them so and decode them when the
+    /// record is read; this one decodes them now.
+    fn update_record_raw(
+        &mut self,
+        msg_id: &str,
+        mut fields: Map<String, Value>,
+        raw: RawResult,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError> {
+        for (k, v) in RAW_RESULT_KEYS.iter().zip(raw.into_values()) {
+            fields.insert((*k).to_owned(), v);
+        }
+        self.update_record(msg_id, fields, result_buffers)
+    }
+
     /// Appends iopub `stream` text to an existing record's `stdout` or
     /// `stderr`. Output for a record the store does not hold (culled,
     /// purged, or never ours) is dropped: recreating it would let records
@@ -275,7 +400,7 @@ impl TaskDb for RecordStore {
     fn add_request(&mut self, msg_id: &str, mut rec: TaskRecord) -> Result<(), DbError> {
         match self.get_record(msg_id) {
             Ok(existing) => {
-                merge_request(&existing.fields, &mut rec.fields);
+                merge_request(&existing.all_fields(), &mut rec.fields);
                 RecordStore::update_record(self, msg_id, rec.fields, None)?;
                 self.set_buffers(msg_id, rec.buffers)
             }
@@ -292,6 +417,16 @@ impl TaskDb for RecordStore {
         RecordStore::update_record(self, msg_id, fields, result_buffers)
     }
 
+    fn update_record_raw(
+        &mut self,
+        msg_id: &str,
+        fields: Map<String, Value>,
+        raw: RawResult,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError> {
+        RecordStore::update_record_raw(self, msg_id, fields, raw, result_buffers)
+    }
+
     fn append_output(&mut self, msg_id: &str, name: &str, text: &str) {
         if self.contains(msg_id) {
             // Cannot fail: the record exists.
@@ -300,7 +435,7 @@ impl TaskDb for RecordStore {
     }
 
     fn get_record(&self, msg_id: &str) -> Result<Cow<'_, TaskRecord>, DbError> {
-        RecordStore::get_record(self, msg_id).map(Cow::Borrowed)
+        RecordStore::get_record(self, msg_id).map(TaskRecord::settled)
     }
 
     fn find_records(
@@ -361,8 +496,7 @@ impl RecordStore {
         }
         TaskRecord {
             fields,
-            buffers: Vec::new(),
-            result_buffers: Vec::new(),
+            ..TaskRecord::default()
         }
     }
 
@@ -401,6 +535,22 @@ impl RecordStore {
     ) -> Result<(), DbError> {
         match &mut self.dict {
             Some(db) => db.update(msg_id, fields, None, result_buffers),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Self::update_record`], with the reply's header, metadata and
+    /// content kept as JSON until the record is read (a broadcast's records
+    /// are mostly culled unread).
+    pub fn update_record_raw(
+        &mut self,
+        msg_id: &str,
+        fields: Map<String, Value>,
+        raw: RawResult,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError> {
+        match &mut self.dict {
+            Some(db) => db.update_raw(msg_id, fields, raw, result_buffers),
             None => Ok(()),
         }
     }
@@ -574,6 +724,14 @@ impl DictDb {
             .get_mut(msg_id)
             .ok_or_else(|| DbError::no_such(msg_id))?;
         let before = entry.size;
+        if entry.rec.result_raw.is_some()
+            && RAW_RESULT_KEYS.iter().any(|k| fields.contains_key(*k))
+        {
+            // new values for the raw keys: the old ones become plain fields
+            // first, so each key has one place and the size stays exact
+            entry.rec.settle();
+            entry.size = record_size(&entry.rec);
+        }
         for (key, value) in fields {
             if key == "msg_id" || BUFFER_KEYS.contains(&key.as_str()) {
                 continue;
@@ -598,6 +756,34 @@ impl DictDb {
         self.total_size = self.total_size - before + entry.size;
         self.maybe_cull();
         Ok(())
+    }
+
+    /// [`Self::update`] for `fields`, then the raw result in place of any
+    /// `result_header`/`result_metadata`/`result_content` the record had.
+    fn update_raw(
+        &mut self,
+        msg_id: &str,
+        fields: Map<String, Value>,
+        raw: RawResult,
+        result_buffers: Option<Vec<Bytes>>,
+    ) -> Result<(), DbError> {
+        let entry = self
+            .records
+            .get_mut(msg_id)
+            .ok_or_else(|| DbError::no_such(msg_id))?;
+        let before = entry.size;
+        for key in RAW_RESULT_KEYS {
+            if let Some(old) = entry.rec.fields.remove(key) {
+                entry.size -= field_size(key, &old);
+            }
+        }
+        if let Some(old) = entry.rec.result_raw.replace(raw) {
+            entry.size -= old.size();
+        }
+        entry.size += entry.rec.result_raw.as_ref().map_or(0, RawResult::size);
+        self.total_size = self.total_size - before + entry.size;
+        // the rest (and the cull) as any update
+        self.update(msg_id, fields, None, result_buffers)
     }
 
     fn append_stream(&mut self, msg_id: &str, name: &str, text: &str) -> Result<(), DbError> {
@@ -725,7 +911,7 @@ pub(crate) fn project(rec: &TaskRecord, keys: Option<&[String]>) -> Result<Found
     let Some(keys) = keys else {
         // Every key, as DictDB's records have them all: a record stored
         // without some (a broadcast engine's copy) reads them as null.
-        let mut fields = rec.fields.clone();
+        let mut fields = rec.all_fields().into_owned();
         for key in RECORD_KEYS {
             if !BUFFER_KEYS.contains(&key) && !fields.contains_key(key) {
                 fields.insert(key.to_owned(), Value::Null);
@@ -750,7 +936,7 @@ pub(crate) fn project(rec: &TaskRecord, keys: Option<&[String]>) -> Result<Found
             "buffers" => found.buffers = Some(rec.buffers.clone()),
             "result_buffers" => found.result_buffers = Some(rec.result_buffers.clone()),
             k => {
-                let value = match rec.fields.get(k) {
+                let value = match rec.field(k) {
                     Some(v) => v.clone(),
                     None if RECORD_KEYS.contains(&k) => Value::Null,
                     None => return Err(DbError::KeyError(format!("No such record key '{k}'"))),
@@ -791,6 +977,7 @@ pub(crate) fn record_size(rec: &TaskRecord) -> usize {
         .iter()
         .map(|(k, v)| field_size(k, v))
         .sum::<usize>()
+        + rec.result_raw.as_ref().map_or(0, RawResult::size)
         + buffers_size(&rec.buffers)
         + buffers_size(&rec.result_buffers)
 }
@@ -1572,6 +1759,59 @@ mod tests {
         db.append_stream("m1", "stdout", "again").unwrap();
         assert_eq!(db.get_record("m1").unwrap().get("stdout"), &json!("again"));
         assert_eq!(db.len(), 1);
+    }
+
+    #[test]
+    fn a_raw_result_reads_as_decoded_fields_everywhere() {
+        let mut db = store();
+        db.add_record("m1", task("m1", Some("2026-01-01T00:00:00Z"), json!({})))
+            .unwrap();
+        // the record had a result already: the raw one replaces it
+        db.update_record("m1", fields(json!({"result_content": {"status": "old"}})), None)
+            .unwrap();
+        let raw = RawResult::new(
+            br#"{"msg_id":"r1","msg_type":"execute_reply"}"#,
+            br#"{"status":"ok","engine":"e1"}"#,
+            br#"{"status":"ok","execution_count":3}"#,
+        );
+        let f = fields(json!({"completed": "2026-01-01T00:00:01Z", "engine_uuid": "e1"}));
+        TaskDb::update_record_raw(&mut db, "m1", f, raw, Some(vec![Bytes::from_static(b"buf")]))
+            .unwrap();
+        assert_eq!(db.size_bytes(), record_size(db.get_record("m1").unwrap()));
+
+        // get_record (the trait's: what the core reads) is settled
+        let rec = TaskDb::get_record(&db, "m1").unwrap();
+        assert!(rec.result_raw.is_none());
+        assert_eq!(rec.fields["result_content"], json!({"status": "ok", "execution_count": 3}));
+        assert_eq!(rec.fields["result_header"]["msg_type"], json!("execute_reply"));
+        assert_eq!(rec.fields["engine_uuid"], json!("e1"));
+        assert_eq!(rec.result_buffers, vec![Bytes::from_static(b"buf")]);
+
+        // queries match on the raw keys; projections and full records carry them
+        let q = json!({"result_content": {"$ne": null}});
+        assert_eq!(find(&db, q.clone()), ["m1"]);
+        let keys = ["result_metadata".to_owned()];
+        let found = db.find_records(&q, Some(&keys)).unwrap();
+        assert_eq!(found[0].fields["result_metadata"], json!({"status": "ok", "engine": "e1"}));
+        let all = db.find_records(&json!({"msg_id": "m1"}), None).unwrap();
+        assert_eq!(all[0].fields["result_header"]["msg_id"], json!("r1"));
+
+        // a later plain update of a raw key wins, and the size stays exact
+        db.update_record("m1", fields(json!({"result_content": {"status": "error"}})), None)
+            .unwrap();
+        let rec = TaskDb::get_record(&db, "m1").unwrap();
+        assert_eq!(rec.fields["result_content"], json!({"status": "error"}));
+        assert_eq!(rec.fields["result_header"]["msg_id"], json!("r1"));
+        assert_eq!(db.size_bytes(), record_size(db.get_record("m1").unwrap()));
+
+        // a repeated request merges over the decoded result, not over null
+        let again = task("m1", Some("2026-01-01T00:00:00Z"), json!({}));
+        TaskDb::add_request(&mut db, "m1", again).unwrap();
+        let rec = TaskDb::get_record(&db, "m1").unwrap();
+        assert_eq!(rec.fields["result_header"]["msg_id"], json!("r1"));
+
+        db.drop_record("m1");
+        assert_eq!(db.size_bytes(), 0);
     }
 
     #[test]
