@@ -18,13 +18,20 @@ children); stop -> all processes gone.
 Then the load generator (``parallax bench engines``: fake engines that register,
 heartbeat and answer trivially, so the hub's own limits are measured apart from
 Python's): registration storm, hub memory per engine, heartbeat CPU and fan-out
-at --fake (default 1000,10000). ipyparallel has no such tool.
+at --fake (default 1000,3000: each fake engine holds a real engine's 6
+connections, and the hub as many, so ~3,160 is the most that fits under a
+limit of 20,000 open files per process), then with ``--sockets lean`` at
+--fake-lean (default 10000:none,9000:mux: N:VIA, each fake engine keeping only
+its heartbeat pong and the shell connection VIA measures; pings arrive on one
+shared SUB per 500 engines, so the heartbeat CPU undercounts the hub's PUB
+side). ipyparallel has no such tool.
 
 Output: a markdown report on stdout (for BENCHMARKS.md), progress on stderr, the
 raw figures as JSON in ``bench/results/scale-<timestamp>.json``.
 
     PARALLAX_BIN=$PWD/target/release/parallax .venv/bin/python bench/bench_scale.py
     ... bench/bench_scale.py --engines 16 --fake 1000 --repeat 5     # quick
+    ... bench/bench_scale.py --engines '' --fake '' --fake-lean 200:none  # lean only
 """
 
 from __future__ import annotations
@@ -208,15 +215,29 @@ def measure(kind: str, n: int, root: Path, repeat: int, timeout: float) -> dict:
     return rec
 
 
-def fake(n: int, timeout: float) -> dict:
+def fake(n: int, timeout: float, extra: tuple[str, ...] = ()) -> dict:
     r = subprocess.run([str(BIN), "bench", "engines", "-n", str(n), "--json", "--rounds", "20",
-                        "--idle", "10", "--timeout", str(timeout)],
+                        "--idle", "10", "--timeout", str(timeout), *extra],
                        capture_output=True, text=True, timeout=timeout + 300)  # fmt: skip
     if r.returncode != 0:
-        return {"engines": n, "error": r.stderr.strip()[-500:]}
+        return {"engines": n, "error": r.stderr.strip()[-500:], "args": list(extra)}
     rec = json.loads(r.stdout)
-    log(f"fake n={n}: {rec}")
+    log(f"fake n={n} {' '.join(extra)}: {rec}")
     return rec
+
+
+def parse_lean(spec: str) -> list[tuple[int, str]]:
+    """``10000:none,9000:mux`` -> [(10000, 'none'), (9000, 'mux')]."""
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            continue
+        n, _, via = item.partition(":")
+        via = via or "mux"
+        if not n.isdigit() or via not in ("mux", "broadcast", "both", "none"):
+            raise SystemExit(f"--fake-lean: {item!r} is not N:VIA (VIA = mux, broadcast, both or none)")
+        out.append((int(n), via))
+    return out
 
 
 def fmt_stop(v) -> str:
@@ -225,7 +246,30 @@ def fmt_stop(v) -> str:
     return f"> {STOP_TIMEOUT} s (killed)" if v == float("inf") else f"{v:.2f} s"
 
 
-def report(real: list[dict], fakes: list[dict]) -> str:
+def nan(f: dict, k: str) -> float:
+    v = f.get(k)
+    return float("nan") if v is None else v
+
+
+def lean_report(leans: list[dict]) -> list[str]:
+    lines = ["", "### Load generator, lean sockets (`--sockets lean`: pong + the measured shell connection per engine)", "",
+             "| fake engines | via | ping subscribers | all replies | all registered | hub RSS | per engine | hub open files | heartbeat CPU | MUX fan-out p50 / p90 | hub CPU per MUX fan-out |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for f in leans:
+        if "error" in f:
+            lines.append(f"| {f['engines']} | {' '.join(f.get('args', []))} | failed: {f['error'][:100]} | | | | | | | | |")
+            continue
+        fan = (f"{f['fanout_p50_ms']:.1f} / {f['fanout_p90_ms']:.1f} ms | {nan(f, 'hub_cpu_ms_per_fanout'):.1f} ms"
+               if "fanout_p50_ms" in f else "– | –")
+        lines.append(
+            f"| {f['engines']} | {f.get('via')} | {f.get('ping_subscribers')} | {f['registration_replies_s']:.2f} s | "
+            f"{f['all_registered_s']:.2f} s | {nan(f, 'hub_rss_registered_mib'):.0f} MiB | "
+            f"{nan(f, 'hub_kib_per_engine'):.1f} KiB | {f.get('hub_open_files', '–')} | "
+            f"{nan(f, 'hub_heartbeat_cpu_percent'):.1f} % ({f.get('heartbeat_period_ms')} ms period) | {fan} |")
+    return lines
+
+
+def report(real: list[dict], fakes: list[dict], leans: list[dict] | None = None) -> str:
     lines = ["### Real engines (stock ipyparallel Client driving both)", "",
              "| engines | | start → registered | first apply | `dv.execute` p50 / p90 | broadcast p50 | engines' PSS | stop |",
              "|---|---|---|---|---|---|---|---|"]
@@ -249,9 +293,17 @@ def report(real: list[dict], fakes: list[dict]) -> str:
             ratio = lambda k: i.get(k, float("nan")) / p.get(k, float("nan"))  # noqa: E731
             lines.append(f"| {n} | **ipp ÷ parallax** | {ratio('start_s'):.1f}× | {ratio('first_apply_s'):.1f}× | "
                          f"{ratio('execute_p50_ms'):.2f}× | {ratio('broadcast_p50_ms'):.2f}× | | {ratio('stop_s'):.1f}× |")
-    lines += ["", "### Load generator (`parallax bench engines`: fake engines, the hub alone)", "",
-              "| fake engines | all replies | all registered | hub RSS | per engine | heartbeat CPU | MUX fan-out p50 / p90 | hub CPU per MUX fan-out | broadcast p50 / p90 | hub CPU per broadcast |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    if fakes or not leans:
+        lines += full_report(fakes)
+    if leans:
+        lines += lean_report(leans)
+    return "\n".join(lines)
+
+
+def full_report(fakes: list[dict]) -> list[str]:
+    lines = ["", "### Load generator (`parallax bench engines`: fake engines, the hub alone)", "",
+             "| fake engines | all replies | all registered | hub RSS | per engine | heartbeat CPU | MUX fan-out p50 / p90 | hub CPU per MUX fan-out | broadcast p50 / p90 | hub CPU per broadcast |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for f in fakes:
         if "error" in f:
             lines.append(f"| {f['engines']} | failed: {f['error'][:100]} | | | | | | | | |")
@@ -263,35 +315,42 @@ def report(real: list[dict], fakes: list[dict]) -> str:
             f"{f['fanout_p50_ms']:.1f} / {f['fanout_p90_ms']:.1f} ms | {f.get('hub_cpu_ms_per_fanout', float('nan')):.1f} ms | "
             f"{f.get('bcast_p50_ms', float('nan')):.1f} / {f.get('bcast_p90_ms', float('nan')):.1f} ms | "
             f"{f.get('hub_cpu_ms_per_bcast', float('nan')):.1f} ms |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", default="16,64", help="real-engine counts (comma-separated)")
     ap.add_argument("--kinds", default="parallax,ipyparallel")
-    ap.add_argument("--fake", default="1000,10000", help="load-generator engine counts ('' for none)")
+    ap.add_argument("--fake", default="1000,3000",
+                    help="load-generator engine counts, full sockets ('' for none)")
+    ap.add_argument("--fake-lean", default="10000:none,9000:mux",
+                    help="load-generator runs with --sockets lean, N:VIA comma-separated "
+                         "(VIA: mux, broadcast, both, none; '' for none)")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--timeout", type=float, default=300)
     a = ap.parse_args()
+    lean_runs = parse_lean(a.fake_lean)
     if not BIN.is_file():
         sys.exit(f"{BIN} missing: build first (make build) or set PARALLAX_BIN")
     root = Path(tempfile.mkdtemp(prefix="parallax-bench-scale-"))
-    real, fakes = [], []
+    real, fakes, leans = [], [], []
     try:
         for n in [int(x) for x in a.engines.split(",") if x]:
             for kind in a.kinds.split(","):
                 real.append(measure(kind, n, root, a.repeat, a.timeout))
         for n in [int(x) for x in a.fake.split(",") if x]:
             fakes.append(fake(n, a.timeout))
+        for n, via in lean_runs:
+            leans.append(fake(n, a.timeout, ("--sockets", "lean", "--via", via)))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    md = report(real, fakes)
+    md = report(real, fakes, leans)
     print(md)
     out = REPO / "bench/results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    (out / f"scale-{stamp}.json").write_text(json.dumps({"real": real, "fake": fakes,
+    (out / f"scale-{stamp}.json").write_text(json.dumps({"real": real, "fake": fakes, "fake_lean": leans,
                                                           "cpus": os.cpu_count()}, indent=1))
     (out / f"scale-{stamp}.md").write_text(md + "\n")
     return 0

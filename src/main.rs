@@ -172,8 +172,9 @@ fn main() -> Result<()> {
             init_tracing_with(&args.log_level, "")?;
             log_notes();
             parallax_hub::driver::tune_allocator();
-            // four connections per engine: thousands of engines need more
-            // than the usual 1024 open files
+            // up to eight connections per engine (registration, MUX, task,
+            // broadcast, control, IOPub, heartbeat ping and pong): thousands
+            // of engines need more than the usual 1024 open files
             parallax_hub::driver::raise_fd_limit(65536);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -730,14 +730,11 @@ async fn core_loop(
     }
 }
 
-/// Configure the allocator for a long-running, bursty server: one malloc
-/// arena (the core task does nearly all allocation, so more arenas only
-/// fragment), and hand freed pages back to the OS. Without this, glibc keeps
-/// the peak of a burst (e.g. 100k queued tasks) as resident memory forever.
-/// The hub holds four connections per engine (a load generator four per
-/// fake engine): raise the soft limit on open files to `want`, as servers
-/// expecting many peers do — within the hard limit, or beyond it where the
-/// process may raise that (root). Returns the soft limit in force.
+/// The hub holds up to eight connections per engine (one per socket a real
+/// engine opens; a load generator's fake engines hold fewer): raise the
+/// soft limit on open files to `want`, as servers expecting many peers do —
+/// within the hard limit, or beyond it where the process may raise that
+/// (root). Returns the soft limit in force.
 // rlim_t is u64 on 64-bit Linux but not everywhere: the casts stay.
 #[allow(clippy::unnecessary_cast)]
 pub fn raise_fd_limit(want: u64) -> u64 {

@@ -89,7 +89,7 @@ pub struct TaskRecord {
     /// the engine sent, decoded when first read (DictDB's broadcast replies:
     /// [`RecordStore::update_record_raw`]). When set, `fields` has none of
     /// those three keys.
-    pub result_raw: Option<RawResult>,
+    pub result_raw: Option<Box<RawResult>>,
 }
 
 /// The keys a [`RawResult`] holds, in its order.
@@ -128,7 +128,7 @@ impl TaskRecord {
     /// Moves the raw result's keys into `fields`.
     pub fn settle(&mut self) {
         if let Some(raw) = self.result_raw.take() {
-            for (k, v) in RAW_RESULT_KEYS.iter().zip(raw.into_values()) {
+            for (k, v) in RAW_RESULT_KEYS.iter().zip((*raw).into_values()) {
                 self.fields.insert((*k).to_owned(), v);
             }
         }
@@ -724,8 +724,7 @@ impl DictDb {
             .get_mut(msg_id)
             .ok_or_else(|| DbError::no_such(msg_id))?;
         let before = entry.size;
-        if entry.rec.result_raw.is_some()
-            && RAW_RESULT_KEYS.iter().any(|k| fields.contains_key(*k))
+        if entry.rec.result_raw.is_some() && RAW_RESULT_KEYS.iter().any(|k| fields.contains_key(*k))
         {
             // new values for the raw keys: the old ones become plain fields
             // first, so each key has one place and the size stays exact
@@ -777,10 +776,10 @@ impl DictDb {
                 entry.size -= field_size(key, &old);
             }
         }
-        if let Some(old) = entry.rec.result_raw.replace(raw) {
+        if let Some(old) = entry.rec.result_raw.replace(Box::new(raw)) {
             entry.size -= old.size();
         }
-        entry.size += entry.rec.result_raw.as_ref().map_or(0, RawResult::size);
+        entry.size += entry.rec.result_raw.as_ref().map_or(0, |raw| raw.size());
         self.total_size = self.total_size - before + entry.size;
         // the rest (and the cull) as any update
         self.update(msg_id, fields, None, result_buffers)
@@ -977,7 +976,7 @@ pub(crate) fn record_size(rec: &TaskRecord) -> usize {
         .iter()
         .map(|(k, v)| field_size(k, v))
         .sum::<usize>()
-        + rec.result_raw.as_ref().map_or(0, RawResult::size)
+        + rec.result_raw.as_ref().map_or(0, |raw| raw.size())
         + buffers_size(&rec.buffers)
         + buffers_size(&rec.result_buffers)
 }
@@ -1767,23 +1766,39 @@ mod tests {
         db.add_record("m1", task("m1", Some("2026-01-01T00:00:00Z"), json!({})))
             .unwrap();
         // the record had a result already: the raw one replaces it
-        db.update_record("m1", fields(json!({"result_content": {"status": "old"}})), None)
-            .unwrap();
+        db.update_record(
+            "m1",
+            fields(json!({"result_content": {"status": "old"}})),
+            None,
+        )
+        .unwrap();
         let raw = RawResult::new(
             br#"{"msg_id":"r1","msg_type":"execute_reply"}"#,
             br#"{"status":"ok","engine":"e1"}"#,
             br#"{"status":"ok","execution_count":3}"#,
         );
         let f = fields(json!({"completed": "2026-01-01T00:00:01Z", "engine_uuid": "e1"}));
-        TaskDb::update_record_raw(&mut db, "m1", f, raw, Some(vec![Bytes::from_static(b"buf")]))
-            .unwrap();
+        TaskDb::update_record_raw(
+            &mut db,
+            "m1",
+            f,
+            raw,
+            Some(vec![Bytes::from_static(b"buf")]),
+        )
+        .unwrap();
         assert_eq!(db.size_bytes(), record_size(db.get_record("m1").unwrap()));
 
         // get_record (the trait's: what the core reads) is settled
         let rec = TaskDb::get_record(&db, "m1").unwrap();
         assert!(rec.result_raw.is_none());
-        assert_eq!(rec.fields["result_content"], json!({"status": "ok", "execution_count": 3}));
-        assert_eq!(rec.fields["result_header"]["msg_type"], json!("execute_reply"));
+        assert_eq!(
+            rec.fields["result_content"],
+            json!({"status": "ok", "execution_count": 3})
+        );
+        assert_eq!(
+            rec.fields["result_header"]["msg_type"],
+            json!("execute_reply")
+        );
         assert_eq!(rec.fields["engine_uuid"], json!("e1"));
         assert_eq!(rec.result_buffers, vec![Bytes::from_static(b"buf")]);
 
@@ -1792,13 +1807,20 @@ mod tests {
         assert_eq!(find(&db, q.clone()), ["m1"]);
         let keys = ["result_metadata".to_owned()];
         let found = db.find_records(&q, Some(&keys)).unwrap();
-        assert_eq!(found[0].fields["result_metadata"], json!({"status": "ok", "engine": "e1"}));
+        assert_eq!(
+            found[0].fields["result_metadata"],
+            json!({"status": "ok", "engine": "e1"})
+        );
         let all = db.find_records(&json!({"msg_id": "m1"}), None).unwrap();
         assert_eq!(all[0].fields["result_header"]["msg_id"], json!("r1"));
 
         // a later plain update of a raw key wins, and the size stays exact
-        db.update_record("m1", fields(json!({"result_content": {"status": "error"}})), None)
-            .unwrap();
+        db.update_record(
+            "m1",
+            fields(json!({"result_content": {"status": "error"}})),
+            None,
+        )
+        .unwrap();
         let rec = TaskDb::get_record(&db, "m1").unwrap();
         assert_eq!(rec.fields["result_content"], json!({"status": "error"}));
         assert_eq!(rec.fields["result_header"]["msg_id"], json!("r1"));
