@@ -10,6 +10,7 @@
 //! verified and decoded there, handed to the core in batches).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use zeromq::{
 use crate::cli::{DbKind, HubArgs};
 use crate::core::{Channel, CoreConfig, Hub, HubEvent, Now, Transmit};
 use crate::leaf::{FanOut, LeafCodec, LeafReply};
+use crate::listen;
 use crate::records::{DbBackend, DbLimits, TaskDb};
 use crate::restore::EngineState;
 use crate::sqlite_db::{Durability, SqliteConfig, SqliteDb};
@@ -296,7 +298,11 @@ pub async fn run_notify(
         }
     };
 
-    // Bind every socket.
+    // Bind every socket, each on a listener of our own (listen.rs: the
+    // accept backlog a registration storm needs).
+    let ip = listen::resolve(&args.ip, 0)
+        .with_context(|| format!("--ip={}: not an address of this host", args.ip))?
+        .ip();
     let all = [
         Channel::Query,
         Channel::Notification,
@@ -317,6 +323,8 @@ pub async fn run_notify(
     for ch in all {
         let port = wanted.get(&ch).copied().unwrap_or(0);
         let url = format!("tcp://{}:{}", args.ip, port);
+        let listener = listen::tcp_listener(SocketAddr::new(ip, port))
+            .with_context(|| format!("binding {} on {url}", ch.name()))?;
         let (sock, ep) = match ch {
             // zmq.rs's PUB preallocates a 100k-slot fan-out queue (4 MB of
             // resident memory per socket). The low-volume publishers use
@@ -325,7 +333,7 @@ pub async fn run_notify(
             Channel::Notification | Channel::HbPing => {
                 let mut s = XPubSocket::new();
                 let ep = s
-                    .bind(&url)
+                    .bind_listener(listener)
                     .await
                     .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 (Sock::XPub(s), ep)
@@ -333,7 +341,7 @@ pub async fn run_notify(
             Channel::IopubClient => {
                 let mut s = PubSocket::new();
                 let ep = s
-                    .bind(&url)
+                    .bind_listener(listener)
                     .await
                     .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 (Sock::Pub(s), ep)
@@ -341,7 +349,7 @@ pub async fn run_notify(
             Channel::IopubEngine => {
                 let mut s = SubSocket::new();
                 let ep = s
-                    .bind(&url)
+                    .bind_listener(listener)
                     .await
                     .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 s.subscribe("").await?;
@@ -350,7 +358,7 @@ pub async fn run_notify(
             _ => {
                 let mut s = RouterSocket::new();
                 let ep = s
-                    .bind(&url)
+                    .bind_listener(listener)
                     .await
                     .with_context(|| format!("binding {} on {url}", ch.name()))?;
                 (Sock::Router(s), ep)
@@ -369,9 +377,11 @@ pub async fn run_notify(
             None => 0,
         };
         let url = format!("tcp://{}:{}", args.ip, port);
+        let listener = listen::tcp_listener(SocketAddr::new(ip, port))
+            .with_context(|| format!("binding broadcast leaf {leaf} on {url}"))?;
         let mut s = RouterSocket::new();
         let ep = s
-            .bind(&url)
+            .bind_listener(listener)
             .await
             .with_context(|| format!("binding broadcast leaf {leaf} on {url}"))?;
         leaf_ports.push(endpoint_port(&ep)?);

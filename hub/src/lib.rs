@@ -13,6 +13,8 @@
 //! * [`restore`] — `--restore`: the engine table the state file keeps, and
 //!   the requests a previous hub left without a reply (sans-IO);
 //!   [`state_file`] reads and writes that file.
+//! * [`listen`] — the TCP listeners under those sockets, with an accept
+//!   backlog deep enough for a registration storm.
 //! * [`driver`] — binds the zeromq sockets, writes the connection files and
 //!   feeds the core; [`cli`] — `parallax hub` options in ipcontroller's form.
 
@@ -20,6 +22,7 @@ pub mod cli;
 pub mod core;
 pub mod driver;
 pub mod leaf;
+pub mod listen;
 pub mod records;
 pub mod restore;
 pub mod scheduler;
