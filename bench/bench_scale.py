@@ -189,6 +189,7 @@ def measure(kind: str, n: int, root: Path, repeat: int, timeout: float) -> dict:
         t = time.perf_counter()
         dv.apply_async(os.getpid).get(timeout)
         rec["first_apply_s"] = time.perf_counter() - t
+        rec["engine_memory_first_apply"] = tree_memory(c.engine_pids())
         ex = []
         for _ in range(repeat):
             t = time.perf_counter()
@@ -206,7 +207,8 @@ def measure(kind: str, n: int, root: Path, repeat: int, timeout: float) -> dict:
         rec["engine_memory"] = tree_memory(c.engine_pids())
         log(f"{kind} n={n}: execute p50 {rec['execute_p50_ms']:.1f} ms, broadcast p50 "
             f"{rec['broadcast_p50_ms']:.1f} ms, first apply {rec['first_apply_s']:.2f} s, "
-            f"engines {rec['engine_memory']['pss_mib']:.0f} MiB PSS")
+            f"engines {rec['engine_memory']['pss_mib']:.0f} MiB PSS "
+            f"({rec['engine_memory_first_apply']['pss_mib']:.0f} MiB after the first apply)")
     except Exception as e:  # noqa: BLE001 (recorded, the run goes on)
         rec["error"] = f"{type(e).__name__}: {e}"
         log(f"{kind} n={n}: {rec['error']}")
@@ -271,7 +273,7 @@ def lean_report(leans: list[dict]) -> list[str]:
 
 def report(real: list[dict], fakes: list[dict], leans: list[dict] | None = None) -> str:
     lines = ["### Real engines (stock ipyparallel Client driving both)", "",
-             "| engines | | start → registered | first apply | `dv.execute` p50 / p90 | broadcast p50 | engines' PSS | stop |",
+             "| engines | | start → registered | first apply | `dv.execute` p50 / p90 | broadcast p50 | engines' PSS: after 1st apply / after the cells | stop |",
              "|---|---|---|---|---|---|---|---|"]
     by = {(r["kind"], r["engines"]): r for r in real}
     for n in sorted({r["engines"] for r in real}):
@@ -283,11 +285,12 @@ def report(real: list[dict], fakes: list[dict], leans: list[dict] | None = None)
                 lines.append(f"| {n} | {kind} | failed: {r['error'][:80]} | | | | | |")
                 continue
             m = r.get("engine_memory", {})
+            m1 = r.get("engine_memory_first_apply", {}).get("pss_mib", float("nan"))
             lines.append(
                 f"| {n} | {kind} | {r.get('start_s', float('nan')):.2f} s | {r.get('first_apply_s', float('nan')):.2f} s | "
                 f"{r.get('execute_p50_ms', float('nan')):.1f} / {r.get('execute_p90_ms', float('nan')):.1f} ms | "
-                f"{r.get('broadcast_p50_ms', float('nan')):.1f} ms | {m.get('pss_mib', float('nan')):.0f} MiB "
-                f"({m.get('pss_mib', float('nan')) / n:.1f}/engine) | {fmt_stop(r.get('stop_s'))} |")
+                f"{r.get('broadcast_p50_ms', float('nan')):.1f} ms | {m1 / n:.1f} / "
+                f"{m.get('pss_mib', float('nan')) / n:.1f} MiB per engine | {fmt_stop(r.get('stop_s'))} |")
         p, i = by.get(("parallax", n)), by.get(("ipyparallel", n))
         if p and i and "start_s" in p and "start_s" in i:
             ratio = lambda k: i.get(k, float("nan")) / p.get(k, float("nan"))  # noqa: E731
