@@ -50,6 +50,8 @@ from pathlib import Path
 
 import psutil
 
+from engine_memory import zygote_pid
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("PARALLAX_BIN") or REPO / "target/release/parallax").resolve()
 VENV_BIN = Path(sys.executable).parent
@@ -135,11 +137,11 @@ class Cluster:
 
         for f in (self.profile / "security").glob("cluster-*.json"):
             walk(json.loads(f.read_text()).get("engines", {}))
-        # Parallax's zygote (`--parallax-zygote SOCKET --owner <cluster file>`)
-        for p in psutil.process_iter(["cmdline"]):
-            a = p.info["cmdline"] or []
-            if "--parallax-zygote" in a and any(str(self.profile) in x for x in a):
-                pids.append(p.pid)
+        # Parallax's zygote alone: its children, the interpreters, are summed with it (they
+        # carry its command line, so matching that would count each of them twice)
+        zygote = zygote_pid(self.profile)
+        if zygote is not None:
+            pids.append(zygote)
         return pids
 
     def all_pids(self) -> list[int]:

@@ -59,12 +59,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def zygote_pid(profile: Path) -> int | None:
-    """The cluster's zygote: `… --parallax-zygote SOCKET --owner <cluster file>`."""
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    """The cluster's zygote: `… --parallax-zygote SOCKET --owner <cluster file>`.
+    The interpreters it forked carry the same command line; the zygote is
+    the one whose parent is not one of them."""
+    found = {}
+    for p in psutil.process_iter(["pid", "ppid", "cmdline"]):
         a = p.info["cmdline"] or []
         if "--parallax-zygote" in a and any(str(profile) in x for x in a):
-            return p.info["pid"]
-    return None
+            found[p.info["pid"]] = p.info["ppid"]
+    roots = [pid for pid, ppid in found.items() if ppid not in found]
+    return roots[0] if roots else None
 
 
 def memory(profile: Path, n: int) -> dict:
