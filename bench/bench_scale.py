@@ -283,6 +283,9 @@ def report(real: list[dict], fakes: list[dict], leans: list[dict] | None = None)
             r = by.get((kind, n))
             if not r:
                 continue
+            if "skipped" in r:
+                lines.append(f"| {n} | {kind} | {r['skipped']} | | | | | |")
+                continue
             if "error" in r and "start_s" not in r:
                 lines.append(f"| {n} | {kind} | failed: {r['error'][:80]} | | | | | |")
                 continue
@@ -347,7 +350,7 @@ def main() -> int:
         for n in [int(x) for x in a.engines.split(",") if x]:
             for kind in a.kinds.split(","):
                 if kind == "ipyparallel" and n > a.ipp_max:
-                    real.append({"kind": kind, "engines": n, "error": f"not run (--ipp-max {a.ipp_max})"})
+                    real.append({"kind": kind, "engines": n, "skipped": f"not run (above --ipp-max {a.ipp_max})"})
                     continue
                 real.append(measure(kind, n, root, a.repeat, a.timeout))
         for n in [int(x) for x in a.fake.split(",") if x]:
