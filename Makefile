@@ -31,7 +31,7 @@ KERNELSPEC_INSTALL = $(VENV_ENV) $(BIN) kernelspec install --sys-prefix \
 	--env PARALLAX_PYTHON=$(abspath $(VENV))/bin/python3
 
 # test-wheel: the wheel in a fresh venv (tests/wheel)
-.PHONY: all venv build build-rust wheel test-wheel run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python test-launch bench lint clean
+.PHONY: all venv build build-rust wheel test-wheel run run-rust demo-hub lab lab-deps console console-deps test test-rust test-python test-launch bench device-bundle lint clean
 
 all: build
 
@@ -186,6 +186,20 @@ bench: venv build-rust $(STAMPS)/launchers
 	for b in $(or $(BENCH),hub kernel rust scale launch db); do \
 	  args=""; [ "$$b" = db ] && args="$(BENCH_DB_ARGS)"; [ "$$b" = launch ] && args="$(BENCH_LAUNCH_ARGS)"; \
 	  PARALLAX_BIN=$(abspath $(BIN)) $(PY) bench/bench_$$b.py $$args || exit $$?; done
+
+# What bench/scale_device.sh needs on a many-core machine with Python 3.12
+# and no network: the stripped binary and the wheels of ipyparallel and its
+# dependencies at the venv's versions, in .device/ (git-ignored)
+DEVICE_PY_VERSION ?= 3.12
+device-bundle: venv build-rust
+	rm -rf .device && mkdir -p .device/whl
+	objcopy --strip-all $(BIN) .device/parallax
+	$(PY) -m pip freeze --exclude-editable > .device/constraints.txt
+	$(PY) -m pip download -q --only-binary=:all: --python-version $(DEVICE_PY_VERSION) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux1_x86_64 -c .device/constraints.txt -d .device/whl \
+	  ipyparallel==$$($(PY) -c 'import ipyparallel; print(ipyparallel.__version__)')
+	du -sh .device
 
 lint:
 	$(CARGO) fmt --all -- --check

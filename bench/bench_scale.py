@@ -55,6 +55,13 @@ from engine_memory import zygote_pid
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(os.environ.get("PARALLAX_BIN") or REPO / "target/release/parallax").resolve()
 VENV_BIN = Path(sys.executable).parent
+def ipcluster() -> str:
+    """The venv's ipcluster, else the one on PATH (bench/scale_device.sh installs the wheels
+    with `pip --target`, whose scripts are not beside the interpreter)."""
+    mine = VENV_BIN / "ipcluster"
+    return str(mine) if mine.exists() else (shutil.which("ipcluster") or str(mine))
+
+
 #: seconds a stop may take before what is left is killed (and the stop is
 #: reported as "> STOP_TIMEOUT s")
 STOP_TIMEOUT = 120
@@ -106,7 +113,7 @@ class Cluster:
                    f"--profile-dir={self.profile}", f"--timeout={timeout}",
                    f"--engine-args=--python={VENV_BIN / 'python3'}"]
         else:
-            cmd = [str(VENV_BIN / "ipcluster"), "start", "-n", str(self.n), "--daemonize",
+            cmd = [ipcluster(), "start", "-n", str(self.n), "--daemonize",
                    f"--profile-dir={self.profile}", "--log-level=WARN"]
         r = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout + 60)
         if r.returncode != 0:
@@ -158,7 +165,7 @@ class Cluster:
         if self.kind == "parallax":
             cmd = [str(BIN), "cluster", "stop", f"--profile-dir={self.profile}"]
         else:
-            cmd = [str(VENV_BIN / "ipcluster"), "stop", f"--profile-dir={self.profile}"]
+            cmd = [ipcluster(), "stop", f"--profile-dir={self.profile}"]
         try:
             subprocess.run(cmd, env=self.env, capture_output=True, timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
