@@ -69,6 +69,9 @@ pub(crate) struct Inner {
     connected: watch::Sender<bool>,
     /// How many times the link connected (1 after the first).
     generation: std::sync::atomic::AtomicU64,
+    /// The hub is being stopped on purpose ([`HubClient::close`]): losing it
+    /// ends the link quietly instead of warning and waiting for it.
+    closing: std::sync::atomic::AtomicBool,
     info: ClientConnectionInfo,
 }
 
@@ -76,6 +79,11 @@ impl Inner {
     pub(crate) fn set_connected(&self, yes: bool) {
         self.connected
             .send_if_modified(|v| std::mem::replace(v, yes) != yes);
+    }
+
+    /// Whether [`HubClient::close`] was called.
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Count a new generation; returns how many there were before.
@@ -176,6 +184,7 @@ impl HubClient {
             changes,
             connected,
             generation: std::sync::atomic::AtomicU64::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
             info,
         });
         let handles = vec![tokio::spawn(crate::client_link::supervise(
@@ -195,6 +204,16 @@ impl HubClient {
 
     pub fn info(&self) -> &ClientConnectionInfo {
         &self.inner.info
+    }
+
+    /// Say that the hub is about to be stopped on purpose (the kernel's own
+    /// cluster at shutdown, or when `%cluster connect` replaces it): when
+    /// its sockets go, the link ends without the "lost the connection"
+    /// warning and without waiting for the hub to come back.
+    pub fn close(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A handle on `inner` that does not own the link task (for the link's

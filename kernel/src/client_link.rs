@@ -241,6 +241,10 @@ pub(crate) async fn supervise(
         stop.cancel();
         if let Some(i) = inner.upgrade() {
             i.set_connected(false);
+            if i.is_closing() {
+                debug!("the hub stopped as the client asked; the link ends");
+                return;
+            }
         }
         warn!("lost the connection to the hub; reconnecting when it is back");
     }

@@ -397,6 +397,7 @@ impl Session {
             let _ = std::fs::remove_dir_all(&h.log_dir);
         }
         if let Some(mut c) = self.cluster.take() {
+            self.client.close();
             c.shutdown().await;
         }
         self.local.lock().await.shutdown().await;
@@ -1471,6 +1472,7 @@ impl Session {
                     Err(e) => return CellOutcome::error("ClusterError", &format!("{e:#}")),
                 };
                 if let Some(mut c) = self.cluster.take() {
+                    self.client.close();
                     c.shutdown().await;
                 }
                 self.client = client;

@@ -474,3 +474,28 @@ def test_engines_do_not_log_reconnects_at_warn(parallax_bin, tmp_path):
     assert "Reconnection attempt" not in logs["WARN"], logs["WARN"]
     assert logs["WARN"].count("lost the connection to the hub") == 1, logs["WARN"]
     assert "hub not ready" not in logs["WARN"], logs["WARN"]
+
+
+def test_kernel_shutdown_is_quiet(kernel_env, tmp_path):
+    """A kernel's stderr is the user's terminal under jupyter console (and
+    JupyterLab's log): starting, running a cell and shutting down logs no
+    warning. Stopping its own cluster used to make its client warn "lost the
+    connection to the hub; reconnecting when it is back" at every exit."""
+    from jupyter_client.manager import KernelManager
+
+    log = tmp_path / "kernel-stderr.txt"
+    km = KernelManager(kernel_name=KERNEL_NAME)
+    with open(log, "w") as err:
+        km.start_kernel(stderr=err)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=60)
+        r, _ = _reply(kc, kc.execute('print("hi")'), CELL_TIMEOUT)
+        assert r["content"]["status"] == "ok", r["content"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel()
+    text = log.read_text(errors="replace")
+    noisy = [line for line in text.splitlines() if re.search(r"\b(WARN|ERROR)\b", line)]
+    assert not noisy, text[-3000:]
