@@ -2025,12 +2025,11 @@ impl Hub {
         } else {
             result_md.insert("broadcast_targets".into(), json!(bt));
         }
-        let raw = reply.raw_result();
-        let [header, _, content] = raw.values();
+        let (header, content) = reply.header_and_content();
         let mut f = Map::new();
-        f.insert("result_header".into(), header.clone());
+        f.insert("result_header".into(), header);
         f.insert("result_metadata".into(), Value::Object(result_md));
-        f.insert("result_content".into(), content.clone());
+        f.insert("result_content".into(), content);
         f.insert("received".into(), json!(format_date(now.wall)));
         f.insert("completed".into(), reply.date.clone());
         self.record_leaf_reply(reply, &uuid, now);

@@ -10,7 +10,7 @@
 //! verified and decoded there, handed to the core in batches).
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -134,6 +134,20 @@ enum Sock {
     Router(RouterSocket),
     Pub(PubSocket),
     Sub(SubSocket),
+}
+
+/// Binds `sock` on a TCP listener of our own (listen.rs) at `at`: the
+/// `--ip` as given (for messages), the address it resolved to, and the port
+/// wanted (0: any). Returns the port bound; `what` names the socket in errors.
+async fn bind_tcp<S: Socket + Send>(
+    sock: &mut S,
+    (ip_arg, ip, port): (&str, IpAddr, u16),
+    what: &str,
+) -> Result<u16> {
+    let context = || format!("binding {what} on tcp://{ip_arg}:{port}");
+    let listener = listen::tcp_listener(SocketAddr::new(ip, port)).with_context(context)?;
+    let ep = sock.bind_listener(listener).await.with_context(context)?;
+    endpoint_port(&ep)
 }
 
 fn endpoint_port(ep: &zeromq::Endpoint) -> Result<u16> {
@@ -300,9 +314,8 @@ pub async fn run_notify(
 
     // Bind every socket, each on a listener of our own (listen.rs: the
     // accept backlog a registration storm needs).
-    let ip = listen::resolve(&args.ip, 0)
-        .with_context(|| format!("--ip={}: not an address of this host", args.ip))?
-        .ip();
+    let ip = listen::resolve(&args.ip)
+        .with_context(|| format!("--ip={}: not an address of this host", args.ip))?;
     let all = [
         Channel::Query,
         Channel::Notification,
@@ -321,70 +334,50 @@ pub async fn run_notify(
     let mut sockets = Vec::new();
     let mut ports = HashMap::new();
     for ch in all {
-        let port = wanted.get(&ch).copied().unwrap_or(0);
-        let url = format!("tcp://{}:{}", args.ip, port);
-        let listener = listen::tcp_listener(SocketAddr::new(ip, port))
-            .with_context(|| format!("binding {} on {url}", ch.name()))?;
-        let (sock, ep) = match ch {
+        let want = wanted.get(&ch).copied().unwrap_or(0);
+        let at = (args.ip.as_str(), ip, want);
+        let (sock, port) = match ch {
             // zmq.rs's PUB preallocates a 100k-slot fan-out queue (4 MB of
             // resident memory per socket). The low-volume publishers use
             // XPUB, which writes straight to the subscribers; iopub, whose
             // subscribers may fall behind, keeps PUB's queue-and-drop.
             Channel::Notification | Channel::HbPing => {
                 let mut s = XPubSocket::new();
-                let ep = s
-                    .bind_listener(listener)
-                    .await
-                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
-                (Sock::XPub(s), ep)
+                let port = bind_tcp(&mut s, at, ch.name()).await?;
+                (Sock::XPub(s), port)
             }
             Channel::IopubClient => {
                 let mut s = PubSocket::new();
-                let ep = s
-                    .bind_listener(listener)
-                    .await
-                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
-                (Sock::Pub(s), ep)
+                let port = bind_tcp(&mut s, at, ch.name()).await?;
+                (Sock::Pub(s), port)
             }
             Channel::IopubEngine => {
                 let mut s = SubSocket::new();
-                let ep = s
-                    .bind_listener(listener)
-                    .await
-                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
+                let port = bind_tcp(&mut s, at, ch.name()).await?;
                 s.subscribe("").await?;
-                (Sock::Sub(s), ep)
+                (Sock::Sub(s), port)
             }
             _ => {
                 let mut s = RouterSocket::new();
-                let ep = s
-                    .bind_listener(listener)
-                    .await
-                    .with_context(|| format!("binding {} on {url}", ch.name()))?;
-                (Sock::Router(s), ep)
+                let port = bind_tcp(&mut s, at, ch.name()).await?;
+                (Sock::Router(s), port)
             }
         };
-        ports.insert(ch, endpoint_port(&ep)?);
+        ports.insert(ch, port);
         sockets.push((ch, sock));
     }
     // The broadcast leaves: one engine-facing ROUTER each.
     let mut leaf_sockets = Vec::with_capacity(leaves);
     let mut leaf_ports = Vec::with_capacity(leaves);
     for leaf in 0..leaves {
-        let port = match wanted_leaves.get(leaf) {
+        let want = match wanted_leaves.get(leaf) {
             Some(&p) => p,
             None if leaf == 0 => wanted.get(&Channel::BroadcastEngine).copied().unwrap_or(0),
             None => 0,
         };
-        let url = format!("tcp://{}:{}", args.ip, port);
-        let listener = listen::tcp_listener(SocketAddr::new(ip, port))
-            .with_context(|| format!("binding broadcast leaf {leaf} on {url}"))?;
         let mut s = RouterSocket::new();
-        let ep = s
-            .bind_listener(listener)
-            .await
-            .with_context(|| format!("binding broadcast leaf {leaf} on {url}"))?;
-        leaf_ports.push(endpoint_port(&ep)?);
+        let at = (args.ip.as_str(), ip, want);
+        leaf_ports.push(bind_tcp(&mut s, at, &format!("broadcast leaf {leaf}")).await?);
         leaf_sockets.push(s);
     }
 

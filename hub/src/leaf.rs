@@ -25,11 +25,10 @@ use bytes::Bytes;
 use parallax_wire::{Authenticator, DecodeError, Header, Limits, RawMessage, Signer};
 use serde::Deserialize;
 use serde_json::{Map, Value};
-
-use crate::records::RawResult;
 use tracing::warn;
 
 use crate::core::peer;
+use crate::records::RawResult;
 
 /// One leaf's share of a broadcast: what every engine on it gets.
 #[derive(Debug, Clone, PartialEq)]
@@ -160,6 +159,13 @@ impl LeafReply {
     /// The metadata as a map (decoded now; `decode` checked it is one).
     pub fn metadata(&self) -> Map<String, Value> {
         serde_json::from_slice(&self.raw.metadata).unwrap_or_default()
+    }
+
+    /// The header and the content as JSON values (decoded now; `decode`
+    /// checked they are JSON).
+    pub fn header_and_content(&self) -> (Value, Value) {
+        let value = |b: &[u8]| serde_json::from_slice(b).unwrap_or(Value::Null);
+        (value(&self.raw.header), value(&self.raw.content))
     }
 
     /// The header, metadata and content, copied out of the receive buffer

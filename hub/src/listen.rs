@@ -21,18 +21,19 @@ pub const ACCEPT_BACKLOG: i32 = 4096;
 /// The address `--ip` names: an IPv4 or IPv6 address (bracketed or not),
 /// `*` (libzmq's and ipcontroller's spelling of every interface), or a host
 /// name, resolved here (its first address).
-pub fn resolve(ip: &str, port: u16) -> io::Result<SocketAddr> {
+pub fn resolve(ip: &str) -> io::Result<IpAddr> {
     if ip == "*" {
-        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
+        return Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     }
     let bare = ip
         .strip_prefix('[')
         .and_then(|s| s.strip_suffix(']'))
         .unwrap_or(ip);
     if let Ok(addr) = bare.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(addr, port));
+        return Ok(addr);
     }
-    (bare, port).to_socket_addrs()?.next().ok_or_else(|| {
+    let mut found = (bare, 0).to_socket_addrs()?;
+    found.next().map(|a| a.ip()).ok_or_else(|| {
         io::Error::new(
             io::ErrorKind::NotFound,
             format!("{ip}: the name resolves to no address"),
@@ -58,15 +59,12 @@ mod tests {
 
     #[test]
     fn resolves_what_ip_accepts() {
-        assert_eq!(
-            resolve("127.0.0.1", 5).unwrap(),
-            "127.0.0.1:5".parse().unwrap()
-        );
-        assert_eq!(resolve("*", 0).unwrap(), "0.0.0.0:0".parse().unwrap());
-        assert_eq!(resolve("::1", 7).unwrap(), "[::1]:7".parse().unwrap());
-        assert_eq!(resolve("[::1]", 7).unwrap(), "[::1]:7".parse().unwrap());
-        assert!(resolve("localhost", 9).unwrap().ip().is_loopback());
-        assert!(resolve("no-such-host.invalid", 9).is_err());
+        assert_eq!(resolve("127.0.0.1").unwrap(), Ipv4Addr::LOCALHOST);
+        assert_eq!(resolve("*").unwrap(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(resolve("::1").unwrap(), std::net::Ipv6Addr::LOCALHOST);
+        assert_eq!(resolve("[::1]").unwrap(), std::net::Ipv6Addr::LOCALHOST);
+        assert!(resolve("localhost").unwrap().is_loopback());
+        assert!(resolve("no-such-host.invalid").is_err());
     }
 
     /// 300 connections complete their handshake with nobody accepting
@@ -75,7 +73,7 @@ mod tests {
     /// (Needs `net.core.somaxconn` ≥ 300; Linux's default is 4096.)
     #[test]
     fn accept_queue_holds_a_storm() {
-        let listener = tcp_listener(resolve("127.0.0.1", 0).unwrap()).unwrap();
+        let listener = tcp_listener(SocketAddr::new(resolve("127.0.0.1").unwrap(), 0)).unwrap();
         let addr = listener.local_addr().unwrap();
         let mut held = Vec::new();
         for i in 0..300 {
