@@ -1,7 +1,8 @@
 """Engine memory and first-apply latency (issue 11, "engines stay light").
 
 For each N in --engines: ``parallax cluster start -n N --daemonize`` (local
-engines; ``--zygote on|off`` picks forked interpreters or one spawned Python
+engines, or ``--launcher mpi``: mpiexec's ranks, which share a host
+zygote; ``--zygote on|off`` picks forked interpreters or one spawned Python
 per engine), the stock Client, then
 
 * the first ``dv.apply_sync(os.getpid)`` right after all engines registered
@@ -72,29 +73,52 @@ def zygote_pid(profile: Path) -> int | None:
 
 
 def memory(profile: Path, n: int) -> dict:
-    engines, zygote = [], None
+    """PSS per engine of the engine processes (Rust), their interpreters and
+    the zygotes. The cluster file names local engines' pids, or a launcher's
+    (mpiexec): the engines are then the `parallax engine` processes below
+    it. A host zygote is a child of the engine that started it."""
+    top = []
     for f in (profile / "security").glob("cluster-*.json"):
         d = json.loads(f.read_text())
 
         def walk(v):
             if isinstance(v, dict):
                 if isinstance(v.get("pid"), int) and v["pid"] > 0:
-                    engines.append(v["pid"])
+                    top.append(v["pid"])
                 for x in v.values():
                     walk(x)
 
         walk(d.get("engines", {}))
-    zygote = zygote_pid(profile)
+    engines, below = [], set()
+    for pid in top:
+        for q in [pid] + descendants(pid):
+            try:
+                a = psutil.Process(q).cmdline()
+            except psutil.Error:
+                continue
+            if len(a) > 1 and Path(a[0]).name.startswith("parallax") and a[1] == "engine":
+                engines.append(q)
+    for e in engines:
+        below |= set(descendants(e))
+    zygotes = set()
+    local = zygote_pid(profile)
+    if local:
+        zygotes.add(local)
+        below |= set(descendants(local))
+    for q in below:
+        try:
+            p = psutil.Process(q)
+            if "--parallax-zygote" in p.cmdline() and p.ppid() in engines:
+                zygotes.add(q)  # a host zygote
+        except psutil.Error:
+            pass
+    py_pids = below - zygotes - set(engines)
     rust = sum(pss_kib(p) for p in engines)
-    py_pids = {q for p in engines for q in descendants(p)}
-    zyg = 0
-    if zygote:
-        zyg = pss_kib(zygote)
-        py_pids |= set(descendants(zygote))
+    zyg = sum(pss_kib(p) for p in zygotes)
     py = sum(pss_kib(p) for p in py_pids)
     mib = 1024.0
     return {
-        "engines": len(engines), "pythons": len(py_pids),
+        "engines": len(engines), "pythons": len(py_pids), "zygotes": len(zygotes),
         "rust_mib": rust / mib / n, "python_mib": py / mib / n, "zygote_mib": zyg / mib / n,
         "total_mib": (rust + py + zyg) / mib / n,
     }
@@ -104,14 +128,14 @@ def f(x):
     return [v * 2 for v in x]
 
 
-def one(n: int, zygote: str, idle: float, timeout: float) -> dict:
+def one(n: int, zygote: str, idle: float, timeout: float, launcher: str = "local") -> dict:
     root = Path(tempfile.mkdtemp(prefix="plx-mem-"))
     profile = root / "profile"
     profile.mkdir()
     env = dict(os.environ, IPYTHONDIR=str(root / "ipython"))
     cmd = [str(BIN), "cluster", "start", "-n", str(n), "--daemonize",
            f"--profile-dir={profile}", f"--timeout={timeout}",
-           f"--engine-args=--python={VENV_BIN / 'python3'}"]
+           f"--engines={launcher}", f"--engine-args=--python={VENV_BIN / 'python3'}"]
     if zygote != "default":
         cmd.append(f"--zygote={'true' if zygote == 'on' else 'false'}")
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout + 60)
@@ -119,7 +143,7 @@ def one(n: int, zygote: str, idle: float, timeout: float) -> dict:
         raise RuntimeError(f"start failed: {r.stderr[-2000:]}")
     import ipyparallel as ipp
 
-    rec: dict = {"engines": n, "zygote": zygote}
+    rec: dict = {"engines": n, "zygote": zygote, "launcher": launcher}
     try:
         rc = ipp.Client(str(profile / "security/ipcontroller-client.json"), timeout=timeout)
         rc.wait_for_engines(n, timeout=timeout)
@@ -152,16 +176,19 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--idle", type=float, default=0.0)
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--launcher", default="local",
+                    help="local, or mpi (mpiexec's ranks; their zygote is the host zygote they share)")
     a = ap.parse_args()
     rows = []
     for n in [int(x) for x in a.engines.split(",")]:
         for z in a.zygote.split(","):
             recs = []
             for _ in range(a.rounds):
-                rec = one(n, z, a.idle, a.timeout)
+                rec = one(n, z, a.idle, a.timeout, a.launcher)
                 log(json.dumps(rec))
                 recs.append(rec)
             rows.append((n, z, recs))
+    print(f"launcher: {a.launcher}")
     print("| engines | zygote | first apply (s) | PSS/engine after 1st apply: rust + python + zygote = total (MiB) | after 6 applies: total (MiB) |")
     print("|---|---|---|---|---|")
     for n, z, recs in rows:

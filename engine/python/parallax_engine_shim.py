@@ -1812,12 +1812,20 @@ def _zygote_child(socks, fds, req):
     # signals; a terminal's Ctrl-C to the engine's group must not land here
     os.setpgid(0, 0)
     null = os.open(os.devnull, os.O_RDONLY)
-    # above the targets first, so no dup2 clobbers a source
-    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in [null] + list(fds)]
-    for dst, src in enumerate(high):
+    # the descriptors after the engine's four go to the numbers the engine
+    # has them at (PMI_FD: a process manager's socket, named by the env)
+    keep = [int(k) for k in req.get("keep_fds") or []]
+    # above all targets first, so no dup2 clobbers a source
+    floor = max([10] + [k + 1 for k in keep])
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD, floor) for fd in [null] + list(fds)]
+    for dst, src in zip(list(range(5)) + keep, high):
         os.dup2(src, dst)
     # nothing of the zygote's (its socket, other engines' pipes) stays open
-    os.closerange(5, 1 << 20)
+    lo = 5
+    for k in sorted(keep):
+        os.closerange(lo, k)
+        lo = k + 1
+    os.closerange(lo, 1 << 20)
     env = req.get("env") or {}
     os.environ.clear()
     os.environ.update(env)
@@ -1830,7 +1838,14 @@ def _zygote_child(socks, fds, req):
     main(forked=True)
 
 
-def _zygote_main(path, owner=None):
+#: how long a host zygote waits with no engine before it exits: long
+#: enough for an engine to fork the next interpreter after a crash, short
+#: enough that a stop (which waits for it) is not slowed down
+_HOST_IDLE = 0.5
+
+
+def _zygote_main(path, owner=None, host_lock=None):
+    import fcntl
     import gc
     import json
     import select
@@ -1938,7 +1953,9 @@ def _zygote_main(path, owner=None):
             req = json.loads(bytes(buf[4:4 + n]))
         except ValueError:
             req = None
-        if req is None or len(got) != 4:
+        keep = req.get("keep_fds") if isinstance(req, dict) else None
+        if req is None or not isinstance(keep or [], list) or len(got) != 4 + len(keep or []) \
+                or any(not isinstance(k, int) or k < 5 for k in keep or []):
             send(c, {"error": "bad request"})
         else:
             why = _zygote_refusal(req)
@@ -1966,22 +1983,62 @@ def _zygote_main(path, owner=None):
         ent[2] = bytearray()
         ent[3] = []
 
+    # the host zygote's log (beside its lock): removed at an idle exit, which
+    # is a clean end; kept when it ends otherwise
+    host_log = host_lock[:-len(".lock")] + ".log" if host_lock and host_lock.endswith(".lock") else None
+
+    def may_leave():
+        """A host zygote with no engine: leave unless one is connecting.
+        Under the lock (engines connect only while holding it), with no
+        connection pending, the socket goes: the next engine starts a new
+        zygote. The lock file stays: an engine may be waiting on it."""
+        try:
+            fd = os.open(host_lock, os.O_RDWR | os.O_CLOEXEC)
+        except OSError:
+            return True  # the private directory is gone: nobody can come
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False  # an engine is connecting
+        if select.select([srv], [], [], 0)[0]:
+            os.close(fd)
+            return False  # one connected just before
+        for p in (path, host_log):
+            try:
+                os.unlink(p)
+            except (OSError, TypeError):
+                pass
+        srv.close()
+        # the lock goes with the process
+        return True
+
     # an owner (the cluster file of `parallax cluster start`): once it has
     # existed and is gone (the cluster was stopped, also by ipyparallel's
     # Cluster.stop_cluster, which knows nothing of zygotes) and no child is
     # left, the zygote is not needed any more; one never seen for 10 min is
-    # a start that died before writing it
+    # a start that died before writing it. A host zygote (``host_lock``)
+    # leaves when no engine has been connected for HOST_IDLE seconds.
     owner_seen = False
     born = time.monotonic()
+    idle_since = born
     while not stopping:
         if owner is not None:
             if os.path.exists(owner):
                 owner_seen = True
             elif not by_pid and (owner_seen or time.monotonic() - born > 600):
                 break
+        if host_lock is not None:
+            if conns or by_pid:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > _HOST_IDLE and may_leave():
+                break
+        timeout = None if owner is None else 1.0
+        if host_lock is not None and not conns and not by_pid:
+            # wake up when the idle time is over
+            timeout = max(0.01, idle_since + _HOST_IDLE - time.monotonic() + 0.01)
         try:
-            r, _, _ = select.select([srv, wake_r] + list(conns), [], [],
-                                    None if owner is None else 1.0)
+            r, _, _ = select.select([srv, wake_r] + list(conns), [], [], timeout)
         except InterruptedError:
             r = []
         for x in r:
@@ -2025,12 +2082,11 @@ def _zygote_main(path, owner=None):
 
 
 if __name__ == "__main__":
-    # --parallax-zygote SOCKET [--owner CLUSTER_FILE] (the owner is only
-    # there for `cluster stop` to find in /proc/PID/cmdline)
+    # --parallax-zygote SOCKET [--owner CLUSTER_FILE] [--host-lock LOCK]
+    # (the owner is also there for `cluster stop` to find in
+    # /proc/PID/cmdline; a host lock makes it a host zygote)
     if len(sys.argv) >= 3 and sys.argv[1] == "--parallax-zygote":
-        _owner = None
-        if len(sys.argv) >= 5 and sys.argv[3] == "--owner":
-            _owner = sys.argv[4]
-        _zygote_main(sys.argv[2], _owner)
+        _opts = dict(zip(sys.argv[3::2], sys.argv[4::2]))
+        _zygote_main(sys.argv[2], _opts.get("--owner"), _opts.get("--host-lock"))
     else:
         main()

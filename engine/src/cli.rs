@@ -90,8 +90,16 @@ pub struct EngineArgs {
     /// template process, sharing its imported IPython and ipyparallel
     /// pages, instead of started and importing them itself. Without one,
     /// or when it cannot fork, Python is started directly.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "host_zygote")]
     pub zygote: Option<PathBuf>,
+    /// Fork the Python interpreter from this cluster's zygote on this host,
+    /// started by the first engine that asks and shared by the others (what
+    /// `parallax cluster start` gives engines a launcher starts: mpiexec,
+    /// Slurm, PBS, SGE, LSF, HTCondor, ssh). It exits on its own a few
+    /// seconds after the host's last engine has gone.
+    #[arg(long = "host-zygote", default_value_t = false, action = clap::ArgAction::Set,
+          num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub host_zygote: bool,
     /// Log level: DEBUG, INFO, WARN, ERROR or 10…50.
     #[arg(long = "log-level", default_value = "INFO")]
     pub log_level: String,

@@ -31,11 +31,13 @@ use zeromq::{DealerSocket, Socket, SocketOptions, SocketRecv, SocketSend, ZmqMes
 
 use crate::cli::EngineArgs;
 use crate::cli::Language;
+use crate::host_zygote::HostZygote;
 use crate::interpreter::{Interpreter, Output, Reply, Request, SignalHandle, Stdin};
 use crate::link::Route;
 use crate::python::{PythonConfig, PythonInterpreter};
 #[cfg(feature = "rust-engine")]
 use crate::rust::RustInterpreter;
+use crate::zygote::Zygote;
 
 /// The engine's language runtime, chosen by `--language` (one per engine,
 /// so the size difference does not matter).
@@ -592,6 +594,17 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     if !args.warm_imports {
         env.push(("PARALLAX_WARMUP".to_owned(), "0".to_owned()));
     }
+    let zygote = match (&args.zygote, args.host_zygote) {
+        (Some(socket), _) => Some(Zygote::Socket(socket.clone())),
+        (None, true) => match HostZygote::for_cluster(&info.key, &url(info.registration)) {
+            Ok(h) => Some(Zygote::Host(h)),
+            Err(e) => {
+                warn!(error = %e, "no host zygote: starting Python directly");
+                None
+            }
+        },
+        (None, false) => None,
+    };
     let started_interp = match args.language {
         // A stop while Python starts (64 engines stopped right after they
         // registered, their Pythons still importing on 2 cores) does not
@@ -603,7 +616,7 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
                 python: args.python.clone(),
                 env,
                 restart_on_crash: args.restart_on_crash,
-                zygote: args.zygote.clone(),
+                zygote,
             }) => started.map(AnyInterpreter::Python),
             _ = stop.cancelled() => {
                 info!(engine = id, "stopped while Python started");

@@ -14,10 +14,13 @@
 //!   rust-analyzer crates are most of a cold build).
 //! * [`rust_syntax`] — Rust text the kernel reads in every build.
 //! * [`zygote`] — one template Python per cluster that forks the engines'
-//!   interpreters, so they share its imported modules' pages.
+//!   interpreters, so they share its imported modules' pages;
+//!   [`host_zygote`] — the one a launcher's engines on a host share, started
+//!   by the first of them and gone when the last has left.
 
 pub mod cli;
 pub mod driver;
+pub mod host_zygote;
 pub mod interpreter;
 pub mod link;
 pub mod python;

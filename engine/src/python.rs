@@ -45,9 +45,9 @@ pub struct PythonConfig {
     /// Start a fresh process after a crash (the default); when false a
     /// crash leaves the interpreter dead (`is_dead`) and the engine exits.
     pub restart_on_crash: bool,
-    /// A zygote's socket ([`crate::zygote`]): interpreters are forked by
-    /// it; Python is spawned directly when it cannot (logged).
-    pub zygote: Option<PathBuf>,
+    /// A zygote ([`crate::zygote`]): interpreters are forked by it;
+    /// Python is spawned directly when it cannot (logged).
+    pub zygote: Option<crate::zygote::Zygote>,
 }
 
 /// Resolve `python` as `execvp` would (a path, or a name searched on
@@ -350,7 +350,7 @@ impl PythonInterpreter {
     /// Ask the zygote for an interpreter; None (logged) when there is no
     /// zygote or it cannot fork one.
     async fn fork(&mut self) -> Option<Started> {
-        let socket = self.cfg.zygote.clone()?;
+        let zygote = self.cfg.zygote.clone()?;
         let python = match crate::zygote::resolve_python(&self.cfg.python) {
             Ok(p) => p,
             Err(e) => {
@@ -372,7 +372,9 @@ impl PythonInterpreter {
                 cmd_r.as_raw_fd(),
                 evt_w.as_raw_fd(),
             ];
-            let forked = crate::zygote::fork(&socket, &python, &env, fds).await?;
+            let keep = crate::zygote::inherited_fds()?;
+            let conn = zygote.connect(&python).await?;
+            let forked = crate::zygote::fork(conn, &python, &env, fds, &keep).await?;
             // the child has its copies; ours would hide its EOFs
             drop((out_w, err_w, cmd_r, evt_w));
             let pid = forked.pid;
@@ -389,7 +391,7 @@ impl PythonInterpreter {
         match r {
             Ok(started) => Some(started),
             Err(e) => {
-                warn!(error = %e, zygote = %socket.display(), "the zygote did not fork an interpreter; starting Python directly");
+                warn!(error = %format!("{e:#}"), zygote = %zygote.socket().display(), "the zygote did not fork an interpreter; starting Python directly");
                 None
             }
         }

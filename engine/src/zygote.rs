@@ -115,6 +115,41 @@ pub fn wait_for_socket(socket: &Path, timeout: Duration) -> bool {
     }
 }
 
+/// Which zygote an engine's interpreters come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Zygote {
+    /// One started for the engine (`--zygote SOCKET`).
+    Socket(PathBuf),
+    /// Its cluster's zygote on this host, started by the first engine that
+    /// needs it (`--host-zygote`).
+    Host(crate::host_zygote::HostZygote),
+}
+
+impl Zygote {
+    /// Its socket (for logs).
+    pub fn socket(&self) -> &Path {
+        match self {
+            Zygote::Socket(s) => s,
+            Zygote::Host(h) => &h.socket,
+        }
+    }
+
+    /// A connection for one [`fork`]; a host zygote is started first when
+    /// none runs. `python` is the resolved interpreter.
+    pub async fn connect(&self, python: &Path) -> Result<StdUnixStream, ForkError> {
+        match self {
+            Zygote::Socket(s) => connect(s),
+            Zygote::Host(h) => {
+                let (h, python) = (h.clone(), python.to_path_buf());
+                tokio::task::spawn_blocking(move || h.connect(&python))
+                    .await
+                    .map_err(|e| ForkError::Host(e.into()))?
+                    .map_err(ForkError::Host)
+            }
+        }
+    }
+}
+
 /// How a forked interpreter ended, as the zygote reported it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -161,6 +196,10 @@ impl Forked {
 pub enum ForkError {
     #[error("cannot reach the zygote at {0}: {1}")]
     Connect(PathBuf, std::io::Error),
+    #[error("this host's zygote: {0:#}")]
+    Host(anyhow::Error),
+    #[error("a forked interpreter cannot have what this one needs: {0}")]
+    Unsuitable(String),
     #[error("sending the request to the zygote failed: {0}")]
     Send(std::io::Error),
     #[error("the zygote refused: {0}")]
@@ -173,15 +212,48 @@ pub enum ForkError {
     Env(OsString),
 }
 
-/// Ask the zygote at `socket` for an interpreter whose fds 1, 2, 3, 4 are
+/// A connection to the zygote at `socket`, for one [`fork`].
+pub fn connect(socket: &Path) -> Result<StdUnixStream, ForkError> {
+    StdUnixStream::connect(socket).map_err(|e| ForkError::Connect(socket.to_path_buf(), e))
+}
+
+/// Descriptors this process inherited that a process manager names in the
+/// environment, so an interpreter needs them at the same numbers: `PMI_FD`
+/// (MPICH's hydra and Slurm's PMI-2 hand each rank a connected socket). A
+/// spawned interpreter inherits them; a forked one gets them passed along
+/// ([`fork`]). Numbers below 5 would collide with the interpreter's own
+/// stdio and pipes: an error, and the engine spawns Python itself.
+pub fn inherited_fds() -> Result<Vec<RawFd>, ForkError> {
+    let Some(v) = std::env::var_os("PMI_FD") else {
+        return Ok(Vec::new());
+    };
+    let fd: RawFd = v
+        .to_str()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or_else(|| ForkError::Unsuitable(format!("PMI_FD is not a number ({v:?})")))?;
+    // SAFETY: F_GETFD only reads the descriptor's flags.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        // named but not open here: a spawned Python would not have it either
+        return Ok(Vec::new());
+    }
+    if fd < 5 {
+        return Err(ForkError::Unsuitable(format!(
+            "PMI_FD is {fd}, one of the interpreter's own descriptors"
+        )));
+    }
+    Ok(vec![fd])
+}
+
+/// Ask the zygote on `conn` for an interpreter whose fds 1, 2, 3, 4 are
 /// `fds` (stdout and stderr write ends, command pipe read end, event pipe
-/// write end), with this process's environment plus `env`, in this
-/// process's working directory.
+/// write end) and which has each of `keep` at its own number, with this
+/// process's environment plus `env`, in this process's working directory.
 pub async fn fork(
-    socket: &Path,
+    mut conn: StdUnixStream,
     python: &Path,
     env: &[(String, String)],
     fds: [RawFd; 4],
+    keep: &[RawFd],
 ) -> Result<Forked, ForkError> {
     let mut vars = serde_json::Map::new();
     for (k, v) in std::env::vars_os() {
@@ -197,15 +269,14 @@ pub async fn fork(
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_default();
     let req = serde_json::to_vec(&json!({
-        "env": vars, "cwd": cwd, "python": python.to_string_lossy(),
+        "env": vars, "cwd": cwd, "python": python.to_string_lossy(), "keep_fds": keep,
     }))
     .expect("JSON serializes");
     let mut frame = (req.len() as u32).to_le_bytes().to_vec();
     frame.extend_from_slice(&req);
 
-    let mut conn =
-        StdUnixStream::connect(socket).map_err(|e| ForkError::Connect(socket.to_path_buf(), e))?;
-    send_with_fds(&conn, &frame[..1], &fds).map_err(ForkError::Send)?;
+    let all: Vec<RawFd> = fds.iter().chain(keep).copied().collect();
+    send_with_fds(&conn, &frame[..1], &all).map_err(ForkError::Send)?;
     conn.write_all(&frame[1..]).map_err(ForkError::Send)?;
     conn.set_nonblocking(true).map_err(ForkError::Send)?;
     let conn = UnixStream::from_std(conn).map_err(ForkError::Send)?;

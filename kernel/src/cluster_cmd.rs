@@ -212,10 +212,12 @@ pub struct StartArgs {
     /// Return once the engines are registered and leave the cluster running.
     #[arg(long, visible_alias = "daemon")]
     pub daemonize: bool,
-    /// Local Python engines fork their interpreters from one zygote (a
-    /// template Python that imported IPython and ipyparallel once), so they
-    /// share those pages and skip the imports; false starts one Python per
-    /// engine.
+    /// Python engines fork their interpreters from a zygote (a template
+    /// Python that imported IPython and ipyparallel once), so they share
+    /// those pages and skip the imports: local engines from one started
+    /// here, a launcher's engines from one per host, started by the first
+    /// engine there (`parallax engine --host-zygote`); false starts one
+    /// Python per engine.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub zygote: bool,
     /// Extra arguments for each `parallax engine` (split on whitespace;
@@ -1068,13 +1070,28 @@ impl EngineSet {
         None
     }
 
+    /// Stop every member at once (one thread each: an ssh host's stop is a
+    /// round trip plus its engines' grace, and hosts are independent).
     pub(crate) fn stop(&mut self) -> Vec<String> {
-        let mut errors = Vec::new();
-        for m in &mut self.members {
-            if let Err(e) = m.stop() {
-                errors.push(format!("{}: {e}", m.label()));
-            }
-        }
+        let errors = std::thread::scope(|s| {
+            let stops: Vec<_> = self
+                .members
+                .iter_mut()
+                .map(|m| {
+                    s.spawn(move || match m.stop() {
+                        Ok(()) => None,
+                        Err(e) => Some(format!("{}: {e}", m.label())),
+                    })
+                })
+                .collect();
+            stops
+                .into_iter()
+                .filter_map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Some("stopping panicked".into()))
+                })
+                .collect::<Vec<_>>()
+        });
         if let Some(s) = &self.script {
             let _ = std::fs::remove_file(s);
         }
@@ -1197,6 +1214,9 @@ impl EnginePlan<'_> {
         }
         v.push(format!("--n-engines={}", self.n));
         v.extend(split_args(&self.args.engine_args));
+        if host_zygote(self.args) {
+            v.push("--host-zygote".to_owned());
+        }
         v
     }
 
@@ -1519,14 +1539,11 @@ fn zygote_log_path(log_dir: &Path, id_part: &str, socket: &Path) -> PathBuf {
     log_dir.join(format!("parallax-{stem}{id_part}.log"))
 }
 
-/// The zygote for this start, if any: (python, socket). Only local Python
-/// engines use one (`--zygote`, on by default); their `--python` (default
-/// python3) is the zygote's interpreter.
-fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
-    if !args.zygote || args.engines != LauncherKind::Local {
-        return None;
-    }
-    let engine_args = split_args(&args.engine_args);
+/// The Python the engines run (their `--python`, default python3) when
+/// they may get a zygote from `cluster start`: None when they run Rust or
+/// the engine arguments already name one (`--zygote`, `--host-zygote`).
+fn zygote_python(engine_args: &[String]) -> Option<PathBuf> {
+    let engine_args = split_args(engine_args);
     let mut python = PathBuf::from("python3");
     let mut it = engine_args.iter();
     while let Some(a) = it.next() {
@@ -1541,16 +1558,41 @@ fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
             }
         } else if let Some(p) = value(&mut it, "--python") {
             python = PathBuf::from(p);
-        } else if a == "--zygote" || a.starts_with("--zygote=") {
-            return None; // the user named one
+        } else if ["--zygote", "--host-zygote"]
+            .iter()
+            .any(|f| a == f || a.starts_with(&format!("{f}=")))
+        {
+            return None; // the user chose
         }
     }
+    Some(python)
+}
+
+/// The zygote for this start, if any: (python, socket). Only local Python
+/// engines use one (`--zygote`, on by default); their `--python` (default
+/// python3) is the zygote's interpreter.
+fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
+    if !args.zygote || args.engines != LauncherKind::Local {
+        return None;
+    }
+    let python = zygote_python(&args.engine_args)?;
     let socket = parallax_engine::zygote::socket_path().ok()?;
     // engine arguments are split on whitespace
     if socket.to_string_lossy().contains(char::is_whitespace) {
         return None;
     }
     Some((python, socket))
+}
+
+/// Do the engines a launcher starts share their cluster's zygote on each
+/// host (`parallax engine --host-zygote`)? Python engines of every launcher
+/// but `local` (given a zygote by `start`) and `sshproxy` (whose `cluster
+/// engines` on the other host decides for its own launcher), unless
+/// `--zygote=false` or the engine arguments name a zygote.
+fn host_zygote(args: &StartArgs) -> bool {
+    args.zygote
+        && !matches!(args.engines, LauncherKind::Local | LauncherKind::SshProxy)
+        && zygote_python(&args.engine_args).is_some()
 }
 
 /// Start the zygote in its own session (like the hub), output to `log`,
@@ -2652,6 +2694,29 @@ mod tests {
             name.starts_with("parallax-zygote-") && name.ends_with("-abc.log"),
             "{name}"
         );
+    }
+
+    #[test]
+    fn launched_engines_share_a_host_zygote() {
+        let host = |argv: &[&str]| host_zygote(&start_args(argv));
+        for kind in ["mpi", "slurm", "pbs", "sge", "lsf", "htcondor", "ssh"] {
+            assert!(host(&["--engines", kind]), "{kind}");
+        }
+        // local engines get the zygote `start` runs; sshproxy's remote
+        // `cluster engines` decides for its own launcher
+        assert!(!host(&["--engines=local"]));
+        assert!(!host(&["--engines=sshproxy"]));
+        assert!(!host(&["--engines=mpi", "--zygote=false"]));
+        assert!(!host(&["--engines=mpi", "--engine-args=--language=rust"]));
+        assert!(!host(&[
+            "--engines=mpi",
+            "--engine-args=--host-zygote=false"
+        ]));
+        assert!(!host(&["--engines=mpi", "--engine-args=--zygote=/x.sock"]));
+        assert!(host(&[
+            "--engines=mpi",
+            "--engine-args=--python=/v/bin/python3"
+        ]));
     }
 
     #[test]

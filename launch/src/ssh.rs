@@ -302,23 +302,40 @@ pub(crate) const SESSION_FNS: &str = "sig() { if command -v pkill >/dev/null 2>&
 live() { c=$(ps -o stat= -s \"$1\" 2>/dev/null | grep -vc '^Z'); echo \"${c:-0}\"; }\n";
 
 /// SIGTERM each engine's session, wait up to `grace_s` for all of them to
-/// end, SIGKILL what is left (and say so).
+/// end, SIGKILL what is left (and say so). Then wait (2 s at most) for the
+/// host zygotes these engines started (`parallax engine --host-zygote`:
+/// their children, in sessions of their own) to leave on their own; they
+/// are never signalled, as engines of another set may still use them.
 pub fn stop_script(pids: &[i64], grace_s: f64) -> String {
     let groups = group_list(pids);
     let ticks = (grace_s * 10.0).ceil().max(1.0) as u64;
     format!(
         "{SESSION_FNS}\
+         z=''\n\
+         for p in {groups}; do z=\"$z $(ps -o pid=,args= --ppid \"$p\" 2>/dev/null | awk '/--host-lock/ {{print $1}}')\"; done\n\
          for p in {groups}; do sig TERM \"$p\"; done\n\
          i=0\n\
+         gone=0\n\
          while [ \"$i\" -lt {ticks} ]; do\n\
          \x20 n=0\n\
          \x20 for p in {groups}; do n=$((n + $(live \"$p\"))); done\n\
-         \x20 [ \"$n\" = 0 ] && exit 0\n\
+         \x20 [ \"$n\" = 0 ] && {{ gone=1; break; }}\n\
          \x20 sleep 0.1\n\
          \x20 i=$((i+1))\n\
          done\n\
-         for p in {groups}; do sig KILL \"$p\"; done\n\
-         echo {KILLED_MARK}\n"
+         if [ \"$gone\" = 0 ]; then\n\
+         \x20 for p in {groups}; do sig KILL \"$p\"; done\n\
+         \x20 echo {KILLED_MARK}\n\
+         fi\n\
+         j=0\n\
+         while [ \"$j\" -lt 20 ]; do\n\
+         \x20 n=0\n\
+         \x20 for q in $z; do kill -0 \"$q\" 2>/dev/null && n=$((n+1)); done\n\
+         \x20 [ \"$n\" = 0 ] && break\n\
+         \x20 sleep 0.1\n\
+         \x20 j=$((j+1))\n\
+         done\n\
+         exit 0\n"
     )
 }
 

@@ -26,6 +26,17 @@ KIND = {"ssh": "SSH", "sshproxy": "SSHProxy"}
 PY = f"--engine-args=--python={VENV_BIN / 'python3'}"
 
 
+def cmdlines(pids) -> list[str]:
+    out = []
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                out.append(f.read().replace(b"\0", b" ").decode(errors="replace").strip())
+        except OSError:
+            pass
+    return out
+
+
 def hostnames_by_engine(k: Kernel) -> dict[int, str]:
     r = k.execute("%px import socket; print(socket.gethostname())")
     assert r.status == "ok", r.describe()
@@ -58,8 +69,10 @@ def test_cluster_start_puts_engines_on_other_hosts(launcher, ssh_hosts, tmp_path
     finally:
         k.stop(timeout=60)
     for name in (n1, n2):
-        assert wait_gone(list(on_hosts[name]), 20) == [], f"left on {name}"
-        assert ssh_hosts.pids_in(name) == set(), f"left on {name}"
+        left = wait_gone(list(on_hosts[name]), 20)
+        assert left == [], f"left on {name}: {cmdlines(left)}"
+        left = ssh_hosts.pids_in(name)
+        assert left == set(), f"left on {name}: {cmdlines(left)}"
     assert wait_gone(ssh_processes(ssh_hosts), 10) == []
     # nothing of the proxy's private profiles is left in the (shared) cache
     leftovers = [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]

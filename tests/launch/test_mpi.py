@@ -6,12 +6,13 @@ and `Cluster.from_file`."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 
 import pytest
 
-from launch_harness import client, gone
+from launch_harness import client, gone, wait_gone
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -170,3 +171,59 @@ def test_connection_info_through_the_environment(profile):
         rc.close()
     profile.cluster("stop")
     assert profile.left_running() == []
+
+
+#: run on every engine: its interpreter's parent and that parent's command line
+PARENT_CELL = """
+import os
+ppid = os.getppid()
+with open("/proc/%d/cmdline" % ppid, "rb") as f:
+    parent = (ppid, f.read().split(b"\\0"))
+"""
+
+
+def test_ranks_share_one_host_zygote_that_leaves_with_them(profile):
+    """mpiexec's ranks on one host fork their interpreters from one zygote
+    (started by the first rank, in a session of its own), which exits on
+    its own once the ranks are gone; `--zygote=false` gives each rank its
+    own Python."""
+    import psutil
+
+    profile.cluster("start", "-n", 4, "--engines", "mpi", "--daemonize")
+    rc = client(profile, 4)
+    try:
+        view = rc[:]
+        view.execute(PARENT_CELL, block=True)
+        parents = view.pull("parent", block=True)
+    finally:
+        rc.close()
+    pids = {p for p, _ in parents}
+    assert len(pids) == 1, parents
+    (zygote,) = pids
+    argv = [a.decode() for a in parents[0][1] if a]
+    assert "--parallax-zygote" in argv and "--host-lock" in argv, argv
+    (s,) = profile.state()["engines"]["sets"].values()
+    engines = [p for p in psutil.Process(s["pid"]).children(recursive=True) if "engine" in p.cmdline()]
+    assert len(engines) == 4 and zygote not in {p.pid for p in engines}, engines
+    assert os.getsid(zygote) == zygote, "the zygote leads a session of its own"
+
+    profile.cluster("stop")
+    # gone by itself a few seconds after the last rank
+    assert wait_gone([zygote], 15) == []
+    assert profile.left_running() == []
+
+    # each rank with its own Python: the interpreter's parent is its engine
+    profile.cluster("start", "-n", 2, "--engines", "mpi", "--zygote=false", "--daemonize")
+    rc = client(profile, 2)
+    try:
+        view = rc[:]
+        view.execute(PARENT_CELL, block=True)
+        parents = view.pull("parent", block=True)
+    finally:
+        rc.close()
+    profile.cluster("stop")
+    for _, argv in parents:
+        argv = [a.decode() for a in argv if a]
+        assert "engine" in argv and "--parallax-zygote" not in argv and "--host-zygote" not in argv, argv
+    assert profile.left_running() == []
+

@@ -26,6 +26,14 @@ def hostnames(rc) -> list[str]:
     return sorted(rc[:].apply_sync(__import__("socket").gethostname))
 
 
+#: run on an engine: its host, its interpreter's parent and that parent's argv
+PARENT_CELL = """
+import os, socket
+with open("/proc/%d/cmdline" % os.getppid(), "rb") as f:
+    parent = (socket.gethostname(), os.getppid(), [a.decode() for a in f.read().split(b"\\0") if a])
+"""
+
+
 def cmdlines_with(text: str) -> list[str]:
     out = []
     for p in psutil.process_iter(["cmdline"]):
@@ -139,8 +147,18 @@ def test_hosts_argument_and_n_take_the_first_slots(profile, ssh_hosts):
     try:
         first, second = ssh_hosts.hostnames
         assert hostnames(rc) == [first, first, second]
+        # each host's engines fork their interpreters from that host's zygote
+        # (hosts here share the file system: the network namespace tells them apart)
+        rc[:].execute(PARENT_CELL, block=True)
+        parents = rc[:].pull("parent", block=True)
     finally:
         rc.close()
+    by_host = {}
+    for host, ppid, argv in parents:
+        assert "--parallax-zygote" in argv and "--host-lock" in argv, argv
+        by_host.setdefault(host, set()).add(ppid)
+    assert sorted(len(v) for v in by_host.values()) == [1, 1], by_host
+    assert by_host[first] != by_host[second]
     profile.cluster("stop")
     for name in ssh_hosts.names:
         assert ssh_hosts.pids_in(name) == set()

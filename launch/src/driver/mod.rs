@@ -169,8 +169,17 @@ fn kill(pid: i64, sig: i32) {
 /// `grace` for it and every descendant it had, SIGKILL what is left and
 /// wait again. `reap` collects our own child. Returns whether SIGKILL was
 /// needed.
+///
+/// A host zygote among the descendants (an engine started it, see
+/// `parallax_engine::host_zygote`) and the interpreters it forked are never
+/// signalled: engines of another set of the cluster on this host may still
+/// use them. The zygote kills our engines' interpreters when they leave
+/// and exits on its own after the last; that is waited for (at most
+/// [`HOST_ZYGOTE_PATIENCE`]).
 pub fn terminate_tree(pid: i64, grace: Duration, mut reap: impl FnMut()) -> bool {
-    let mut tree = descendants(pid);
+    let (zygotes, mut tree): (Vec<i64>, Vec<i64>) = descendants(pid)
+        .into_iter()
+        .partition(|p| is_host_zygote(*p));
     stop_engines_among(&tree, &[pid], &mut reap);
     tree.push(pid);
     kill(pid, libc::SIGTERM);
@@ -182,19 +191,37 @@ pub fn terminate_tree(pid: i64, grace: Duration, mut reap: impl FnMut()) -> bool
     while !all_gone(&tree, &mut reap) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    if all_gone(&tree, &mut reap) {
-        return false;
+    let killed = !all_gone(&tree, &mut reap);
+    if killed {
+        // what the process started since (or reparented) is gone with it
+        tree.extend(descendants(pid).into_iter().filter(|p| !is_host_zygote(*p)));
+        for p in &tree {
+            kill(*p, libc::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_gone(&tree, &mut reap) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    // what the process started since (or reparented) is gone with it
-    tree.extend(descendants(pid));
-    for p in &tree {
-        kill(*p, libc::SIGKILL);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !all_gone(&tree, &mut reap) && Instant::now() < deadline {
+    let deadline = Instant::now() + HOST_ZYGOTE_PATIENCE;
+    while zygotes.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    true
+    killed
+}
+
+/// How long a stop waits for a host zygote to leave after its engines.
+pub const HOST_ZYGOTE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// `/proc/PID/cmdline` is a host zygote's (or an interpreter it forked,
+/// which keeps its command line): `… --parallax-zygote SOCKET --host-lock
+/// LOCK`.
+pub fn is_host_zygote(pid: i64) -> bool {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<&[u8]> = raw.split(|b| *b == 0).collect();
+    args.contains(&b"--parallax-zygote".as_slice()) && args.contains(&b"--host-lock".as_slice())
 }
 
 /// Stops the Parallax engines among `tree` (a launcher's local ranks)
