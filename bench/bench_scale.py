@@ -112,6 +112,8 @@ class Cluster:
             cmd = [str(BIN), "cluster", "start", "-n", str(self.n), "--daemonize",
                    f"--profile-dir={self.profile}", f"--timeout={timeout}",
                    f"--engine-args=--python={VENV_BIN / 'python3'}"]
+            if HUB_THREADS:
+                cmd.append(f"--hub-args=--threads={HUB_THREADS}")
         else:
             cmd = [ipcluster(), "start", "-n", str(self.n), "--daemonize",
                    f"--profile-dir={self.profile}", "--log-level=WARN"]
@@ -226,7 +228,13 @@ def measure(kind: str, n: int, root: Path, repeat: int, timeout: float) -> dict:
     return rec
 
 
+#: `--hub-threads` (0: the hub's default)
+HUB_THREADS = 0
+
+
 def fake(n: int, timeout: float, extra: tuple[str, ...] = ()) -> dict:
+    if HUB_THREADS:
+        extra = (*extra, f"--hub-arg=--threads={HUB_THREADS}")
     r = subprocess.run([str(BIN), "bench", "engines", "-n", str(n), "--json", "--rounds", "20",
                         "--idle", "10", "--timeout", str(timeout), *extra],
                        capture_output=True, text=True, timeout=timeout + 300)  # fmt: skip
@@ -347,7 +355,11 @@ def main() -> int:
                          "(VIA: mux, broadcast, both, none; '' for none)")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--hub-threads", type=int, default=0,
+                    help="worker threads of Parallax's hub (`parallax hub --threads`; 0: its default, 2)")
     a = ap.parse_args()
+    global HUB_THREADS
+    HUB_THREADS = a.hub_threads
     lean_runs = parse_lean(a.fake_lean)
     if not BIN.is_file():
         sys.exit(f"{BIN} missing: build first (make build) or set PARALLAX_BIN")
@@ -367,12 +379,15 @@ def main() -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     md = report(real, fakes, leans)
+    if HUB_THREADS:
+        md = f"Parallax hub: --threads={HUB_THREADS}\n\n" + md
     print(md)
     out = REPO / "bench/results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     (out / f"scale-{stamp}.json").write_text(json.dumps({"real": real, "fake": fakes, "fake_lean": leans,
-                                                          "cpus": os.cpu_count()}, indent=1))
+                                                          "cpus": os.cpu_count(),
+                                                          "hub_threads": HUB_THREADS or 2}, indent=1))
     (out / f"scale-{stamp}.md").write_text(md + "\n")
     return 0
 

@@ -133,6 +133,11 @@ def one(n: int, zygote: str, idle: float, timeout: float, launcher: str = "local
     profile = root / "profile"
     profile.mkdir()
     env = dict(os.environ, IPYTHONDIR=str(root / "ipython"))
+    if launcher == "mpi":
+        # OpenMPI refuses root unless told, and more ranks than cores
+        env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
+        if os.geteuid() == 0:
+            env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     cmd = [str(BIN), "cluster", "start", "-n", str(n), "--daemonize",
            f"--profile-dir={profile}", f"--timeout={timeout}",
            f"--engines={launcher}", f"--engine-args=--python={VENV_BIN / 'python3'}"]

@@ -14,6 +14,8 @@
 # Each step writes its markdown and JSON to $OUT (or ./device-out) as soon
 # as it ends, so a run cut short still returns the steps that finished.
 # SCALE_ENGINES, SCALE_IPP, SCALE_FAKE and SCALE_REPEAT override the counts;
+# SCALE_HUB_THREADS (default 8) and SCALE_ENGINES_T (1024) the run with more
+# hub threads;
 # PYTHON picks the interpreter (default python3).
 set -u
 cd "$(dirname "$0")/.."
@@ -47,6 +49,11 @@ step() {  # step NAME ARGS...: one bench_scale run, its report kept under $OUT
 REPEAT=${SCALE_REPEAT:-10}
 step parallax --engines "${SCALE_ENGINES:-64,256,1024}" --kinds parallax --fake '' --fake-lean '' --repeat "$REPEAT"
 step fake --engines '' --fake "${SCALE_FAKE:-1000}" --fake-lean '' --repeat "$REPEAT"
+# the hub's worker threads (default 2): do more spread the broadcast over the cores?
+HT=${SCALE_HUB_THREADS:-8}
+step parallax-t$HT --engines "${SCALE_ENGINES_T:-1024}" --kinds parallax --fake '' --fake-lean '' \
+  --repeat "$REPEAT" --hub-threads "$HT"
+step fake-t$HT --engines '' --fake "${SCALE_FAKE:-1000}" --fake-lean '' --repeat "$REPEAT" --hub-threads "$HT"
 step ipyparallel --engines "${SCALE_IPP:-64,256}" --kinds ipyparallel --ipp-max 100000 --fake '' --fake-lean '' \
   --repeat "$REPEAT" --timeout 150
 rm -rf "$SITE"

@@ -177,7 +177,7 @@ fn main() -> Result<()> {
             // of engines need more than the usual 1024 open files
             parallax_hub::driver::raise_fd_limit(65536);
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(args.threads.into())
                 .enable_all()
                 .build()?;
             rt.block_on(async move {

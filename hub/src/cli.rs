@@ -56,6 +56,12 @@ pub struct HubArgs {
     /// Log level: a name (DEBUG, INFO, WARN, ERROR, CRITICAL) or Python's numbers (10…50).
     #[arg(long = "log-level", default_value = "INFO")]
     pub log_level: String,
+    /// Worker threads of the hub's runtime (`parallax hub` only; an
+    /// embedded hub shares its process's). Two keep up with a thousand
+    /// engines on two cores (BENCHMARKS.md); more only spread the broadcast
+    /// tree's leaves over more cores.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
     /// Hostname or IP that clients and engines use to reach this machine.
     #[arg(long)]
     pub location: Option<String>,

@@ -1586,12 +1586,14 @@ fn zygote_plan(args: &StartArgs) -> Option<(PathBuf, PathBuf)> {
 
 /// Do the engines a launcher starts share their cluster's zygote on each
 /// host (`parallax engine --host-zygote`)? Python engines of every launcher
-/// but `local` (given a zygote by `start`) and `sshproxy` (whose `cluster
-/// engines` on the other host decides for its own launcher), unless
-/// `--zygote=false` or the engine arguments name a zygote.
+/// but `sshproxy` (whose `cluster engines` on the other host decides for
+/// its own launcher), unless `--zygote=false` or the engine arguments name
+/// a zygote — as `start` does for local engines, which get the one it
+/// runs (`cluster engines` and the kernel's `%cluster start --engines
+/// local` add local engines without one: they share a host zygote).
 fn host_zygote(args: &StartArgs) -> bool {
     args.zygote
-        && !matches!(args.engines, LauncherKind::Local | LauncherKind::SshProxy)
+        && args.engines != LauncherKind::SshProxy
         && zygote_python(&args.engine_args).is_some()
 }
 
@@ -2323,11 +2325,15 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
         .collect();
     // what the engines started (an mpiexec's ranks, an engine's Python)
     // goes with them, even if they have to be killed
-    let tree: Vec<i64> = engines
-        .iter()
-        .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
-        .flat_map(|p| ldriver::descendants(p.pid))
-        .collect();
+    // — but for a host zygote (an engine of the set started it), which
+    // leaves on its own after the engines and is waited for
+    let (host_zygotes, tree) = ldriver::split_host_zygotes(
+        engines
+            .iter()
+            .filter(|p| pid_alive(p.pid) && looks_like_cluster_process(p.pid))
+            .flat_map(|p| ldriver::descendants(p.pid))
+            .collect(),
+    );
     let tops: Vec<i64> = engines.iter().map(|p| p.pid).collect();
     ldriver::stop_engines_among(&tree, &tops, &mut || {});
     let mut killed = terminate(&mut engines, grace);
@@ -2348,6 +2354,7 @@ fn stop_cluster(file: &Path, grace: Duration) -> Result<()> {
     while left.iter_mut().any(Proc::alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    ldriver::await_host_zygotes(&host_zygotes);
     for (pid, socket, log) in &zygotes {
         let mut z = [Proc {
             label: "zygote".into(),
@@ -2702,9 +2709,14 @@ mod tests {
         for kind in ["mpi", "slurm", "pbs", "sge", "lsf", "htcondor", "ssh"] {
             assert!(host(&["--engines", kind]), "{kind}");
         }
-        // local engines get the zygote `start` runs; sshproxy's remote
-        // `cluster engines` decides for its own launcher
-        assert!(!host(&["--engines=local"]));
+        // local engines added to a running cluster share a host zygote;
+        // those `start` runs get its zygote instead (in their engine args);
+        // sshproxy's remote `cluster engines` decides for its own launcher
+        assert!(host(&["--engines=local"]));
+        assert!(!host(&[
+            "--engines=local",
+            "--engine-args=--zygote=/z.sock"
+        ]));
         assert!(!host(&["--engines=sshproxy"]));
         assert!(!host(&["--engines=mpi", "--zygote=false"]));
         assert!(!host(&["--engines=mpi", "--engine-args=--language=rust"]));

@@ -25,6 +25,26 @@ info = (int(os.environ["PARALLAX_ENGINE_ID"]), os.environ["SLURMD_NODENAME"], so
 """
 
 
+#: on every engine: its node and whether its interpreter was forked by a
+#: host zygote (which one)
+ZYGOTE_CELL = """
+import os
+with open("/proc/%d/cmdline" % os.getppid(), "rb") as f:
+    argv = f.read().split(b"\\0")
+forked = (os.environ["SLURMD_NODENAME"], os.getppid(), b"--parallax-zygote" in argv and b"--host-lock" in argv)
+"""
+
+
+def assert_one_host_zygote_per_node(view, nodes):
+    view.execute(ZYGOTE_CELL, block=True)
+    forked = view.pull("forked", block=True)
+    assert all(f for _, _, f in forked), forked
+    by_node = {}
+    for node, ppid, _ in forked:
+        by_node.setdefault(node, set()).add(ppid)
+    assert sorted(by_node) == sorted(nodes) and all(len(v) == 1 for v in by_node.values()), by_node
+
+
 def left_on_hosts(slurm_netns, timeout=20.0) -> dict:
     """What still runs on each host but its slurmd, once jobs had
     `timeout` seconds to end (KillWait is 5 s)."""
@@ -62,6 +82,8 @@ def test_engines_of_one_job_on_two_hosts(slurm_netns_profile, slurm_netns):
         for e, _, _, _, pid in out:
             assert pid in slurm_netns.pids_in(e // 2), (e, pid)
         assert view.apply_sync(abs, -42) == [42] * 4
+        # the engines of each node fork their interpreters from that node's zygote
+        assert_one_host_zygote_per_node(view, slurm_netns.nodes)
     finally:
         rc.close()
 
@@ -120,6 +142,8 @@ def test_mpi4py_across_hosts_with_srun_pmi2(slurm_netns_profile, slurm_netns, mp
         out = sorted(view.pull("info", block=True))
         n1, n2 = slurm_netns.nodes
         assert out == [(i, host, i, 4, 6, "MPICH") for i, host in enumerate([n1, n1, n2, n2])], out
+        # forked interpreters: PMI-2's PMI_FD was passed on to them
+        assert_one_host_zygote_per_node(view, slurm_netns.nodes)
     finally:
         rc.close()
     p.cluster("stop")

@@ -177,9 +177,7 @@ fn kill(pid: i64, sig: i32) {
 /// and exits on its own after the last; that is waited for (at most
 /// [`HOST_ZYGOTE_PATIENCE`]).
 pub fn terminate_tree(pid: i64, grace: Duration, mut reap: impl FnMut()) -> bool {
-    let (zygotes, mut tree): (Vec<i64>, Vec<i64>) = descendants(pid)
-        .into_iter()
-        .partition(|p| is_host_zygote(*p));
+    let (zygotes, mut tree) = split_host_zygotes(descendants(pid));
     stop_engines_among(&tree, &[pid], &mut reap);
     tree.push(pid);
     kill(pid, libc::SIGTERM);
@@ -203,15 +201,28 @@ pub fn terminate_tree(pid: i64, grace: Duration, mut reap: impl FnMut()) -> bool
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let deadline = Instant::now() + HOST_ZYGOTE_PATIENCE;
-    while zygotes.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    await_host_zygotes(&zygotes);
     killed
 }
 
 /// How long a stop waits for a host zygote to leave after its engines.
 pub const HOST_ZYGOTE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// `pids` split into (host zygotes and the interpreters they forked, the
+/// rest): a stop signals only the rest.
+pub fn split_host_zygotes(pids: Vec<i64>) -> (Vec<i64>, Vec<i64>) {
+    pids.into_iter().partition(|p| is_host_zygote(*p))
+}
+
+/// Wait (at most [`HOST_ZYGOTE_PATIENCE`]) for host zygotes whose engines
+/// were stopped to leave on their own; one that stays serves engines of
+/// another set and is left to them.
+pub fn await_host_zygotes(zygotes: &[i64]) {
+    let deadline = Instant::now() + HOST_ZYGOTE_PATIENCE;
+    while zygotes.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
 
 /// `/proc/PID/cmdline` is a host zygote's (or an interpreter it forked,
 /// which keeps its command line): `… --parallax-zygote SOCKET --host-lock
