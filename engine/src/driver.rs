@@ -596,13 +596,22 @@ pub async fn run(args: EngineArgs, shutdown: CancellationToken) -> Result<()> {
     }
     let zygote = match (&args.zygote, args.host_zygote) {
         (Some(socket), _) => Some(Zygote::Socket(socket.clone())),
-        (None, true) => match HostZygote::for_cluster(&info.key, &url(info.registration)) {
-            Ok(h) => Some(Zygote::Host(h)),
-            Err(e) => {
-                warn!(error = %e, "no host zygote: starting Python directly");
-                None
+        (None, true) => {
+            let host = crate::zygote::resolve_python(&args.python).and_then(|python| {
+                Ok(HostZygote::for_cluster(
+                    &info.key,
+                    &url(info.registration),
+                    &python,
+                )?)
+            });
+            match host {
+                Ok(h) => Some(Zygote::Host(h)),
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "no host zygote: starting Python directly");
+                    None
+                }
             }
-        },
+        }
         (None, false) => None,
     };
     let started_interp = match args.language {

@@ -5,7 +5,7 @@
 //!
 //! The first engine of the cluster on a host starts it, the others find
 //! it. "The cluster" is the hub's key and registration address (hashed:
-//! the key is a secret); "the host" is this machine's name and network
+//! the key is a secret) and the engines' interpreter; "the host" is this machine's name and network
 //! namespace (engines in different namespaces of one machine may reach
 //! different services on 127.0.0.1, e.g. their own PMIx server, so they do
 //! not share interpreters). Everything lives in this user's private
@@ -51,11 +51,12 @@ pub struct HostZygote {
 }
 
 /// The tag naming a cluster's zygote on a host (pure): 16 hex digits of
-/// SHA-256 over the cluster's key, its registration address, the host's
-/// name and its network namespace.
-pub fn tag(key: &str, registration: &str, host: &str, netns: &str) -> String {
+/// SHA-256 over the cluster's key, its registration address, the engines'
+/// interpreter (engines of one cluster with two Pythons get two zygotes),
+/// the host's name and its network namespace.
+pub fn tag(key: &str, registration: &str, python: &str, host: &str, netns: &str) -> String {
     let mut h = Sha256::new();
-    for part in [key, registration, host, netns] {
+    for part in [key, registration, python, host, netns] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
@@ -75,10 +76,10 @@ fn this_host() -> (String, String) {
 
 impl HostZygote {
     /// The zygote of the cluster whose key and registration address these
-    /// are, on this host.
-    pub fn for_cluster(key: &str, registration: &str) -> std::io::Result<Self> {
+    /// are, for engines running `python` (resolved), on this host.
+    pub fn for_cluster(key: &str, registration: &str, python: &Path) -> std::io::Result<Self> {
         let (host, netns) = this_host();
-        let t = tag(key, registration, &host, &netns);
+        let t = tag(key, registration, &python.to_string_lossy(), &host, &netns);
         let dir = crate::python::private_dir()?;
         Ok(HostZygote {
             socket: dir.join(format!("hz-{t}.sock")),
@@ -203,23 +204,35 @@ mod tests {
 
     #[test]
     fn tags_separate_clusters_and_hosts() {
-        let t = tag("k", "tcp://127.0.0.1:5000", "node1", "net:[1]");
+        let py = "/usr/bin/python3";
+        let t = tag("k", "tcp://127.0.0.1:5000", py, "node1", "net:[1]");
         assert_eq!(t.len(), 16);
         assert!(t.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(t, tag("k", "tcp://127.0.0.1:5000", "node1", "net:[1]"));
-        assert_ne!(t, tag("k2", "tcp://127.0.0.1:5000", "node1", "net:[1]"));
-        assert_ne!(t, tag("k", "tcp://127.0.0.1:5001", "node1", "net:[1]"));
-        assert_ne!(t, tag("k", "tcp://127.0.0.1:5000", "node2", "net:[1]"));
-        assert_ne!(t, tag("k", "tcp://127.0.0.1:5000", "node1", "net:[2]"));
+        assert_eq!(t, tag("k", "tcp://127.0.0.1:5000", py, "node1", "net:[1]"));
+        assert_ne!(t, tag("k2", "tcp://127.0.0.1:5000", py, "node1", "net:[1]"));
+        assert_ne!(t, tag("k", "tcp://127.0.0.1:5001", py, "node1", "net:[1]"));
+        assert_ne!(
+            t,
+            tag(
+                "k",
+                "tcp://127.0.0.1:5000",
+                "/v/bin/python3",
+                "node1",
+                "net:[1]"
+            )
+        );
+        assert_ne!(t, tag("k", "tcp://127.0.0.1:5000", py, "node2", "net:[1]"));
+        assert_ne!(t, tag("k", "tcp://127.0.0.1:5000", py, "node1", "net:[2]"));
         // parts are length-prefixed: moving a boundary changes the tag
-        assert_ne!(tag("ab", "c", "", ""), tag("a", "bc", "", ""));
+        assert_ne!(tag("ab", "c", "", "", ""), tag("a", "bc", "", "", ""));
         // the key never appears in the name
-        assert!(!tag("secretkey", "r", "h", "n").contains("secret"));
+        assert!(!tag("secretkey", "r", py, "h", "n").contains("secret"));
     }
 
     #[test]
     fn paths_live_in_the_private_dir() {
-        let z = HostZygote::for_cluster("k", "tcp://127.0.0.1:1").unwrap();
+        let z = HostZygote::for_cluster("k", "tcp://127.0.0.1:1", Path::new("/usr/bin/python3"))
+            .unwrap();
         let dir = crate::python::private_dir().unwrap();
         for p in [&z.socket, &z.lock, &z.log] {
             assert_eq!(p.parent(), Some(dir.as_path()));

@@ -5,6 +5,7 @@ engines a launcher starts). Real hub, real engines, the stock Client."""
 
 from __future__ import annotations
 
+import ast
 import os
 import signal
 import socket
@@ -203,3 +204,28 @@ def test_an_unusable_pmi_fd_falls_back_to_spawning(cluster):
     log = cluster.log(0)
     assert "PMI_FD is 2, one of the interpreter's own descriptors" in log
     assert "starting Python directly" in log
+
+
+def test_engines_with_another_python_get_their_own_zygote(cluster, tmp_path):
+    """The zygote is per interpreter too: an engine with another `--python`
+    (here the same one under another path) gets a zygote of its own rather
+    than a refusal and a spawned Python."""
+    other = tmp_path / "bin" / "python3"
+    other.parent.mkdir()
+    other.symlink_to(PY)
+    cluster.engine()
+    cluster.engine(f"--python={other}")
+    rc = cluster.client(2)
+    # by execute's stdout: the other path's Python does not find the venv
+    # (ipyparallel), which `pull` would need
+    parents = {}
+    for eid in rc.ids:
+        ar = rc[eid].execute(WHO + "print(repr(who))", block=True)
+        _, ppid, argv = ast.literal_eval(ar.stdout.strip())
+        parents[eid] = (ppid, argv)
+    (a, argv_a), (b, argv_b) = parents[rc.ids[0]], parents[rc.ids[1]]
+    assert a != b, parents
+    assert "--host-lock" in argv_a and "--host-lock" in argv_b
+    assert {argv_a[0], argv_b[0]} == {str(PY), str(other)}
+    for i in range(2):
+        assert "starting Python directly" not in cluster.log(i)
