@@ -182,6 +182,17 @@ with open("/proc/%d/cmdline" % ppid, "rb") as f:
 """
 
 
+def interpreters_parents(profile, n: int) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of each engine's interpreter's parent."""
+    rc = client(profile, n)
+    try:
+        view = rc[:]
+        view.execute(PARENT_CELL, block=True)
+        return [(ppid, [a.decode() for a in argv if a]) for ppid, argv in view.pull("parent", block=True)]
+    finally:
+        rc.close()
+
+
 def test_ranks_share_one_host_zygote_that_leaves_with_them(profile):
     """mpiexec's ranks on one host fork their interpreters from one zygote
     (started by the first rank, in a session of its own), which exits on
@@ -190,17 +201,11 @@ def test_ranks_share_one_host_zygote_that_leaves_with_them(profile):
     import psutil
 
     profile.cluster("start", "-n", 4, "--engines", "mpi", "--daemonize")
-    rc = client(profile, 4)
-    try:
-        view = rc[:]
-        view.execute(PARENT_CELL, block=True)
-        parents = view.pull("parent", block=True)
-    finally:
-        rc.close()
+    parents = interpreters_parents(profile, 4)
     pids = {p for p, _ in parents}
     assert len(pids) == 1, parents
     (zygote,) = pids
-    argv = [a.decode() for a in parents[0][1] if a]
+    argv = parents[0][1]
     assert "--parallax-zygote" in argv and "--host-lock" in argv, argv
     (s,) = profile.state()["engines"]["sets"].values()
     engines = [p for p in psutil.Process(s["pid"]).children(recursive=True) if "engine" in p.cmdline()]
@@ -214,16 +219,9 @@ def test_ranks_share_one_host_zygote_that_leaves_with_them(profile):
 
     # each rank with its own Python: the interpreter's parent is its engine
     profile.cluster("start", "-n", 2, "--engines", "mpi", "--zygote=false", "--daemonize")
-    rc = client(profile, 2)
-    try:
-        view = rc[:]
-        view.execute(PARENT_CELL, block=True)
-        parents = view.pull("parent", block=True)
-    finally:
-        rc.close()
+    parents = interpreters_parents(profile, 2)
     profile.cluster("stop")
     for _, argv in parents:
-        argv = [a.decode() for a in argv if a]
         assert "engine" in argv and "--parallax-zygote" not in argv and "--host-zygote" not in argv, argv
     assert profile.left_running() == []
 
