@@ -2854,7 +2854,8 @@ mod tests {
             jobs[0].1.program_args,
             [
                 "--file=/p/security/ipcontroller-engine.json",
-                "--n-engines=5"
+                "--n-engines=5",
+                "--host-zygote"
             ]
         );
         assert_eq!(jobs[2].1.output_file, "/p/log/parallax-engines-100-2.log");
@@ -2878,7 +2879,7 @@ mod tests {
         };
         assert_eq!(
             plan.describe().unwrap(),
-            "mpiexec.mpich -n 3 -l /bin/parallax engine --file=/p/security/ipcontroller-engine.json --n-engines=3\n"
+            "mpiexec.mpich -n 3 -l /bin/parallax engine --file=/p/security/ipcontroller-engine.json --n-engines=3 --host-zygote\n"
         );
         assert!(parse_launcher("torque").unwrap_err().contains("slurm"));
     }
