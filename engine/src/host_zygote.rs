@@ -143,10 +143,21 @@ impl HostZygote {
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        // SAFETY: setsid is async-signal-safe.
+        // SAFETY: setsid and close_range are async-signal-safe syscalls.
         unsafe {
             cmd.pre_exec(|| {
                 libc::setsid();
+                // nothing this engine inherited beyond stdio reaches the
+                // zygote, which outlives it: not a process manager's socket
+                // (PMI_FD), not a batch system's pipes. Marked close-on-exec
+                // rather than closed: std reports a failed exec through a
+                // descriptor of its own.
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3 as libc::c_uint,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
                 Ok(())
             });
         }

@@ -178,12 +178,22 @@ def test_pmi_fd_reaches_the_forked_interpreter(cluster):
     ours, theirs = socket.socketpair()
     fd = theirs.fileno()
     assert fd >= 5
+    inode = os.fstat(fd).st_ino
     cluster.engine(pass_fds=(fd,), extra_env={"PMI_FD": str(fd)})
     theirs.close()
     rc = cluster.client(1)
     (eid,) = rc.ids
     _, ppid, argv = cluster.who()[eid]
     assert "--host-lock" in argv, "forked by the host zygote"
+    # the zygote, which outlives the engine that started it, does not hold
+    # that engine's inherited descriptors
+    held = []
+    for f in os.listdir(f"/proc/{ppid}/fd"):
+        try:
+            held.append(os.readlink(f"/proc/{ppid}/fd/{f}"))
+        except OSError:
+            pass
+    assert f"socket:[{inode}]" not in held, held
     rc[eid].execute("import os, socket\n"
                     "s = socket.socket(fileno=os.dup(int(os.environ['PMI_FD'])))\n"
                     "s.sendall(b'cmd=init pmi_version=1\\n')\n"
