@@ -1991,7 +1991,7 @@ def _zygote_main(path, owner=None, host_lock=None):
         """A host zygote with no engine: leave unless one is connecting.
         Under the lock (engines connect only while holding it), with no
         connection pending, the socket goes: the next engine starts a new
-        zygote. The lock file stays: an engine may be waiting on it."""
+        zygote."""
         try:
             fd = os.open(host_lock, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
@@ -2004,7 +2004,9 @@ def _zygote_main(path, owner=None, host_lock=None):
         if select.select([srv], [], [], 0)[0]:
             os.close(fd)
             return False  # one connected just before
-        for p in (path, host_log):
+        # the lock file too, still holding it: an engine waiting on it
+        # finds it is no longer the one at the path and locks anew
+        for p in (path, host_log, host_lock):
             try:
                 os.unlink(p)
             except (OSError, TypeError):

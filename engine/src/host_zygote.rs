@@ -20,10 +20,11 @@
 //! with it) and connects once it listens —, then releases the lock and
 //! sends its fork request on that connection.
 //!
-//! The zygote ends itself when no engine has been connected for a few
-//! seconds (`--host-lock`, see the shim): it takes the lock without
-//! waiting, checks that no connection is pending, removes its socket and
-//! exits. So a job that ends (scancel, mpiexec's end, an ssh host's
+//! The zygote ends itself when no engine has been connected for half a
+//! second (`--host-lock`, see the shim): it takes the lock without
+//! waiting, checks that no connection is pending, removes its socket, log
+//! and lock file and exits (an engine that was waiting on the removed
+//! lock file sees that and locks the path anew). So a job that ends (scancel, mpiexec's end, an ssh host's
 //! engines stopped) leaves no zygote behind, whatever the batch system
 //! tracks, and an engine never connects to a zygote that is going away.
 
@@ -92,14 +93,8 @@ impl HostZygote {
     /// call it off the async runtime). `python` is the interpreter a
     /// started zygote runs.
     pub fn connect(&self, python: &Path) -> Result<UnixStream> {
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&self.lock)
-            .with_context(|| format!("opening {}", self.lock.display()))?;
-        flock(&lock, libc::LOCK_EX).with_context(|| format!("locking {}", self.lock.display()))?;
-        // the lock is released when `lock` is closed, on every path out
+        let _lock = self.lock()?;
+        // the lock is released when `_lock` is closed, on every path out
         if let Ok(c) = UnixStream::connect(&self.socket) {
             return Ok(c);
         }
@@ -125,6 +120,27 @@ impl HostZygote {
                 );
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The lock file, opened and locked. A zygote that leaves removes the
+    /// file while it holds the lock, so a lock taken on a file that is no
+    /// longer the one at the path is stale: open the path again.
+    fn lock(&self) -> Result<std::fs::File> {
+        use std::os::unix::fs::MetadataExt;
+        loop {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&self.lock)
+                .with_context(|| format!("opening {}", self.lock.display()))?;
+            flock(&f, libc::LOCK_EX).with_context(|| format!("locking {}", self.lock.display()))?;
+            let held = f.metadata()?;
+            match std::fs::metadata(&self.lock) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(f),
+                _ => continue,
+            }
         }
     }
 
