@@ -238,3 +238,31 @@ def test_engines_with_another_python_get_their_own_zygote(cluster, tmp_path):
     assert {argv_a[0], argv_b[0]} == {str(PY), str(other)}
     for i in range(2):
         assert "starting Python directly" not in cluster.log(i)
+
+
+def test_engines_arriving_while_the_zygote_leaves_share_one(cluster):
+    """Engines that start around the moment the zygote leaves (its idle time
+    is half a second) either keep it or start the next one: each round of
+    engines starting together ends up with exactly one zygote, and none of
+    them spawns Python itself."""
+    first = 0
+    for pause in (0.0, 0.45, 0.5, 0.55, 0.7):
+        for _ in range(3):
+            cluster.engine()
+        rc = cluster.client(1)
+
+        def this_round():
+            new = [i for i in rc.ids if i >= first]  # ids are never reused
+            return new if len(new) == 3 else None
+
+        ids = wait_until(this_round, 60, "the round's engines")
+        who = cluster.who(ids)
+        parents = {ppid for _, ppid, argv in who.values() if "--host-lock" in argv}
+        assert len(parents) == 1 and all("--host-lock" in argv for _, _, argv in who.values()), (pause, who)
+        for e in cluster.engines[first:]:
+            e.kill()
+            e.wait(10)
+        first += 3
+        time.sleep(pause)
+    for i in range(first):
+        assert "starting Python directly" not in cluster.log(i), cluster.log(i)
