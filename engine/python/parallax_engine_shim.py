@@ -1987,32 +1987,41 @@ def _zygote_main(path, owner=None, host_lock=None):
     # is a clean end; kept when it ends otherwise
     host_log = host_lock[:-len(".lock")] + ".log" if host_lock and host_lock.endswith(".lock") else None
 
-    def may_leave():
-        """A host zygote with no engine: leave unless one is connecting.
-        Under the lock (engines connect only while holding it), with no
-        connection pending, the socket goes: the next engine starts a new
-        zygote."""
+    def lock_now():
+        """The host lock, taken without waiting (None: an engine holds it,
+        or the private directory is gone). Kept until the process ends."""
         try:
             fd = os.open(host_lock, os.O_RDWR | os.O_CLOEXEC)
         except OSError:
-            return True  # the private directory is gone: nobody can come
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
-            return False  # an engine is connecting
-        if select.select([srv], [], [], 0)[0]:
-            os.close(fd)
-            return False  # one connected just before
-        # the lock file too, still holding it: an engine waiting on it
-        # finds it is no longer the one at the path and locks anew
+            return None
+        return fd
+
+    def remove_files():
+        """Socket, log and lock file, while holding the lock: an engine
+        waiting on it finds it is no longer the one at the path and locks
+        anew; the next engine starts a new zygote."""
         for p in (path, host_log, host_lock):
             try:
                 os.unlink(p)
             except (OSError, TypeError):
                 pass
+
+    def may_leave():
+        """A host zygote with no engine: leave unless one is connecting
+        (engines connect only while holding the lock) or has connected."""
+        fd = lock_now()
+        if fd is None:
+            return not os.path.exists(host_lock)  # gone: nobody can come
+        if select.select([srv], [], [], 0)[0]:
+            os.close(fd)
+            return False  # one connected just before
+        remove_files()
         srv.close()
-        # the lock goes with the process
         return True
 
     # an owner (the cluster file of `parallax cluster start`): once it has
@@ -2076,6 +2085,10 @@ def _zygote_main(path, owner=None, host_lock=None):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    if host_lock is not None and lock_now() is not None:
+        # a host zygote stopped from outside (a batch system ending the
+        # job, a person): no file of it stays behind
+        remove_files()
     try:
         os.unlink(path)
     except OSError:

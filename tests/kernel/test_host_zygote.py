@@ -171,6 +171,28 @@ def test_a_dead_zygote_is_replaced(cluster):
     assert "removed a dead zygote's socket" in cluster.log(1)
 
 
+def test_a_zygote_stopped_from_outside_leaves_no_file_and_engines_recover(cluster):
+    """SIGTERM to the zygote (a batch system ending the job, a person): it
+    kills the interpreters it forked and removes its socket, log and lock
+    file; the engines report their interpreter's end and fork the next one
+    from a new zygote, whose files are new ones."""
+    cluster.engine()
+    rc = cluster.client(1)
+    (eid,) = rc.ids
+    _, z, argv = cluster.who()[eid]
+    sock, lock, log = zygote_files(argv)
+    before = {p: p.stat().st_ino for p in (log, lock)}
+    os.kill(z, signal.SIGTERM)
+    wait_until(lambda: not alive(z), 10, "the zygote to end")
+    with pytest.raises(Exception, match="the Python process ended .*the zygote that forked it is gone.*restarted"):
+        rc[eid].execute("x = 1", block=True)
+    _, z2, argv2 = cluster.who()[eid]
+    assert z2 != z and "--host-lock" in argv2 and alive(z2)
+    assert zygote_files(argv2) == (sock, lock, log)
+    # removed by the first zygote: the second one created them anew
+    assert all(p.stat().st_ino != ino for p, ino in before.items()), before
+
+
 def test_pmi_fd_reaches_the_forked_interpreter(cluster):
     """A process manager's PMI_FD (an inherited socket) is the same socket,
     at the same number, in the forked interpreter."""
