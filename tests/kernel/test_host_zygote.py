@@ -181,7 +181,9 @@ def test_a_zygote_stopped_from_outside_leaves_no_file_and_engines_recover(cluste
     (eid,) = rc.ids
     _, z, argv = cluster.who()[eid]
     sock, lock, log = zygote_files(argv)
-    before = {p: p.stat().st_ino for p in (log, lock)}
+    # held open, the zygote's files keep their inodes: unlinked ones then
+    # show nlink 0, whatever files are created at their paths meanwhile
+    held = {p: os.open(p, os.O_RDONLY) for p in (log, lock)}
     os.kill(z, signal.SIGTERM)
     wait_until(lambda: not alive(z), 10, "the zygote to end")
     with pytest.raises(Exception, match="the Python process ended .*the zygote that forked it is gone.*restarted"):
@@ -190,7 +192,12 @@ def test_a_zygote_stopped_from_outside_leaves_no_file_and_engines_recover(cluste
     assert z2 != z and "--host-lock" in argv2 and alive(z2)
     assert zygote_files(argv2) == (sock, lock, log)
     # removed by the first zygote: the second one created them anew
-    assert all(p.stat().st_ino != ino for p, ino in before.items()), before
+    try:
+        assert {p: os.fstat(fd).st_nlink for p, fd in held.items()} == {log: 0, lock: 0}
+        assert lock.exists() and log.exists()
+    finally:
+        for fd in held.values():
+            os.close(fd)
 
 
 def test_pmi_fd_reaches_the_forked_interpreter(cluster):
