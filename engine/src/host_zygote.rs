@@ -105,21 +105,33 @@ impl HostZygote {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("removing {}", self.socket.display())),
         }
-        let pid = self.spawn(python)?;
+        let mut child = self.spawn(python)?;
+        let pid = child.id();
         let deadline = Instant::now() + START_PATIENCE;
-        loop {
+        let listening = loop {
             if let Ok(c) = UnixStream::connect(&self.socket) {
-                tracing::info!(pid, socket = %self.socket.display(), "started this host's zygote");
-                return Ok(c);
+                break Some(c);
             }
-            if Instant::now() > deadline || !alive(pid) {
-                bail!(
-                    "the zygote (pid {pid}) did not listen on {} within {START_PATIENCE:?}{}",
-                    self.socket.display(),
-                    log_tail(&self.log)
-                );
+            if Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+                break None;
             }
             std::thread::sleep(Duration::from_millis(10));
+        };
+        // it outlives this engine's interest in it: a thread reaps it
+        std::thread::Builder::new()
+            .name("zygote-reaper".into())
+            .spawn(move || child.wait())
+            .context("starting the zygote's reaper")?;
+        match listening {
+            Some(c) => {
+                tracing::info!(pid, socket = %self.socket.display(), "started this host's zygote");
+                Ok(c)
+            }
+            None => bail!(
+                "the zygote (pid {pid}) did not listen on {} within {START_PATIENCE:?}{}",
+                self.socket.display(),
+                log_tail(&self.log)
+            ),
         }
     }
 
@@ -145,8 +157,8 @@ impl HostZygote {
     }
 
     /// Start the zygote in a session of its own, its output appended to
-    /// the log; a thread reaps it. Returns its pid.
-    fn spawn(&self, python: &Path) -> Result<i32> {
+    /// the log.
+    fn spawn(&self, python: &Path) -> Result<std::process::Child> {
         use std::os::unix::process::CommandExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -177,13 +189,7 @@ impl HostZygote {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().context("starting this host's zygote")?;
-        let pid = child.id() as i32;
-        std::thread::Builder::new()
-            .name("zygote-reaper".into())
-            .spawn(move || child.wait())
-            .context("starting the zygote's reaper")?;
-        Ok(pid)
+        cmd.spawn().context("starting this host's zygote")
     }
 }
 
@@ -198,17 +204,6 @@ fn flock(f: &std::fs::File, op: libc::c_int) -> std::io::Result<()> {
             return Err(e);
         }
     }
-}
-
-fn alive(pid: i32) -> bool {
-    // a reaped child is gone; a zombie still counts until its reaper runs,
-    // so also look at its state
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|s| s.split_whitespace().next());
-    matches!(state, Some(s) if s != "Z" && s != "X")
 }
 
 /// ": LAST LINES" of the zygote's log (empty when there is none).

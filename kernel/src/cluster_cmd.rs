@@ -1073,30 +1073,35 @@ impl EngineSet {
     /// Stop every member at once (one thread each: an ssh host's stop is a
     /// round trip plus its engines' grace, and hosts are independent).
     pub(crate) fn stop(&mut self) -> Vec<String> {
-        let errors = std::thread::scope(|s| {
-            let stops: Vec<_> = self
-                .members
-                .iter_mut()
-                .map(|m| {
-                    s.spawn(move || match m.stop() {
-                        Ok(()) => None,
-                        Err(e) => Some(format!("{}: {e}", m.label())),
-                    })
-                })
-                .collect();
-            stops
-                .into_iter()
-                .filter_map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Some("stopping panicked".into()))
-                })
-                .collect::<Vec<_>>()
+        let errors: Vec<String> = each_at_once(&mut self.members, |m| match m.stop() {
+            Ok(()) => Vec::new(),
+            Err(e) => vec![format!("{}: {e}", m.label())],
         });
         if let Some(s) = &self.script {
             let _ = std::fs::remove_file(s);
         }
         errors
     }
+}
+
+/// `f` on every item at once, one thread each (stops: a round trip and a
+/// grace period per item, and items are independent); what they return,
+/// in order, flattened. A panic becomes an error line.
+pub(crate) fn each_at_once<T: Send>(
+    items: &mut [T],
+    f: impl Fn(&mut T) -> Vec<String> + Sync,
+) -> Vec<String> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let handles: Vec<_> = items.iter_mut().map(|t| s.spawn(move || f(t))).collect();
+        handles
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| vec!["stopping panicked".into()])
+            })
+            .collect()
+    })
 }
 
 /// The processes `start` launched, for cleanup.

@@ -276,24 +276,10 @@ pub(crate) fn poll(sets: &mut [LaunchedSet], interval: Duration) -> Vec<String> 
 /// Stop everything launched (jobs cancelled and waited for); the errors.
 pub(crate) fn stop_all(sets: &mut [LaunchedSet]) -> Vec<String> {
     // all sets at once (a kernel's shutdown has jupyter_client's 5 s)
-    std::thread::scope(|s| {
-        let stops: Vec<_> = sets
-            .iter_mut()
-            .map(|l| {
-                s.spawn(move || {
-                    let errors = l.set.stop();
-                    l.ended.get_or_insert_with(|| "stopped".into());
-                    errors
-                })
-            })
-            .collect();
-        stops
-            .into_iter()
-            .flat_map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| vec!["stopping panicked".into()])
-            })
-            .collect()
+    crate::cluster_cmd::each_at_once(sets, |l| {
+        let errors = l.set.stop();
+        l.ended.get_or_insert_with(|| "stopped".into());
+        errors
     })
 }
 
